@@ -1,0 +1,90 @@
+"""Input checks shared by every public function: messages name the argument, the shapes and what is valid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+
+def describe(name: str, layer: str | None = None) -> str:
+    """`'student'` or `'student' (layer 'layer3')`, for error messages."""
+    return f"'{name}'" if layer is None else f"'{name}' (layer '{layer}')"
+
+
+def check_tensor(x: object, name: str, *, layer: str | None = None, min_dim: int = 1) -> Tensor:
+    """Raise `TypeError` unless `x` is a floating-point tensor with at least `min_dim` dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{describe(name, layer)} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{describe(name, layer)} must be a real floating-point tensor, got dtype {x.dtype}; "
+            f"convert it with .float()"
+        )
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{describe(name, layer)} must have at least {min_dim} dimension(s) (batch first), "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32: the precision every reduction runs in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def as_batch_matrix(x: Tensor, name: str, *, layer: str | None = None) -> Tensor:
+    """Flatten `(n, ...)` to `(n, d)` in the compute dtype (float32, or float64 for float64 input)."""
+    check_tensor(x, name, layer=layer)
+    x = x.to(compute_dtype(x))
+    return x.reshape(x.shape[0], -1)
+
+
+def check_same_batch(x: Tensor, y: Tensor, names: Sequence[str], *, layer: str | None = None) -> None:
+    """Raise `ValueError` unless `x` and `y` have the same first (batch) dimension."""
+    if x.shape[0] != y.shape[0]:
+        where = "" if layer is None else f" at layer '{layer}'"
+        raise ValueError(
+            f"'{names[0]}' and '{names[1]}' must have the same batch size{where}: "
+            f"got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+def check_min_batch(n: int, minimum: int, *, what: str, name: str = "x") -> None:
+    """Raise `ValueError` when an estimator needs more samples than it was given."""
+    if n < minimum:
+        raise ValueError(f"{what} needs at least {minimum} samples in '{name}', got a batch of {n}")
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
+    """Raise `ValueError` unless `value` is one of `choices`."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"'{name}' must be one of {valid}; got {value!r}")
+
+
+@contextmanager
+def full_precision(*tensors: Tensor) -> Iterator[None]:
+    """Disable autocast on the inputs' device types, so that reductions really run in float32/64."""
+    device_types = sorted({t.device.type for t in tensors if _has_autocast(t.device.type)})
+    with _autocast_off(device_types):
+        yield
+
+
+@contextmanager
+def _autocast_off(device_types: Sequence[str]) -> Iterator[None]:
+    if not device_types:
+        yield
+        return
+    with torch.autocast(device_type=device_types[0], enabled=False), _autocast_off(device_types[1:]):
+        yield
+
+
+def _has_autocast(device_type: str) -> bool:
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is None:  # torch < 2.4
+        return device_type in ("cpu", "cuda")
+    return bool(is_available(device_type))

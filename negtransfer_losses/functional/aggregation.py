@@ -1,0 +1,64 @@
+"""Channel aggregations: permutation-invariant summaries of a feature map (METHODS.md §1).
+
+Two independently trained networks order their channels arbitrarily, so anti-transfer compares
+summaries that do not depend on channel order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from typing_extensions import Literal, TypeAlias
+
+from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
+
+Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
+AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
+
+MUL_OFFSET = 1e-10
+
+
+def aggregate_channels(
+    x: Tensor,
+    method: Aggregation = "mean",
+    *,
+    mul_exponent: float = 0.001,
+    name: str = "x",
+    layer: str | None = None,
+) -> Tensor:
+    """Reduce the channel dimension (dim 1) of a feature map.
+
+    - `"none"`: identity, `(B, C, *sp)`;
+    - `"mean"`, `"sum"`, `"max"`: reduce over channels, `(B, 1, *sp)`; `max` splits the gradient
+      evenly between tied maxima (deterministic);
+    - `"mul"`: `prod_c (x_c + 1e-10) ** p`, `p = mul_exponent`, computed as `exp(p · Σ_c log(x_c + 1e-10))`;
+      only for non-negative maps (a negative value raises `ValueError`).
+
+    Args:
+        x: `(B, C, *sp)`; `(B, D)` is treated as `D` channels with no spatial extent.
+        method: the aggregation.
+        mul_exponent: `p` of `"mul"`.
+        name, layer: how error messages refer to `x`.
+
+    Returns:
+        float32 (float64 for float64 input).
+    """
+    check_tensor(x, name, layer=layer, min_dim=2)
+    check_choice(method, "aggregation", AGGREGATIONS)
+    with full_precision(x):
+        x = x.to(compute_dtype(x))
+        if method == "none":
+            return x
+        if method == "mean":
+            return x.mean(dim=1, keepdim=True)
+        if method == "sum":
+            return x.sum(dim=1, keepdim=True)
+        if method == "max":
+            return x.amax(dim=1, keepdim=True)
+        if bool((x < 0).any()):
+            raise ValueError(
+                f"aggregation='mul' needs a non-negative feature map, but {describe(name, layer)} "
+                f"(shape {tuple(x.shape)}) has minimum {x.min().item():.4g}; tap the layer after its "
+                f"ReLU or use aggregation='mean'"
+            )
+        return torch.exp(mul_exponent * torch.log(x + MUL_OFFSET).sum(dim=1, keepdim=True))

@@ -1,0 +1,274 @@
+"""Similarity measures shared by every method: row cosine, Gram matrices, HSIC and CKA (METHODS.md §1, §4).
+
+Inputs of shape `(n, ...)` are flattened to `(n, d)`. Everything is computed in float32, or in float64
+when an input is float64, with autocast disabled, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from typing_extensions import Literal, TypeAlias
+
+from .._validation import (
+    as_batch_matrix,
+    check_choice,
+    check_min_batch,
+    check_same_batch,
+    check_tensor,
+    compute_dtype,
+    full_precision,
+)
+
+Kernel: TypeAlias = Literal["linear", "rbf"]
+GramScope: TypeAlias = Literal["sample", "batch"]
+
+KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
+GRAM_SCOPES: tuple[GramScope, ...] = ("sample", "batch")
+
+
+def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine similarity of matching rows, with each norm floored at `eps`.
+
+    `s_i = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`, so a zero row gives `s_i = 0`.
+
+    Args:
+        a, b: `(n, ...)`, same shape; flattened to `(n, d)`.
+        eps: floor of each row norm.
+
+    Returns:
+        `(n,)` in float32 (float64 for float64 input).
+    """
+    check_tensor(a, "a")
+    check_tensor(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"'a' and 'b' must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    with full_precision(a, b):
+        dtype = compute_dtype(a, b)
+        a2 = as_batch_matrix(a.to(dtype), "a")
+        b2 = as_batch_matrix(b.to(dtype), "b")
+        dot = (a2 * b2).sum(dim=1)
+        norm_a = torch.linalg.vector_norm(a2, dim=1).clamp_min(eps)
+        norm_b = torch.linalg.vector_norm(b2, dim=1).clamp_min(eps)
+        return dot / (norm_a * norm_b)
+
+
+def gram(x: Tensor, scope: GramScope = "sample") -> Tensor:
+    """Gram matrices of channel activations.
+
+    With `V = reshape(x, [B, C, N])`, `N = prod(spatial)` (`N = 1` for `(B, C)` input):
+
+    - `scope="sample"`: `G_b = V_b V_bᵀ`, shape `(B, C, C)`;
+    - `scope="batch"`: `G = W Wᵀ` with `W = reshape(x, [B*C, N])`, shape `(B*C, B*C)` (the
+      anti-transfer authors' form: it also compares channels across samples).
+
+    Args:
+        x: `(B, C, *spatial)`.
+        scope: `"sample"` or `"batch"`.
+    """
+    check_tensor(x, "x", min_dim=2)
+    check_choice(scope, "scope", GRAM_SCOPES)
+    with full_precision(x):
+        v = x.to(compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
+        if scope == "sample":
+            return v @ v.transpose(1, 2)
+        w = v.reshape(-1, v.shape[-1])
+        return w @ w.T
+
+
+def kernel_matrix(x: Tensor, kernel: Kernel = "linear", sigma: float | None = None) -> Tensor:
+    """Kernel matrix of the rows of `x`.
+
+    - `"linear"`: `K = X Xᵀ`;
+    - `"rbf"`: `K_ij = exp(-|x_i - x_j|² / (2 σ²))`, with `σ` the median distance between distinct rows
+      when `sigma` is None (computed without gradient; floored at 1e-12 so identical rows give `K = 1`).
+
+    Args:
+        x: `(n, ...)`, flattened to `(n, d)`.
+
+    Returns:
+        `(n, n)` in float32 (float64 for float64 input).
+    """
+    check_choice(kernel, "kernel", KERNELS)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"'sigma' must be a positive bandwidth or None (median heuristic), got {sigma}")
+    with full_precision(x):
+        x2 = as_batch_matrix(x, "x")
+        if kernel == "linear":
+            return x2 @ x2.T
+        return _rbf_kernel(x2, sigma)
+
+
+def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
+    centred = x - x.mean(dim=0, keepdim=True)  # distances are shift-invariant; centring avoids cancellation
+    sq_norms = (centred * centred).sum(dim=1)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * centred @ centred.T).clamp_min(0.0)
+    sq_dist = sq_dist - torch.diag_embed(torch.diagonal(sq_dist))
+    if sigma is None:
+        n = x.shape[0]
+        upper = torch.triu_indices(n, n, offset=1, device=x.device)
+        pair_dist = sq_dist.detach()[upper[0], upper[1]].sqrt()
+        bandwidth = torch.quantile(pair_dist, 0.5).clamp_min(1e-12) if n > 1 else x.new_tensor(1.0)
+    else:
+        bandwidth = x.new_tensor(float(sigma))
+    return torch.exp(-sq_dist / (2.0 * bandwidth * bandwidth))
+
+
+def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:  # noqa: E741
+    """HSIC of two `(n, n)` kernel matrices.
+
+    - biased: `HSIC_0 = tr(K H L H) / (n-1)²`, `H = I - 11ᵀ/n`; needs n ≥ 2;
+    - unbiased (Song et al. 2012): with `K̃, L̃` the kernels with a zero diagonal,
+      `HSIC_1 = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - (2/(n-2)) 1ᵀK̃L̃1] / (n(n-3))`; needs n ≥ 4.
+
+    Returns:
+        a scalar tensor.
+    """
+    check_tensor(k, "k", min_dim=2)
+    check_tensor(l, "l", min_dim=2)
+    n = k.shape[0]
+    for name, m in (("k", k), ("l", l)):
+        if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] != n:
+            raise ValueError(
+                f"'k' and 'l' must be square kernel matrices of one size (n, n); got shapes "
+                f"{tuple(k.shape)} and {tuple(l.shape)} ('{name}' is off)"
+            )
+    check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC", name="k")
+    with full_precision(k, l):
+        dtype = compute_dtype(k, l)
+        k, l = k.to(dtype), l.to(dtype)  # noqa: E741
+        if not unbiased:
+            return (_double_centre(k) * _double_centre(l)).sum() / (n - 1) ** 2
+        k0 = k - torch.diag_embed(torch.diagonal(k))
+        l0 = l - torch.diag_embed(torch.diagonal(l))
+        trace_term = (k0 * l0.T).sum()
+        sums_term = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
+        cross_term = 2.0 / (n - 2) * (k0.sum(dim=0) * l0.sum(dim=1)).sum()
+        return (trace_term + sums_term - cross_term) / (n * (n - 3))
+
+
+def _double_centre(k: Tensor) -> Tensor:
+    """`H K H` for a square `K`."""
+    return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+
+
+def hsic(
+    x: Tensor,
+    y: Tensor,
+    kernel: Kernel = "linear",
+    unbiased: bool = True,
+    sigma: float | None = None,
+    *,
+    kernel_y: Kernel | None = None,
+    sigma_y: float | None = None,
+) -> Tensor:
+    """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (METHODS.md §4).
+
+    Args:
+        x: `(n, ...)`; y: `(n, ...)`; flattened to `(n, p)` and `(n, q)`.
+        kernel: kernel on `x` (and on `y` unless `kernel_y` is given): `"linear"` or `"rbf"`.
+        unbiased: Song et al.'s unbiased estimator (n ≥ 4) instead of the biased one (n ≥ 2).
+        sigma: RBF bandwidth for `x` (and `y` unless `sigma_y` is given); None = median heuristic.
+
+    Returns:
+        a scalar tensor.
+    """
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_batch(x, y, ("x", "y"))
+    check_min_batch(x.shape[0], 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC")
+    k = kernel_matrix(x, kernel, sigma)
+    l = kernel_matrix(y, kernel if kernel_y is None else kernel_y, sigma if sigma_y is None else sigma_y)  # noqa: E741
+    return hsic_from_kernels(k, l, unbiased=unbiased)
+
+
+def cka(
+    x: Tensor,
+    y: Tensor,
+    kernel: Kernel = "linear",
+    unbiased: bool = False,
+    sigma: float | None = None,
+) -> Tensor:
+    """Centred kernel alignment: `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019).
+
+    `x` and `y` may differ in width. Constant features (a zero denominator) give 0, not NaN. With
+    `unbiased=True` the value can fall slightly outside [0, 1]; a non-positive denominator gives 0.
+
+    Args:
+        x: `(n, ...)`; y: `(n, ...)`.
+        kernel: `"linear"` or `"rbf"` (the same on both sides; `sigma` None = median heuristic per side).
+        unbiased: use the unbiased HSIC (n ≥ 4).
+
+    Returns:
+        a scalar tensor.
+    """
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_batch(x, y, ("x", "y"))
+    check_choice(kernel, "kernel", KERNELS)
+    n = x.shape[0]
+    check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} CKA")
+    with full_precision(x, y):
+        x2, y2 = as_batch_matrix(x, "x"), as_batch_matrix(y, "y")
+        if kernel == "linear":
+            x2, y2 = _unit_scale(x2), _unit_scale(y2)
+        k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)  # noqa: E741
+        return _safe_ratio(
+            hsic_from_kernels(k, l, unbiased),
+            hsic_from_kernels(k, k, unbiased),
+            hsic_from_kernels(l, l, unbiased),
+        )
+
+
+def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
+    """Linear CKA: `‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)` with column-centred `Xᶜ, Yᶜ` (biased form).
+
+    Computed in feature space or through the `(n, n)` Gram matrices, whichever is cheaper; both
+    sides are rescaled to unit Frobenius norm first, so features of any scale neither overflow nor
+    underflow. `unbiased=True` uses the unbiased HSIC (n ≥ 4). Constant features give 0.
+
+    Args:
+        x: `(n, ...)`; y: `(n, ...)`; flattened to `(n, p)` and `(n, q)`, `p ≠ q` allowed.
+
+    Returns:
+        a scalar tensor.
+    """
+    if unbiased:
+        return cka(x, y, kernel="linear", unbiased=True)
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_batch(x, y, ("x", "y"))
+    n = x.shape[0]
+    check_min_batch(n, 2, what="biased CKA")
+    with full_precision(x, y):
+        xc = _unit_scale(_centre_columns(as_batch_matrix(x, "x")))
+        yc = _unit_scale(_centre_columns(as_batch_matrix(y, "y")))
+        p, q = xc.shape[1], yc.shape[1]
+        if p * q + p * p + q * q <= n * (p + q + n):
+            cross = (yc.T @ xc).square().sum()
+            self_x = (xc.T @ xc).square().sum()
+            self_y = (yc.T @ yc).square().sum()
+        else:
+            kx, ky = xc @ xc.T, yc @ yc.T
+            cross = (kx * ky).sum()
+            self_x = kx.square().sum()
+            self_y = ky.square().sum()
+        return _safe_ratio(cross, self_x, self_y)
+
+
+def _centre_columns(x: Tensor) -> Tensor:
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _unit_scale(x: Tensor) -> Tensor:
+    """`x / ‖x - mean‖_F` (no gradient through a zero norm): CKA is invariant to isotropic scaling."""
+    spread = torch.linalg.vector_norm(_centre_columns(x))
+    tiny = torch.finfo(x.dtype).tiny ** 0.5
+    return x / spread.clamp_min(tiny)
+
+
+def _safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
+    """`num / sqrt(den_x · den_y)`, and 0 (with zero gradient) where the product is not positive."""
+    den = den_x * den_y
+    positive = den > torch.finfo(den.dtype).tiny
+    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)).sqrt(), 0.0)

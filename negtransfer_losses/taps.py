@@ -1,0 +1,368 @@
+"""Feature taps: get intermediate features out of any model through forward hooks.
+
+Every hook of the library is registered here. Layers are named as in `model.named_modules()` of the
+bare model; the same names work through `DistributedDataParallel`/`DataParallel` (`module.`),
+`torch.compile` (`_orig_mod.`), FSDP and activation-checkpoint wrappers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import Literal, Self, TypeAlias
+
+LayerSpec: TypeAlias = Union[str, nn.Module]
+RepeatPolicy: TypeAlias = Literal["last", "all"]
+
+_WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+class StaleFeaturesError(RuntimeError):
+    """Raised by `FeatureTap.pop()` when stored features come from an earlier forward pass than the latest."""
+
+
+class MissingFeaturesError(RuntimeError):
+    """Raised by `FeatureTap.pop()` when a tapped layer captured nothing since the last `pop()`."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once every requested layer has run."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside `DistributedDataParallel`, `DataParallel` and `torch.compile` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def canonical_name(name: str) -> str:
+    """A module name without the path components that wrappers insert (`_orig_mod`, FSDP, checkpoint)."""
+    return ".".join(part for part in name.split(".") if part and part not in _WRAPPER_ATTRIBUTES)
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) -> dict[str, nn.Module]:
+    """Map each requested layer to `{canonical name: module}`, in request order.
+
+    Accepts dotted names (`"layer3.1.conv2"`), glob patterns (`"layer*.0"`), and module objects, as a
+    single spec or an iterable of them. Raises `ValueError` for unknown names (listing the closest
+    existing ones), patterns matching nothing, and modules that are not part of `model`.
+    """
+    root = unwrap_model(model)
+    by_name: dict[str, nn.Module] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        by_name.setdefault(canonical_name(name), module)
+    names_by_id = {id(module): name for name, module in reversed(list(by_name.items()))}
+
+    specs: list[LayerSpec] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    if not specs:
+        raise ValueError("'layers' is empty: name at least one layer to tap")
+    resolved: dict[str, nn.Module] = {}
+    for spec in specs:
+        for name in _names_for_spec(spec, by_name, names_by_id):
+            if name == "":
+                raise ValueError(
+                    "tapping the whole model is not supported: its output is what the forward returns; "
+                    "name a submodule instead"
+                )
+            resolved[name] = by_name[name]
+    return resolved
+
+
+def _names_for_spec(
+    spec: LayerSpec, by_name: Mapping[str, nn.Module], names_by_id: Mapping[int, str]
+) -> list[str]:
+    if isinstance(spec, nn.Module):
+        if id(spec) not in names_by_id:
+            raise ValueError(
+                f"the module object {type(spec).__name__} passed in 'layers' is not a submodule of the model"
+            )
+        return [names_by_id[id(spec)]]
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"'layers' entries must be module names (str), glob patterns or nn.Module objects, "
+            f"got {type(spec).__name__}"
+        )
+    name = canonical_name(spec)
+    if _GLOB_CHARACTERS & set(name):
+        matches = [n for n in by_name if n and fnmatch.fnmatchcase(n, name)]
+        if not matches and name.startswith("module."):
+            matches = [n for n in by_name if n and fnmatch.fnmatchcase(n, name[len("module.") :])]
+        if not matches:
+            raise ValueError(f"layer pattern {spec!r} matches no module; {_closest_names(name, by_name)}")
+        return matches
+    if name in by_name:
+        return [name]
+    if name.startswith("module.") and name[len("module.") :] in by_name:
+        return [name[len("module.") :]]
+    raise ValueError(f"unknown layer {spec!r}; {_closest_names(name, by_name)}")
+
+
+def _closest_names(name: str, by_name: Mapping[str, nn.Module]) -> str:
+    candidates = [n for n in by_name if n]
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
+    if close:
+        return "closest existing names: " + ", ".join(repr(c) for c in close)
+    top_level = [n for n in candidates if "." not in n][:10]
+    return "top-level modules: " + ", ".join(repr(c) for c in top_level)
+
+
+@dataclass
+class _Capture:
+    forward_index: int
+    calls: int = 0
+    values: list[Any] = field(default_factory=list)
+
+
+class FeatureTap:
+    """Capture the outputs of chosen layers of a model during its forward pass.
+
+    ```python
+    with FeatureTap(model, ["layer2", "layer3"]) as tap:
+        logits = model(x)
+    feats = tap.pop()    # {"layer2": Tensor, "layer3": Tensor}; clears the store
+    ```
+
+    The hooks are attached on construction and on `__enter__`, and removed by `remove()` and on leaving
+    the `with` block, also when the forward raised. A tap can be reused across steps (`with tap:` each
+    step), or kept attached for the whole run and popped every step.
+
+    Args:
+        model: any `nn.Module`, bare or wrapped in DDP, DataParallel or `torch.compile`.
+        layers: dotted names, glob patterns or module objects (one, or an iterable).
+        detach: store detached outputs (no gradient back into the model through them).
+        on_repeat: for a module run several times in one forward pass, keep the `"last"` output or
+            `"all"` of them as a list.
+        transform: applied to each captured output; needed when a layer returns a non-tensor
+            (e.g. `transform=lambda out: out[0]` for an LSTM).
+
+    `pop()` raises `MissingFeaturesError` when a layer did not run since the last `pop()`, and
+    `StaleFeaturesError` when a layer's stored output comes from an earlier forward pass of the model
+    than the latest (the layer did not run in the latest one). With `DataParallel` on several GPUs the
+    replicas overwrite each other's capture: use `DistributedDataParallel`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Iterable[LayerSpec],
+        *,
+        detach: bool = False,
+        on_repeat: RepeatPolicy = "last",
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if on_repeat not in ("last", "all"):
+            raise ValueError(f"'on_repeat' must be 'last' or 'all', got {on_repeat!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
+        self._root = unwrap_model(model)
+        self._modules = resolve_layers(model, layers)
+        self.detach = detach
+        self.on_repeat: RepeatPolicy = on_repeat
+        self.transform = transform
+        self._handles: list[RemovableHandle] = []
+        self._store: dict[str, _Capture] = {}
+        self._forward_index = 0
+        self._stop_after: Mapping[str, int] | None = None
+        self.attach()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The tapped layers' names, in order (globs expanded, wrappers stripped)."""
+        return tuple(self._modules)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are currently registered."""
+        return bool(self._handles)
+
+    def attach(self) -> Self:
+        """Register the hooks (no-op when already attached)."""
+        if self._handles:
+            return self
+        # The hooks hold the tap weakly, so a tap that is dropped without remove() is collected and
+        # its __del__ removes them.
+        tap = weakref.ref(self)
+
+        def on_model_forward(module: nn.Module, args: Any) -> None:
+            live = tap()
+            if live is not None:
+                live._forward_index += 1
+
+        self._handles.append(self._root.register_forward_pre_hook(on_model_forward))
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(_capture_hook(tap, name)))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook; captured features stay available to `pop()`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def __del__(self) -> None:
+        handles = getattr(self, "_handles", None)
+        if handles:
+            self.remove()
+
+    def clear(self) -> None:
+        """Drop every captured feature without returning it."""
+        self._store.clear()
+
+    def pop(self) -> dict[str, Any]:
+        """Return `{layer: output}` from the latest forward pass and clear the store.
+
+        With `on_repeat="all"` each value is a list of outputs in call order.
+        """
+        store, self._store = self._store, {}
+        missing = [name for name in self._modules if name not in store]
+        if missing:
+            raise MissingFeaturesError(
+                f"layer(s) {', '.join(map(repr, missing))} captured nothing since the last pop(): they did "
+                f"not run in the forward pass (check the model's control flow), the forward ran outside "
+                f"the tap's `with` block, or pop() was called twice"
+            )
+        stale = {name: c.forward_index for name, c in store.items() if c.forward_index < self._forward_index}
+        if stale:
+            detail = ", ".join(f"{name!r} (forward #{index})" for name, index in stale.items())
+            raise StaleFeaturesError(
+                f"stale features: {detail} did not run in the latest forward pass of the model "
+                f"(#{self._forward_index}); their stored output is from an earlier pass and is not returned. "
+                f"Call pop() after every forward pass, or clear() before one whose features you do not need"
+            )
+        features = {name: store[name].values for name in self._modules}
+        if self.on_repeat == "last":
+            return {name: values[-1] for name, values in features.items()}
+        return features
+
+    def _capture(self, name: str, output: Any) -> None:
+        if self.transform is not None:
+            output = self.transform(output)
+        if self.detach and isinstance(output, Tensor):
+            output = output.detach()
+        capture = self._store.get(name)
+        if capture is None or capture.forward_index != self._forward_index:
+            capture = self._store[name] = _Capture(self._forward_index)
+        capture.calls += 1
+        if self.on_repeat == "last":
+            capture.values[:] = [output]
+        else:
+            capture.values.append(output)
+        if self._stop_after is not None and self._all_layers_done(self._stop_after):
+            raise _StopForward
+
+    def _all_layers_done(self, calls_needed: Mapping[str, int]) -> bool:
+        for name, needed in calls_needed.items():
+            capture = self._store.get(name)
+            if capture is None or capture.forward_index != self._forward_index or capture.calls < needed:
+                return False
+        return True
+
+    def _call_counts(self) -> dict[str, int]:
+        return {name: capture.calls for name, capture in self._store.items()}
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "removed"
+        return f"FeatureTap(layers={list(self._modules)}, detach={self.detach}, on_repeat={self.on_repeat!r}, {state})"
+
+
+def _capture_hook(tap: weakref.ref[FeatureTap], name: str) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        live = tap()
+        if live is not None:
+            live._capture(name, output)
+
+    return hook
+
+
+class FrozenReference(nn.Module):
+    """A frozen network whose features at chosen layers serve as a reference (e.g. anti-transfer).
+
+    The model is put in eval mode with `requires_grad_(False)` and stays in eval mode when `.train()` is
+    called on this module or a parent. Calling it runs the model under `torch.no_grad()` and returns
+    `{layer: tensor}`. With `stop_early=True` the forward pass ends as soon as every requested layer
+    has produced its output: the first call runs the whole model and counts how often each layer runs;
+    later calls stop after the last of those calls (so a layer run twice per pass still yields its last
+    output, as `FeatureTap` does).
+
+    Args:
+        model: the frozen network (bare or wrapped).
+        layers: as for `FeatureTap`.
+        stop_early: end the forward pass after the deepest requested layer.
+        transform: as for `FeatureTap`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Iterable[LayerSpec],
+        *,
+        stop_early: bool = True,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.stop_early = stop_early
+        model.eval()
+        model.requires_grad_(False)
+        self._tap = FeatureTap(model, layers, detach=True, transform=transform)
+        self._calls_per_pass: dict[str, int] | None = None
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The reference layers' names, in order."""
+        return self._tap.layers
+
+    def train(self, mode: bool = True) -> Self:
+        """Record `mode` on this wrapper only: the frozen model always stays in eval mode."""
+        self.training = mode
+        self.model.eval()
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Run the frozen model on the inputs and return `{layer: features}` (no gradient)."""
+        self.model.eval()
+        self._tap.attach()
+        self._tap.clear()
+        calls_known = self.stop_early and self._calls_per_pass is not None
+        self._tap._stop_after = self._calls_per_pass if calls_known else None
+        try:
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            self._tap._stop_after = None
+        if self._calls_per_pass is None:
+            self._calls_per_pass = self._tap._call_counts()
+        features: dict[str, Tensor] = self._tap.pop()
+        return features
+
+    def extra_repr(self) -> str:
+        return f"layers={list(self.layers)}, stop_early={self.stop_early}"
+
