@@ -104,6 +104,9 @@ def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
     sq_norms = (centred * centred).sum(dim=1)
     sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * centred @ centred.T).clamp_min(0.0)
     sq_dist = sq_dist - torch.diag_embed(torch.diagonal(sq_dist))
+    # distances at the rounding level of the data are zero: constant rows must give K = 1 exactly
+    rounding = 8 * torch.finfo(x.dtype).eps * x.detach().abs().amax()
+    sq_dist = torch.where(sq_dist > rounding * rounding * x.shape[1], sq_dist, torch.zeros_like(sq_dist))
     if sigma is None:
         n = x.shape[0]
         upper = torch.triu_indices(n, n, offset=1, device=x.device)
@@ -210,8 +213,8 @@ def cka(
     check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} CKA")
     with full_precision(x, y):
         x2, y2 = as_batch_matrix(x, "x"), as_batch_matrix(y, "y")
-        if kernel == "linear":
-            x2, y2 = _unit_scale(x2), _unit_scale(y2)
+        if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
+            x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
         k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)  # noqa: E741
         return _safe_ratio(
             hsic_from_kernels(k, l, unbiased),
@@ -241,8 +244,8 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
     n = x.shape[0]
     check_min_batch(n, 2, what="biased CKA")
     with full_precision(x, y):
-        xc = _unit_scale(_centre_columns(as_batch_matrix(x, "x")))
-        yc = _unit_scale(_centre_columns(as_batch_matrix(y, "y")))
+        xc = _centred_unit_scale(as_batch_matrix(x, "x"))
+        yc = _centred_unit_scale(as_batch_matrix(y, "y"))
         p, q = xc.shape[1], yc.shape[1]
         if p * q + p * p + q * q <= n * (p + q + n):
             cross = (yc.T @ xc).square().sum()
@@ -256,15 +259,19 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
         return _safe_ratio(cross, self_x, self_y)
 
 
-def _centre_columns(x: Tensor) -> Tensor:
-    return x - x.mean(dim=0, keepdim=True)
+def _centred_unit_scale(x: Tensor) -> Tensor:
+    """`(x - mean) / ‖x - mean‖_F`: CKA is invariant to isotropic scaling, and this keeps any scale finite.
 
-
-def _unit_scale(x: Tensor) -> Tensor:
-    """`x / ‖x - mean‖_F` (no gradient through a zero norm): CKA is invariant to isotropic scaling."""
-    spread = torch.linalg.vector_norm(_centre_columns(x))
-    tiny = torch.finfo(x.dtype).tiny ** 0.5
-    return x / spread.clamp_min(tiny)
+    Features whose spread is at the rounding level of their magnitude are constant (the mean of equal
+    values is not always exactly that value): they become exactly zero, with a zero gradient.
+    """
+    centred = x - x.mean(dim=0, keepdim=True)
+    sum_sq = (centred * centred).sum()
+    rounding = 8 * torch.finfo(x.dtype).eps * x.detach().abs().amax()
+    noise_floor = (rounding * rounding * x.numel()).clamp_min(torch.finfo(x.dtype).tiny)
+    varies = sum_sq > noise_floor
+    spread = torch.where(varies, sum_sq, torch.ones_like(sum_sq)).sqrt()
+    return torch.where(varies, centred / spread, torch.zeros_like(centred))
 
 
 def _safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:

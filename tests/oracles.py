@@ -1,0 +1,124 @@
+"""Independent float64 oracles, written from METHODS.md with explicit matrices and loops.
+
+They share no code with the package. Each is differentiable (torch float64) so gradients can be compared
+too; the RBF bandwidth is a constant (median of distances, via numpy) as the contract says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def flat(x: Tensor) -> Tensor:
+    return x.double().reshape(x.shape[0], -1)
+
+
+def centring(n: int) -> Tensor:
+    return torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+
+
+def linear_kernel(x: Tensor) -> Tensor:
+    x = flat(x)
+    return x @ x.T
+
+
+def rbf_kernel(x: Tensor, sigma: float | None = None) -> Tensor:
+    x = flat(x)
+    n = x.shape[0]
+    rows = []
+    for i in range(n):
+        rows.append(torch.stack([((x[i] - x[j]) ** 2).sum() for j in range(n)]))
+    sq = torch.stack(rows)
+    if sigma is None:
+        d = sq.detach().numpy()
+        pairs = [np.sqrt(d[i, j]) for i in range(n) for j in range(i + 1, n)]
+        sigma = max(float(np.median(pairs)), 1e-12)
+    return torch.exp(-sq / (2 * sigma**2))
+
+
+def kernel(x: Tensor, name: str, sigma: float | None = None) -> Tensor:
+    return linear_kernel(x) if name == "linear" else rbf_kernel(x, sigma)
+
+
+def hsic_biased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+    n = k.shape[0]
+    h = centring(n)
+    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+    n = k.shape[0]
+    mask = 1.0 - torch.eye(n, dtype=torch.float64)
+    kt, lt = k * mask, l * mask
+    one = torch.ones(n, 1, dtype=torch.float64)
+    term1 = torch.trace(kt @ lt)
+    term2 = (one.T @ kt @ one).squeeze() * (one.T @ lt @ one).squeeze() / ((n - 1) * (n - 2))
+    term3 = 2.0 / (n - 2) * (one.T @ kt @ lt @ one).squeeze()
+    return (term1 + term2 - term3) / (n * (n - 3))
+
+
+def hsic(x: Tensor, y: Tensor, kernel_name: str = "linear", unbiased: bool = True) -> Tensor:
+    k, l = kernel(x, kernel_name), kernel(y, kernel_name)  # noqa: E741
+    return hsic_unbiased(k, l) if unbiased else hsic_biased(k, l)
+
+
+def cka(x: Tensor, y: Tensor, kernel_name: str = "linear", unbiased: bool = False) -> Tensor:
+    k, l = kernel(x, kernel_name), kernel(y, kernel_name)  # noqa: E741
+    f = hsic_unbiased if unbiased else hsic_biased
+    return f(k, l) / torch.sqrt(f(k, k) * f(l, l))
+
+
+def linear_cka_feature_space(x: Tensor, y: Tensor) -> Tensor:
+    xc = flat(x) - flat(x).mean(0)
+    yc = flat(y) - flat(y).mean(0)
+    return torch.linalg.norm(yc.T @ xc) ** 2 / (torch.linalg.norm(xc.T @ xc) * torch.linalg.norm(yc.T @ yc))
+
+
+def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    a, b = flat(a), flat(b)
+    out = []
+    for i in range(a.shape[0]):
+        na = torch.maximum(torch.sqrt((a[i] ** 2).sum()), torch.tensor(eps, dtype=torch.float64))
+        nb = torch.maximum(torch.sqrt((b[i] ** 2).sum()), torch.tensor(eps, dtype=torch.float64))
+        out.append((a[i] * b[i]).sum() / (na * nb))
+    return torch.stack(out)
+
+
+def gram_sample(x: Tensor) -> Tensor:
+    b, c = x.shape[:2]
+    v = x.double().reshape(b, c, -1)
+    g = torch.zeros(b, c, c, dtype=torch.float64)
+    for s in range(b):
+        for i in range(c):
+            for j in range(c):
+                g[s, i, j] = (v[s, i] * v[s, j]).sum()
+    return g
+
+
+def gram_batch(x: Tensor) -> Tensor:
+    b, c = x.shape[:2]
+    v = x.double().reshape(b * c, -1)
+    m = b * c
+    g = torch.zeros(m, m, dtype=torch.float64)
+    for i in range(m):
+        for j in range(m):
+            g[i, j] = (v[i] * v[j]).sum()
+    return g
+
+
+def aggregate(x: Tensor, method: str, p: float = 0.001) -> Tensor:
+    x = x.double()
+    if method == "none":
+        return x
+    if method == "mean":
+        return x.mean(1, keepdim=True)
+    if method == "sum":
+        return x.sum(1, keepdim=True)
+    if method == "max":
+        return x.amax(1, keepdim=True)
+    prod = torch.ones_like(x[:, :1])
+    for c in range(x.shape[1]):
+        prod = prod * (x[:, c : c + 1] + 1e-10) ** p
+    return prod
