@@ -122,3 +122,35 @@ def aggregate(x: Tensor, method: str, p: float = 0.001) -> Tensor:
     for c in range(x.shape[1]):
         prod = prod * (x[:, c : c + 1] + 1e-10) ** p
     return prod
+
+
+def anti_transfer(s: Tensor, r: Tensor, aggregation: str, distance: str, scope: str, eps: float = 1e-8) -> Tensor:
+    """METHODS.md §1, term by term; the frozen reference is a constant."""
+    s, r = s.double(), r.double().detach()
+    if aggregation == "gram":
+        g = gram_batch if scope == "batch" else gram_sample
+        a, b = g(s), g(r)
+    else:
+        a, b = aggregate(s, aggregation), aggregate(r, aggregation)
+    if distance == "cka":
+        return linear_cka_feature_space(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    if distance == "mse_sigmoid":
+        if aggregation == "gram":  # the authors' scale: / (B·C·N) / 0.001
+            a, b = a / s.numel() / 0.001, b / s.numel() / 0.001
+        return -torch.sigmoid(((a - b) ** 2).mean())
+    rows_a, rows_b = [], []
+    if aggregation == "gram" and scope == "batch":
+        rows_a, rows_b = [a[i] for i in range(a.shape[0])], [b[i] for i in range(b.shape[0])]
+    elif aggregation == "gram":
+        for k in range(a.shape[0]):
+            rows_a += [a[k, i] for i in range(a.shape[1])]
+            rows_b += [b[k, i] for i in range(b.shape[1])]
+    elif a.dim() == 2:
+        rows_a, rows_b = [a[k] for k in range(a.shape[0])], [b[k] for k in range(b.shape[0])]
+    else:
+        for k in range(a.shape[0]):
+            rows_a += [a[k, c].flatten() for c in range(a.shape[1])]
+            rows_b += [b[k, c].flatten() for c in range(b.shape[1])]
+    cosines = cosine_rows(torch.stack(rows_a), torch.stack(rows_b), eps)
+    mean_abs = cosines.abs().mean()
+    return mean_abs**2 if distance == "cos_squared" else mean_abs

@@ -4,6 +4,18 @@ Runs on every device; the fused kernels in `negtransfer_losses.ops` are tested a
 """
 
 from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels
+from .anti_transfer import (
+    ANTI_TRANSFER_AGGREGATIONS,
+    DISTANCES,
+    NAN_POLICIES,
+    AntiTransferAggregation,
+    AntiTransferTerms,
+    Distance,
+    NanPolicy,
+    anti_transfer,
+    anti_transfer_terms,
+    check_anti_transfer_options,
+)
 from .similarity import (
     GRAM_SCOPES,
     KERNELS,
@@ -12,6 +24,7 @@ from .similarity import (
     cka,
     cosine_rows,
     gram,
+    gram_row_cosines,
     hsic,
     hsic_from_kernels,
     kernel_matrix,
@@ -20,6 +33,16 @@ from .similarity import (
 
 __all__ = [
     "AGGREGATIONS",
+    "ANTI_TRANSFER_AGGREGATIONS",
+    "DISTANCES",
+    "NAN_POLICIES",
+    "AntiTransferAggregation",
+    "AntiTransferTerms",
+    "Distance",
+    "NanPolicy",
+    "anti_transfer",
+    "anti_transfer_terms",
+    "check_anti_transfer_options",
     "GRAM_SCOPES",
     "KERNELS",
     "Aggregation",
@@ -29,6 +52,7 @@ __all__ = [
     "cka",
     "cosine_rows",
     "gram",
+    "gram_row_cosines",
     "hsic",
     "hsic_from_kernels",
     "kernel_matrix",

@@ -241,3 +241,23 @@ def test_errors_name_the_argument_and_shapes() -> None:
         ntf.kernel_matrix(randn(3, 2), "rbf", sigma=0.0)
     with pytest.raises(ValueError, match=r"square kernel matrices"):
         ntf.hsic_from_kernels(torch.ones(4, 4), torch.ones(4, 5))
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 1), (2, 6, 2), (2, 3, 4, 5), (3, 5)], ids=["N<BC", "N<C", "N>C", "flat"])
+def test_gram_row_cosines_equal_cosines_of_the_naive_gram_rows(scope: str, shape: tuple[int, ...]) -> None:
+    x, y = randn(*shape, seed=1), randn(*shape, seed=2) + 0.5 * randn(*shape, seed=1)
+    naive = oracles.gram_batch if scope == "batch" else oracles.gram_sample
+
+    def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ga, gb = naive(a), naive(b)
+        return oracles.cosine_rows(ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1]))
+
+    assert_matches_oracle(lambda a, b: ntf.gram_row_cosines(a, b, scope), oracle, x, y, rtol=1e-9, atol=1e-10)  # type: ignore[arg-type]
+
+
+def test_gram_row_cosines_of_zero_rows_are_zero_with_finite_gradient() -> None:
+    x = randn(2, 6, 2)
+    x[0, 1] = 0.0
+    value, grads = value_and_grads(lambda a, b: ntf.gram_row_cosines(a, b, "sample"), x, randn(2, 6, 2, seed=3))
+    assert torch.isfinite(grads[0]).all() and torch.isfinite(value).all()

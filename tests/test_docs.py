@@ -1,4 +1,4 @@
-"""Every code block of README.md runs: the `diff` blocks as the code they add up to, the `python` blocks as is."""
+"""Every code block of README.md and docs/ runs: `diff` blocks as the code they add up to, `python` blocks as is."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+def code_blocks(language: str, page: Path = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), flags=re.S | re.M)
 
 
 def applied_diff(diff: str) -> str:
@@ -56,9 +58,8 @@ def test_training_loop_diff_runs(index: int) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_python_blocks_run() -> None:
-    blocks = code_blocks("python")
-    assert blocks
+@pytest.mark.parametrize("page", [p for p in PAGES if code_blocks("python", p)], ids=lambda p: p.name)
+def test_python_blocks_run(page: Path) -> None:
     namespace: dict[str, object] = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+    for block in code_blocks("python", page):
+        exec(compile(block, page.name, "exec"), namespace)

@@ -1,0 +1,227 @@
+"""Anti-transfer (Guizzo, Weyde, Tarroni 2021): penalize similarity to a frozen irrelevant network (METHODS.md §1).
+
+`L_AT = d(A(S), A(R))` for the student's map `S` and the frozen reference's map `R` at one layer, with
+an aggregation `A` and a distance `d`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from typing_extensions import Literal, TypeAlias
+
+from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
+from .aggregation import AGGREGATIONS, aggregate_channels
+from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
+
+AntiTransferAggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul", "gram"]
+Distance: TypeAlias = Literal["cos_squared", "cos", "mse_sigmoid", "cka"]
+NanPolicy: TypeAlias = Literal["raise", "skip", "propagate"]
+
+ANTI_TRANSFER_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = (*AGGREGATIONS, "gram")
+DISTANCES: tuple[Distance, ...] = ("cos_squared", "cos", "mse_sigmoid", "cka")
+NAN_POLICIES: tuple[NanPolicy, ...] = ("raise", "skip", "propagate")
+
+# The authors' Gram scale, 1 / (B·C·N) / 0.001: it cancels in every cosine and matters only for `mse_sigmoid`.
+GRAM_MSE_SCALE = 1e3
+
+
+class AntiTransferTerms(NamedTuple):
+    """One layer's anti-transfer loss and what to log beside it (all scalars).
+
+    - `loss`: the unweighted `L_AT`;
+    - `similarity`: the raw similarity: `mean_i |s_i|` for the cosine distances, the CKA value for
+      `cka`, the MSE for `mse_sigmoid`;
+    - `student_norm`: the mean L2 norm of a student sample's features, detached. Zero rows give
+      `s_i = 0`, so a network can lower the cosine losses by killing channels: watch this fall.
+    """
+
+    loss: Tensor
+    similarity: Tensor
+    student_norm: Tensor
+
+
+def anti_transfer(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation = "gram",
+    distance: Distance = "cos_squared",
+    gram_scope: GramScope = "batch",
+    eps: float = 1e-8,
+    *,
+    mul_exponent: float = 0.001,
+    nan_policy: NanPolicy = "raise",
+    layer: str | None = None,
+) -> Tensor:
+    """The unweighted anti-transfer loss `L_AT = d(A(S), A(R))` of one layer (METHODS.md §1).
+
+    Aggregations `A`: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"` over channels (dim 1), or `"gram"`
+    (`gram_scope="batch"`: one `(B·C)×(B·C)` matrix, the authors' form; `"sample"`: `B` matrices `C×C`).
+
+    Distances `d`, with rows `a_i, b_i` = the rows of the Gram matrices, or else each `(b, c')` slice of
+    `A(·)` flattened over the spatial dims (for `(B, D)` features, each sample's vector), and
+    `s_i = <a_i, b_i> / (max(|a_i|, eps) · max(|b_i|, eps))`:
+
+    - `"cos_squared"`: `(mean_i |s_i|)²` (the paper's final setting);
+    - `"cos"`: `mean_i |s_i|`;
+    - `"mse_sigmoid"`: `-sigmoid(MSE(A(S), A(R)))`, Gram matrices scaled by `1/(B·C·N)/0.001` as in
+      the authors' code;
+    - `"cka"`: linear CKA between `A(S)` and `A(R)` flattened to `(B, ·)`; the two maps may differ in
+      channels and spatial size.
+
+    Args:
+        student: `(B, C, *sp)` or `(B, D)` features of the trained network.
+        reference: the frozen network's features at the matching layer; never receives gradient.
+        mul_exponent: `p` of the `"mul"` aggregation.
+        nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
+            (zero loss, zero gradient), or `"propagate"` (no check; avoids a device synchronization).
+        layer: the layer's name, for error messages.
+
+    Returns:
+        a scalar tensor, float32 (float64 for float64 input).
+    """
+    return anti_transfer_terms(
+        student,
+        reference,
+        aggregation,
+        distance,
+        gram_scope,
+        eps,
+        mul_exponent=mul_exponent,
+        nan_policy=nan_policy,
+        layer=layer,
+    ).loss
+
+
+def anti_transfer_terms(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation = "gram",
+    distance: Distance = "cos_squared",
+    gram_scope: GramScope = "batch",
+    eps: float = 1e-8,
+    *,
+    mul_exponent: float = 0.001,
+    nan_policy: NanPolicy = "raise",
+    layer: str | None = None,
+) -> AntiTransferTerms:
+    """`anti_transfer` with the raw similarity and the student's activation norm, in one computation."""
+    check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
+    _check_shapes(student, reference, aggregation, distance, gram_scope, layer)
+    reference = reference.detach()
+    with full_precision(student, reference):
+        dtype = compute_dtype(student, reference)
+        student, reference = student.to(dtype), reference.to(dtype)
+        finite = _check_finite(student, reference, nan_policy, layer)
+        if finite is not None:
+            student = torch.where(finite, student, torch.zeros_like(student))
+            reference = torch.where(finite, reference, torch.zeros_like(reference))
+        student_norm = torch.linalg.vector_norm(student.detach().reshape(student.shape[0], -1), dim=1).mean()
+        loss, similarity = _distance(student, reference, aggregation, distance, gram_scope, eps, mul_exponent, layer)
+        if finite is not None:
+            loss = torch.where(finite, loss, torch.zeros_like(loss))
+            similarity = torch.where(finite, similarity, torch.zeros_like(similarity))
+        return AntiTransferTerms(loss, similarity.detach(), student_norm)
+
+
+def check_anti_transfer_options(
+    aggregation: str, distance: str, gram_scope: str, nan_policy: str = "raise"
+) -> None:
+    """Raise `ValueError` naming the option when one is not valid (or the combination is not)."""
+    check_choice(aggregation, "aggregation", ANTI_TRANSFER_AGGREGATIONS)
+    check_choice(distance, "distance", DISTANCES)
+    check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
+    check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+    if distance == "cka" and aggregation == "gram" and gram_scope == "batch":
+        raise ValueError(
+            "distance='cka' compares per-sample representations, but gram_scope='batch' makes one matrix "
+            "for the whole batch; use gram_scope='sample' or another aggregation"
+        )
+
+
+def _distance(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation,
+    distance: Distance,
+    gram_scope: GramScope,
+    eps: float,
+    mul_exponent: float,
+    layer: str | None,
+) -> tuple[Tensor, Tensor]:
+    """`(loss, raw similarity)` for inputs already in the compute dtype."""
+    if aggregation == "gram" and distance in ("cos", "cos_squared"):
+        mean_abs_cos = gram_row_cosines(student, reference, gram_scope, eps).abs().mean()
+        return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
+    if aggregation == "gram":
+        a, b = gram(student, gram_scope), gram(reference, gram_scope)
+    else:
+        a = aggregate_channels(student, aggregation, mul_exponent=mul_exponent, name="student", layer=layer)
+        b = aggregate_channels(reference, aggregation, mul_exponent=mul_exponent, name="reference", layer=layer)
+    if distance == "cka":
+        similarity = linear_cka(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+        return similarity, similarity
+    if distance == "mse_sigmoid":
+        if aggregation == "gram":
+            scale = GRAM_MSE_SCALE / student.numel()
+            a, b = a * scale, b * scale
+        mse = (a - b).square().mean()
+        return -torch.sigmoid(mse), mse
+    mean_abs_cos = cosine_rows(_rows(a), _rows(b), eps).abs().mean()
+    return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
+
+
+def _rows(a: Tensor) -> Tensor:
+    if a.dim() == 2:  # (B, D): no spatial extent, each sample's vector is a row
+        return a
+    return a.reshape(a.shape[0] * a.shape[1], -1)
+
+
+def _check_shapes(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation,
+    distance: Distance,
+    gram_scope: GramScope,
+    layer: str | None,
+) -> None:
+    check_tensor(student, "student", layer=layer, min_dim=2)
+    check_tensor(reference, "reference", layer=layer, min_dim=2)
+    where = "" if layer is None else f" at layer '{layer}'"
+    if student.shape[0] != reference.shape[0]:
+        raise ValueError(
+            f"'student' and 'reference' must have the same batch size{where}: got shapes "
+            f"{tuple(student.shape)} and {tuple(reference.shape)}; both networks must see the same batch"
+        )
+    if distance == "cka":
+        return
+    if student.shape != reference.shape:
+        raise ValueError(
+            f"'student' and 'reference' must have the same shape for distance={distance!r}{where}: got "
+            f"{tuple(student.shape)} and {tuple(reference.shape)}; distance='cka' compares layers of "
+            f"different widths or sizes"
+        )
+    if student.dim() == 2 and aggregation in ("mean", "sum", "max", "mul"):
+        raise ValueError(
+            f"aggregation={aggregation!r} over the {student.shape[1]} features of a 2-D {describe('student', layer)} "
+            f"(shape {tuple(student.shape)}) leaves one number per sample, whose cosine is only its sign; "
+            f"use aggregation='none' or 'gram', or distance='cka'"
+        )
+
+
+def _check_finite(student: Tensor, reference: Tensor, nan_policy: NanPolicy, layer: str | None) -> Tensor | None:
+    """`None` when no check is wanted or both inputs are finite under "raise"; else a finite flag (0-d)."""
+    if nan_policy == "propagate":
+        return None
+    finite = torch.isfinite(student).all() & torch.isfinite(reference).all()
+    if nan_policy == "skip":
+        return finite
+    if not bool(finite):
+        bad = [n for n, t in (("student", student), ("reference", reference)) if not bool(torch.isfinite(t).all())]
+        raise ValueError(
+            f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
+            f"to give such a batch zero loss, or nan_policy='propagate' to skip the check"
+        )
+    return None

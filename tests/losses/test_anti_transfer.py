@@ -1,0 +1,96 @@
+"""`AntiTransferLoss`: layer matching, weights applied once, logging terms, nothing of the reference kept."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import negtransfer_losses as ntl
+import negtransfer_losses.functional as ntf
+
+
+def feats(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer2": torch.randn(4, 3, 5, 5, generator=g), "layer3": torch.randn(4, 6, 2, 2, generator=g)}
+
+
+def test_weighted_sum_over_layers_applies_weight_once() -> None:
+    s, r = feats(0), feats(1)
+    loss = ntl.AntiTransferLoss(weight=2.5, layer_weights={"layer3": 0.5})
+    expected = 2.5 * (ntf.anti_transfer(s["layer2"], r["layer2"]) + 0.5 * ntf.anti_transfer(s["layer3"], r["layer3"]))
+    torch.testing.assert_close(loss(s, r), expected)
+
+
+def test_two_tensors_form_one_layer() -> None:
+    s, r = feats(0)["layer2"], feats(1)["layer2"]
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    torch.testing.assert_close(loss(s, r), ntf.anti_transfer(s, r, "mean", "cos"))
+    assert set(loss.last_terms) == {"features"}
+
+
+def test_last_terms_hold_detached_logging_scalars() -> None:
+    s, r = feats(0), feats(1)
+    for t in s.values():
+        t.requires_grad_(True)
+    loss = ntl.AntiTransferLoss(weight=3.0)
+    total = loss(s, r)
+    terms = loss.last_terms
+    assert set(terms) == {"layer2", "layer3"}
+    for name, layer_terms in terms.items():
+        assert set(layer_terms) == {"similarity", "loss", "student_norm"}
+        assert all(not v.requires_grad and v.dim() == 0 for v in layer_terms.values())
+        raw = ntf.anti_transfer_terms(s[name], r[name])
+        torch.testing.assert_close(layer_terms["similarity"], raw.similarity)
+        torch.testing.assert_close(layer_terms["loss"], 3.0 * raw.loss.detach())
+        torch.testing.assert_close(layer_terms["student_norm"], raw.student_norm)
+    torch.testing.assert_close(total.detach(), terms["layer2"]["loss"] + terms["layer3"]["loss"])
+
+
+def test_reference_is_not_kept_alive_and_gets_no_gradient() -> None:
+    s, r = feats(0), feats(1)
+    s["layer2"].requires_grad_(True)
+    r["layer2"].requires_grad_(True)
+    loss = ntl.AntiTransferLoss()
+    out = loss(s, r)
+    out.backward()
+    assert s["layer2"].grad is not None and r["layer2"].grad is None
+    probe = weakref.ref(r["layer2"])
+    del r, out
+    gc.collect()
+    assert probe() is None
+
+
+def test_layer_mismatch_names_the_keys() -> None:
+    s, r = feats(0), feats(1)
+    del r["layer3"]
+    r["layer4"] = s["layer3"]
+    with pytest.raises(ValueError, match=r"student only: \['layer3'\]; reference only: \['layer4'\]"):
+        ntl.AntiTransferLoss()(s, r)
+    with pytest.raises(TypeError, match=r"both be tensors or both be dicts"):
+        ntl.AntiTransferLoss()(s, s["layer2"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'layer_weights' names layer\(s\) \['layer9'\]"):
+        ntl.AntiTransferLoss(layer_weights={"layer9": 1.0})(s, feats(1))
+
+
+def test_shape_mismatch_names_the_layer() -> None:
+    s, r = feats(0), feats(1)
+    r["layer3"] = torch.randn(4, 8, 2, 2)
+    with pytest.raises(ValueError, match=r"at layer 'layer3': got \(4, 6, 2, 2\) and \(4, 8, 2, 2\)"):
+        ntl.AntiTransferLoss()(s, r)
+    assert torch.isfinite(ntl.AntiTransferLoss("none", "cka")(s, r))
+
+
+def test_invalid_options_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"'distance' must be one of"):
+        ntl.AntiTransferLoss(distance="euclid")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"gram_scope='sample'"):
+        ntl.AntiTransferLoss("gram", "cka", gram_scope="batch")
+
+
+def test_repr_shows_the_configuration() -> None:
+    assert repr(ntl.AntiTransferLoss()) == (
+        "AntiTransferLoss(aggregation='gram', distance='cos_squared', gram_scope='batch', weight=1.0)"
+    )
