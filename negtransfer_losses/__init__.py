@@ -1,11 +1,11 @@
 """negtransfer_losses: PyTorch regularizers that stop negative transfer.
 
 Feature taps for any model (`FeatureTap`, `FrozenReference`), the anti-transfer loss
-(`AntiTransferLoss`), and the math of every method as plain functions (`negtransfer_losses.functional`).
+(`AntiTransferLoss`), suppression of task-irrelevant factors (`TaskIrrelevantSuppression`, `Purify`), and the math of every method as plain functions (`negtransfer_losses.functional`).
 """
 
 from . import functional
-from .losses import AntiTransferLoss
+from .losses import AntiTransferLoss, Purify, TaskIrrelevantSuppression
 from .taps import FeatureTap, FrozenReference, MissingFeaturesError, StaleFeaturesError
 
 __version__ = "0.1.0.dev0"
@@ -15,7 +15,9 @@ __all__ = [
     "FeatureTap",
     "FrozenReference",
     "MissingFeaturesError",
+    "Purify",
     "StaleFeaturesError",
+    "TaskIrrelevantSuppression",
     "__version__",
     "functional",
 ]

@@ -154,3 +154,40 @@ def anti_transfer(s: Tensor, r: Tensor, aggregation: str, distance: str, scope: 
     cosines = cosine_rows(torch.stack(rows_a), torch.stack(rows_b), eps)
     mean_abs = cosines.abs().mean()
     return mean_abs**2 if distance == "cos_squared" else mean_abs
+
+
+def onehot_kernel(labels: Tensor, num_classes: int) -> Tensor:
+    """The delta kernel: L_ij = 1 when u_i = u_j."""
+    n = labels.shape[0]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = float(labels[i] == labels[j])
+    return out
+
+
+def irrelevant_hsic(z: Tensor, labels: Tensor, num_classes: int, kernel_name: str = "linear",
+                    normalized: bool = False, ignore_index: int = -100) -> Tensor:
+    keep = [i for i in range(labels.shape[0]) if int(labels[i]) != ignore_index]
+    z_known = flat(z)[keep]
+    k = kernel(z_known, kernel_name)
+    l = onehot_kernel(labels[keep], num_classes)  # noqa: E741
+    value = hsic_unbiased(k, l)
+    if normalized:
+        value = value / torch.sqrt(hsic_unbiased(k, k) * hsic_unbiased(l, l))
+    return value
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    terms = []
+    for i in range(labels.shape[0]):
+        if int(labels[i]) == ignore_index:
+            continue
+        row = logits[i].double()
+        terms.append(torch.log(torch.exp(row).sum()) - row[int(labels[i])])
+    return torch.stack(terms).mean()
+
+
+def mean_p_log_p(logits: Tensor) -> Tensor:
+    p = torch.exp(logits.double()) / torch.exp(logits.double()).sum(dim=1, keepdim=True)
+    return (p * torch.log(p)).sum(dim=1).mean()

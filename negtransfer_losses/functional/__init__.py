@@ -16,6 +16,15 @@ from .anti_transfer import (
     anti_transfer_terms,
     check_anti_transfer_options,
 )
+from .suppression import (
+    IGNORE_INDEX,
+    adversarial_suppression,
+    erase,
+    erasure_basis,
+    gradient_reversal,
+    irrelevant_cka,
+    irrelevant_hsic,
+)
 from .similarity import (
     GRAM_SCOPES,
     KERNELS,
@@ -47,14 +56,21 @@ __all__ = [
     "KERNELS",
     "Aggregation",
     "GramScope",
+    "IGNORE_INDEX",
     "Kernel",
+    "adversarial_suppression",
     "aggregate_channels",
     "cka",
     "cosine_rows",
+    "erase",
+    "erasure_basis",
+    "gradient_reversal",
     "gram",
     "gram_row_cosines",
     "hsic",
     "hsic_from_kernels",
+    "irrelevant_cka",
+    "irrelevant_hsic",
     "kernel_matrix",
     "linear_cka",
 ]

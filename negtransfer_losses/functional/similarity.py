@@ -253,11 +253,19 @@ def cka(
         if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
             x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
         k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)  # noqa: E741
-        return _safe_ratio(
-            hsic_from_kernels(k, l, unbiased),
-            hsic_from_kernels(k, k, unbiased),
-            hsic_from_kernels(l, l, unbiased),
-        )
+        return kernel_alignment(k, l, unbiased)
+
+
+def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:  # noqa: E741
+    """`HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` for `(n, n)` kernels, 0 where a side is constant.
+
+    A self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`) counts as zero: a
+    constant kernel's self-HSIC is exactly 0 in exact arithmetic, but not in floating point.
+    """
+    self_k, self_l = hsic_from_kernels(k, k, unbiased), hsic_from_kernels(l, l, unbiased)
+    eps = 64 * torch.finfo(self_k.dtype).eps
+    varies = (self_k > eps * k.detach().square().mean()) & (self_l > eps * l.detach().square().mean())
+    return safe_ratio(hsic_from_kernels(k, l, unbiased), torch.where(varies, self_k, 0.0), torch.where(varies, self_l, 0.0))
 
 
 def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
@@ -293,7 +301,7 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
             cross = (kx * ky).sum()
             self_x = kx.square().sum()
             self_y = ky.square().sum()
-        return _safe_ratio(cross, self_x, self_y)
+        return safe_ratio(cross, self_x, self_y)
 
 
 def _centred_unit_scale(x: Tensor) -> Tensor:
@@ -311,7 +319,7 @@ def _centred_unit_scale(x: Tensor) -> Tensor:
     return torch.where(varies, centred / spread, torch.zeros_like(centred))
 
 
-def _safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
+def safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
     """`num / sqrt(den_x · den_y)`, and 0 (with zero gradient) where the product is not positive."""
     den = den_x * den_y
     positive = den > torch.finfo(den.dtype).tiny
