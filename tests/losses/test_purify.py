@@ -1,0 +1,123 @@
+"""`Purify`: mean-difference erasure, its running state, and what survives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import negtransfer_losses as ntl
+
+
+def synthetic(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features whose irrelevant class u shifts the mean in dims 0-1 and whose task y lives in dim 2."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 3, (n,), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    offsets = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])
+    z = torch.randn(n, 6, generator=g)
+    z[:, :2] += offsets[u]
+    z[:, 2] += 4.0 * y - 2.0
+    return z, u, y, offsets
+
+
+def least_squares_probe(z: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """One-hot least-squares probe with intercept: (its predictions, accuracy).
+
+    Directions with singular value below 1e-5 of the largest are dropped: after erasure the features are
+    rank-deficient, and their float32 rounding noise is not a signal.
+    """
+    x = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], dim=1)
+    target = torch.nn.functional.one_hot(labels, k).double()
+    w = torch.linalg.lstsq(x, target, rcond=1e-5, driver="gelsd").solution
+    predictions = x @ w
+    return predictions, (predictions.argmax(1) == labels).double().mean().item()
+
+
+def test_after_erasure_no_linear_probe_separates_the_irrelevant_classes() -> None:
+    z, u, y, _ = synthetic()
+    assert least_squares_probe(z, u, 3)[1] > 0.9
+    purify = ntl.Purify(3, 6, momentum=1.0)
+    out = purify(z, u)  # one batch, momentum 1: the running means are this batch's means
+    class_means = torch.stack([out[u == k].mean(0) for k in range(3)])
+    torch.testing.assert_close(class_means - class_means.mean(0), torch.zeros(3, 6), atol=1e-5, rtol=0)
+    predictions, accuracy = least_squares_probe(out, u, 3)
+    assert (predictions - predictions.mean(0)).abs().max() < 1e-4  # the probe is constant
+    assert accuracy < 0.40  # chance is about 1/3: a constant probe predicts the majority class
+    # the task direction (dim 2) is orthogonal to the true mean offsets; the estimated span tilts into it
+    # only by sampling noise, so it survives almost untouched
+    assert torch.corrcoef(torch.stack([out[:, 2], z[:, 2]]))[0, 1] > 0.99
+    assert least_squares_probe(out, y, 2)[1] > 0.95
+
+
+def test_identity_until_every_class_was_seen_and_ignore_index() -> None:
+    z, u, _, _ = synthetic(30)
+    purify = ntl.Purify(3, 6)
+    partial = torch.where(u == 2, torch.tensor(-100), u)
+    assert torch.equal(purify(z, partial), z) and not purify.ready
+    assert not bool(purify.seen[2])
+    purify(z, torch.full_like(u, -100))  # no known label: no update
+    assert not purify.ready
+    out = purify(z, u)
+    assert purify.ready and not torch.equal(out, z)
+
+
+def test_running_means_follow_the_momentum() -> None:
+    purify = ntl.Purify(2, 2, momentum=0.25)
+    purify(torch.tensor([[0.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 1]))
+    purify(torch.tensor([[8.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 1]))
+    torch.testing.assert_close(purify.class_means, torch.tensor([[2.0, 0.0], [4.0, 4.0]]))
+
+
+def test_eval_mode_is_deterministic_and_does_not_update() -> None:
+    z, u, _, _ = synthetic(60)
+    purify = ntl.Purify(3, 6)
+    purify(z, u)
+    purify.eval()
+    means = purify.class_means.clone()
+    a = purify(z + 1.0, u)
+    b = purify(z + 1.0, u)
+    assert torch.equal(a, b) and torch.equal(purify.class_means, means)
+
+
+def test_state_dict_round_trip() -> None:
+    z, u, _, _ = synthetic(60)
+    purify = ntl.Purify(3, 6)
+    purify(z, u)
+    restored = ntl.Purify(3, 6)
+    restored.load_state_dict(purify.state_dict())
+    purify.eval()
+    restored.eval()
+    assert restored.ready
+    torch.testing.assert_close(restored(z), purify(z))
+
+
+def test_gradient_is_projected_not_blocked() -> None:
+    z, u, _, _ = synthetic(60)
+    purify = ntl.Purify(3, 6, momentum=1.0)
+    purify(z, u)
+    x = z.clone().requires_grad_(True)
+    out = purify(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q = purify.basis()
+    torch.testing.assert_close(x.grad, grad_out - grad_out @ q @ q.T)
+
+
+def test_maps_and_low_precision_keep_shape_and_dtype() -> None:
+    z, u, _, _ = synthetic(40)
+    maps = torch.cat([z, z], dim=1).reshape(40, 3, 2, 2)
+    purify = ntl.Purify(3, 12)
+    out = purify(maps.to(torch.bfloat16), u)
+    assert out.shape == maps.shape and out.dtype == torch.bfloat16
+
+
+def test_hostile_input() -> None:
+    with pytest.raises(ValueError, match=r"'num_irrelevant' must be ≥ 2"):
+        ntl.Purify(1, 4)
+    with pytest.raises(ValueError, match=r"'momentum' must be in \(0, 1\]"):
+        ntl.Purify(3, 4, momentum=0.0)
+    purify = ntl.Purify(3, 6)
+    with pytest.raises(ValueError, match=r"must be \(B, 6\) or maps with 6 values per sample, got shape \(4, 5\)"):
+        purify(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"holds 5, outside \[0, 3\)"):
+        purify(torch.randn(4, 6), torch.tensor([0, 1, 5, 2]))
