@@ -28,6 +28,11 @@ def test_anti_transfer_hooks_example_runs() -> None:
     assert "anti-transfer" in out and "student_norm" in out
 
 
+def test_suppression_synthetic_example_runs() -> None:
+    out = run_example("suppression_synthetic.py", "--steps", "5", "--seeds", "1")
+    assert "| purify |" in out and "| adversarial |" in out
+
+
 @pytest.mark.parametrize("args", [[]])
 def test_demo_runs(args: list[str]) -> None:
     assert "negtransfer_losses demo" in run_example("demo.py", *args)

@@ -54,18 +54,20 @@ def test_identity_until_every_class_was_seen_and_ignore_index() -> None:
     purify = ntl.Purify(3, 6)
     partial = torch.where(u == 2, torch.tensor(-100), u)
     assert torch.equal(purify(z, partial), z) and not purify.ready
-    assert not bool(purify.seen[2])
+    assert int(purify.batches_seen[2]) == 0
     purify(z, torch.full_like(u, -100))  # no known label: no update
     assert not purify.ready
     out = purify(z, u)
     assert purify.ready and not torch.equal(out, z)
 
 
-def test_running_means_follow_the_momentum() -> None:
+def test_running_means_average_then_follow_the_momentum() -> None:
     purify = ntl.Purify(2, 2, momentum=0.25)
-    purify(torch.tensor([[0.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 1]))
-    purify(torch.tensor([[8.0, 0.0], [4.0, 4.0]]), torch.tensor([0, 1]))
-    torch.testing.assert_close(purify.class_means, torch.tensor([[2.0, 0.0], [4.0, 4.0]]))
+    for value in (0.0, 8.0, 2.0, 4.0):  # weights 1, 1/2, 1/3, then the momentum 1/4
+        purify(torch.tensor([[value, 0.0], [4.0, 4.0]]), torch.tensor([0, 1]))
+    expected_0 = 0.75 * ((0.0 + 8.0 + 2.0) / 3) + 0.25 * 4.0
+    torch.testing.assert_close(purify.class_means, torch.tensor([[expected_0, 0.0], [4.0, 4.0]]))
+    assert purify.batches_seen.tolist() == [4, 4]
 
 
 def test_eval_mode_is_deterministic_and_does_not_update() -> None:
