@@ -1,23 +1,36 @@
 """negtransfer_losses: PyTorch regularizers that stop negative transfer.
 
 Feature taps for any model (`FeatureTap`, `FrozenReference`), the anti-transfer loss
-(`AntiTransferLoss`), suppression of task-irrelevant factors (`TaskIrrelevantSuppression`, `Purify`), and the math of every method as plain functions (`negtransfer_losses.functional`).
+(`AntiTransferLoss`), suppression of task-irrelevant factors (`TaskIrrelevantSuppression`, `Purify`), multi-task distribution
+matching (`TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`, `MultiTaskLoss`), and the math of every method as plain functions (`negtransfer_losses.functional`).
 """
 
 from . import functional
-from .losses import AntiTransferLoss, Purify, TaskIrrelevantSuppression
+from .losses import (
+    AntiTransferLoss,
+    DistributionMatchingLoss,
+    MultiTaskLoss,
+    Purify,
+    SoftCoAnnotationLoss,
+    TaskIrrelevantSuppression,
+)
+from .relatedness import TaskRelatedness
 from .taps import FeatureTap, FrozenReference, MissingFeaturesError, StaleFeaturesError
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AntiTransferLoss",
+    "DistributionMatchingLoss",
     "FeatureTap",
     "FrozenReference",
     "MissingFeaturesError",
+    "MultiTaskLoss",
     "Purify",
+    "SoftCoAnnotationLoss",
     "StaleFeaturesError",
     "TaskIrrelevantSuppression",
+    "TaskRelatedness",
     "__version__",
     "functional",
 ]

@@ -16,6 +16,22 @@ from .anti_transfer import (
     anti_transfer_terms,
     check_anti_transfer_options,
 )
+from .distribution_matching import (
+    DIRECTIONS,
+    DIVERGENCES,
+    INVERSIONS,
+    TASK_KINDS,
+    Direction,
+    Divergence,
+    Inversion,
+    TaskKind,
+    distribution_matching,
+    infer_a_from_b,
+    infer_b_from_a,
+    masked_binary_cross_entropy,
+    masked_cross_entropy,
+    soft_co_annotation,
+)
 from .suppression import (
     IGNORE_INDEX,
     adversarial_suppression,
@@ -41,6 +57,20 @@ from .similarity import (
 )
 
 __all__ = [
+    "DIRECTIONS",
+    "DIVERGENCES",
+    "INVERSIONS",
+    "TASK_KINDS",
+    "Direction",
+    "Divergence",
+    "Inversion",
+    "TaskKind",
+    "distribution_matching",
+    "infer_a_from_b",
+    "infer_b_from_a",
+    "masked_binary_cross_entropy",
+    "masked_cross_entropy",
+    "soft_co_annotation",
     "AGGREGATIONS",
     "ANTI_TRANSFER_AGGREGATIONS",
     "DISTANCES",

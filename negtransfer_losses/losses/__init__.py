@@ -1,7 +1,15 @@
 """The `nn.Module` losses users construct: thin holders of configuration over `functional`."""
 
 from .anti_transfer import AntiTransferLoss
+from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
 from .purify import Purify
 from .suppression import TaskIrrelevantSuppression
 
-__all__ = ["AntiTransferLoss", "Purify", "TaskIrrelevantSuppression"]
+__all__ = [
+    "AntiTransferLoss",
+    "DistributionMatchingLoss",
+    "MultiTaskLoss",
+    "Purify",
+    "SoftCoAnnotationLoss",
+    "TaskIrrelevantSuppression",
+]

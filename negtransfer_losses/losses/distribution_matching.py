@@ -1,0 +1,187 @@
+"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (METHODS.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_choice
+from ..functional.distribution_matching import (
+    DIRECTIONS,
+    DIVERGENCES,
+    EPS,
+    INVERSIONS,
+    Direction,
+    Divergence,
+    Inversion,
+    TaskKind,
+    distribution_matching,
+    masked_binary_cross_entropy,
+    masked_cross_entropy,
+    soft_co_annotation,
+)
+from ..functional.suppression import IGNORE_INDEX
+from ..relatedness import TaskRelatedness
+
+
+class _Coupled(nn.Module):
+    """Holds `R` and `π` as buffers (moved by `.to()`, saved in the `state_dict`) and the task kind."""
+
+    matrix: Tensor
+    prior: Tensor
+
+    def __init__(self, relatedness: TaskRelatedness, inversion: Inversion) -> None:
+        super().__init__()
+        if not isinstance(relatedness, TaskRelatedness):
+            raise TypeError(f"'relatedness' must be a TaskRelatedness, got {type(relatedness).__name__}")
+        check_choice(inversion, "inversion", INVERSIONS)
+        if inversion == "product" and not bool((relatedness.matrix > 0).any()):
+            raise ValueError("inversion='product' needs at least one class of task A with a non-zero row in R")
+        self.kind: TaskKind = relatedness.kind
+        self.inversion: Inversion = inversion
+        self.register_buffer("matrix", relatedness.matrix.float())
+        self.register_buffer("prior", relatedness.prior.float())
+        self.last_terms: dict[str, Tensor] = {}
+
+
+class DistributionMatchingLoss(_Coupled):
+    """`weight · (L_AB + L_BA)`: each task's prediction matches the distribution the other task implies.
+
+    On every sample, labelled or not: `q_B = p_A R` for A→B, and `q_A` from `p_B` by naive Bayes
+    (`inversion="bayes"`, the library's own) or the papers' product form (`"product"`) for B→A. Each term
+    is a mean over samples (and attributes for a multilabel B). `divergence="kl"` is zero when the tasks
+    agree; `"ce"` is the papers' cross-entropy form. Gradients reach both heads unless
+    `detach_target=True`. Per-direction values are in `last_terms` after each call.
+
+    Forward: `(logits_a (N, K), logits_b (N, M))` → scalar.
+    """
+
+    def __init__(
+        self,
+        relatedness: TaskRelatedness,
+        directions: Sequence[Direction] = DIRECTIONS,
+        inversion: Inversion = "bayes",
+        divergence: Divergence = "kl",
+        detach_target: bool = False,
+        weight: float = 1.0,
+        *,
+        eps: float = EPS,
+    ) -> None:
+        super().__init__(relatedness, inversion)
+        directions = tuple(directions)
+        if not directions:
+            raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
+        for direction in directions:
+            check_choice(direction, "directions", DIRECTIONS)
+        check_choice(divergence, "divergence", DIVERGENCES)
+        self.directions: tuple[Direction, ...] = directions
+        self.divergence: Divergence = divergence
+        self.detach_target = detach_target
+        self.weight = float(weight)
+        self.eps = eps
+
+    def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        terms = distribution_matching(
+            logits_a, logits_b, self.matrix, self.prior, self.kind, self.directions, self.inversion,
+            self.divergence, self.detach_target, self.eps,
+        )
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        return self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
+
+    def extra_repr(self) -> str:
+        return (
+            f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, directions={self.directions}, "
+            f"inversion={self.inversion!r}, divergence={self.divergence!r}, detach_target={self.detach_target}, "
+            f"weight={self.weight}"
+        )
+
+
+class SoftCoAnnotationLoss(_Coupled):
+    """`weight · (L_CA_A + L_CA_B)`: soft labels, from `R`, for the task a sample is not annotated for.
+
+    An A-only sample with `a = k` gets task-B target `R[k, :]`; a B-only sample gets the task-A target
+    inferred from its B labels (`inversion`). Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar,
+    with labels as in `negtransfer_losses.functional.distribution_matching`.
+    """
+
+    def __init__(
+        self, relatedness: TaskRelatedness, inversion: Inversion = "bayes", weight: float = 1.0,
+        *, ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(relatedness, inversion)
+        self.weight = float(weight)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
+        terms = soft_co_annotation(
+            logits_a, logits_b, labels_a, labels_b, self.matrix, self.prior, self.kind, self.inversion,
+            self.ignore_index,
+        )
+        self.last_terms = {f"co_annotation_{name}": value.detach() for name, value in terms.items()}
+        return self.weight * (terms["a"] + terms["b"])
+
+    def extra_repr(self) -> str:
+        return f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, inversion={self.inversion!r}"
+
+
+class MultiTaskLoss(nn.Module):
+    """`L = L_A + L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B)` for two partially labelled tasks.
+
+    `L_A`: cross-entropy over samples with a known A label; `L_B`: BCE over annotated B entries with
+    FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass). Set a λ to 0
+    to drop a term (0 for both gives plain multi-task learning with masked losses). `last_terms` holds
+    every term, unweighted, after each call.
+
+    Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar.
+    """
+
+    def __init__(
+        self,
+        relatedness: TaskRelatedness,
+        distribution_matching: float = 1.0,
+        co_annotation: float = 1.0,
+        *,
+        supervised_a: float = 1.0,
+        supervised_b: float = 1.0,
+        inversion: Inversion = "bayes",
+        divergence: Divergence = "kl",
+        detach_target: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        self.kind: TaskKind = relatedness.kind
+        self.weights = {
+            "supervised_a": float(supervised_a),
+            "supervised_b": float(supervised_b),
+            "distribution_matching": float(distribution_matching),
+            "co_annotation": float(co_annotation),
+        }
+        self.ignore_index = ignore_index
+        self.matching = DistributionMatchingLoss(
+            relatedness, inversion=inversion, divergence=divergence, detach_target=detach_target
+        )
+        self.co_annotation = SoftCoAnnotationLoss(relatedness, inversion=inversion, ignore_index=ignore_index)
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
+        w = self.weights
+        supervised_a = masked_cross_entropy(logits_a, labels_a, self.ignore_index)
+        if self.kind == "multilabel":
+            supervised_b = masked_binary_cross_entropy(logits_b, labels_b)
+        else:
+            supervised_b = masked_cross_entropy(logits_b, labels_b, self.ignore_index)
+        total = w["supervised_a"] * supervised_a + w["supervised_b"] * supervised_b
+        terms = {"supervised_a": supervised_a, "supervised_b": supervised_b}
+        if w["distribution_matching"]:
+            total = total + w["distribution_matching"] * self.matching(logits_a, logits_b)
+            terms.update(self.matching.last_terms)
+        if w["co_annotation"]:
+            total = total + w["co_annotation"] * self.co_annotation(logits_a, logits_b, labels_a, labels_b)
+            terms.update(self.co_annotation.last_terms)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        return total
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value}" for name, value in self.weights.items())

@@ -1,0 +1,313 @@
+"""`TaskRelatedness`: the K×M matrix coupling two tasks (METHODS.md §3), and a CLI that estimates it.
+
+    python -m negtransfer_losses.relatedness labels.csv --task-a expression --task-b AU1 AU2 AU4 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional.distribution_matching import TASK_KINDS, TaskKind, label_mask
+from .functional.suppression import IGNORE_INDEX, check_labels
+
+ROW_SUM_TOLERANCE = 1e-4
+
+
+class TaskRelatedness:
+    """The relatedness matrix `R` (K×M) between task A (K classes) and task B (M attributes or classes).
+
+    - `kind="multilabel"`: `R[k, m] = P(b_m = 1 | a = k)`; rows need not sum to 1.
+    - `kind="multiclass"`: `R[k, m] = P(b = m | a = k)`; rows sum to 1.
+
+    `prior` is task A's class prior `π` (uniform when None). `support[k]`, when the matrix was estimated,
+    is the number of co-annotated samples behind row `k`.
+
+    Build it from prior knowledge with `from_table`, or from co-annotated samples with `estimate`.
+    Serialize with `to_dict` / `from_dict` (JSON-compatible).
+    """
+
+    def __init__(
+        self,
+        matrix: Tensor | Sequence[Sequence[float]],
+        kind: TaskKind = "multilabel",
+        prior: Tensor | Sequence[float] | None = None,
+        *,
+        support: Tensor | None = None,
+    ) -> None:
+        if kind not in TASK_KINDS:
+            raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
+        r = torch.as_tensor(matrix, dtype=torch.float64)
+        if r.dim() != 2 or r.shape[0] < 1 or r.shape[1] < 1:
+            raise ValueError(f"'matrix' must be a (K, M) matrix with K, M ≥ 1, got shape {tuple(r.shape)}")
+        if not bool(torch.isfinite(r).all()) or bool(((r < 0) | (r > 1)).any()):
+            bad = r[~torch.isfinite(r) | (r < 0) | (r > 1)][0].item()
+            raise ValueError(f"'matrix' entries are probabilities and must lie in [0, 1]; found {bad}")
+        if kind == "multiclass":
+            sums = r.sum(dim=1)
+            off = (sums - 1).abs() > ROW_SUM_TOLERANCE
+            if bool(off.any()):
+                k = int(off.nonzero()[0])
+                raise ValueError(
+                    f"a multiclass relatedness matrix has rows P(b | a = k) that sum to 1; row {k} sums to "
+                    f"{sums[k].item():.6g}"
+                )
+        num_a = r.shape[0]
+        pi = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64) if prior is None else torch.as_tensor(prior, dtype=torch.float64)
+        if pi.shape != (num_a,):
+            raise ValueError(f"'prior' must have shape ({num_a},) to match the matrix's rows, got {tuple(pi.shape)}")
+        if bool((pi < 0).any()) or abs(pi.sum().item() - 1) > ROW_SUM_TOLERANCE:
+            raise ValueError(f"'prior' must be non-negative and sum to 1, got sum {pi.sum().item():.6g}")
+        self.matrix = r
+        self.kind: TaskKind = kind
+        self.prior = pi
+        self.support = support
+
+    @property
+    def num_a(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def num_b(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @classmethod
+    def from_table(
+        cls,
+        table: Mapping[Any, Mapping[Any, float]],
+        num_a: int,
+        num_b: int,
+        kind: TaskKind = "multilabel",
+        prior: Tensor | Sequence[float] | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        attribute_names: Sequence[str] | None = None,
+    ) -> TaskRelatedness:
+        """From a prototype table `{class: {attribute: weight}}`; entries not listed are 0.
+
+        Classes and attributes are indices, or names listed in `class_names` / `attribute_names`
+        (e.g. Du et al. 2014's table of the action units each basic expression activates).
+        """
+        r = torch.zeros(num_a, num_b, dtype=torch.float64)
+        for cls_key, row in table.items():
+            k = _index(cls_key, num_a, class_names, "class")
+            for attr_key, weight in row.items():
+                r[k, _index(attr_key, num_b, attribute_names, "attribute")] = float(weight)
+        return cls(r, kind, prior)
+
+    @classmethod
+    def estimate(
+        cls,
+        labels_a: Tensor,
+        labels_b: Tensor,
+        num_a: int,
+        num_b: int,
+        kind: TaskKind = "multilabel",
+        smoothing: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> TaskRelatedness:
+        """Estimate `R` and `π` from samples, with Laplace smoothing `α = smoothing`.
+
+        - multilabel: `R[k, m] = (n(a=k, b_m=1) + α) / (n(a=k, b_m known) + 2α)`;
+        - multiclass: `R[k, m] = (n(a=k, b=m) + α) / (n(a=k, b known) + Mα)`;
+        - `π_k = (n(a=k) + α) / (n(a known) + Kα)` over every sample whose A label is known.
+
+        Missing entries (`ignore_index`; NaN or -1 in multilabel B) are ignored. `support[k]` is the number
+        of samples with `a = k` and at least one known B entry.
+
+        Args:
+            labels_a: `(N,)` integers; labels_b: `(N, M)` multilabel values or `(N,)` multiclass integers.
+        """
+        if smoothing < 0:
+            raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
+        n = labels_a.shape[0] if isinstance(labels_a, Tensor) else 0
+        check_labels(labels_a, num_a, n, name="labels_a", ignore_index=ignore_index)
+        known_a = labels_a != ignore_index
+        a_onehot = torch.nn.functional.one_hot(torch.where(known_a, labels_a, 0), num_a).double() * known_a[:, None]
+        if kind == "multiclass":
+            check_labels(labels_b, num_b, n, name="labels_b", ignore_index=ignore_index)
+            known_b = labels_b != ignore_index
+            b_onehot = torch.nn.functional.one_hot(torch.where(known_b, labels_b, 0), num_b).double() * known_b[:, None]
+            joint = a_onehot.T @ b_onehot
+            rows = joint.sum(dim=1, keepdim=True)
+            r = (joint + smoothing) / (rows + num_b * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
+            support = rows[:, 0]
+        elif kind == "multilabel":
+            if not isinstance(labels_b, Tensor) or labels_b.shape != (n, num_b):
+                shape = tuple(labels_b.shape) if isinstance(labels_b, Tensor) else type(labels_b).__name__
+                raise ValueError(f"'labels_b' must have shape ({n}, {num_b}) for a multilabel task B, got {shape}")
+            annotated = label_mask(labels_b.double())
+            positive = torch.where(annotated, labels_b.double(), 0.0)
+            if bool(((positive != 0) & (positive != 1)).any()):
+                raise ValueError("multilabel 'labels_b' must be 0 or 1 where known (NaN or -1 where missing)")
+            ones = a_onehot.T @ positive
+            counts = a_onehot.T @ annotated.double()
+            r = (ones + smoothing) / (counts + 2 * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
+            support = a_onehot.T @ annotated.any(dim=1).double()
+        else:
+            raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
+        if smoothing == 0:  # a row or entry with no data has no estimate: say so instead of dividing by zero
+            empty = (counts == 0) if kind == "multilabel" else (support[:, None] == 0).expand_as(r)
+            if bool(empty.any()):
+                k = int(empty.nonzero()[0, 0])
+                raise ValueError(f"class {k} of task A has no co-annotated sample; use smoothing > 0")
+        class_counts = a_onehot.sum(dim=0)
+        prior = (class_counts + smoothing) / (class_counts.sum() + num_a * smoothing)
+        if not bool(torch.isfinite(prior).all()):
+            prior = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
+        return cls(r, kind, prior, support=support)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict: `matrix`, `kind`, `prior`, and `support` when known."""
+        out: dict[str, Any] = {"matrix": self.matrix.tolist(), "kind": self.kind, "prior": self.prior.tolist()}
+        if self.support is not None:
+            out["support"] = self.support.tolist()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskRelatedness:
+        support = data.get("support")
+        return cls(
+            data["matrix"], data.get("kind", "multilabel"), data.get("prior"),
+            support=None if support is None else torch.as_tensor(support, dtype=torch.float64),
+        )
+
+    def format_table(self, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None) -> str:
+        """The matrix as a readable text table, with the prior and support columns."""
+        rows = [class_names[k] if class_names else str(k) for k in range(self.num_a)]
+        cols = [attribute_names[m] if attribute_names else str(m) for m in range(self.num_b)]
+        width = max(6, *(len(c) for c in cols))
+        label_width = max(5, *(len(r) for r in rows))
+        header = "A \\ B".ljust(label_width) + "".join(c.rjust(width + 1) for c in cols) + "  prior".rjust(width + 2)
+        if self.support is not None:
+            header += "  support"
+        lines = [header]
+        for k, name in enumerate(rows):
+            line = name.ljust(label_width) + "".join(f"{self.matrix[k, m].item():{width + 1}.3f}" for m in range(self.num_b))
+            line += f"{self.prior[k].item():{width + 2}.3f}"
+            if self.support is not None:
+                line += f"{int(self.support[k].item()):9d}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"TaskRelatedness(K={self.num_a}, M={self.num_b}, kind={self.kind!r})"
+
+
+def _index(key: Any, size: int, names: Sequence[str] | None, what: str) -> int:
+    if isinstance(key, str) and not key.lstrip("-").isdigit():
+        if names is None or key not in names:
+            raise ValueError(f"unknown {what} {key!r}: pass {what}_names listing it, or use indices")
+        return list(names).index(key)
+    index = int(key)
+    if not 0 <= index < size:
+        raise ValueError(f"{what} index {index} is outside [0, {size})")
+    return index
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, task_a: str, task_b: Sequence[str], kind: TaskKind) -> tuple[Tensor, Tensor, list[str]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (task_a, *task_b) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"error: column(s) {missing} not in {path} (columns: {reader.fieldnames})")
+        records = list(reader)
+    a_values = sorted({r[task_a].strip() for r in records if r[task_a].strip()}, key=_natural)
+    a_index = {v: i for i, v in enumerate(a_values)}
+    labels_a = torch.tensor([a_index.get(r[task_a].strip(), IGNORE_INDEX) for r in records])
+    if kind == "multiclass":
+        b_values = sorted({r[task_b[0]].strip() for r in records if r[task_b[0]].strip()}, key=_natural)
+        b_index = {v: i for i, v in enumerate(b_values)}
+        labels_b = torch.tensor([b_index.get(r[task_b[0]].strip(), IGNORE_INDEX) for r in records])
+        return labels_a, labels_b, a_values + ["|"] + b_values
+    labels_b = torch.tensor([[_cell(r[c]) for c in task_b] for r in records], dtype=torch.float64)
+    return labels_a, labels_b, a_values + ["|"] + list(task_b)
+
+
+def _cell(value: str) -> float:
+    value = value.strip()
+    return math.nan if value == "" else float(value)
+
+
+def _natural(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m negtransfer_losses.relatedness",
+        description="Estimate a task-relatedness matrix R[k, m] from a CSV of co-annotated labels. Empty cells "
+        "are missing labels.",
+    )
+    parser.add_argument("csv", type=Path, help="CSV file with a header row")
+    parser.add_argument("--task-a", required=True, help="column of task A's class labels")
+    parser.add_argument("--task-b", required=True, nargs="+", help="task B's columns: one 0/1 column per attribute "
+                        "(multilabel), or one column of class labels (multiclass)")
+    parser.add_argument("--kind", choices=TASK_KINDS, default="multilabel")
+    parser.add_argument("--smoothing", type=float, default=1.0, help="Laplace smoothing α (default 1)")
+    parser.add_argument("--output", type=Path, help="save the matrix as JSON (TaskRelatedness.from_dict reads it)")
+    parser.add_argument("--heatmap", type=Path, help="save a heatmap image (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.kind == "multiclass" and len(args.task_b) != 1:
+        parser.error("a multiclass task B is one column of class labels")
+
+    labels_a, labels_b, names = _read_csv(args.csv, args.task_a, args.task_b, args.kind)
+    split = names.index("|")
+    class_names, attribute_names = names[:split], names[split + 1 :]
+    relatedness = TaskRelatedness.estimate(
+        labels_a, labels_b, len(class_names), len(attribute_names), args.kind, args.smoothing
+    )
+    print(f"{len(labels_a)} rows; task A '{args.task_a}' ({len(class_names)} classes), task B "
+          f"{args.kind} ({len(attribute_names)}); smoothing {args.smoothing}")
+    print(relatedness.format_table(class_names, attribute_names))
+    if args.output:
+        data = relatedness.to_dict() | {"class_names": class_names, "attribute_names": attribute_names}
+        args.output.write_text(json.dumps(data, indent=2))
+        print(f"saved {args.output}")
+    if args.heatmap:
+        _save_heatmap(relatedness, class_names, attribute_names, args.heatmap)
+        print(f"saved {args.heatmap}")
+    return 0
+
+
+def _save_heatmap(relatedness: TaskRelatedness, rows: Sequence[str], cols: Sequence[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise SystemExit("error: --heatmap needs matplotlib (pip install 'negtransfer-losses[examples]')") from error
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(cols), 1 + 0.45 * len(rows)))
+    image = ax.imshow(relatedness.matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("task B")
+    ax.set_ylabel("task A")
+    for k in range(len(rows)):
+        for m in range(len(cols)):
+            value = relatedness.matrix[k, m].item()
+            ax.text(m, k, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
