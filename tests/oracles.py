@@ -191,3 +191,141 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
 def mean_p_log_p(logits: Tensor) -> Tensor:
     p = torch.exp(logits.double()) / torch.exp(logits.double()).sum(dim=1, keepdim=True)
     return (p * torch.log(p)).sum(dim=1).mean()
+
+
+# --- distribution matching (METHODS.md §3), sample by sample ------------------------------------------
+
+def _softmax(z: Tensor) -> Tensor:
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def _sigmoid(z: Tensor) -> Tensor:
+    return 1 / (1 + torch.exp(-z))
+
+
+def _clamp_log(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return torch.log(torch.clamp(x, min=eps, max=1.0))
+
+
+def dm_a_to_b(za: Tensor, zb: Tensor, r: Tensor, kind: str, divergence: str, detach: bool) -> Tensor:
+    per_sample = []
+    for i in range(za.shape[0]):
+        pa = _softmax(za[i].double())
+        if detach:
+            pa = pa.detach()
+        qb = torch.stack([sum(pa[k] * r[k, m] for k in range(r.shape[0])) for m in range(r.shape[1])])
+        if kind == "multilabel":
+            pb = _sigmoid(zb[i].double())
+            terms = [-(qb[m] * torch.log(pb[m]) + (1 - qb[m]) * torch.log(1 - pb[m])) for m in range(r.shape[1])]
+            if divergence == "kl":
+                terms = [t + qb[m] * _clamp_log(qb[m]) + (1 - qb[m]) * _clamp_log(1 - qb[m]) for m, t in enumerate(terms)]
+            per_sample.append(torch.stack(terms).mean())
+        else:
+            log_pb = torch.log(_softmax(zb[i].double()))
+            value = -(qb * log_pb).sum()
+            if divergence == "kl":
+                value = value + (qb * _clamp_log(qb)).sum()
+            per_sample.append(value)
+    return torch.stack(per_sample).mean()
+
+
+def infer_a(pb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, mask: Tensor | None = None,
+            eps: float = 1e-6) -> Tensor:
+    """q_A for one sample's p_B (M,)."""
+    k_classes, m_attrs = r.shape
+    mask = torch.ones(m_attrs, dtype=torch.bool) if mask is None else mask
+    if inversion == "bayes" and kind == "multiclass":
+        q = []
+        for k in range(k_classes):
+            total = 0.0
+            for m in range(m_attrs):
+                if not mask[m]:
+                    continue
+                norm = sum(prior[j] * r[j, m] for j in range(k_classes))
+                if norm > 0:
+                    total = total + pb[m] * prior[k] * r[k, m] / norm
+            q.append(torch.as_tensor(total, dtype=torch.float64))
+        q = torch.stack(q)
+        return q / q.sum()
+    if inversion == "bayes":
+        logits = []
+        for k in range(k_classes):
+            value = torch.log(prior[k])
+            for m in range(m_attrs):
+                if mask[m]:
+                    rc = torch.clamp(r[k, m], eps, 1 - eps)
+                    value = value + pb[m] * torch.log(rc) + (1 - pb[m]) * torch.log(1 - rc)
+            logits.append(value)
+        return _softmax(torch.stack(logits))
+    active = [k for k in range(k_classes) if bool((r[k] > 0).any())]
+    logits = []
+    for k in active:
+        logits.append(sum(r[k, m] * _clamp_log(pb[m]) for m in range(m_attrs) if mask[m] and r[k, m] > 0)
+                      + torch.zeros((), dtype=torch.float64))
+    q_active = _softmax(torch.stack(logits))
+    q = torch.zeros(k_classes, dtype=torch.float64)
+    for j, k in enumerate(active):
+        q = q + q_active[j] * torch.eye(k_classes, dtype=torch.float64)[k]
+    return q
+
+
+def dm_b_to_a(za: Tensor, zb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, divergence: str,
+              detach: bool) -> Tensor:
+    per_sample = []
+    for i in range(za.shape[0]):
+        pb = _sigmoid(zb[i].double()) if kind == "multilabel" else _softmax(zb[i].double())
+        if detach:
+            pb = pb.detach()
+        qa = infer_a(pb, r, prior, kind, inversion)
+        log_pa = torch.log(_softmax(za[i].double()))
+        value = -(qa * log_pa).sum()
+        if divergence == "kl":
+            value = value + (qa * _clamp_log(qa)).sum()
+        per_sample.append(value)
+    return torch.stack(per_sample).mean()
+
+
+def masked_ce(z: Tensor, labels: Tensor) -> Tensor:
+    terms = [-torch.log(_softmax(z[i].double()))[int(labels[i])] for i in range(len(labels)) if int(labels[i]) != -100]
+    return torch.stack(terms).mean()
+
+
+def masked_bce(z: Tensor, targets: Tensor) -> Tensor:
+    per_sample = []
+    for i in range(z.shape[0]):
+        entries = [m for m in range(z.shape[1]) if not torch.isnan(targets[i, m]) and targets[i, m] >= 0]
+        if not entries:
+            continue
+        p = _sigmoid(z[i].double())
+        total = sum(-(targets[i, m] * torch.log(p[m]) + (1 - targets[i, m]) * torch.log(1 - p[m])) for m in entries)
+        per_sample.append(total / len(entries))
+    return torch.stack(per_sample).mean()
+
+
+def co_annotation(za: Tensor, zb: Tensor, la: Tensor, lb: Tensor, r: Tensor, prior: Tensor, kind: str,
+                  inversion: str) -> tuple[Tensor, Tensor]:
+    loss_a, loss_b = [], []
+    for i in range(za.shape[0]):
+        a_known = int(la[i]) != -100
+        if kind == "multilabel":
+            b_mask = torch.tensor([not torch.isnan(lb[i, m]) and lb[i, m] >= 0 for m in range(r.shape[1])])
+            b_values = torch.where(b_mask, torch.nan_to_num(lb[i].double(), nan=0.0), 0.0)
+        else:
+            b_mask = torch.full((r.shape[1],), int(lb[i]) != -100)
+            b_values = torch.eye(r.shape[1], dtype=torch.float64)[int(lb[i])] if int(lb[i]) != -100 else torch.zeros(r.shape[1], dtype=torch.float64)
+        b_known = bool(b_mask.any())
+        if a_known and not b_known:
+            target = r[int(la[i])]
+            if kind == "multilabel":
+                p = _sigmoid(zb[i].double())
+                loss_b.append(torch.stack([-(target[m] * torch.log(p[m]) + (1 - target[m]) * torch.log(1 - p[m]))
+                                           for m in range(r.shape[1])]).mean())
+            else:
+                loss_b.append(-(target * torch.log(_softmax(zb[i].double()))).sum())
+        if b_known and not a_known:
+            qa = infer_a(b_values, r, prior, kind, inversion, b_mask)
+            loss_a.append(-(qa * torch.log(_softmax(za[i].double()))).sum())
+    zero = (za.sum() + zb.sum()).double() * 0
+    mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
+    return mean(loss_a), mean(loss_b)

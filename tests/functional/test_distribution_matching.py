@@ -1,0 +1,200 @@
+"""Distribution matching, co-annotation and masked losses against the float64 oracles of METHODS.md §3."""
+
+from __future__ import annotations
+
+import math
+
+import oracles
+import pytest
+import torch
+from helpers import assert_matches_oracle, value_and_grads
+
+import negtransfer_losses.functional as ntf
+
+NAN = math.nan
+
+
+def relatedness(kind: str, k: int = 4, m: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "multilabel":
+        r = torch.rand(k, m, generator=g, dtype=torch.float64)
+        r[0] = 0.0  # a neutral class: no attribute active
+        r[1, 0] = 0.0
+    else:
+        r = torch.rand(k, m, generator=g, dtype=torch.float64) + 0.05
+        r = r / r.sum(1, keepdim=True)
+    prior = torch.rand(k, generator=g, dtype=torch.float64) + 0.2
+    return r, prior / prior.sum()
+
+
+def logits(n: int, k: int, m: int, seed: int = 1, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, k, generator=g, dtype=torch.float64), scale * torch.randn(n, m, generator=g, dtype=torch.float64)
+
+
+KINDS = ["multilabel", "multiclass"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+@pytest.mark.parametrize("detach", [False, True], ids=["coupled", "detached"])
+def test_a_to_b_matches_oracle(kind: str, divergence: str, detach: bool) -> None:
+    r, prior = relatedness(kind)
+    za, zb = logits(6, 4, 3)
+    assert_matches_oracle(
+        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("a_to_b",), divergence=divergence, detach_target=detach)["a_to_b"],  # type: ignore[arg-type]
+        lambda a, b: oracles.dm_a_to_b(a, b, r, kind, divergence, detach),
+        za,
+        zb,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("inversion", ["bayes", "product"])
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+@pytest.mark.parametrize("detach", [False, True], ids=["coupled", "detached"])
+def test_b_to_a_matches_oracle(kind: str, inversion: str, divergence: str, detach: bool) -> None:
+    r, prior = relatedness(kind)
+    za, zb = logits(6, 4, 3, seed=2)
+    assert_matches_oracle(
+        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("b_to_a",), inversion, divergence, detach)["b_to_a"],  # type: ignore[arg-type]
+        lambda a, b: oracles.dm_b_to_a(a, b, r, prior, kind, inversion, divergence, detach),
+        za,
+        zb,
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_is_zero_when_the_tasks_agree(kind: str) -> None:
+    r, prior = relatedness(kind)
+    za, _ = logits(5, 4, 3)
+    q_b = torch.softmax(za, 1) @ r
+    zb = torch.logit(q_b) if kind == "multilabel" else torch.log(q_b)
+    value = ntf.distribution_matching(za, zb, r, prior, kind, ("a_to_b",), divergence="kl")["a_to_b"]  # type: ignore[arg-type]
+    assert abs(value.item()) < 1e-12
+    ce = ntf.distribution_matching(za, zb, r, prior, kind, ("a_to_b",), divergence="ce")["a_to_b"]  # type: ignore[arg-type]
+    assert ce.item() > 0.1  # the cross-entropy form keeps the target's entropy
+
+
+def test_neutral_class_is_likely_exactly_when_no_attribute_is_active() -> None:
+    r, prior = relatedness("multilabel")
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    off = ntf.infer_a_from_b(torch.full((1, 3), 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
+    on = ntf.infer_a_from_b(torch.full((1, 3), 1 - 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
+    assert off.argmax().item() == 0 and on[0, 0].item() < 1e-3
+    product = ntf.infer_a_from_b(torch.full((1, 3), 0.5, dtype=torch.float64), r, uniform, "multilabel", "product")
+    assert product[0, 0].item() == 0.0  # the product form cannot express the neutral class
+    torch.testing.assert_close(product.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("inversion", ["bayes", "product"])
+def test_soft_co_annotation_matches_oracle(kind: str, inversion: str) -> None:
+    r, prior = relatedness(kind)
+    za, zb = logits(7, 4, 3, seed=3)
+    la = torch.tensor([2, -100, 1, -100, 3, -100, 0])
+    if kind == "multilabel":
+        lb = torch.tensor([[NAN] * 3, [1.0, 0.0, NAN], [NAN] * 3, [0.0, -1.0, 1.0], [1.0, 1.0, 0.0], [NAN] * 3, [NAN] * 3])
+    else:
+        lb = torch.tensor([-100, 2, -100, 0, 1, -100, -100])
+
+    def ours(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        terms = ntf.soft_co_annotation(a, b, la, lb, r, prior, kind, inversion)  # type: ignore[arg-type]
+        return terms["a"] + 10 * terms["b"]
+
+    def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        loss_a, loss_b = oracles.co_annotation(a, b, la, lb, r, prior, kind, inversion)
+        return loss_a + 10 * loss_b
+
+    assert_matches_oracle(ours, oracle, za, zb, rtol=1e-8, atol=1e-10)
+
+
+def test_masked_losses_match_oracle() -> None:
+    za, zb = logits(6, 4, 3, seed=4)
+    la = torch.tensor([0, -100, 3, 1, -100, 2])
+    lb = torch.tensor([[1.0, NAN, 0.0], [NAN] * 3, [0.0, 0.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [NAN] * 3])
+    assert_matches_oracle(lambda a: ntf.masked_cross_entropy(a, la), lambda a: oracles.masked_ce(a, la), za)
+    assert_matches_oracle(lambda b: ntf.masked_binary_cross_entropy(b, lb), lambda b: oracles.masked_bce(b, lb), zb)
+    mask = ~torch.isnan(lb) & (lb >= 0)
+    torch.testing.assert_close(
+        ntf.masked_binary_cross_entropy(zb, torch.nan_to_num(lb).clamp_min(0), mask=mask),
+        ntf.masked_binary_cross_entropy(zb, lb),
+    )
+
+
+# --- hostile input -----------------------------------------------------------------------------------------
+
+
+def test_no_labels_for_a_task_gives_zero_loss_and_gradient() -> None:
+    r, prior = relatedness("multilabel")
+    za, zb = logits(5, 4, 3)
+    no_a, no_b = torch.full((5,), -100), torch.full((5, 3), NAN)
+    for fn, x in (
+        (lambda a: ntf.masked_cross_entropy(a, no_a), za),
+        (lambda b: ntf.masked_binary_cross_entropy(b, no_b), zb),
+    ):
+        value, (grad,) = value_and_grads(fn, x)
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
+    value, grads = value_and_grads(
+        lambda a, b: sum(ntf.soft_co_annotation(a, b, no_a, no_b, r, prior).values()), za, zb
+    )
+    assert value.item() == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("inversion", ["bayes", "product"])
+def test_extreme_logits_stay_finite(dtype: torch.dtype, kind: str, inversion: str) -> None:
+    r, prior = relatedness(kind)
+    za = torch.tensor([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, 1e4]], dtype=dtype, requires_grad=True)
+    zb = torch.tensor([[1e4, -1e4, 1e4], [-1e4, -1e4, -1e4]], dtype=dtype, requires_grad=True)
+    for divergence in ("kl", "ce"):
+        terms = ntf.distribution_matching(za, zb, r, prior, kind, inversion=inversion, divergence=divergence)  # type: ignore[arg-type]
+        total = sum(terms.values())
+        assert total.dtype == torch.float32 and torch.isfinite(total)
+        grads = torch.autograd.grad(total, [za, zb])
+        assert all(torch.isfinite(g).all() for g in grads)
+    la = torch.tensor([0, -100])
+    lb = torch.tensor([[NAN] * 3, [1.0, 0.0, 1.0]]) if kind == "multilabel" else torch.tensor([-100, 2])
+    co = sum(ntf.soft_co_annotation(za, zb, la, lb, r, prior, kind, inversion).values())  # type: ignore[arg-type]
+    assert torch.isfinite(co) and all(torch.isfinite(g).all() for g in torch.autograd.grad(co, [za, zb]))
+
+
+@pytest.mark.parametrize(("k", "m"), [(1, 3), (4, 1), (1, 1)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
+    if kind == "multiclass" and m == 1:
+        r = torch.ones(k, 1, dtype=torch.float64)
+    else:
+        r, _ = relatedness(kind, k + 1, m)
+        r = r[1:] if kind == "multilabel" else r[:k]
+    prior = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    za, zb = logits(4, k, m)
+    for inversion in ("bayes", "product"):
+        if inversion == "product" and not bool((r > 0).any()):
+            continue
+        value, grads = value_and_grads(
+            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior, kind, inversion=inversion).values()), za, zb  # type: ignore[arg-type]
+        )
+        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_shape_and_option_errors() -> None:
+    r, prior = relatedness("multilabel")
+    za, zb = logits(5, 4, 3)
+    with pytest.raises(ValueError, match=r"'logits_a' must be \(N, 4\) for a relatedness matrix of shape \(4, 3\), got \(5, 3\)"):
+        ntf.distribution_matching(zb, zb, r, prior)
+    with pytest.raises(ValueError, match=r"'logits_b' must be \(N, 3\)"):
+        ntf.distribution_matching(za, za, r, prior)
+    with pytest.raises(ValueError, match=r"same batch size"):
+        ntf.distribution_matching(za, zb[:4], r, prior)
+    with pytest.raises(ValueError, match=r"'divergence' must be one of 'kl', 'ce'"):
+        ntf.distribution_matching(za, zb, r, prior, divergence="js")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'labels' holds 4, outside \[0, 4\)"):
+        ntf.masked_cross_entropy(za, torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"annotated 'targets' must lie in \[0, 1\]"):
+        ntf.masked_binary_cross_entropy(zb, torch.full((5, 3), 2.0))
+    with pytest.raises(ValueError, match=r"'labels_b' must have shape \(5, 3\)"):
+        ntf.soft_co_annotation(za, zb, torch.zeros(5, dtype=torch.long), torch.zeros(5, 2), r, prior)
