@@ -240,7 +240,7 @@ def plot(table: dict[str, dict[str, float]], path: Path, correlation: float) -> 
         ax.set_ylabel("%")
         ax.tick_params(axis="x", rotation=30)
     axes[1].axhline(10, color="k", linestyle=":", linewidth=1, label="chance")
-    axes[1].legend()
+    axes[1].legend(loc="lower right")
     fig.suptitle(f"Biased digits, colour–digit correlation {correlation:.0%} in training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
