@@ -76,14 +76,18 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--device", args.device, "--child", config]
             + (["--materialized"] if args.materialized else []),
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         result = json.loads(out)
         dims, scope = config.split(":")
         b, c, h, w = map(int, dims.split(","))
         gram_bytes = (b * c) ** 2 * 4 if scope == "batch" else b * c * c * 4
-        print(f"| {b} | {c} | {h}×{w} | {scope} | {gram_bytes / 2**30:.2f} GiB | {result['seconds']:.2f} | "
-              f"{result['peak_bytes'] / 2**30:.2f} GiB |")
+        print(
+            f"| {b} | {c} | {h}×{w} | {scope} | {gram_bytes / 2**30:.2f} GiB | {result['seconds']:.2f} | "
+            f"{result['peak_bytes'] / 2**30:.2f} GiB |"
+        )
 
 
 if __name__ == "__main__":

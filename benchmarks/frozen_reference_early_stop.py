@@ -73,8 +73,10 @@ def main() -> None:
 
     full_ms, early_ms = statistics.median(full) * 1e3, statistics.median(early) * 1e3
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"model: {args.blocks} conv blocks, width {args.width}, input {args.batch}x3x{args.size}x{args.size}; "
-          f"tap after block {args.tap}")
+    print(
+        f"model: {args.blocks} conv blocks, width {args.width}, input {args.batch}x3x{args.size}x{args.size}; "
+        f"tap after block {args.tap}"
+    )
     print("| forward of the reference network | median ms |")
     print("|---|---|")
     print(f"| full pass + tap | {full_ms:.1f} |")

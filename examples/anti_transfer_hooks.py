@@ -59,8 +59,14 @@ def make_data(n: int, correlation: float, generator: torch.Generator) -> tuple[t
     return x, task, irrelevant
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, penalty: ntl.AntiTransferLoss | None = None,
-          frozen: ntl.FrozenReference | None = None) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    penalty: ntl.AntiTransferLoss | None = None,
+    frozen: ntl.FrozenReference | None = None,
+) -> nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     tap = ntl.FeatureTap(model, frozen.layers) if penalty is not None else None  # + anti-transfer
     generator = torch.Generator().manual_seed(1)
@@ -91,7 +97,9 @@ def main() -> None:
     parser.add_argument("--distance", default="cos_squared", choices=ntl.functional.DISTANCES)
     parser.add_argument("--layers", nargs="+", default=LAYERS, help="layers to compare")
     parser.add_argument("--train-size", type=int, default=400)
-    parser.add_argument("--correlation", type=float, default=0.95, help="share of training images whose stripes match the task")
+    parser.add_argument(
+        "--correlation", type=float, default=0.95, help="share of training images whose stripes match the task"
+    )
     args = parser.parse_args()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -111,10 +119,14 @@ def main() -> None:
     with_at = train(CNN(4), x_train, y_train, args.steps, penalty, frozen)
 
     print(f"steps={args.steps} weight={args.weight} seed={args.seed}")
-    print(f"test accuracy (stripes independent of the task): plain {accuracy(plain, x_test, y_test):.3f}, "
-          f"anti-transfer {accuracy(with_at, x_test, y_test):.3f}")
-    print("last anti-transfer terms:",
-          {layer: {k: round(v.item(), 4) for k, v in terms.items()} for layer, terms in penalty.last_terms.items()})
+    print(
+        f"test accuracy (stripes independent of the task): plain {accuracy(plain, x_test, y_test):.3f}, "
+        f"anti-transfer {accuracy(with_at, x_test, y_test):.3f}"
+    )
+    print(
+        "last anti-transfer terms:",
+        {layer: {k: round(v.item(), 4) for k, v in terms.items()} for layer, terms in penalty.last_terms.items()},
+    )
 
 
 if __name__ == "__main__":

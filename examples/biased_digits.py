@@ -44,8 +44,16 @@ import negtransfer_losses as ntl
 
 PALETTE = torch.tensor(
     [
-        [0.90, 0.10, 0.10], [0.10, 0.75, 0.10], [0.15, 0.25, 0.95], [0.95, 0.85, 0.10], [0.85, 0.15, 0.85],
-        [0.10, 0.85, 0.85], [0.95, 0.50, 0.05], [0.55, 0.25, 0.05], [0.60, 0.60, 0.60], [0.50, 0.05, 0.55],
+        [0.90, 0.10, 0.10],
+        [0.10, 0.75, 0.10],
+        [0.15, 0.25, 0.95],
+        [0.95, 0.85, 0.10],
+        [0.85, 0.15, 0.85],
+        [0.10, 0.85, 0.85],
+        [0.95, 0.50, 0.05],
+        [0.55, 0.25, 0.05],
+        [0.60, 0.60, 0.60],
+        [0.50, 0.05, 0.55],
     ]
 )
 METHODS = ["plain", "anti_transfer", "hsic", "adversarial", "cka", "purify"]
@@ -110,9 +118,15 @@ class Net(nn.Module):
         return self.head(self.features(x))
 
 
-def fit(model: Net, split: Split, labels: Tensor, epochs: int, seed: int,
-        penalty: Callable[[Net, Tensor, Tensor, Tensor], Tensor] | None = None,
-        extra_params: list[nn.Parameter] | None = None) -> Net:
+def fit(
+    model: Net,
+    split: Split,
+    labels: Tensor,
+    epochs: int,
+    seed: int,
+    penalty: Callable[[Net, Tensor, Tensor, Tensor], Tensor] | None = None,
+    extra_params: list[nn.Parameter] | None = None,
+) -> Net:
     groups: list[dict] = [{"params": model.parameters()}]
     if extra_params:
         groups.append({"params": extra_params, "lr": 1e-2})  # an adversary learns faster than its opponent
@@ -161,12 +175,25 @@ def train_method(method: str, weight: float, train: Split, colour_net: Net, epoc
     if method == "cka":
         reference = ntl.FrozenReference(colour_net, "fc")
         cka = ntl.TaskIrrelevantSuppression("cka", weight=weight)
-        return fit(model, train, train.digits, epochs, seed, lambda net, x, z, c: cka(z, irrelevant_features=reference(x)["fc"]))
+        return fit(
+            model,
+            train,
+            train.digits,
+            epochs,
+            seed,
+            lambda net, x, z, c: cka(z, irrelevant_features=reference(x)["fc"]),
+        )
     suppression = ntl.TaskIrrelevantSuppression(
-        method, 10, weight=weight, feature_dim=64, normalized=True, warmup_steps=epochs * 4  # type: ignore[arg-type]
+        method,
+        10,
+        weight=weight,
+        feature_dim=64,
+        normalized=True,
+        warmup_steps=epochs * 4,  # type: ignore[arg-type]
     )
-    return fit(model, train, train.digits, epochs, seed, lambda net, x, z, c: suppression(z, c),
-               list(suppression.parameters()))
+    return fit(
+        model, train, train.digits, epochs, seed, lambda net, x, z, c: suppression(z, c), list(suppression.parameters())
+    )
 
 
 @torch.no_grad()
@@ -181,8 +208,14 @@ def colour_probe(model: Net, fit_on: Split, score_on: Split) -> float:
     return float(probe.score(model.features(score_on.images).numpy(), score_on.colours.numpy()))
 
 
-def run(methods: list[str], seeds: int, correlation: float, epochs: int, weights: dict[str, float],
-        evaluate_on: str = "test") -> dict[str, list[dict[str, float]]]:
+def run(
+    methods: list[str],
+    seeds: int,
+    correlation: float,
+    epochs: int,
+    weights: dict[str, float],
+    evaluate_on: str = "test",
+) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     with tqdm(total=seeds * len(methods), desc="biased digits", unit="run") as bar:
         for seed in range(seeds):
@@ -192,8 +225,11 @@ def run(methods: list[str], seeds: int, correlation: float, epochs: int, weights
             for method in methods:
                 model = train_method(method, weights.get(method, 0.0), train, colour_net, epochs, seed)
                 results[method].append(
-                    {"accuracy": accuracy(model, target), "colour_probe": colour_probe(model, val, target),
-                     "train_accuracy": accuracy(model, train)}
+                    {
+                        "accuracy": accuracy(model, target),
+                        "colour_probe": colour_probe(model, val, target),
+                        "train_accuracy": accuracy(model, train),
+                    }
                 )
                 bar.update()
     return results
@@ -205,8 +241,10 @@ def summary(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, f
         acc = [100 * r["accuracy"] for r in runs]
         probe = [100 * r["colour_probe"] for r in runs]
         out[method] = {
-            "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "colour_probe_mean": statistics.mean(probe), "colour_probe_std": statistics.stdev(probe) if len(probe) > 1 else 0.0,
+            "accuracy_mean": statistics.mean(acc),
+            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "colour_probe_mean": statistics.mean(probe),
+            "colour_probe_std": statistics.stdev(probe) if len(probe) > 1 else 0.0,
         }
     return out
 
@@ -217,9 +255,15 @@ def print_table(table: dict[str, dict[str, float]], weights: dict[str, float]) -
     print("|---|---|---|---|---|")
     for method, row in table.items():
         delta = "" if base is None or method == "plain" else f"{row['accuracy_mean'] - base:+.1f}"
-        weight = "—" if method == "plain" else (f"momentum {weights[method]}" if method == "purify" else str(weights[method]))
-        print(f"| {method} | {weight} | {row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f} % | {delta} "
-              f"| {row['colour_probe_mean']:.1f} ± {row['colour_probe_std']:.1f} % |")
+        weight = (
+            "—"
+            if method == "plain"
+            else (f"momentum {weights[method]}" if method == "purify" else str(weights[method]))
+        )
+        print(
+            f"| {method} | {weight} | {row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f} % | {delta} "
+            f"| {row['colour_probe_mean']:.1f} ± {row['colour_probe_std']:.1f} % |"
+        )
 
 
 def plot(table: dict[str, dict[str, float]], path: Path, correlation: float) -> None:
@@ -230,8 +274,10 @@ def plot(table: dict[str, dict[str, float]], path: Path, correlation: float) -> 
 
     methods = list(table)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in ((axes[0], "accuracy", "test accuracy (random colours)"),
-                           (axes[1], "colour_probe", "colour linear-probe accuracy")):
+    for ax, key, title in (
+        (axes[0], "accuracy", "test accuracy (random colours)"),
+        (axes[1], "colour_probe", "colour linear-probe accuracy"),
+    ):
         means = [table[m][f"{key}_mean"] for m in methods]
         stds = [table[m][f"{key}_std"] for m in methods]
         ax.bar(methods, means, yerr=stds, capsize=4, color=["#999999"] + ["#3b75af"] * (len(methods) - 1))
@@ -255,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--tune", action="store_true", help="grid-search the weights on the validation split")
-    parser.add_argument("--grid", type=float, nargs="+", help="with --tune: the values to try instead of the default grid")
+    parser.add_argument(
+        "--grid", type=float, nargs="+", help="with --tune: the values to try instead of the default grid"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     np.random.seed(0)
@@ -264,16 +312,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         for method in [m for m in args.methods if m in TUNING_GRID]:
             for value in args.grid or TUNING_GRID[method]:
                 res = summary(run([method], args.seeds, args.correlation, args.epochs, {method: value}, "val"))
-                print(f"{method} {value}: validation accuracy {res[method]['accuracy_mean']:.1f} ± "
-                      f"{res[method]['accuracy_std']:.1f} %")
+                print(
+                    f"{method} {value}: validation accuracy {res[method]['accuracy_mean']:.1f} ± "
+                    f"{res[method]['accuracy_std']:.1f} %"
+                )
         return {}
 
     table = summary(run(args.methods, args.seeds, args.correlation, args.epochs, WEIGHTS))
     print(f"\nBiased digits: correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs; mean ± std")
     print_table(table, WEIGHTS)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"correlation": args.correlation, "seeds": args.seeds, "epochs": args.epochs, "weights": WEIGHTS,
-              "results": table}
+    record = {
+        "correlation": args.correlation,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "weights": WEIGHTS,
+        "results": table,
+    }
     (args.out / "biased_digits.json").write_text(json.dumps(record, indent=2))
     plot(table, args.out / "biased_digits.png", args.correlation)
     print(f"wrote {args.out / 'biased_digits.json'} and {args.out / 'biased_digits.png'}")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import biased_digits  # noqa: E402
-import multitask_digits  # noqa: E402
+import biased_digits
+import multitask_digits
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from tqdm import tqdm
 
 import negtransfer_losses as ntl
-import negtransfer_losses.functional as ntf
 
 ATTRIBUTES = {
     "even": {0, 2, 4, 6, 8},
@@ -46,6 +44,8 @@ ATTRIBUTES = {
 def definition(attributes: list[str]) -> Tensor:
     """`(10, M)`: 1 where digit d has attribute m."""
     return torch.tensor([[float(d in ATTRIBUTES[a]) for a in attributes] for d in range(10)])
+
+
 NOISE = 0.10
 CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both", "+ both (estimated R)"]
 
@@ -134,8 +134,14 @@ def prior_relatedness(noise: float, attributes: list[str]) -> ntl.TaskRelatednes
     return ntl.TaskRelatedness.from_table(table, num_a=10, num_b=len(attributes))
 
 
-def run(seeds: int, steps: int, attributes: list[str], prior_noise: float = NOISE, evaluate_on: str = "test",
-        configs: list[str] = CONFIGS) -> dict[str, list[dict[str, float]]]:
+def run(
+    seeds: int,
+    steps: int,
+    attributes: list[str],
+    prior_noise: float = NOISE,
+    evaluate_on: str = "test",
+    configs: list[str] = CONFIGS,
+) -> dict[str, list[dict[str, float]]]:
     prior = prior_relatedness(prior_noise, attributes)
     results: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     with tqdm(total=seeds * len(configs), desc="multi-task digits", unit="run") as bar:
@@ -177,7 +183,11 @@ def print_table(table: dict[str, dict[str, float | bool]]) -> None:
         else:
             digit = f"{row['digit_accuracy_mean']:.1f} ± {row['digit_accuracy_std']:.1f} %"
         if not config.startswith("single"):
-            hit = [task for task, key in (("digit", "negative_transfer_digit"), ("attributes", "negative_transfer_attributes")) if row[key]]
+            hit = [
+                task
+                for task, key in (("digit", "negative_transfer_digit"), ("attributes", "negative_transfer_attributes"))
+                if row[key]
+            ]
             flags = "**yes: " + ", ".join(hit) + "**" if hit else "no"
         print(f"| {config} | {digit} | {attr} | {flags} |")
 
@@ -189,12 +199,16 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key, title, skip in ((axes[0], "digit_accuracy", "task A: digit accuracy", "single B"),
-                                 (axes[1], "attribute_accuracy", "task B: attribute accuracy", "single A")):
+    for ax, key, title, skip in (
+        (axes[0], "digit_accuracy", "task A: digit accuracy", "single B"),
+        (axes[1], "attribute_accuracy", "task B: attribute accuracy", "single A"),
+    ):
         configs = [c for c in table if c != skip]
         means = [float(table[c][f"{key}_mean"]) for c in configs]
         stds = [float(table[c][f"{key}_std"]) for c in configs]
-        colours = ["#999999" if c.startswith("single") else "#c0504d" if c == "multi-task" else "#3b75af" for c in configs]
+        colours = [
+            "#999999" if c.startswith("single") else "#c0504d" if c == "multi-task" else "#3b75af" for c in configs
+        ]
         ax.bar(configs, means, yerr=stds, capsize=4, color=colours)
         ax.axhline(means[0], color="k", linestyle=":", linewidth=1)
         ax.set_title(title)
@@ -222,8 +236,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     print(f"\nMulti-task digits: {args.seeds} seeds, {args.steps} steps; test mean ± std")
     print_table(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"seeds": args.seeds, "steps": args.steps, "label_noise": NOISE, "attributes": args.attributes,
-              "results": table}
+    record = {
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "label_noise": NOISE,
+        "attributes": args.attributes,
+        "results": table,
+    }
     (args.out / "multitask_digits.json").write_text(json.dumps(record, indent=2))
     plot(table, args.out / "multitask_digits.png")
     print(f"wrote {args.out / 'multitask_digits.json'} and {args.out / 'multitask_digits.png'}")

@@ -105,7 +105,9 @@ def probe_accuracy(z_train: torch.Tensor, u_train: torch.Tensor, z_test: torch.T
         return (probe(b).argmax(1) == u_test).float().mean().item()
 
 
-def evaluate(model: Model, train_data: tuple[torch.Tensor, ...], test_data: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+def evaluate(
+    model: Model, train_data: tuple[torch.Tensor, ...], test_data: tuple[torch.Tensor, ...]
+) -> tuple[float, float]:
     with torch.no_grad():
         z_train, z_test = model.features(train_data[0]), model.features(test_data[0])
         task = (model.head(z_test).argmax(1) == test_data[1]).float().mean().item()
@@ -135,11 +137,16 @@ def main() -> None:
     print(f"steps={args.steps}, seeds={args.seeds}; mean ± std over seeds; chance is 25 % for both")
     print("| method | task accuracy (test) | irrelevant-label probe accuracy (test) |")
     print("|---|---|---|")
+
+    def spread(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
     for method, runs in results.items():
         task, probe = [100 * r[0] for r in runs], [100 * r[1] for r in runs]
-        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        print(f"| {method} | {statistics.mean(task):.1f} ± {spread(task):.1f} % "
-              f"| {statistics.mean(probe):.1f} ± {spread(probe):.1f} % |")
+        print(
+            f"| {method} | {statistics.mean(task):.1f} ± {spread(task):.1f} % "
+            f"| {statistics.mean(probe):.1f} ± {spread(probe):.1f} % |"
+        )
 
 
 if __name__ == "__main__":

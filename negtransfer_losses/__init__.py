@@ -1,8 +1,11 @@
 """negtransfer_losses: PyTorch regularizers that stop negative transfer.
 
-Feature taps for any model (`FeatureTap`, `FrozenReference`), the anti-transfer loss
-(`AntiTransferLoss`), suppression of task-irrelevant factors (`TaskIrrelevantSuppression`, `Purify`), multi-task distribution
-matching (`TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`, `MultiTaskLoss`), and the math of every method as plain functions (`negtransfer_losses.functional`).
+- feature taps for any model: `FeatureTap`, `FrozenReference`;
+- anti-transfer: `AntiTransferLoss`;
+- suppression of task-irrelevant factors: `TaskIrrelevantSuppression`, `Purify`;
+- multi-task distribution matching: `TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`,
+  `MultiTaskLoss`;
+- the math of every method as plain functions: `negtransfer_losses.functional`.
 """
 
 from . import functional

@@ -13,14 +13,14 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Union
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from typing_extensions import Literal, Self, TypeAlias
+from typing_extensions import Self
 
-LayerSpec: TypeAlias = Union[str, nn.Module]
+LayerSpec: TypeAlias = str | nn.Module
 RepeatPolicy: TypeAlias = Literal["last", "all"]
 
 _WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -83,9 +83,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     return resolved
 
 
-def _names_for_spec(
-    spec: LayerSpec, by_name: Mapping[str, nn.Module], names_by_id: Mapping[int, str]
-) -> list[str]:
+def _names_for_spec(spec: LayerSpec, by_name: Mapping[str, nn.Module], names_by_id: Mapping[int, str]) -> list[str]:
     if isinstance(spec, nn.Module):
         if id(spec) not in names_by_id:
             raise ValueError(
@@ -365,4 +363,3 @@ class FrozenReference(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={list(self.layers)}, stop_early={self.stop_early}"
-

@@ -17,7 +17,7 @@ def value_and_grads(fn: Callable[..., Tensor], *inputs: Tensor) -> tuple[Tensor,
     leaves = [x.detach().double().clone().requires_grad_(True) for x in inputs]
     value = fn(*leaves)
     grads = torch.autograd.grad(GRAD_SCALE * value.sum(), leaves, allow_unused=True)
-    return value.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return value.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
 
 
 def assert_matches_oracle(
@@ -31,5 +31,5 @@ def assert_matches_oracle(
     value, grads = value_and_grads(fn, *inputs)
     expected, expected_grads = value_and_grads(oracle, *inputs)
     torch.testing.assert_close(value, expected, rtol=rtol, atol=atol)
-    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+    for i, (g, e) in enumerate(zip(grads, expected_grads, strict=True)):
         torch.testing.assert_close(g, e, rtol=rtol * 10, atol=atol * 10, msg=lambda m, i=i: f"grad {i}: {m}")

@@ -42,13 +42,13 @@ def kernel(x: Tensor, name: str, sigma: float | None = None) -> Tensor:
     return linear_kernel(x) if name == "linear" else rbf_kernel(x, sigma)
 
 
-def hsic_biased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
     h = centring(n)
     return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
 
 
-def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
     mask = 1.0 - torch.eye(n, dtype=torch.float64)
     kt, lt = k * mask, l * mask
@@ -60,12 +60,12 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
 
 
 def hsic(x: Tensor, y: Tensor, kernel_name: str = "linear", unbiased: bool = True) -> Tensor:
-    k, l = kernel(x, kernel_name), kernel(y, kernel_name)  # noqa: E741
+    k, l = kernel(x, kernel_name), kernel(y, kernel_name)
     return hsic_unbiased(k, l) if unbiased else hsic_biased(k, l)
 
 
 def cka(x: Tensor, y: Tensor, kernel_name: str = "linear", unbiased: bool = False) -> Tensor:
-    k, l = kernel(x, kernel_name), kernel(y, kernel_name)  # noqa: E741
+    k, l = kernel(x, kernel_name), kernel(y, kernel_name)
     f = hsic_unbiased if unbiased else hsic_biased
     return f(k, l) / torch.sqrt(f(k, k) * f(l, l))
 
@@ -166,12 +166,18 @@ def onehot_kernel(labels: Tensor, num_classes: int) -> Tensor:
     return out
 
 
-def irrelevant_hsic(z: Tensor, labels: Tensor, num_classes: int, kernel_name: str = "linear",
-                    normalized: bool = False, ignore_index: int = -100) -> Tensor:
+def irrelevant_hsic(
+    z: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    kernel_name: str = "linear",
+    normalized: bool = False,
+    ignore_index: int = -100,
+) -> Tensor:
     keep = [i for i in range(labels.shape[0]) if int(labels[i]) != ignore_index]
     z_known = flat(z)[keep]
     k = kernel(z_known, kernel_name)
-    l = onehot_kernel(labels[keep], num_classes)  # noqa: E741
+    l = onehot_kernel(labels[keep], num_classes)
     value = hsic_unbiased(k, l)
     if normalized:
         value = value / torch.sqrt(hsic_unbiased(k, k) * hsic_unbiased(l, l))
@@ -194,6 +200,7 @@ def mean_p_log_p(logits: Tensor) -> Tensor:
 
 
 # --- distribution matching (METHODS.md §3), sample by sample ------------------------------------------
+
 
 def _softmax(z: Tensor) -> Tensor:
     e = torch.exp(z - z.max())
@@ -219,7 +226,9 @@ def dm_a_to_b(za: Tensor, zb: Tensor, r: Tensor, kind: str, divergence: str, det
             pb = _sigmoid(zb[i].double())
             terms = [-(qb[m] * torch.log(pb[m]) + (1 - qb[m]) * torch.log(1 - pb[m])) for m in range(r.shape[1])]
             if divergence == "kl":
-                terms = [t + qb[m] * _clamp_log(qb[m]) + (1 - qb[m]) * _clamp_log(1 - qb[m]) for m, t in enumerate(terms)]
+                terms = [
+                    t + qb[m] * _clamp_log(qb[m]) + (1 - qb[m]) * _clamp_log(1 - qb[m]) for m, t in enumerate(terms)
+                ]
             per_sample.append(torch.stack(terms).mean())
         else:
             log_pb = torch.log(_softmax(zb[i].double()))
@@ -230,8 +239,9 @@ def dm_a_to_b(za: Tensor, zb: Tensor, r: Tensor, kind: str, divergence: str, det
     return torch.stack(per_sample).mean()
 
 
-def infer_a(pb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, mask: Tensor | None = None,
-            eps: float = 1e-6) -> Tensor:
+def infer_a(
+    pb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, mask: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
     """q_A for one sample's p_B (M,)."""
     k_classes, m_attrs = r.shape
     mask = torch.ones(m_attrs, dtype=torch.bool) if mask is None else mask
@@ -261,8 +271,10 @@ def infer_a(pb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, mas
     active = [k for k in range(k_classes) if bool((r[k] > 0).any())]
     logits = []
     for k in active:
-        logits.append(sum(r[k, m] * _clamp_log(pb[m]) for m in range(m_attrs) if mask[m] and r[k, m] > 0)
-                      + torch.zeros((), dtype=torch.float64))
+        logits.append(
+            sum(r[k, m] * _clamp_log(pb[m]) for m in range(m_attrs) if mask[m] and r[k, m] > 0)
+            + torch.zeros((), dtype=torch.float64)
+        )
     q_active = _softmax(torch.stack(logits))
     q = torch.zeros(k_classes, dtype=torch.float64)
     for j, k in enumerate(active):
@@ -270,8 +282,9 @@ def infer_a(pb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, mas
     return q
 
 
-def dm_b_to_a(za: Tensor, zb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, divergence: str,
-              detach: bool) -> Tensor:
+def dm_b_to_a(
+    za: Tensor, zb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str, divergence: str, detach: bool
+) -> Tensor:
     per_sample = []
     for i in range(za.shape[0]):
         pb = _sigmoid(zb[i].double()) if kind == "multilabel" else _softmax(zb[i].double())
@@ -303,8 +316,9 @@ def masked_bce(z: Tensor, targets: Tensor) -> Tensor:
     return torch.stack(per_sample).mean()
 
 
-def co_annotation(za: Tensor, zb: Tensor, la: Tensor, lb: Tensor, r: Tensor, prior: Tensor, kind: str,
-                  inversion: str) -> tuple[Tensor, Tensor]:
+def co_annotation(
+    za: Tensor, zb: Tensor, la: Tensor, lb: Tensor, r: Tensor, prior: Tensor, kind: str, inversion: str
+) -> tuple[Tensor, Tensor]:
     loss_a, loss_b = [], []
     for i in range(za.shape[0]):
         a_known = int(la[i]) != -100
@@ -313,14 +327,24 @@ def co_annotation(za: Tensor, zb: Tensor, la: Tensor, lb: Tensor, r: Tensor, pri
             b_values = torch.where(b_mask, torch.nan_to_num(lb[i].double(), nan=0.0), 0.0)
         else:
             b_mask = torch.full((r.shape[1],), int(lb[i]) != -100)
-            b_values = torch.eye(r.shape[1], dtype=torch.float64)[int(lb[i])] if int(lb[i]) != -100 else torch.zeros(r.shape[1], dtype=torch.float64)
+            b_values = (
+                torch.eye(r.shape[1], dtype=torch.float64)[int(lb[i])]
+                if int(lb[i]) != -100
+                else torch.zeros(r.shape[1], dtype=torch.float64)
+            )
         b_known = bool(b_mask.any())
         if a_known and not b_known:
             target = r[int(la[i])]
             if kind == "multilabel":
                 p = _sigmoid(zb[i].double())
-                loss_b.append(torch.stack([-(target[m] * torch.log(p[m]) + (1 - target[m]) * torch.log(1 - p[m]))
-                                           for m in range(r.shape[1])]).mean())
+                loss_b.append(
+                    torch.stack(
+                        [
+                            -(target[m] * torch.log(p[m]) + (1 - target[m]) * torch.log(1 - p[m]))
+                            for m in range(r.shape[1])
+                        ]
+                    ).mean()
+                )
             else:
                 loss_b.append(-(target * torch.log(_softmax(zb[i].double()))).sum())
         if b_known and not a_known:

@@ -12,8 +12,12 @@ import torch
 import negtransfer_losses as ntl
 from negtransfer_losses.relatedness.__main__ import main
 
-TRUE_MULTILABEL = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.6, 0.4, 0.05]], dtype=torch.float64)
-TRUE_MULTICLASS = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.05, 0.9, 0.05]], dtype=torch.float64)
+TRUE_MULTILABEL = torch.tensor(
+    [[0.0, 0.0, 0.0], [0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.6, 0.4, 0.05]], dtype=torch.float64
+)
+TRUE_MULTICLASS = torch.tensor(
+    [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.05, 0.9, 0.05]], dtype=torch.float64
+)
 
 
 def sample(kind: str, n: int = 20_000, seed: int = 0, missing: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +58,9 @@ def test_estimate_laplace_smoothing_by_hand() -> None:
 
 def test_from_table_with_names() -> None:
     table = {"happy": {"AU6": 0.5, "AU12": 1.0}, "neutral": {}}
-    r = ntl.TaskRelatedness.from_table(table, 2, 3, class_names=["neutral", "happy"], attribute_names=["AU1", "AU6", "AU12"])
+    r = ntl.TaskRelatedness.from_table(
+        table, 2, 3, class_names=["neutral", "happy"], attribute_names=["AU1", "AU6", "AU12"]
+    )
     torch.testing.assert_close(r.matrix, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 1.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"unknown attribute 'AU99'"):
         ntl.TaskRelatedness.from_table({0: {"AU99": 1.0}}, 2, 3, attribute_names=["AU1", "AU6", "AU12"])
@@ -89,11 +95,23 @@ def test_serialization_round_trip() -> None:
 
 
 def test_cli_prints_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = ["expression,AU1,AU12"] + ["happy,0,1", "happy,,1", "sad,1,0", "sad,1,", ",1,1", "neutral,0,0"]
+    rows = ["expression,AU1,AU12", "happy,0,1", "happy,,1", "sad,1,0", "sad,1,", ",1,1", "neutral,0,0"]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out_json, out_png = tmp_path / "R.json", tmp_path / "R.png"
-    code = main([str(tmp_path / "labels.csv"), "--task-a", "expression", "--task-b", "AU1", "AU12",
-                 "--output", str(out_json), "--heatmap", str(out_png)])
+    code = main(
+        [
+            str(tmp_path / "labels.csv"),
+            "--task-a",
+            "expression",
+            "--task-b",
+            "AU1",
+            "AU12",
+            "--output",
+            str(out_json),
+            "--heatmap",
+            str(out_png),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "task A 'expression' (3 classes)" in printed and "happy" in printed and "support" in printed

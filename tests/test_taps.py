@@ -133,10 +133,9 @@ def hook_count(model: nn.Module) -> int:
 
 def test_handles_are_removed_when_the_forward_raises() -> None:
     model = Net()
-    with pytest.raises(RuntimeError, match="channels"):
-        with ntl.FeatureTap(model, ["layer1", "layer2"]):
-            assert hook_count(model) == 3
-            model(torch.randn(2, 5, 8, 8))  # wrong channel count: the stem raises
+    with pytest.raises(RuntimeError, match="channels"), ntl.FeatureTap(model, ["layer1", "layer2"]):
+        assert hook_count(model) == 3
+        model(torch.randn(2, 5, 8, 8))  # wrong channel count: the stem raises
     assert hook_count(model) == 0
 
 

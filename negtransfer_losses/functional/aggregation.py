@@ -6,9 +6,10 @@ summaries that do not depend on channel order.
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias
+
 import torch
 from torch import Tensor
-from typing_extensions import Literal, TypeAlias
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
 

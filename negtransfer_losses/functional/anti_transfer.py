@@ -6,11 +6,10 @@ an aggregation `A` and a distance `d`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
-from typing_extensions import Literal, TypeAlias
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
 from .aggregation import AGGREGATIONS, aggregate_channels
@@ -126,9 +125,7 @@ def anti_transfer_terms(
         return AntiTransferTerms(loss, similarity.detach(), student_norm)
 
 
-def check_anti_transfer_options(
-    aggregation: str, distance: str, gram_scope: str, nan_policy: str = "raise"
-) -> None:
+def check_anti_transfer_options(aggregation: str, distance: str, gram_scope: str, nan_policy: str = "raise") -> None:
     """Raise `ValueError` naming the option when one is not valid (or the combination is not)."""
     check_choice(aggregation, "aggregation", ANTI_TRANSFER_AGGREGATIONS)
     check_choice(distance, "distance", DISTANCES)

@@ -12,10 +12,11 @@ Shapes: `logits_a (N, K)`, `logits_b (N, M)`, `labels_a (N,)` integers with `ign
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from typing_extensions import Literal, TypeAlias
 
 from .._validation import check_choice, check_tensor, compute_dtype, full_precision
 from .suppression import IGNORE_INDEX, check_labels
@@ -55,7 +56,9 @@ def label_mask(targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Which entries of multilabel targets are annotated: `mask` if given, else not NaN and not negative."""
     if mask is not None:
         if mask.shape != targets.shape:
-            raise ValueError(f"'mask' must have the shape of the targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"'mask' must have the shape of the targets {tuple(targets.shape)}, got {tuple(mask.shape)}"
+            )
         return mask.bool()
     return ~torch.isnan(targets) & (targets >= 0)
 
@@ -168,7 +171,9 @@ def soft_categorical_divergence(logits: Tensor, target: Tensor, divergence: Dive
     return ce + _xlogx(target, eps).sum(dim=1)
 
 
-def task_b_divergence(logits_b: Tensor, target: Tensor, kind: TaskKind, divergence: Divergence, eps: float = EPS) -> Tensor:
+def task_b_divergence(
+    logits_b: Tensor, target: Tensor, kind: TaskKind, divergence: Divergence, eps: float = EPS
+) -> Tensor:
     """Per-sample divergence of task B's prediction from `target`, `(N,)`: mean over attributes if multilabel."""
     if kind == "multilabel":
         return soft_binary_divergence(logits_b, target, divergence, eps).mean(dim=1)
@@ -284,7 +289,9 @@ def _task_b_labels(
         return onehot, known[:, None].expand(n, num_b)
     check_tensor(labels_b, "labels_b", min_dim=2)
     if labels_b.shape != (n, num_b):
-        raise ValueError(f"'labels_b' must have shape ({n}, {num_b}) for a multilabel task B, got {tuple(labels_b.shape)}")
+        raise ValueError(
+            f"'labels_b' must have shape ({n}, {num_b}) for a multilabel task B, got {tuple(labels_b.shape)}"
+        )
     annotated = label_mask(labels_b)
     values = torch.where(annotated, labels_b.to(dtype), 0.0)
     if bool(((values < 0) | (values > 1)).any()):
@@ -297,7 +304,8 @@ def _check_heads(logits_a: Tensor, logits_b: Tensor, matrix: Tensor) -> None:
         raise ValueError(f"the relatedness matrix must be (K, M), got shape {tuple(matrix.shape)}")
     if logits_a.shape[0] != logits_b.shape[0]:
         raise ValueError(
-            f"'logits_a' and 'logits_b' must have the same batch size: got {tuple(logits_a.shape)} and {tuple(logits_b.shape)}"
+            f"'logits_a' and 'logits_b' must have the same batch size: got {tuple(logits_a.shape)} "
+            f"and {tuple(logits_b.shape)}"
         )
     if logits_a.dim() != 2 or logits_a.shape[1] != matrix.shape[0]:
         raise ValueError(

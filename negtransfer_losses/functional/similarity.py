@@ -6,9 +6,10 @@ when an input is float64, with autocast disabled, whatever the input dtype.
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias
+
 import torch
 from torch import Tensor
-from typing_extensions import Literal, TypeAlias
 
 from .._validation import (
     as_batch_matrix,
@@ -154,7 +155,7 @@ def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
     return torch.exp(-sq_dist / (2.0 * bandwidth * bandwidth))
 
 
-def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:  # noqa: E741
+def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:
     """HSIC of two `(n, n)` kernel matrices.
 
     - biased: `HSIC_0 = tr(K H L H) / (n-1)²`, `H = I - 11ᵀ/n`; needs n ≥ 2;
@@ -176,7 +177,7 @@ def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:  #
     check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC", name="k")
     with full_precision(k, l):
         dtype = compute_dtype(k, l)
-        k, l = k.to(dtype), l.to(dtype)  # noqa: E741
+        k, l = k.to(dtype), l.to(dtype)
         if not unbiased:
             return (_double_centre(k) * _double_centre(l)).sum() / (n - 1) ** 2
         k0 = k - torch.diag_embed(torch.diagonal(k))
@@ -218,7 +219,7 @@ def hsic(
     check_same_batch(x, y, ("x", "y"))
     check_min_batch(x.shape[0], 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC")
     k = kernel_matrix(x, kernel, sigma)
-    l = kernel_matrix(y, kernel if kernel_y is None else kernel_y, sigma if sigma_y is None else sigma_y)  # noqa: E741
+    l = kernel_matrix(y, kernel if kernel_y is None else kernel_y, sigma if sigma_y is None else sigma_y)
     return hsic_from_kernels(k, l, unbiased=unbiased)
 
 
@@ -252,11 +253,11 @@ def cka(
         x2, y2 = as_batch_matrix(x, "x"), as_batch_matrix(y, "y")
         if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
             x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
-        k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)  # noqa: E741
+        k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)
         return kernel_alignment(k, l, unbiased)
 
 
-def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:  # noqa: E741
+def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
     """`HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` for `(n, n)` kernels, 0 where a side is constant.
 
     A self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`) counts as zero: a
@@ -265,7 +266,9 @@ def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:  # noqa: E
     self_k, self_l = hsic_from_kernels(k, k, unbiased), hsic_from_kernels(l, l, unbiased)
     eps = 64 * torch.finfo(self_k.dtype).eps
     varies = (self_k > eps * k.detach().square().mean()) & (self_l > eps * l.detach().square().mean())
-    return safe_ratio(hsic_from_kernels(k, l, unbiased), torch.where(varies, self_k, 0.0), torch.where(varies, self_l, 0.0))
+    return safe_ratio(
+        hsic_from_kernels(k, l, unbiased), torch.where(varies, self_k, 0.0), torch.where(varies, self_l, 0.0)
+    )
 
 
 def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:

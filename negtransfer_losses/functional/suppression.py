@@ -18,8 +18,9 @@ from .similarity import Kernel, cka, hsic_from_kernels, kernel_alignment, kernel
 IGNORE_INDEX = -100
 
 
-def check_labels(labels: object, num_classes: int, batch: int, *, name: str = "irrelevant_labels",
-                 ignore_index: int = IGNORE_INDEX) -> Tensor:
+def check_labels(
+    labels: object, num_classes: int, batch: int, *, name: str = "irrelevant_labels", ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Raise unless `labels` is an integer tensor `(batch,)` of values in `[0, num_classes)` or `ignore_index`."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"'{name}' must be a torch.Tensor of class indices, got {type(labels).__name__}")
@@ -78,7 +79,7 @@ def irrelevant_hsic(
         z = features[known]
         onehot = F.one_hot(labels[known], num_classes).to(compute_dtype(features))
         k = kernel_matrix(z, kernel, sigma)
-        l = kernel_matrix(onehot, "linear")  # noqa: E741
+        l = kernel_matrix(onehot, "linear")
         if not normalized:
             return hsic_from_kernels(k, l, unbiased=True)
         return kernel_alignment(k, l, unbiased=True)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
+from typing import TypeAlias
 
 from torch import Tensor
-from typing_extensions import TypeAlias
 
-Features: TypeAlias = Union[Tensor, Mapping[str, Tensor]]
+Features: TypeAlias = Tensor | Mapping[str, Tensor]
 
 SINGLE_LAYER = "features"
 

@@ -78,8 +78,15 @@ class AntiTransferLoss(nn.Module):
         terms: dict[str, dict[str, Tensor]] = {}
         for name, s, r in pairs:
             layer_terms = anti_transfer_terms(
-                s, r, self.aggregation, self.distance, self.gram_scope, self.eps,
-                mul_exponent=self.mul_exponent, nan_policy=self.nan_policy, layer=name,
+                s,
+                r,
+                self.aggregation,
+                self.distance,
+                self.gram_scope,
+                self.eps,
+                mul_exponent=self.mul_exponent,
+                nan_policy=self.nan_policy,
+                layer=name,
             )
             weighted = self.weight * self.layer_weights.get(name, 1.0) * layer_terms.loss
             terms[name] = {

@@ -84,8 +84,16 @@ class DistributionMatchingLoss(_Coupled):
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
         terms = distribution_matching(
-            logits_a, logits_b, self.matrix, self.prior, self.kind, self.directions, self.inversion,
-            self.divergence, self.detach_target, self.eps,
+            logits_a,
+            logits_b,
+            self.matrix,
+            self.prior,
+            self.kind,
+            self.directions,
+            self.inversion,
+            self.divergence,
+            self.detach_target,
+            self.eps,
         )
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
@@ -107,8 +115,12 @@ class SoftCoAnnotationLoss(_Coupled):
     """
 
     def __init__(
-        self, relatedness: TaskRelatedness, inversion: Inversion = "bayes", weight: float = 1.0,
-        *, ignore_index: int = IGNORE_INDEX,
+        self,
+        relatedness: TaskRelatedness,
+        inversion: Inversion = "bayes",
+        weight: float = 1.0,
+        *,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__(relatedness, inversion)
         self.weight = float(weight)
@@ -116,7 +128,14 @@ class SoftCoAnnotationLoss(_Coupled):
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
         terms = soft_co_annotation(
-            logits_a, logits_b, labels_a, labels_b, self.matrix, self.prior, self.kind, self.inversion,
+            logits_a,
+            logits_b,
+            labels_a,
+            labels_b,
+            self.matrix,
+            self.prior,
+            self.kind,
+            self.inversion,
             self.ignore_index,
         )
         self.last_terms = {f"co_annotation_{name}": value.detach() for name, value in terms.items()}

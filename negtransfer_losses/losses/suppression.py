@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Literal, TypeAlias
 
 from .._validation import check_choice
 from ..functional.similarity import KERNELS, Kernel
@@ -120,7 +120,12 @@ class TaskIrrelevantSuppression(nn.Module):
             assert self.num_irrelevant is not None
             if self.method == "hsic":
                 value = irrelevant_hsic(
-                    features, irrelevant_labels, self.num_irrelevant, self.kernel, self.normalized, self.sigma,
+                    features,
+                    irrelevant_labels,
+                    self.num_irrelevant,
+                    self.kernel,
+                    self.normalized,
+                    self.sigma,
                     self.ignore_index,
                 )
                 self.last_terms = {}
@@ -148,7 +153,7 @@ class TaskIrrelevantSuppression(nn.Module):
         if step == 0:
             self._head_snapshot = [p.detach().clone() for p in self.head.parameters()]
         elif step == self.check_head_after and self._head_snapshot is not None:
-            unchanged = all(torch.equal(a, p) for a, p in zip(self._head_snapshot, self.head.parameters()))
+            unchanged = all(torch.equal(a, p) for a, p in zip(self._head_snapshot, self.head.parameters(), strict=True))
             self._head_snapshot = None
             if unchanged:
                 warnings.warn(

@@ -1,6 +1,6 @@
 """Estimate a task-relatedness matrix from a CSV of co-annotated labels.
 
-    python -m negtransfer_losses.relatedness labels.csv --task-a expression --task-b AU1 AU2 AU4 ...
+python -m negtransfer_losses.relatedness labels.csv --task-a expression --task-b AU1 AU2 AU4 ...
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from ..functional.distribution_matching import TASK_KINDS, TaskKind
 from ..functional.suppression import IGNORE_INDEX
 from ._matrix import TaskRelatedness
 
-def _read_csv(path: Path, task_a: str, task_b: Sequence[str], kind: TaskKind) -> tuple[Tensor, Tensor, list[str]]:
+
+def _read_csv(
+    path: Path, task_a: str, task_b: Sequence[str], kind: TaskKind
+) -> tuple[Tensor, Tensor, list[str], list[str]]:
+    """`(labels_a, labels_b, class names of A, names of B's attributes or classes)`; empty cells are missing."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in (task_a, *task_b) if c not in (reader.fieldnames or [])]
@@ -34,9 +38,9 @@ def _read_csv(path: Path, task_a: str, task_b: Sequence[str], kind: TaskKind) ->
         b_values = sorted({r[task_b[0]].strip() for r in records if r[task_b[0]].strip()}, key=_natural)
         b_index = {v: i for i, v in enumerate(b_values)}
         labels_b = torch.tensor([b_index.get(r[task_b[0]].strip(), IGNORE_INDEX) for r in records])
-        return labels_a, labels_b, a_values + ["|"] + b_values
+        return labels_a, labels_b, a_values, b_values
     labels_b = torch.tensor([[_cell(r[c]) for c in task_b] for r in records], dtype=torch.float64)
-    return labels_a, labels_b, a_values + ["|"] + list(task_b)
+    return labels_a, labels_b, a_values, list(task_b)
 
 
 def _cell(value: str) -> float:
@@ -59,8 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("csv", type=Path, help="CSV file with a header row")
     parser.add_argument("--task-a", required=True, help="column of task A's class labels")
-    parser.add_argument("--task-b", required=True, nargs="+", help="task B's columns: one 0/1 column per attribute "
-                        "(multilabel), or one column of class labels (multiclass)")
+    parser.add_argument(
+        "--task-b",
+        required=True,
+        nargs="+",
+        help="task B's columns: one 0/1 column per attribute (multilabel), or one column of class labels (multiclass)",
+    )
     parser.add_argument("--kind", choices=TASK_KINDS, default="multilabel")
     parser.add_argument("--smoothing", type=float, default=1.0, help="Laplace smoothing α (default 1)")
     parser.add_argument("--output", type=Path, help="save the matrix as JSON (TaskRelatedness.from_dict reads it)")
@@ -69,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kind == "multiclass" and len(args.task_b) != 1:
         parser.error("a multiclass task B is one column of class labels")
 
-    labels_a, labels_b, names = _read_csv(args.csv, args.task_a, args.task_b, args.kind)
-    split = names.index("|")
-    class_names, attribute_names = names[:split], names[split + 1 :]
+    labels_a, labels_b, class_names, attribute_names = _read_csv(args.csv, args.task_a, args.task_b, args.kind)
     relatedness = TaskRelatedness.estimate(
         labels_a, labels_b, len(class_names), len(attribute_names), args.kind, args.smoothing
     )
-    print(f"{len(labels_a)} rows; task A '{args.task_a}' ({len(class_names)} classes), task B "
-          f"{args.kind} ({len(attribute_names)}); smoothing {args.smoothing}")
+    print(
+        f"{len(labels_a)} rows; task A '{args.task_a}' ({len(class_names)} classes), task B "
+        f"{args.kind} ({len(attribute_names)}); smoothing {args.smoothing}"
+    )
     print(relatedness.format_table(class_names, attribute_names))
     if args.output:
         data = relatedness.to_dict() | {"class_names": class_names, "attribute_names": attribute_names}
@@ -105,7 +113,9 @@ def _save_heatmap(relatedness: TaskRelatedness, rows: Sequence[str], cols: Seque
     for k in range(len(rows)):
         for m in range(len(cols)):
             value = relatedness.matrix[k, m].item()
-            ax.text(m, k, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black", fontsize=8)
+            ax.text(
+                m, k, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black", fontsize=8
+            )
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

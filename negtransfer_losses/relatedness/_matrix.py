@@ -53,7 +53,11 @@ class TaskRelatedness:
                     f"{sums[k].item():.6g}"
                 )
         num_a = r.shape[0]
-        pi = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64) if prior is None else torch.as_tensor(prior, dtype=torch.float64)
+        pi = (
+            torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
+            if prior is None
+            else torch.as_tensor(prior, dtype=torch.float64)
+        )
         if pi.shape != (num_a,):
             raise ValueError(f"'prior' must have shape ({num_a},) to match the matrix's rows, got {tuple(pi.shape)}")
         if bool((pi < 0).any()) or abs(pi.sum().item() - 1) > ROW_SUM_TOLERANCE:
@@ -168,11 +172,15 @@ class TaskRelatedness:
     def from_dict(cls, data: Mapping[str, Any]) -> TaskRelatedness:
         support = data.get("support")
         return cls(
-            data["matrix"], data.get("kind", "multilabel"), data.get("prior"),
+            data["matrix"],
+            data.get("kind", "multilabel"),
+            data.get("prior"),
             support=None if support is None else torch.as_tensor(support, dtype=torch.float64),
         )
 
-    def format_table(self, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None) -> str:
+    def format_table(
+        self, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None
+    ) -> str:
         """The matrix as a readable text table, with the prior and support columns."""
         rows = [class_names[k] if class_names else str(k) for k in range(self.num_a)]
         cols = [attribute_names[m] if attribute_names else str(m) for m in range(self.num_b)]
@@ -183,7 +191,9 @@ class TaskRelatedness:
             header += "  support"
         lines = [header]
         for k, name in enumerate(rows):
-            line = name.ljust(label_width) + "".join(f"{self.matrix[k, m].item():{width + 1}.3f}" for m in range(self.num_b))
+            line = name.ljust(label_width) + "".join(
+                f"{self.matrix[k, m].item():{width + 1}.3f}" for m in range(self.num_b)
+            )
             line += f"{self.prior[k].item():{width + 2}.3f}"
             if self.support is not None:
                 line += f"{int(self.support[k].item()):9d}"

@@ -90,7 +90,9 @@ def test_zero_maps_give_a_defined_loss_and_finite_gradient(aggregation: str, dis
     _, r = maps(3, 4, 5, positive=True)
     for student, reference in ((s, r), (s, s), (r, s)):
         value, grads = value_and_grads(
-            lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope), student, reference  # type: ignore[arg-type]
+            lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope),
+            student,
+            reference,  # type: ignore[arg-type]
         )
         assert torch.isfinite(value) and torch.isfinite(grads[0]).all()
 
@@ -118,7 +120,10 @@ def test_non_contiguous_and_channels_last_inputs() -> None:
     st, rt = s.transpose(2, 3).contiguous().transpose(2, 3), r.transpose(2, 3).contiguous().transpose(2, 3)
     assert not st.is_contiguous()
     torch.testing.assert_close(ntf.anti_transfer(st, rt), expected)
-    torch.testing.assert_close(ntf.anti_transfer(s[:, ::2], r[:, ::2], "mean", "cos"), ntf.anti_transfer(s[:, ::2].contiguous(), r[:, ::2].contiguous(), "mean", "cos"))
+    torch.testing.assert_close(
+        ntf.anti_transfer(s[:, ::2], r[:, ::2], "mean", "cos"),
+        ntf.anti_transfer(s[:, ::2].contiguous(), r[:, ::2].contiguous(), "mean", "cos"),
+    )
 
 
 @pytest.mark.parametrize(("aggregation", "distance", "scope"), CASES)
@@ -157,10 +162,13 @@ def test_shape_mismatch_names_layer_and_shapes_and_suggests_cka() -> None:
     s, r = torch.randn(4, 8, 5, 5), torch.randn(4, 16, 5, 5)
     with pytest.raises(
         ValueError,
-        match=r"same shape for distance='cos_squared' at layer 'layer3': got \(4, 8, 5, 5\) and \(4, 16, 5, 5\); distance='cka'",
+        match=r"same shape for distance='cos_squared' at layer 'layer3': "
+        r"got \(4, 8, 5, 5\) and \(4, 16, 5, 5\); distance='cka'",
     ):
         ntf.anti_transfer(s, r, layer="layer3")
-    with pytest.raises(ValueError, match=r"same batch size at layer 'x': got shapes \(4, 8, 5, 5\) and \(3, 16, 5, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"same batch size at layer 'x': got shapes \(4, 8, 5, 5\) and \(3, 16, 5, 5\)"
+    ):
         ntf.anti_transfer(s, r[:3], "none", "cka", layer="x")
     value = ntf.anti_transfer(s, r, "none", "cka")
     assert 0.0 <= value.item() <= 1.0

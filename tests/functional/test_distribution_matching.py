@@ -29,7 +29,9 @@ def relatedness(kind: str, k: int = 4, m: int = 3, seed: int = 0) -> tuple[torch
 
 def logits(n: int, k: int, m: int, seed: int = 1, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(n, k, generator=g, dtype=torch.float64), scale * torch.randn(n, m, generator=g, dtype=torch.float64)
+    return scale * torch.randn(n, k, generator=g, dtype=torch.float64), scale * torch.randn(
+        n, m, generator=g, dtype=torch.float64
+    )
 
 
 KINDS = ["multilabel", "multiclass"]
@@ -42,7 +44,9 @@ def test_a_to_b_matches_oracle(kind: str, divergence: str, detach: bool) -> None
     r, prior = relatedness(kind)
     za, zb = logits(6, 4, 3)
     assert_matches_oracle(
-        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("a_to_b",), divergence=divergence, detach_target=detach)["a_to_b"],  # type: ignore[arg-type]
+        lambda a, b: ntf.distribution_matching(
+            a, b, r, prior, kind, ("a_to_b",), divergence=divergence, detach_target=detach
+        )["a_to_b"],  # type: ignore[arg-type]
         lambda a, b: oracles.dm_a_to_b(a, b, r, kind, divergence, detach),
         za,
         zb,
@@ -57,7 +61,9 @@ def test_b_to_a_matches_oracle(kind: str, inversion: str, divergence: str, detac
     r, prior = relatedness(kind)
     za, zb = logits(6, 4, 3, seed=2)
     assert_matches_oracle(
-        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("b_to_a",), inversion, divergence, detach)["b_to_a"],  # type: ignore[arg-type]
+        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("b_to_a",), inversion, divergence, detach)[
+            "b_to_a"
+        ],  # type: ignore[arg-type]
         lambda a, b: oracles.dm_b_to_a(a, b, r, prior, kind, inversion, divergence, detach),
         za,
         zb,
@@ -79,7 +85,7 @@ def test_kl_is_zero_when_the_tasks_agree(kind: str) -> None:
 
 
 def test_neutral_class_is_likely_exactly_when_no_attribute_is_active() -> None:
-    r, prior = relatedness("multilabel")
+    r, _prior = relatedness("multilabel")
     uniform = torch.full((4,), 0.25, dtype=torch.float64)
     off = ntf.infer_a_from_b(torch.full((1, 3), 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
     on = ntf.infer_a_from_b(torch.full((1, 3), 1 - 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
@@ -96,7 +102,9 @@ def test_soft_co_annotation_matches_oracle(kind: str, inversion: str) -> None:
     za, zb = logits(7, 4, 3, seed=3)
     la = torch.tensor([2, -100, 1, -100, 3, -100, 0])
     if kind == "multilabel":
-        lb = torch.tensor([[NAN] * 3, [1.0, 0.0, NAN], [NAN] * 3, [0.0, -1.0, 1.0], [1.0, 1.0, 0.0], [NAN] * 3, [NAN] * 3])
+        lb = torch.tensor(
+            [[NAN] * 3, [1.0, 0.0, NAN], [NAN] * 3, [0.0, -1.0, 1.0], [1.0, 1.0, 0.0], [NAN] * 3, [NAN] * 3]
+        )
     else:
         lb = torch.tensor([-100, 2, -100, 0, 1, -100, -100])
 
@@ -176,7 +184,9 @@ def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
         if inversion == "product" and not bool((r > 0).any()):
             continue
         value, grads = value_and_grads(
-            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior, kind, inversion=inversion).values()), za, zb  # type: ignore[arg-type]
+            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior, kind, inversion=inversion).values()),
+            za,
+            zb,  # type: ignore[arg-type]
         )
         assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
 
@@ -184,7 +194,9 @@ def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
 def test_shape_and_option_errors() -> None:
     r, prior = relatedness("multilabel")
     za, zb = logits(5, 4, 3)
-    with pytest.raises(ValueError, match=r"'logits_a' must be \(N, 4\) for a relatedness matrix of shape \(4, 3\), got \(5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"'logits_a' must be \(N, 4\) for a relatedness matrix of shape \(4, 3\), got \(5, 3\)"
+    ):
         ntf.distribution_matching(zb, zb, r, prior)
     with pytest.raises(ValueError, match=r"'logits_b' must be \(N, 3\)"):
         ntf.distribution_matching(za, za, r, prior)

@@ -53,7 +53,7 @@ def test_cka_matches_oracle(n: int, p: int, q: int, sx: float, sy: float, unbias
     value, grads = value_and_grads(lambda a, b: ntf.cka(a, b, kernel=kernel, unbiased=unbiased), x, y)  # type: ignore[arg-type]
     expected, expected_grads = value_and_grads(lambda a, b: oracles.cka(a, b, kernel, unbiased), x, y)
     torch.testing.assert_close(value, expected, rtol=1e-7, atol=1e-10)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=True):
         # gradients scale as 1/scale of their input; compare relative to their own size
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9 * e.abs().max().item())
 
@@ -88,7 +88,7 @@ def test_hsic_from_kernels_zeroes_a_non_constant_diagonal() -> None:
     # A kernel whose diagonal is not constant: subtracting a broadcast vector instead of zeroing the
     # diagonal (a known public bug) would give a different value.
     k = oracles.linear_kernel(randn(6, 2, seed=1))
-    l = oracles.linear_kernel(randn(6, 3, seed=2))  # noqa: E741
+    l = oracles.linear_kernel(randn(6, 3, seed=2))
     torch.testing.assert_close(ntf.hsic_from_kernels(k, l), oracles.hsic_unbiased(k, l))
 
 
@@ -223,7 +223,9 @@ def test_autocast_does_not_lower_the_precision() -> None:
 
 
 def test_errors_name_the_argument_and_shapes() -> None:
-    with pytest.raises(ValueError, match=r"'x' and 'y' must have the same batch size: got shapes \(5, 2\) and \(6, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"'x' and 'y' must have the same batch size: got shapes \(5, 2\) and \(6, 2\)"
+    ):
         ntf.hsic(randn(5, 2), randn(6, 2))
     with pytest.raises(ValueError, match=r"'kernel' must be one of 'linear', 'rbf'; got 'poly'"):
         ntf.cka(randn(5, 2), randn(5, 2), kernel="poly")  # type: ignore[arg-type]

@@ -106,7 +106,9 @@ def test_adversarial_loss_value_and_gradient_signs(strength: float, entropy_weig
     entropy = oracles.mean_p_log_p(z_ref @ w_ref.T.detach() + head.bias.detach())
     torch.testing.assert_close(loss.detach(), (ce + entropy_weight * entropy).detach())
     ce_grad_z, ce_grad_w = torch.autograd.grad(GRAD_SCALE * ce, [z_ref, w_ref])
-    (ent_grad_z,) = torch.autograd.grad(GRAD_SCALE * entropy_weight * entropy, [z_ref]) if entropy_weight else (0 * z_ref,)
+    (ent_grad_z,) = (
+        torch.autograd.grad(GRAD_SCALE * entropy_weight * entropy, [z_ref]) if entropy_weight else (0 * z_ref,)
+    )
     # the head learns to predict u; the features get the reversed gradient (and the entropy term's)
     torch.testing.assert_close(grads[1], ce_grad_w)
     torch.testing.assert_close(grads[0], -strength * ce_grad_z + ent_grad_z)

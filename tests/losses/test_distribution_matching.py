@@ -55,12 +55,19 @@ def test_multitask_loss_composes_the_terms() -> None:
     full = ntl.MultiTaskLoss(R, distribution_matching=0.3, co_annotation=0.7)
     total = full(za, zb, la, lb)
     t = full.last_terms
-    expected = t["supervised_a"] + t["supervised_b"] + 0.3 * (t["a_to_b"] + t["b_to_a"]) + 0.7 * (t["co_annotation_a"] + t["co_annotation_b"])
+    expected = (
+        t["supervised_a"]
+        + t["supervised_b"]
+        + 0.3 * (t["a_to_b"] + t["b_to_a"])
+        + 0.7 * (t["co_annotation_a"] + t["co_annotation_b"])
+    )
     torch.testing.assert_close(total.detach(), expected)
     plain = ntl.MultiTaskLoss(R, distribution_matching=0.0, co_annotation=0.0)
     plain(za, zb, la, lb)
     assert set(plain.last_terms) == {"supervised_a", "supervised_b"}
-    torch.testing.assert_close(plain.last_terms["supervised_b"], ntf.masked_binary_cross_entropy(za[:, :2].detach() * 0 + zb.detach(), lb))
+    torch.testing.assert_close(
+        plain.last_terms["supervised_b"], ntf.masked_binary_cross_entropy(za[:, :2].detach() * 0 + zb.detach(), lb)
+    )
 
 
 def test_multiclass_task_b() -> None:
