@@ -21,7 +21,12 @@ $(VENV)/.demo-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --quiet $(PIP_CONSTRAINT_FLAG) -e ".[examples]"
 	touch $@
 
+LINTED = negtransfer_losses tests examples benchmarks
+
 test: $(VENV)/.test-installed
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo-installed

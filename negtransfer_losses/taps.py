@@ -44,10 +44,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
+            continue
+        compiled_inner = getattr(model, "_orig_mod", None)
+        if not isinstance(compiled_inner, nn.Module):
             return model
+        model = compiled_inner
 
 
 def canonical_name(name: str) -> str:
@@ -194,7 +195,7 @@ class FeatureTap:
             return self
         # The hooks hold the tap weakly, so a tap that is dropped without remove() is collected and
         # its __del__ removes them.
-        tap = weakref.ref(self)
+        tap: weakref.ref[FeatureTap] = weakref.ref(self)
 
         def on_model_forward(module: nn.Module, args: Any) -> None:
             live = tap()

@@ -51,7 +51,7 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
         dot = (a2 * b2).sum(dim=1)
         norm_a = torch.linalg.vector_norm(a2, dim=1).clamp_min(eps)
         norm_b = torch.linalg.vector_norm(b2, dim=1).clamp_min(eps)
-        return dot / (norm_a * norm_b)
+        return torch.div(dot, norm_a * norm_b)
 
 
 def gram(x: Tensor, scope: GramScope = "sample") -> Tensor:

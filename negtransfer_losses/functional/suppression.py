@@ -96,19 +96,20 @@ def irrelevant_cka(features: Tensor, irrelevant_features: Tensor, unbiased: bool
 
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, strength: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, strength: float) -> Tensor:
         ctx.strength = strength  # type: ignore[attr-defined]
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         return -ctx.strength * grad, None  # type: ignore[attr-defined]
 
 
 def gradient_reversal(x: Tensor, strength: float = 1.0) -> Tensor:
     """Identity forward; the backward pass multiplies the gradient by `-strength` (Ganin & Lempitsky 2015)."""
     check_tensor(x, "x")
-    return _GradientReversal.apply(x, float(strength))  # type: ignore[no-any-return]
+    reversed_grad: Tensor = _GradientReversal.apply(x, float(strength))  # type: ignore[no-untyped-call]
+    return reversed_grad
 
 
 def adversarial_suppression(
@@ -171,7 +172,7 @@ def erasure_basis(class_means: Tensor, rtol: float = 1e-6) -> Tensor:
     differences = class_means - class_means.mean(dim=0, keepdim=True)
     _, singular, vh = torch.linalg.svd(differences, full_matrices=False)
     keep = singular > rtol * singular.max().clamp_min(torch.finfo(singular.dtype).tiny)
-    return vh[keep].T
+    return torch.transpose(vh[keep], 0, 1)
 
 
 def erase(features: Tensor, basis: Tensor) -> Tensor:

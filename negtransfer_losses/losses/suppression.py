@@ -40,6 +40,8 @@ class TaskIrrelevantSuppression(nn.Module):
     adversarial method) as detached scalars.
     """
 
+    steps: Tensor
+
     def __init__(
         self,
         method: SuppressionMethod = "hsic",
