@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
+from ..distributed import Gather, gather_batch
 from .aggregation import AGGREGATIONS, aggregate_channels
 from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
 
@@ -53,6 +54,7 @@ def anti_transfer(
     mul_exponent: float = 0.001,
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
+    gather: Gather = "local",
 ) -> Tensor:
     """The unweighted anti-transfer loss `L_AT = d(A(S), A(R))` of one layer (METHODS.md §1).
 
@@ -77,6 +79,8 @@ def anti_transfer(
         nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
             (zero loss, zero gradient), or `"propagate"` (no check; avoids a device synchronization).
         layer: the layer's name, for error messages.
+        gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
+            CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -91,6 +95,7 @@ def anti_transfer(
         mul_exponent=mul_exponent,
         nan_policy=nan_policy,
         layer=layer,
+        gather=gather,
     ).loss
 
 
@@ -105,11 +110,12 @@ def anti_transfer_terms(
     mul_exponent: float = 0.001,
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
+    gather: Gather = "local",
 ) -> AntiTransferTerms:
     """`anti_transfer` with the raw similarity and the student's activation norm, in one computation."""
     check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
     _check_shapes(student, reference, aggregation, distance, gram_scope, layer)
-    reference = reference.detach()
+    student, reference = gather_batch(student, gather), gather_batch(reference.detach(), gather)
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
         student, reference = student.to(dtype), reference.to(dtype)

@@ -20,6 +20,7 @@ from .._validation import (
     compute_dtype,
     full_precision,
 )
+from ..distributed import Gather, gather_batch
 
 Kernel: TypeAlias = Literal["linear", "rbf"]
 GramScope: TypeAlias = Literal["sample", "batch"]
@@ -202,6 +203,7 @@ def hsic(
     *,
     kernel_y: Kernel | None = None,
     sigma_y: float | None = None,
+    gather: Gather = "local",
 ) -> Tensor:
     """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (METHODS.md §4).
 
@@ -210,14 +212,12 @@ def hsic(
         kernel: kernel on `x` (and on `y` unless `kernel_y` is given): `"linear"` or `"rbf"`.
         unbiased: Song et al.'s unbiased estimator (n ≥ 4) instead of the biased one (n ≥ 2).
         sigma: RBF bandwidth for `x` (and `y` unless `sigma_y` is given); None = median heuristic.
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
         a scalar tensor.
     """
-    check_tensor(x, "x")
-    check_tensor(y, "y")
-    check_same_batch(x, y, ("x", "y"))
-    check_min_batch(x.shape[0], 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC")
+    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC")
     k = kernel_matrix(x, kernel, sigma)
     l = kernel_matrix(y, kernel if kernel_y is None else kernel_y, sigma if sigma_y is None else sigma_y)
     return hsic_from_kernels(k, l, unbiased=unbiased)
@@ -229,6 +229,8 @@ def cka(
     kernel: Kernel = "linear",
     unbiased: bool = False,
     sigma: float | None = None,
+    *,
+    gather: Gather = "local",
 ) -> Tensor:
     """Centred kernel alignment: `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019).
 
@@ -239,16 +241,13 @@ def cka(
         x: `(n, ...)`; y: `(n, ...)`.
         kernel: `"linear"` or `"rbf"` (the same on both sides; `sigma` None = median heuristic per side).
         unbiased: use the unbiased HSIC (n ≥ 4).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
         a scalar tensor.
     """
-    check_tensor(x, "x")
-    check_tensor(y, "y")
-    check_same_batch(x, y, ("x", "y"))
     check_choice(kernel, "kernel", KERNELS)
-    n = x.shape[0]
-    check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} CKA")
+    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} CKA")
     with full_precision(x, y):
         x2, y2 = as_batch_matrix(x, "x"), as_batch_matrix(y, "y")
         if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
@@ -271,7 +270,7 @@ def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
     )
 
 
-def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
+def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, *, gather: Gather = "local") -> Tensor:
     """Linear CKA: `‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)` with column-centred `Xᶜ, Yᶜ` (biased form).
 
     Computed in feature space or through the `(n, n)` Gram matrices, whichever is cheaper; both
@@ -280,17 +279,15 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
 
     Args:
         x: `(n, ...)`; y: `(n, ...)`; flattened to `(n, p)` and `(n, q)`, `p ≠ q` allowed.
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
         a scalar tensor.
     """
     if unbiased:
-        return cka(x, y, kernel="linear", unbiased=True)
-    check_tensor(x, "x")
-    check_tensor(y, "y")
-    check_same_batch(x, y, ("x", "y"))
+        return cka(x, y, kernel="linear", unbiased=True, gather=gather)
+    x, y = _paired_batch(x, y, gather, 2, "biased CKA")
     n = x.shape[0]
-    check_min_batch(n, 2, what="biased CKA")
     with full_precision(x, y):
         xc = _centred_unit_scale(as_batch_matrix(x, "x"))
         yc = _centred_unit_scale(as_batch_matrix(y, "y"))
@@ -305,6 +302,16 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
             self_x = kx.square().sum()
             self_y = ky.square().sum()
         return safe_ratio(cross, self_x, self_y)
+
+
+def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str) -> tuple[Tensor, Tensor]:
+    """Check two `(n, ...)` inputs, gather them across ranks if asked, and check the (global) batch size."""
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_batch(x, y, ("x", "y"))
+    x, y = gather_batch(x, gather), gather_batch(y, gather)
+    check_min_batch(x.shape[0], minimum, what=what)
+    return x, y
 
 
 def _centred_unit_scale(x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_min_batch, check_tensor, compute_dtype, full_precision
+from ..distributed import Gather, gather_batch
 from .similarity import Kernel, cka, hsic_from_kernels, kernel_alignment, kernel_matrix
 
 IGNORE_INDEX = -100
@@ -51,6 +52,7 @@ def irrelevant_hsic(
     normalized: bool = False,
     sigma: float | None = None,
     ignore_index: int = IGNORE_INDEX,
+    gather: Gather = "local",
 ) -> Tensor:
     """Unbiased HSIC between features and one-hot irrelevant labels, over the samples whose label is known.
 
@@ -65,13 +67,15 @@ def irrelevant_hsic(
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
         labels: `(B,)` integers in `[0, num_classes)` or `ignore_index`.
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
         a scalar tensor.
     """
     check_tensor(features, "features")
-    check_min_batch(features.shape[0], 4, what="unbiased HSIC", name="features")
     check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index)
+    features, labels = gather_batch(features, gather), gather_batch(labels, gather)
+    check_min_batch(features.shape[0], 4, what="unbiased HSIC", name="features")
     known = labels != ignore_index
     if int(known.sum()) < 4:
         return zero_loss(features)
@@ -85,13 +89,15 @@ def irrelevant_hsic(
         return kernel_alignment(k, l, unbiased=True)
 
 
-def irrelevant_cka(features: Tensor, irrelevant_features: Tensor, unbiased: bool = False) -> Tensor:
+def irrelevant_cka(
+    features: Tensor, irrelevant_features: Tensor, unbiased: bool = False, gather: Gather = "local"
+) -> Tensor:
     """Linear CKA between the features and a frozen irrelevant network's features on the same batch.
 
     Kornblith et al. 2019. The irrelevant side is detached. Widths may differ.
     """
     check_tensor(irrelevant_features, "irrelevant_features")
-    return cka(features, irrelevant_features.detach(), kernel="linear", unbiased=unbiased)
+    return cka(features, irrelevant_features.detach(), kernel="linear", unbiased=unbiased, gather=gather)
 
 
 class _GradientReversal(torch.autograd.Function):

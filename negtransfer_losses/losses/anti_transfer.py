@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from .._validation import check_choice
+from ..distributed import GATHERS, Gather
 from ..functional.anti_transfer import (
     AntiTransferAggregation,
     Distance,
@@ -39,6 +41,7 @@ class AntiTransferLoss(nn.Module):
             `negtransfer_losses.functional.anti_transfer`.
         weight: β, the penalty's weight.
         layer_weights: optional `{layer: w_l}`; layers not named get 1.
+        gather: `"global"` computes each layer's loss on every rank's batch concatenated (DDP).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class AntiTransferLoss(nn.Module):
         eps: float = 1e-8,
         mul_exponent: float = 0.001,
         nan_policy: NanPolicy = "raise",
+        gather: Gather = "local",
     ) -> None:
         super().__init__()
         check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
@@ -63,6 +67,8 @@ class AntiTransferLoss(nn.Module):
         self.eps = eps
         self.mul_exponent = mul_exponent
         self.nan_policy: NanPolicy = nan_policy
+        check_choice(gather, "gather", GATHERS)
+        self.gather: Gather = gather
         self.last_terms: dict[str, dict[str, Tensor]] = {}
 
     def forward(self, student: Features, reference: Features) -> Tensor:
@@ -87,6 +93,7 @@ class AntiTransferLoss(nn.Module):
                 mul_exponent=self.mul_exponent,
                 nan_policy=self.nan_policy,
                 layer=name,
+                gather=self.gather,
             )
             weighted = self.weight * self.layer_weights.get(name, 1.0) * layer_terms.loss
             terms[name] = {

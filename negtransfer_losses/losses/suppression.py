@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice
+from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel
 from ..functional.suppression import IGNORE_INDEX, adversarial_suppression, irrelevant_cka, irrelevant_hsic
 
@@ -36,8 +37,9 @@ class TaskIrrelevantSuppression(nn.Module):
 
     Forward: `(features, irrelevant_labels=None, irrelevant_features=None)` → scalar. Features `(B, D)` or
     maps (flattened). Labels equal to `ignore_index` are unknown; a batch with none known gives a zero loss
-    and a zero gradient. After each call `last_terms` holds `{"loss", "value"}` (and `"strength"` for the
-    adversarial method) as detached scalars.
+    and a zero gradient. `gather="global"` computes `hsic` and `cka` on every rank's batch concatenated
+    (DDP; the adversarial loss is per sample and needs no gather). After each call `last_terms` holds
+    `{"loss", "value"}` (and `"strength"` for the adversarial method) as detached scalars.
     """
 
     steps: Tensor
@@ -59,10 +61,12 @@ class TaskIrrelevantSuppression(nn.Module):
         unbiased: bool = False,
         ignore_index: int = IGNORE_INDEX,
         check_head_after: int = 100,
+        gather: Gather = "local",
     ) -> None:
         super().__init__()
         check_choice(method, "method", SUPPRESSION_METHODS)
         check_choice(kernel, "kernel", KERNELS)
+        check_choice(gather, "gather", GATHERS)
         if method != "cka" and (not isinstance(num_irrelevant, int) or num_irrelevant < 1):
             raise ValueError(
                 f"method={method!r} needs 'num_irrelevant', the number of irrelevant classes (an int ≥ 1), "
@@ -82,6 +86,7 @@ class TaskIrrelevantSuppression(nn.Module):
         self.unbiased = unbiased
         self.ignore_index = ignore_index
         self.check_head_after = check_head_after
+        self.gather: Gather = gather
         self.head: nn.Module | None = None
         if method == "adversarial":
             if head is None and feature_dim is None:
@@ -112,7 +117,7 @@ class TaskIrrelevantSuppression(nn.Module):
         if self.method == "cka":
             if irrelevant_features is None:
                 raise ValueError("method='cka' needs 'irrelevant_features': a frozen irrelevant network's features")
-            value = irrelevant_cka(features, irrelevant_features, unbiased=self.unbiased)
+            value = irrelevant_cka(features, irrelevant_features, unbiased=self.unbiased, gather=self.gather)
             self.last_terms = {}
         else:
             if irrelevant_labels is None:
@@ -129,6 +134,7 @@ class TaskIrrelevantSuppression(nn.Module):
                     self.normalized,
                     self.sigma,
                     self.ignore_index,
+                    self.gather,
                 )
                 self.last_terms = {}
             else:

@@ -1,0 +1,67 @@
+"""Batch-coupled measures under `torch.distributed`: compute them on the local or on the global batch.
+
+HSIC, CKA and the batch-scope Gram compare samples with each other, so their value on a rank's local batch
+is not their value on the global batch. `gather="global"` concatenates every rank's batch (ranks may hold
+different batch sizes) through a differentiable all-gather. Its backward pass sums, over ranks, the
+gradient with respect to each rank's slice: every rank computes the same global loss, so a rank receives
+`world_size × ∂L/∂x_local`, and after `DistributedDataParallel` averages parameter gradients over ranks they
+equal the single-process gradients on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeAlias
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Gather: TypeAlias = Literal["local", "global"]
+GATHERS: tuple[Gather, ...] = ("local", "global")
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_batch(x: Tensor, gather: Gather = "local") -> Tensor:
+    """`x` itself (`"local"`, or no process group), or every rank's `x` concatenated along dim 0 in rank order.
+
+    Differentiable for floating-point `x`; integer tensors (labels) are gathered without gradient.
+    """
+    if gather not in GATHERS:
+        raise ValueError(f"'gather' must be one of 'local', 'global'; got {gather!r}")
+    if gather == "local" or not is_distributed():
+        return x
+    gathered: Tensor = _AllGatherBatch.apply(x)  # type: ignore[no-untyped-call]
+    return gathered
+
+
+def _all_gather_padded(x: Tensor) -> tuple[Tensor, list[int]]:
+    """Every rank's `x` concatenated (dim 0), and the ranks' batch sizes."""
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]), counts
+
+
+class _AllGatherBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        gathered, counts = _all_gather_padded(x)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
+        return gathered
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop]
