@@ -59,6 +59,16 @@ def check_min_batch(n: int, minimum: int, *, what: str, name: str = "x") -> None
         raise ValueError(f"{what} needs at least {minimum} samples in '{name}', got a batch of {n}")
 
 
+def checks_values() -> bool:
+    """Whether checks that read tensor values (label ranges, NaN, signs) run: not while `torch.compile` traces.
+
+    Such a check needs the data on the host, which breaks the graph; compiled code skips it. Run a step
+    eagerly first to validate a new data pipeline.
+    """
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return not (is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
+
+
 def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
     """Raise `ValueError` unless `value` is one of `choices`."""
     if value not in choices:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
 
@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self
+
+from ._validation import checks_values
 
 LayerSpec: TypeAlias = str | nn.Module
 RepeatPolicy: TypeAlias = Literal["last", "all"]
@@ -120,13 +122,6 @@ def _closest_names(name: str, by_name: Mapping[str, nn.Module]) -> str:
     return "top-level modules: " + ", ".join(repr(c) for c in top_level)
 
 
-@dataclass
-class _Capture:
-    forward_index: int
-    calls: int = 0
-    values: list[Any] = field(default_factory=list)
-
-
 class FeatureTap:
     """Capture the outputs of chosen layers of a model during its forward pass.
 
@@ -174,9 +169,15 @@ class FeatureTap:
         self.on_repeat: RepeatPolicy = on_repeat
         self.transform = transform
         self._handles: list[RemovableHandle] = []
-        self._store: dict[str, _Capture] = {}
+        # Outputs of the current forward pass, one list per layer. The lists are only ever appended to
+        # and cleared in place: under torch.compile the traced hooks mutate them without reading any
+        # counter, which would be guarded on and force a recompile at every step.
+        self._current: dict[str, list[Any]] = {name: [] for name in self._modules}
+        # Layers whose unpopped outputs came from an earlier forward pass: {layer: that pass's number}.
+        self._earlier: dict[str, int] = {}
         self._forward_index = 0
         self._stop_after: Mapping[str, int] | None = None
+        self._warned_no_grad = False
         self.attach()
 
     @property
@@ -200,9 +201,11 @@ class FeatureTap:
         def on_model_forward(module: nn.Module, args: Any) -> None:
             live = tap()
             if live is not None:
-                live._forward_index += 1
+                live._start_forward()
 
-        self._handles.append(self._root.register_forward_pre_hook(on_model_forward))
+        # The pre-hook keeps the pass counter, so it runs outside torch.compile's graphs.
+        outside_graphs = torch.compiler.disable(on_model_forward)  # type: ignore[no-untyped-call]
+        self._handles.append(self._root.register_forward_pre_hook(outside_graphs))
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_hook(_capture_hook(tap, name)))
         return self
@@ -229,24 +232,26 @@ class FeatureTap:
         if handles:
             self.remove()
 
+    @property
+    def holds_features(self) -> bool:
+        """Whether any captured output is stored (and so kept alive) until the next `pop()` or `clear()`."""
+        return any(self._current.values())
+
     def clear(self) -> None:
         """Drop every captured feature without returning it."""
-        self._store.clear()
+        for values in self._current.values():
+            values.clear()
+        self._earlier.clear()
 
     def pop(self) -> dict[str, Any]:
         """Return `{layer: output}` from the latest forward pass and clear the store.
 
         With `on_repeat="all"` each value is a list of outputs in call order.
         """
-        store, self._store = self._store, {}
-        missing = [name for name in self._modules if name not in store]
-        if missing:
-            raise MissingFeaturesError(
-                f"layer(s) {', '.join(map(repr, missing))} captured nothing since the last pop(): they did "
-                f"not run in the forward pass (check the model's control flow), the forward ran outside "
-                f"the tap's `with` block, or pop() was called twice"
-            )
-        stale = {name: c.forward_index for name, c in store.items() if c.forward_index < self._forward_index}
+        features = {name: list(values) for name, values in self._current.items()}
+        earlier = dict(self._earlier)
+        self.clear()
+        stale = {name: earlier[name] for name, values in features.items() if not values and name in earlier}
         if stale:
             detail = ", ".join(f"{name!r} (forward #{index})" for name, index in stale.items())
             raise StaleFeaturesError(
@@ -254,36 +259,54 @@ class FeatureTap:
                 f"(#{self._forward_index}); their stored output is from an earlier pass and is not returned. "
                 f"Call pop() after every forward pass, or clear() before one whose features you do not need"
             )
-        features = {name: store[name].values for name in self._modules}
+        missing = [name for name, values in features.items() if not values]
+        if missing:
+            raise MissingFeaturesError(
+                f"layer(s) {', '.join(map(repr, missing))} captured nothing since the last pop(): they did "
+                f"not run in the forward pass (check the model's control flow), the forward ran outside "
+                f"the tap's `with` block, or pop() was called twice"
+            )
         if self.on_repeat == "last":
             return {name: values[-1] for name, values in features.items()}
         return features
+
+    def _warn_no_graph(self, name: str) -> None:
+        """Once per tap: a trainable model's layer ran without autograd, so a loss on it trains nothing."""
+        if any(p.requires_grad for p in self._root.parameters()):
+            self._warned_no_grad = True
+            warnings.warn(
+                f"layer {name!r} ran without autograd (torch.no_grad, or reentrant activation checkpointing), "
+                f"so its captured features carry no gradient: a loss on them will not train the model. With "
+                f"torch.utils.checkpoint, pass use_reentrant=False.",
+                stacklevel=4,
+            )
+
+    def _start_forward(self) -> None:
+        """A forward pass of the model begins: unpopped outputs become earlier ones."""
+        for name, values in self._current.items():
+            if values:
+                self._earlier[name] = self._forward_index
+                values.clear()
+        self._forward_index += 1
 
     def _capture(self, name: str, output: Any) -> None:
         if self.transform is not None:
             output = self.transform(output)
         if self.detach and isinstance(output, Tensor):
             output = output.detach()
-        capture = self._store.get(name)
-        if capture is None or capture.forward_index != self._forward_index:
-            capture = self._store[name] = _Capture(self._forward_index)
-        capture.calls += 1
+        values = self._current[name]
         if self.on_repeat == "last":
-            capture.values[:] = [output]
-        else:
-            capture.values.append(output)
+            values.clear()
+        values.append(output)
         if self._stop_after is not None and self._all_layers_done(self._stop_after):
             raise _StopForward
 
     def _all_layers_done(self, calls_needed: Mapping[str, int]) -> bool:
-        for name, needed in calls_needed.items():
-            capture = self._store.get(name)
-            if capture is None or capture.forward_index != self._forward_index or capture.calls < needed:
-                return False
-        return True
+        """With `on_repeat="all"`: whether every layer has run as often as `calls_needed` says."""
+        return all(len(self._current[name]) >= needed for name, needed in calls_needed.items())
 
     def _call_counts(self) -> dict[str, int]:
-        return {name: capture.calls for name, capture in self._store.items()}
+        return {name: len(values) for name, values in self._current.items()}
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
@@ -293,10 +316,25 @@ class FeatureTap:
 def _capture_hook(tap: weakref.ref[FeatureTap], name: str) -> Callable[[nn.Module, Any, Any], None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         live = tap()
-        if live is not None:
-            live._capture(name, output)
+        if live is None or _in_backward():  # activation checkpointing re-runs the layer during backward
+            return
+        if not live.detach and not live._warned_no_grad and not torch.is_grad_enabled():
+            live._warn_no_graph(name)
+        live._capture(name, output)
 
     return hook
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread (private API; False when unavailable).
+
+    Not asked while `torch.compile` traces: the answer would be the tracer's, and compiled graphs do not
+    re-run Python hooks in their backward.
+    """
+    if not checks_values():
+        return False
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
 
 
 class FrozenReference(nn.Module):
@@ -329,7 +367,8 @@ class FrozenReference(nn.Module):
         self.stop_early = stop_early
         model.eval()
         model.requires_grad_(False)
-        self._tap = FeatureTap(model, layers, detach=True, transform=transform)
+        # "all" lets the early stop count each layer's calls; the last call's output is returned
+        self._tap = FeatureTap(model, layers, detach=True, on_repeat="all", transform=transform)
         self._calls_per_pass: dict[str, int] | None = None
 
     @property
@@ -359,8 +398,7 @@ class FrozenReference(nn.Module):
             self._tap._stop_after = None
         if self._calls_per_pass is None:
             self._calls_per_pass = self._tap._call_counts()
-        features: dict[str, Tensor] = self._tap.pop()
-        return features
+        return {name: outputs[-1] for name, outputs in self._tap.pop().items()}
 
     def extra_repr(self) -> str:
         return f"layers={list(self.layers)}, stop_early={self.stop_early}"

@@ -72,6 +72,7 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
             (3.7 * loss + 0.0 * out.sum()).backward()  # a task loss would use the output; DDP expects it used
             results[name] = {"loss": loss.detach(), **body_grads(model)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: gloo can abort a rank whose peer tears down mid-exchange
     finally:
         dist.destroy_process_group()
 

@@ -229,7 +229,7 @@ def test_thousand_steps_do_not_grow_memory_or_hooks() -> None:
     gc.collect()
     growth = _rss_bytes() - before
     assert hook_count(model) == 3
-    assert not tap._store
+    assert not tap.holds_features
     assert growth < 20 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 1,000 steps"
     tap.remove()
 

@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision
+from .._validation import check_choice, check_tensor, checks_values, compute_dtype, describe, full_precision
 from ..distributed import Gather, gather_batch
 from .aggregation import AGGREGATIONS, aggregate_channels
 from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
@@ -78,6 +78,7 @@ def anti_transfer(
         mul_exponent: `p` of the `"mul"` aggregation.
         nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
             (zero loss, zero gradient), or `"propagate"` (no check; avoids a device synchronization).
+            Under `torch.compile`, `"raise"` cannot read the data and behaves as `"propagate"`.
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
             CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
@@ -216,7 +217,7 @@ def _check_shapes(
 
 def _check_finite(student: Tensor, reference: Tensor, nan_policy: NanPolicy, layer: str | None) -> Tensor | None:
     """`None` when no check is wanted or both inputs are finite under "raise"; else a finite flag (0-d)."""
-    if nan_policy == "propagate":
+    if nan_policy == "propagate" or (nan_policy == "raise" and not checks_values()):
         return None
     finite = torch.isfinite(student).all() & torch.isfinite(reference).all()
     if nan_policy == "skip":
