@@ -14,7 +14,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.test-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PY) -m pip install --quiet $(PIP_CONSTRAINT_FLAG) -e ".[test,examples]"
+	$(PY) -m pip install --quiet $(PIP_CONSTRAINT_FLAG) -e ".[test,examples,docs]"
 	touch $@
 
 $(VENV)/.demo-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
@@ -27,6 +27,7 @@ test: $(VENV)/.test-installed
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo-installed

@@ -39,7 +39,8 @@ def aggregate_channels(
         x: `(B, C, *sp)`; `(B, D)` is treated as `D` channels with no spatial extent.
         method: the aggregation.
         mul_exponent: `p` of `"mul"`.
-        name, layer: how error messages refer to `x`.
+        name: how error messages call `x`.
+        layer: the layer's name, for error messages.
 
     Returns:
         float32 (float64 for float64 input).

@@ -41,7 +41,9 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGN
     """Cross-entropy averaged over the samples whose label is known; none known gives 0 with zero gradient.
 
     Args:
-        logits: `(N, K)`; labels: `(N,)` integers in `[0, K)` or `ignore_index`.
+        logits: `(N, K)`.
+        labels: `(N,)` integers in `[0, K)` or `ignore_index`.
+        ignore_index: the label of samples whose class is unknown.
     """
     check_tensor(logits, "logits", min_dim=2)
     check_labels(labels, logits.shape[1], logits.shape[0], name="labels", ignore_index=ignore_index)

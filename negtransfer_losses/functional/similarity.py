@@ -35,7 +35,8 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     `s_i = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`, so a zero row gives `s_i = 0`.
 
     Args:
-        a, b: `(n, ...)`, same shape; flattened to `(n, d)`.
+        a: `(n, ...)`, flattened to `(n, d)`.
+        b: same shape as `a`.
         eps: floor of each row norm.
 
     Returns:
@@ -87,7 +88,10 @@ def gram_row_cosines(x: Tensor, y: Tensor, scope: GramScope = "batch", eps: floa
     64×64 instead of 15360×15360). Norms are floored at `eps` as in `cosine_rows`.
 
     Args:
-        x, y: `(B, C, *spatial)`, same shape.
+        x: `(B, C, *spatial)`.
+        y: same shape as `x`.
+        scope: `"batch"` or `"sample"`, as in `gram`.
+        eps: floor of each row norm.
 
     Returns:
         `(B·C,)` cosines, sample-major for `"sample"`.
@@ -208,7 +212,8 @@ def hsic(
     """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (METHODS.md §4).
 
     Args:
-        x: `(n, ...)`; y: `(n, ...)`; flattened to `(n, p)` and `(n, q)`.
+        x: `(n, ...)`, flattened to `(n, p)`.
+        y: `(n, ...)`, flattened to `(n, q)`.
         kernel: kernel on `x` (and on `y` unless `kernel_y` is given): `"linear"` or `"rbf"`.
         unbiased: Song et al.'s unbiased estimator (n ≥ 4) instead of the biased one (n ≥ 2).
         sigma: RBF bandwidth for `x` (and `y` unless `sigma_y` is given); None = median heuristic.
@@ -238,7 +243,8 @@ def cka(
     `unbiased=True` the value can fall slightly outside [0, 1]; a non-positive denominator gives 0.
 
     Args:
-        x: `(n, ...)`; y: `(n, ...)`.
+        x: `(n, ...)`, flattened to `(n, p)`.
+        y: `(n, ...)`, flattened to `(n, q)`.
         kernel: `"linear"` or `"rbf"` (the same on both sides; `sigma` None = median heuristic per side).
         unbiased: use the unbiased HSIC (n ≥ 4).
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
@@ -278,7 +284,9 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, *, gather: Gather =
     underflow. `unbiased=True` uses the unbiased HSIC (n ≥ 4). Constant features give 0.
 
     Args:
-        x: `(n, ...)`; y: `(n, ...)`; flattened to `(n, p)` and `(n, q)`, `p ≠ q` allowed.
+        x: `(n, ...)`, flattened to `(n, p)`.
+        y: `(n, ...)`, flattened to `(n, q)`; `p ≠ q` allowed.
+        unbiased: use the unbiased HSIC (n ≥ 4).
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:

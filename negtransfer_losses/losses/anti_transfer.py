@@ -37,10 +37,15 @@ class AntiTransferLoss(nn.Module):
     give zero cosine). Nothing of the reference side is kept.
 
     Args:
-        aggregation, distance, gram_scope, eps, mul_exponent, nan_policy: as in
+        aggregation: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"` or `"gram"`, as in
             `negtransfer_losses.functional.anti_transfer`.
+        distance: `"cos_squared"`, `"cos"`, `"mse_sigmoid"` or `"cka"`.
         weight: β, the penalty's weight.
+        gram_scope: `"batch"` (the authors' form) or `"sample"`.
         layer_weights: optional `{layer: w_l}`; layers not named get 1.
+        eps: floor of the row norms in the cosine distances.
+        mul_exponent: `p` of the `"mul"` aggregation.
+        nan_policy: `"raise"`, `"skip"` or `"propagate"` for non-finite features.
         gather: `"global"` computes each layer's loss on every rank's batch concatenated (DDP).
     """
 
