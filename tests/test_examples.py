@@ -50,3 +50,9 @@ def test_demo_entry_point_runs_both_studies(tmp_path: Path, flags: list[str]) ->
     # the full demo is `make demo`; here one seed of each study through the same entry point
     out = run_example("demo.py", "--out", str(tmp_path), *flags)
     assert "Case study 1" in out and "Case study 2" in out and "make demo finished" in out
+
+
+def test_lightning_example_runs_when_lightning_is_installed() -> None:
+    pytest.importorskip("lightning", reason="optional: pip install lightning")
+    out = run_example("lightning_module.py", "--steps", "3")
+    assert "trained 3 steps" in out
