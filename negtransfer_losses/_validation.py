@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
+
+NanPolicy: TypeAlias = Literal["raise", "skip", "propagate"]
+NAN_POLICIES: tuple[NanPolicy, ...] = ("raise", "skip", "propagate")
 
 
 def describe(name: str, layer: str | None = None) -> str:
@@ -53,10 +57,19 @@ def check_same_batch(x: Tensor, y: Tensor, names: Sequence[str], *, layer: str |
         )
 
 
+def check_same_device(tensors: Mapping[str, Tensor], *, layer: str | None = None) -> None:
+    """Raise `ValueError` unless every tensor lives on one device (naming them and their devices)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{describe(name, layer)} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs must be on the same device: {listed}; move them with .to(device)")
+
+
 def check_min_batch(n: int, minimum: int, *, what: str, name: str = "x") -> None:
     """Raise `ValueError` when an estimator needs more samples than it was given."""
     if n < minimum:
-        raise ValueError(f"{what} needs at least {minimum} samples in '{name}', got a batch of {n}")
+        samples = "sample" if minimum == 1 else "samples"
+        raise ValueError(f"{what} needs at least {minimum} {samples} in '{name}', got a batch of {n}")
 
 
 def checks_values() -> bool:
@@ -67,6 +80,40 @@ def checks_values() -> bool:
     """
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return not (is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
+
+
+def guard_finite(
+    tensors: Mapping[str, Tensor], nan_policy: NanPolicy, *, layer: str | None = None
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Apply a NaN/inf policy to a loss's inputs before it computes.
+
+    - `"raise"`: `ValueError` naming the inputs with NaN or inf (skipped while `torch.compile` traces);
+    - `"skip"`: non-finite inputs are replaced by zeros and the returned flag (a 0-d bool tensor, no device
+      synchronization) is False; pass it to `zero_unless` so the batch gives a zero loss and zero gradient;
+    - `"propagate"`: no check.
+
+    Returns:
+        the (possibly zeroed) inputs and the flag, or None when no masking is needed.
+    """
+    check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+    if nan_policy == "propagate" or (nan_policy == "raise" and not checks_values()):
+        return dict(tensors), None
+    flags = {name: torch.isfinite(t).all() for name, t in tensors.items()}
+    if nan_policy == "raise":
+        bad = [name for name, flag in flags.items() if not bool(flag)]
+        if bad:
+            raise ValueError(
+                f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
+                f"to give such a batch zero loss, or nan_policy='propagate' to skip the check"
+            )
+        return dict(tensors), None
+    finite = torch.stack(list(flags.values())).all()
+    return {name: torch.where(finite, t, torch.zeros_like(t)) for name, t in tensors.items()}, finite
+
+
+def zero_unless(finite: Tensor | None, value: Tensor) -> Tensor:
+    """`value`, or zero (with a zero gradient) where `guard_finite` flagged a skipped batch."""
+    return value if finite is None else torch.where(finite, value, torch.zeros_like(value))
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> None:

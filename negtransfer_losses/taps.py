@@ -363,6 +363,8 @@ class FrozenReference(nn.Module):
         transform: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.stop_early = stop_early
         model.eval()

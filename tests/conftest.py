@@ -20,3 +20,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The hostile-input count (tests/test_hostile.py), for the report."""
+    from helpers import HOSTILE_CASES
+
+    if HOSTILE_CASES["tried"]:
+        good = HOSTILE_CASES["finite"] + HOSTILE_CASES["clear error"]
+        terminalreporter.write_line(
+            f"hostile inputs: {HOSTILE_CASES['tried']} cases tried, {good} gave a finite result and gradient "
+            f"({HOSTILE_CASES['finite']}) or a documented error ({HOSTILE_CASES['clear error']})"
+        )

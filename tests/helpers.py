@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -33,3 +34,7 @@ def assert_matches_oracle(
     torch.testing.assert_close(value, expected, rtol=rtol, atol=atol)
     for i, (g, e) in enumerate(zip(grads, expected_grads, strict=True)):
         torch.testing.assert_close(g, e, rtol=rtol * 10, atol=atol * 10, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+# Counts of tests/test_hostile.py's cases: tried, finite, clear error (printed at the end of the run).
+HOSTILE_CASES: Counter[str] = Counter()

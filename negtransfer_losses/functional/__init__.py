@@ -3,15 +3,14 @@
 Runs on every device; the fused kernels in `negtransfer_losses.ops` are tested against it.
 """
 
+from .._validation import NAN_POLICIES, NanPolicy
 from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels
 from .anti_transfer import (
     ANTI_TRANSFER_AGGREGATIONS,
     DISTANCES,
-    NAN_POLICIES,
     AntiTransferAggregation,
     AntiTransferTerms,
     Distance,
-    NanPolicy,
     anti_transfer,
     anti_transfer_terms,
     check_anti_transfer_options,

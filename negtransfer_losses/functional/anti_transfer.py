@@ -11,18 +11,28 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor, checks_values, compute_dtype, describe, full_precision
+from .._validation import (
+    NAN_POLICIES,
+    NanPolicy,
+    check_choice,
+    check_min_batch,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    describe,
+    full_precision,
+    guard_finite,
+    zero_unless,
+)
 from ..distributed import Gather, gather_batch
 from .aggregation import AGGREGATIONS, aggregate_channels
 from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
 
 AntiTransferAggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul", "gram"]
 Distance: TypeAlias = Literal["cos_squared", "cos", "mse_sigmoid", "cka"]
-NanPolicy: TypeAlias = Literal["raise", "skip", "propagate"]
 
 ANTI_TRANSFER_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = (*AGGREGATIONS, "gram")
 DISTANCES: tuple[Distance, ...] = ("cos_squared", "cos", "mse_sigmoid", "cka")
-NAN_POLICIES: tuple[NanPolicy, ...] = ("raise", "skip", "propagate")
 
 # The authors' Gram scale, 1 / (B·C·N) / 0.001: it cancels in every cosine and matters only for `mse_sigmoid`.
 GRAM_MSE_SCALE = 1e3
@@ -119,17 +129,13 @@ def anti_transfer_terms(
     student, reference = gather_batch(student, gather), gather_batch(reference.detach(), gather)
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
-        student, reference = student.to(dtype), reference.to(dtype)
-        finite = _check_finite(student, reference, nan_policy, layer)
-        if finite is not None:
-            student = torch.where(finite, student, torch.zeros_like(student))
-            reference = torch.where(finite, reference, torch.zeros_like(reference))
+        guarded, finite = guard_finite(
+            {"student": student.to(dtype), "reference": reference.to(dtype)}, nan_policy, layer=layer
+        )
+        student, reference = guarded["student"], guarded["reference"]
         student_norm = torch.linalg.vector_norm(student.detach().reshape(student.shape[0], -1), dim=1).mean()
         loss, similarity = _distance(student, reference, aggregation, distance, gram_scope, eps, mul_exponent, layer)
-        if finite is not None:
-            loss = torch.where(finite, loss, torch.zeros_like(loss))
-            similarity = torch.where(finite, similarity, torch.zeros_like(similarity))
-        return AntiTransferTerms(loss, similarity.detach(), student_norm)
+        return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), student_norm)
 
 
 def check_anti_transfer_options(aggregation: str, distance: str, gram_scope: str, nan_policy: str = "raise") -> None:
@@ -193,6 +199,8 @@ def _check_shapes(
 ) -> None:
     check_tensor(student, "student", layer=layer, min_dim=2)
     check_tensor(reference, "reference", layer=layer, min_dim=2)
+    check_same_device({"student": student, "reference": reference}, layer=layer)
+    check_min_batch(student.shape[0], 1, what="anti-transfer", name="student")
     where = "" if layer is None else f" at layer '{layer}'"
     if student.shape[0] != reference.shape[0]:
         raise ValueError(
@@ -213,19 +221,3 @@ def _check_shapes(
             f"(shape {tuple(student.shape)}) leaves one number per sample, whose cosine is only its sign; "
             f"use aggregation='none' or 'gram', or distance='cka'"
         )
-
-
-def _check_finite(student: Tensor, reference: Tensor, nan_policy: NanPolicy, layer: str | None) -> Tensor | None:
-    """`None` when no check is wanted or both inputs are finite under "raise"; else a finite flag (0-d)."""
-    if nan_policy == "propagate" or (nan_policy == "raise" and not checks_values()):
-        return None
-    finite = torch.isfinite(student).all() & torch.isfinite(reference).all()
-    if nan_policy == "skip":
-        return finite
-    if not bool(finite):
-        bad = [n for n, t in (("student", student), ("reference", reference)) if not bool(torch.isfinite(t).all())]
-        raise ValueError(
-            f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
-            f"to give such a batch zero loss, or nan_policy='propagate' to skip the check"
-        )
-    return None

@@ -225,14 +225,15 @@ def distribution_matching(
         z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
         r, pi = matrix.to(device=z_a.device, dtype=dtype), prior.to(device=z_a.device, dtype=dtype)
         terms: dict[Direction, Tensor] = {}
+        ones = torch.ones(z_a.shape[0], dtype=torch.bool, device=z_a.device)  # an empty batch gives 0, not NaN
         if "a_to_b" in directions:
             p_a = torch.softmax(z_a, dim=1)
             q_b = infer_b_from_a(p_a.detach() if detach_target else p_a, r)
-            terms["a_to_b"] = task_b_divergence(z_b, q_b, kind, divergence, eps).mean()
+            terms["a_to_b"] = _mean_over(task_b_divergence(z_b, q_b, kind, divergence, eps), ones)
         if "b_to_a" in directions:
             p_b = task_b_probs(z_b, kind)
             q_a = infer_a_from_b(p_b.detach() if detach_target else p_b, r, pi, kind, inversion, eps=eps)
-            terms["b_to_a"] = soft_categorical_divergence(z_a, q_a, divergence, eps).mean()
+            terms["b_to_a"] = _mean_over(soft_categorical_divergence(z_a, q_a, divergence, eps), ones)
         return terms
 
 

@@ -16,6 +16,7 @@ from .._validation import (
     check_choice,
     check_min_batch,
     check_same_batch,
+    check_same_device,
     check_tensor,
     compute_dtype,
     full_precision,
@@ -316,10 +317,12 @@ def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str)
     """Check two `(n, ...)` inputs, gather them across ranks if asked, and check the (global) batch size."""
     check_tensor(x, "x")
     check_tensor(y, "y")
+    check_same_device({"x": x, "y": y})
     check_same_batch(x, y, ("x", "y"))
     x, y = gather_batch(x, gather), gather_batch(y, gather)
     check_min_batch(x.shape[0], minimum, what=what)
-    return x, y
+    dtype = compute_dtype(x, y)  # float64 if either side is; mixed inputs meet in one dtype
+    return x.to(dtype), y.to(dtype)
 
 
 def _centred_unit_scale(x: Tensor) -> Tensor:

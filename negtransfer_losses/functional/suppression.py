@@ -20,13 +20,21 @@ IGNORE_INDEX = -100
 
 
 def check_labels(
-    labels: object, num_classes: int, batch: int, *, name: str = "irrelevant_labels", ignore_index: int = IGNORE_INDEX
+    labels: object,
+    num_classes: int,
+    batch: int,
+    *,
+    name: str = "irrelevant_labels",
+    ignore_index: int = IGNORE_INDEX,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Raise unless `labels` is an integer tensor `(batch,)` of values in `[0, num_classes)` or `ignore_index`."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"'{name}' must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"'{name}' must hold integer class indices, got dtype {labels.dtype}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"'{name}' must be on the same device as the features ({device}), got {labels.device}")
     if labels.shape != (batch,):
         raise ValueError(f"'{name}' must have shape ({batch},) to match the features' batch, got {tuple(labels.shape)}")
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
@@ -40,8 +48,11 @@ def check_labels(
 
 
 def zero_loss(features: Tensor) -> Tensor:
-    """A scalar zero connected to `features`, so backward() gives a zero gradient rather than an error."""
-    return features.sum().to(compute_dtype(features)) * 0.0
+    """A scalar zero connected to `features`, so backward() gives a zero gradient rather than an error.
+
+    An empty sum, not `features.sum() * 0`: a large float16 sum overflows to inf, and inf · 0 is NaN.
+    """
+    return features.reshape(-1)[:0].sum().to(compute_dtype(features))
 
 
 def irrelevant_hsic(
@@ -73,7 +84,7 @@ def irrelevant_hsic(
         a scalar tensor.
     """
     check_tensor(features, "features")
-    check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index)
+    check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index, device=features.device)
     features, labels = gather_batch(features, gather), gather_batch(labels, gather)
     check_min_batch(features.shape[0], 4, what="unbiased HSIC", name="features")
     known = labels != ignore_index
@@ -144,7 +155,7 @@ def adversarial_suppression(
     z = features.reshape(features.shape[0], -1)
     loss = zero_loss(features)
     if labels is not None:
-        check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index)
+        check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index, device=features.device)
         known = labels != ignore_index
         if bool(known.any()):
             logits = _head_logits(head, gradient_reversal(z, strength), num_classes)
@@ -158,7 +169,12 @@ def adversarial_suppression(
 
 
 def _head_logits(head: nn.Module, z: Tensor, num_classes: int, params: Mapping[str, Tensor] | None = None) -> Tensor:
-    logits = head(z) if params is None else torch.func.functional_call(head, dict(params), (z,))
+    try:
+        logits = head(z) if params is None else torch.func.functional_call(head, dict(params), (z,))
+    except RuntimeError as error:  # e.g. a Linear head built for another feature size
+        raise ValueError(
+            f"the adversarial head could not take features of shape {tuple(z.shape)} (flattened): {error}"
+        ) from error
     if not isinstance(logits, Tensor) or logits.shape != (z.shape[0], num_classes):
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(

@@ -6,12 +6,11 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import NanPolicy, check_choice
 from ..distributed import GATHERS, Gather
 from ..functional.anti_transfer import (
     AntiTransferAggregation,
     Distance,
-    NanPolicy,
     anti_transfer_terms,
     check_anti_transfer_options,
 )

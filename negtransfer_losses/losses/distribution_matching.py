@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..functional.distribution_matching import (
     DIRECTIONS,
     DIVERGENCES,
@@ -32,8 +32,10 @@ class _Coupled(nn.Module):
     matrix: Tensor
     prior: Tensor
 
-    def __init__(self, relatedness: TaskRelatedness, inversion: Inversion) -> None:
+    def __init__(self, relatedness: TaskRelatedness, inversion: Inversion, nan_policy: NanPolicy = "raise") -> None:
         super().__init__()
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+        self.nan_policy: NanPolicy = nan_policy
         if not isinstance(relatedness, TaskRelatedness):
             raise TypeError(f"'relatedness' must be a TaskRelatedness, got {type(relatedness).__name__}")
         check_choice(inversion, "inversion", INVERSIONS)
@@ -44,6 +46,10 @@ class _Coupled(nn.Module):
         self.register_buffer("matrix", relatedness.matrix.float())
         self.register_buffer("prior", relatedness.prior.float())
         self.last_terms: dict[str, Tensor] = {}
+
+    def _guard(self, logits_a: Tensor, logits_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        guarded, finite = guard_finite({"logits_a": logits_a, "logits_b": logits_b}, self.nan_policy)
+        return guarded["logits_a"], guarded["logits_b"], finite
 
 
 class DistributionMatchingLoss(_Coupled):
@@ -68,8 +74,9 @@ class DistributionMatchingLoss(_Coupled):
         weight: float = 1.0,
         *,
         eps: float = EPS,
+        nan_policy: NanPolicy = "raise",
     ) -> None:
-        super().__init__(relatedness, inversion)
+        super().__init__(relatedness, inversion, nan_policy)
         directions = tuple(directions)
         if not directions:
             raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
@@ -83,6 +90,7 @@ class DistributionMatchingLoss(_Coupled):
         self.eps = eps
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        logits_a, logits_b, finite = self._guard(logits_a, logits_b)
         terms = distribution_matching(
             logits_a,
             logits_b,
@@ -95,6 +103,7 @@ class DistributionMatchingLoss(_Coupled):
             self.detach_target,
             self.eps,
         )
+        terms = {name: zero_unless(finite, value) for name, value in terms.items()}
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
 
@@ -121,12 +130,14 @@ class SoftCoAnnotationLoss(_Coupled):
         weight: float = 1.0,
         *,
         ignore_index: int = IGNORE_INDEX,
+        nan_policy: NanPolicy = "raise",
     ) -> None:
-        super().__init__(relatedness, inversion)
+        super().__init__(relatedness, inversion, nan_policy)
         self.weight = float(weight)
         self.ignore_index = ignore_index
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
+        logits_a, logits_b, finite = self._guard(logits_a, logits_b)
         terms = soft_co_annotation(
             logits_a,
             logits_b,
@@ -138,6 +149,7 @@ class SoftCoAnnotationLoss(_Coupled):
             self.inversion,
             self.ignore_index,
         )
+        terms = {name: zero_unless(finite, value) for name, value in terms.items()}
         self.last_terms = {f"co_annotation_{name}": value.detach() for name, value in terms.items()}
         return self.weight * (terms["a"] + terms["b"])
 
@@ -168,8 +180,11 @@ class MultiTaskLoss(nn.Module):
         divergence: Divergence = "kl",
         detach_target: bool = False,
         ignore_index: int = IGNORE_INDEX,
+        nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+        self.nan_policy: NanPolicy = nan_policy
         self.kind: TaskKind = relatedness.kind
         self.weights = {
             "supervised_a": float(supervised_a),
@@ -178,13 +193,18 @@ class MultiTaskLoss(nn.Module):
             "co_annotation": float(co_annotation),
         }
         self.ignore_index = ignore_index
+        # the NaN guard runs once, in forward; the parts see guarded logits
         self.matching = DistributionMatchingLoss(
-            relatedness, inversion=inversion, divergence=divergence, detach_target=detach_target
+            relatedness, inversion=inversion, divergence=divergence, detach_target=detach_target, nan_policy="propagate"
         )
-        self.co_annotation = SoftCoAnnotationLoss(relatedness, inversion=inversion, ignore_index=ignore_index)
+        self.co_annotation = SoftCoAnnotationLoss(
+            relatedness, inversion=inversion, ignore_index=ignore_index, nan_policy="propagate"
+        )
         self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
+        guarded, finite = guard_finite({"logits_a": logits_a, "logits_b": logits_b}, self.nan_policy)
+        logits_a, logits_b = guarded["logits_a"], guarded["logits_b"]
         w = self.weights
         supervised_a = masked_cross_entropy(logits_a, labels_a, self.ignore_index)
         if self.kind == "multilabel":
@@ -199,8 +219,8 @@ class MultiTaskLoss(nn.Module):
         if w["co_annotation"]:
             total = total + w["co_annotation"] * self.co_annotation(logits_a, logits_b, labels_a, labels_b)
             terms.update(self.co_annotation.last_terms)
-        self.last_terms = {name: value.detach() for name, value in terms.items()}
-        return total
+        self.last_terms = {name: zero_unless(finite, value).detach() for name, value in terms.items()}
+        return zero_unless(finite, total)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in self.weights.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, checks_values
 from ..functional.suppression import IGNORE_INDEX, check_labels, erase, erasure_basis
 
 
@@ -34,6 +35,8 @@ class Purify(nn.Module):
         momentum: EMA weight of a new batch.
         ignore_index: the label of unknown samples.
         rtol: directions with singular value below `rtol × largest` are not erased.
+        nan_policy: a training batch with NaN/inf features `"raise"`s, is left out of the running means
+            (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them).
     """
 
     class_means: Tensor
@@ -47,6 +50,7 @@ class Purify(nn.Module):
         *,
         ignore_index: int = IGNORE_INDEX,
         rtol: float = 1e-6,
+        nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
         if num_irrelevant < 2:
@@ -55,6 +59,8 @@ class Purify(nn.Module):
             raise ValueError(f"'dim' must be ≥ 1, got {dim}")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"'momentum' must be in (0, 1], got {momentum}")
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+        self.nan_policy: NanPolicy = nan_policy
         self.num_irrelevant = num_irrelevant
         self.dim = dim
         self.momentum = momentum
@@ -76,18 +82,38 @@ class Purify(nn.Module):
 
     def forward(self, features: Tensor, irrelevant_labels: Tensor | None = None) -> Tensor:
         """The features with the irrelevant classes' mean differences projected out, in their own shape."""
-        flat = features.reshape(features.shape[0], -1) if features.dim() > 0 else features
+        check_tensor(features, "features")
+        check_min_batch(features.shape[0], 1, what="Purify", name="features")
+        flat = features.reshape(features.shape[0], -1)
         if features.dim() < 2 or flat.shape[1] != self.dim:
             raise ValueError(
                 f"'features' must be (B, {self.dim}) or maps with {self.dim} values per sample, "
                 f"got shape {tuple(features.shape)}"
             )
         if self.training and irrelevant_labels is not None:
-            check_labels(irrelevant_labels, self.num_irrelevant, features.shape[0], ignore_index=self.ignore_index)
-            self._update(flat.detach(), irrelevant_labels)
+            check_labels(
+                irrelevant_labels,
+                self.num_irrelevant,
+                features.shape[0],
+                ignore_index=self.ignore_index,
+                device=features.device,
+            )
+            if self._finite_for_update(flat):
+                self._update(flat.detach(), irrelevant_labels)
         if not self.ready:
             return features
         return erase(features, self.basis())
+
+    def _finite_for_update(self, flat: Tensor) -> bool:
+        """Whether the batch may update the running means: a NaN there would poison every later output."""
+        if self.nan_policy == "propagate" or not checks_values() or bool(torch.isfinite(flat).all()):
+            return True
+        if self.nan_policy == "raise":
+            raise ValueError(
+                "'features' contain NaN or inf, which would corrupt Purify's running means; pass "
+                "nan_policy='skip' to leave such a batch out of them"
+            )
+        return False
 
     @torch.no_grad()
     def _update(self, z: Tensor, labels: Tensor) -> None:

@@ -9,7 +9,7 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel
 from ..functional.suppression import IGNORE_INDEX, adversarial_suppression, irrelevant_cka, irrelevant_hsic
@@ -38,8 +38,9 @@ class TaskIrrelevantSuppression(nn.Module):
     Forward: `(features, irrelevant_labels=None, irrelevant_features=None)` → scalar. Features `(B, D)` or
     maps (flattened). Labels equal to `ignore_index` are unknown; a batch with none known gives a zero loss
     and a zero gradient. `gather="global"` computes `hsic` and `cka` on every rank's batch concatenated
-    (DDP; the adversarial loss is per sample and needs no gather). After each call `last_terms` holds
-    `{"loss", "value"}` (and `"strength"` for the adversarial method) as detached scalars.
+    (DDP; the adversarial loss is per sample and needs no gather). Non-finite features raise a `ValueError`
+    (`nan_policy="raise"`), give a zero loss (`"skip"`), or pass through (`"propagate"`). After each call
+    `last_terms` holds `{"loss", "value"}` (and `"strength"` for the adversarial method) as detached scalars.
     """
 
     steps: Tensor
@@ -62,11 +63,13 @@ class TaskIrrelevantSuppression(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         check_head_after: int = 100,
         gather: Gather = "local",
+        nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
         check_choice(method, "method", SUPPRESSION_METHODS)
         check_choice(kernel, "kernel", KERNELS)
         check_choice(gather, "gather", GATHERS)
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         if method != "cka" and (not isinstance(num_irrelevant, int) or num_irrelevant < 1):
             raise ValueError(
                 f"method={method!r} needs 'num_irrelevant', the number of irrelevant classes (an int ≥ 1), "
@@ -87,6 +90,7 @@ class TaskIrrelevantSuppression(nn.Module):
         self.ignore_index = ignore_index
         self.check_head_after = check_head_after
         self.gather: Gather = gather
+        self.nan_policy: NanPolicy = nan_policy
         self.head: nn.Module | None = None
         if method == "adversarial":
             if head is None and feature_dim is None:
@@ -114,6 +118,11 @@ class TaskIrrelevantSuppression(nn.Module):
         irrelevant_features: Tensor | None = None,
     ) -> Tensor:
         """The weighted penalty (scalar)."""
+        inputs = {"features": features}
+        if irrelevant_features is not None:
+            inputs["irrelevant_features"] = irrelevant_features
+        guarded, finite = guard_finite(inputs, self.nan_policy)
+        features, irrelevant_features = guarded["features"], guarded.get("irrelevant_features")
         if self.method == "cka":
             if irrelevant_features is None:
                 raise ValueError("method='cka' needs 'irrelevant_features': a frozen irrelevant network's features")
@@ -139,6 +148,7 @@ class TaskIrrelevantSuppression(nn.Module):
                 self.last_terms = {}
             else:
                 value = self._adversarial(features, irrelevant_labels)
+        value = zero_unless(finite, value)
         loss = self.weight * value
         self.last_terms.update(loss=loss.detach(), value=value.detach())
         return loss

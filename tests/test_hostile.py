@@ -1,0 +1,344 @@
+"""Hostile input for every public loss: valid input gives a finite value and gradient; invalid input raises a
+documented error (ValueError, TypeError, or the taps' own errors), never a bare error from inside torch.
+
+Every case is counted; the totals are printed at the end of the run (conftest.py) for the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from helpers import HOSTILE_CASES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import negtransfer_losses as ntl
+import negtransfer_losses.functional as ntf
+
+CASES = HOSTILE_CASES
+DOCUMENTED_ERRORS = (ValueError, TypeError, ntl.StaleFeaturesError, ntl.MissingFeaturesError)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SCALES = [1e-6, 1e-3, 1.0, 1e2, 1e4]
+
+
+def finite_case(name: str, loss_fn: Callable[..., Tensor], *inputs: Tensor) -> None:
+    """`loss_fn(*inputs)` and its gradient with respect to the floating inputs are finite."""
+    CASES["tried"] += 1
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    value = loss_fn(*leaves)
+    assert value.dim() == 0, f"{name}: not a scalar"
+    assert torch.isfinite(value), f"{name}: {value.item()}"
+    floating = [x for x in leaves if x.requires_grad]
+    if value.requires_grad and floating:
+        grads = torch.autograd.grad(value, floating, allow_unused=True)
+        for g in grads:
+            assert g is None or torch.isfinite(g).all(), f"{name}: non-finite gradient"
+    CASES["finite"] += 1
+
+
+def clear_error(name: str, call: Callable[[], Any], match: str) -> None:
+    """`call()` raises a documented error whose message matches `match`."""
+    CASES["tried"] += 1
+    with pytest.raises(DOCUMENTED_ERRORS, match=match):
+        call()
+    CASES["clear error"] += 1
+
+
+@st.composite
+def features(draw: st.DrawFn, min_batch: int = 1, max_batch: int = 6, layout: str | None = None) -> Tensor:
+    batch = draw(st.integers(min_batch, max_batch))
+    layout = layout or draw(st.sampled_from(["flat", "audio", "map"]))
+    shape = {
+        "flat": (batch, draw(st.integers(1, 6))),
+        "audio": (batch, draw(st.integers(1, 4)), draw(st.integers(1, 5))),
+    }.get(layout, (batch, draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))))
+    dtype = draw(st.sampled_from(DTYPES))
+    # float16 below its normal range (6e-5) is out of the domain: it cannot hold such features, and the
+    # scale-invariant losses' gradients (∝ 1/scale) exceed its range (docs/errors.md)
+    scale = draw(st.sampled_from([s for s in SCALES if dtype != torch.float16 or s >= 1e-3]))
+    kind = draw(st.sampled_from(["normal", "normal", "zeros", "constant", "sparse"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "zeros":
+        x = torch.zeros(shape, dtype=torch.float64)
+    elif kind == "constant":
+        x = torch.full(shape, draw(st.floats(-3, 3)), dtype=torch.float64)
+    elif kind == "sparse":
+        x = x * (torch.rand(shape, generator=g) < 0.2)
+    return (scale * x).to(dtype)
+
+
+def labels(draw: st.DrawFn, batch: int, num_classes: int) -> Tensor:
+    kind = draw(st.sampled_from(["random", "random", "one class", "all missing", "some missing"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    u = torch.randint(0, num_classes, (batch,), generator=g)
+    if kind == "one class":
+        u[:] = draw(st.integers(0, num_classes - 1))
+    elif kind == "all missing":
+        u[:] = -100
+    elif kind == "some missing":
+        u[torch.rand(batch, generator=g) < 0.5] = -100
+    return u
+
+
+# --- valid input: finite value and gradient ----------------------------------------------------------
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_anti_transfer_is_finite_on_valid_input(data: st.DataObject) -> None:
+    aggregation = data.draw(st.sampled_from(["none", "mean", "sum", "max", "mul", "gram"]))
+    distance = data.draw(st.sampled_from(["cos_squared", "cos", "mse_sigmoid", "cka"]))
+    scope = "sample" if distance == "cka" else data.draw(st.sampled_from(["batch", "sample"]))
+    layout = (
+        "flat"
+        if aggregation in ("none", "gram") and data.draw(st.booleans())
+        else data.draw(st.sampled_from(["audio", "map"]))
+    )
+    s = data.draw(features(min_batch=2 if distance == "cka" else 1, layout=layout))
+    r = data.draw(features(min_batch=s.shape[0], max_batch=s.shape[0], layout=layout))
+    r = r.reshape(s.shape) if r.numel() == s.numel() else torch.randn(s.shape).to(r.dtype)
+    if aggregation == "mul":
+        s, r = s.abs(), r.abs()
+    loss = ntl.AntiTransferLoss(aggregation, distance, gram_scope=scope)  # type: ignore[arg-type]
+    finite_case(f"anti_transfer {aggregation}/{distance}/{scope}", loss, s, r)
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_suppression_is_finite_on_valid_input(data: st.DataObject) -> None:
+    method = data.draw(st.sampled_from(["hsic", "adversarial", "cka"]))
+    z = data.draw(features(min_batch=4 if method != "adversarial" else 1))
+    k = data.draw(st.integers(2, 5))
+    u = labels(data.draw, z.shape[0], k)
+    dim = z[0].numel()
+    kwargs: dict[str, Any] = {
+        "normalized": data.draw(st.booleans()),
+        "kernel": data.draw(st.sampled_from(["linear", "rbf"])),
+    }
+    if method == "adversarial":
+        kwargs = {"feature_dim": dim, "entropy_weight": data.draw(st.sampled_from([0.0, 0.5]))}
+    loss = ntl.TaskIrrelevantSuppression(method, k, **kwargs)  # type: ignore[arg-type]
+    reference = data.draw(features(min_batch=z.shape[0], max_batch=z.shape[0]))
+    if loss.head is not None:
+        loss.head.to(z.dtype)
+    finite_case(f"suppression {method}", lambda f, r: loss(f, u, r), z, reference)
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_purify_is_finite_on_valid_input(data: st.DataObject) -> None:
+    z = data.draw(features())
+    k = data.draw(st.integers(2, 4))
+    purify = ntl.Purify(k, z[0].numel(), momentum=data.draw(st.sampled_from([0.01, 0.5, 1.0])))
+    for _ in range(3):
+        purify(z, labels(data.draw, z.shape[0], k))
+    finite_case("purify", lambda f: purify(f).float().sum(), z)
+    assert torch.isfinite(purify.class_means).all()
+
+
+@st.composite
+def relatedness(draw: st.DrawFn) -> ntl.TaskRelatedness:
+    k, m = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kind = draw(st.sampled_from(["multilabel", "multiclass"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    r = torch.rand(k, m, generator=g, dtype=torch.float64)
+    if draw(st.booleans()):
+        r[0] = 0.0  # a neutral class
+    if kind == "multiclass":
+        r = (r + 1e-3) / (r + 1e-3).sum(1, keepdim=True)
+    else:
+        r = r.round() if draw(st.booleans()) else r  # hard 0/1 tables too
+    return ntl.TaskRelatedness(r, kind)  # type: ignore[arg-type]
+
+
+@settings(max_examples=150)
+@given(st.data(), relatedness())
+def test_distribution_matching_is_finite_on_valid_input(data: st.DataObject, rel: ntl.TaskRelatedness) -> None:
+    batch = data.draw(st.integers(1, 6))
+    dtype, scale = data.draw(st.sampled_from(DTYPES)), data.draw(st.sampled_from([1.0, 1e2, 1e4]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    za = (scale * torch.randn(batch, rel.num_a, generator=g)).to(dtype)
+    zb = (scale * torch.randn(batch, rel.num_b, generator=g)).to(dtype)
+    la = labels(data.draw, batch, rel.num_a)
+    if rel.kind == "multilabel":
+        lb = torch.rand(batch, rel.num_b, generator=g).round()
+        lb[torch.rand(batch, rel.num_b, generator=g) < data.draw(st.sampled_from([0.0, 0.5, 1.0]))] = math.nan
+    else:
+        lb = labels(data.draw, batch, rel.num_b)
+    inversion = "product" if bool((rel.matrix > 0).any()) and data.draw(st.booleans()) else "bayes"
+    divergence = data.draw(st.sampled_from(["kl", "ce"]))
+    loss = ntl.MultiTaskLoss(rel, inversion=inversion, divergence=divergence)  # type: ignore[arg-type]
+    finite_case(f"multitask {rel.kind}/{inversion}/{divergence}", lambda a, b: loss(a, b, la, lb), za, zb)
+
+
+@settings(max_examples=150)
+@given(features(min_batch=4), features(min_batch=4), st.sampled_from(["hsic", "cka", "linear_cka", "cka_unbiased"]))
+def test_similarity_functions_are_finite_on_valid_input(x: Tensor, y: Tensor, name: str) -> None:
+    y = y[: x.shape[0]] if y.shape[0] >= x.shape[0] else torch.randn(x.shape[0], 3).to(y.dtype)
+    x = x[: y.shape[0]]
+    fn = {
+        "hsic": lambda a, b: ntf.hsic(a, b, kernel="rbf"),
+        "cka": lambda a, b: ntf.cka(a, b, kernel="rbf"),
+        "linear_cka": ntf.linear_cka,
+        "cka_unbiased": lambda a, b: ntf.linear_cka(a, b, unbiased=True),
+    }[name]
+    finite_case(name, fn, x, y)
+
+
+# --- empty batches and non-finite values -------------------------------------------------------------
+
+
+def test_empty_batches() -> None:
+    rel = ntl.TaskRelatedness([[0.5, 0.2], [0.1, 0.9]])
+    za, zb = torch.zeros(0, 2), torch.zeros(0, 2)
+    finite_case(
+        "multitask empty",
+        lambda a, b: ntl.MultiTaskLoss(rel)(a, b, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)),
+        za,
+        zb,
+    )
+    finite_case("masked ce empty", lambda a: ntf.masked_cross_entropy(a, torch.zeros(0, dtype=torch.long)), za)
+    clear_error(
+        "anti_transfer empty",
+        lambda: ntf.anti_transfer(torch.zeros(0, 2, 3), torch.zeros(0, 2, 3)),
+        "at least 1 sample",
+    )
+    clear_error(
+        "purify empty",
+        lambda: ntl.Purify(2, 3)(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)),
+        "at least 1 sample",
+    )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
+    z = torch.randn(6, 4)
+    z[2, 1] = bad
+    u = torch.tensor([0, 1, 2, 0, 1, 2])
+    rel = ntl.TaskRelatedness([[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]])
+    za = torch.randn(6, 3)
+    za[0, 0] = bad
+    raising: list[tuple[str, Callable[[], Tensor]]] = [
+        ("anti_transfer", lambda: ntl.AntiTransferLoss()(z[:, :, None], z[:, :, None].flip(0))),
+        ("hsic", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(z, u)),
+        ("adversarial", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=4)(z, u)),
+        ("cka", lambda: ntl.TaskIrrelevantSuppression("cka")(z, irrelevant_features=torch.randn(6, 2))),
+        ("multitask", lambda: ntl.MultiTaskLoss(rel)(za, torch.randn(6, 2), u, torch.ones(6, 2))),
+        ("matching", lambda: ntl.DistributionMatchingLoss(rel)(za, torch.randn(6, 2))),
+        ("purify", lambda: ntl.Purify(3, 4)(z, u)),
+    ]
+    for name, call in raising:
+        clear_error(f"{name} non-finite", call, "NaN or inf")
+    skipping: list[tuple[str, Callable[[Tensor], Tensor]]] = [
+        ("anti_transfer", lambda f: ntl.AntiTransferLoss(nan_policy="skip")(f[:, :, None], f[:, :, None].flip(0))),
+        ("hsic", lambda f: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="skip")(f, u)),
+        (
+            "adversarial",
+            lambda f: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=4, nan_policy="skip")(f, u),
+        ),
+        (
+            "cka",
+            lambda f: ntl.TaskIrrelevantSuppression("cka", nan_policy="skip")(f, irrelevant_features=torch.randn(6, 2)),
+        ),
+    ]
+    for name, fn in skipping:
+        finite_case(f"{name} skip", fn, z)
+        assert fn(z).item() == 0.0
+    finite_case(
+        "matching skip", lambda a: ntl.DistributionMatchingLoss(rel, nan_policy="skip")(a, torch.randn(6, 2)), za
+    )
+    finite_case(
+        "multitask skip",
+        lambda a: ntl.MultiTaskLoss(rel, nan_policy="skip")(a, torch.randn(6, 2), u, torch.ones(6, 2)),
+        za,
+    )
+    purify = ntl.Purify(3, 4, nan_policy="skip")
+    purify(z, u)
+    assert not purify.ready and torch.equal(purify.class_means, torch.zeros(3, 4)), (
+        "a NaN batch reached the running means"
+    )
+
+
+# --- invalid input: documented errors ----------------------------------------------------------------
+
+
+def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
+    x, u = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    rel = ntl.TaskRelatedness([[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]])
+    meta = torch.randn(6, 4, device="meta")
+    return [
+        ("features not a tensor", lambda: ntl.AntiTransferLoss()([[1.0]], [[1.0]]), "both be tensors or both be dicts"),
+        (
+            "integer features",
+            lambda: ntf.anti_transfer(torch.ones(2, 3, 4, dtype=torch.long), torch.ones(2, 3, 4)),
+            "floating-point",
+        ),
+        (
+            "complex features",
+            lambda: ntf.hsic(torch.ones(5, 2, dtype=torch.complex64), torch.ones(5, 2)),
+            "real floating-point",
+        ),
+        ("1-D features", lambda: ntf.anti_transfer(torch.ones(4), torch.ones(4)), "at least 2 dimension"),
+        ("0-D features", lambda: ntf.linear_cka(torch.tensor(1.0), torch.tensor(1.0)), "at least 1 dimension"),
+        ("batch mismatch", lambda: ntf.linear_cka(x, x[:5]), "same batch size"),
+        ("device mismatch", lambda: ntf.linear_cka(x, meta), "same device"),
+        ("device mismatch AT", lambda: ntf.anti_transfer(x[:, :, None], meta[:, :, None]), "same device"),
+        ("labels float", lambda: ntf.irrelevant_hsic(x, u.float(), 3), "integer class indices"),
+        ("labels wrong shape", lambda: ntf.irrelevant_hsic(x, u[:, None], 3), r"shape \(6,\)"),
+        ("labels out of range", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(x, u + 1), "holds 3, outside"),
+        ("labels negative", lambda: ntl.Purify(3, 4)(x, u - 1), "holds -1, outside"),
+        ("labels on another device", lambda: ntf.irrelevant_hsic(x, u.to("meta"), 3), "same device"),
+        ("hsic batch 3", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(x[:3], u[:3]), "at least 4 samples"),
+        (
+            "cka batch 1",
+            lambda: ntl.AntiTransferLoss("none", "cka")(x[:1, :, None], x[:1, :, None]),
+            "at least 2 samples",
+        ),
+        ("shape mismatch AT", lambda: ntl.AntiTransferLoss()(x[:, :, None], x[:, :2, None]), "distance='cka'"),
+        ("unknown aggregation", lambda: ntl.AntiTransferLoss("median"), "'aggregation' must be one of"),  # type: ignore[arg-type]
+        ("unknown gather", lambda: ntl.AntiTransferLoss(gather="world"), "'gather' must be one of"),  # type: ignore[arg-type]
+        ("unknown nan_policy", lambda: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
+        ("negative map for mul", lambda: ntf.anti_transfer(-x[:, :, None], x[:, :, None], "mul"), "non-negative"),
+        ("head dims", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=5)(x, u), r"\(6, 4\)"),
+        (
+            "logits mismatch R",
+            lambda: ntl.DistributionMatchingLoss(rel)(torch.randn(6, 2), torch.randn(6, 2)),
+            r"\(N, 3\)",
+        ),
+        (
+            "logits 1-D",
+            lambda: ntl.DistributionMatchingLoss(rel)(torch.randn(6), torch.randn(6)),
+            "at least 2 dimension",
+        ),
+        (
+            "labels_b range",
+            lambda: ntl.MultiTaskLoss(rel)(torch.randn(6, 3), torch.randn(6, 2), u, torch.full((6, 2), 2.0)),
+            r"\[0, 1\]",
+        ),
+        ("relatedness NaN", lambda: ntl.TaskRelatedness([[math.nan, 0.5]]), r"\[0, 1\]"),
+        ("relatedness rows", lambda: ntl.TaskRelatedness([[0.3, 0.3]], kind="multiclass"), "sums to"),
+        ("purify dim", lambda: ntl.Purify(3, 5)(x, u), "5 values per sample"),
+        ("tap unknown layer", lambda: ntl.FeatureTap(nn.Linear(2, 2), "weight"), "unknown layer"),
+        ("tap pop twice", lambda: _pop_twice(), "captured nothing"),
+        ("frozen not a module", lambda: ntl.FrozenReference("model", "x"), "must be an nn.Module"),  # type: ignore[arg-type]
+    ]
+
+
+def _pop_twice() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    with ntl.FeatureTap(model, "0") as tap:
+        model(torch.randn(1, 2))
+    tap.pop()
+    tap.pop()
+
+
+@pytest.mark.parametrize(("name", "call", "match"), invalid_cases(), ids=[c[0] for c in invalid_cases()])
+def test_invalid_input_raises_a_documented_error(name: str, call: Callable[[], Any], match: str) -> None:
+    clear_error(name, call, match)
