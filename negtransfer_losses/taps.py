@@ -396,6 +396,9 @@ class FrozenReference(nn.Module):
                 self.model(*args, **kwargs)
         except _StopForward:
             pass
+        except BaseException:
+            self._tap.clear()  # do not keep a failed pass's features alive
+            raise
         finally:
             self._tap._stop_after = None
         if self._calls_per_pass is None:
