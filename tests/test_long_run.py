@@ -90,6 +90,10 @@ def test_five_thousand_steps_with_every_loss_stay_flat() -> None:
     losses = [step() for _ in range(STEPS)]
     hooks_after, tensors_after, rss_after = hooks(model, reference), live_tensors(), rss_mib()
 
+    print(
+        f"\n{STEPS} steps: resident memory {rss_before:.1f} -> {rss_after:.1f} MiB, live tensors {tensors_before} -> "
+        f"{tensors_after}, hooks {hooks_before} -> {hooks_after}"
+    )
     assert all(map(lambda v: v == v and abs(v) < 1e6, losses)), "a loss became NaN or exploded"
     assert hooks_after == hooks_before == 6  # each of the two taps: a pre-hook on the root and 2 layer hooks
     assert tensors_after - tensors_before <= 10, f"{tensors_after - tensors_before} more live tensors"
