@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import os
 import sys
+
+# Triton kernels run in Triton's CPU interpreter in the tests; this must be set before a kernel module is
+# imported (the package imports them only when the Triton backend is used).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,7 @@ Runs on every device; the fused kernels in `negtransfer_losses.ops` are tested a
 """
 
 from .._validation import NAN_POLICIES, NanPolicy
-from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels
+from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels, aggregated_row_cosines
 from .anti_transfer import (
     ANTI_TRANSFER_AGGREGATIONS,
     DISTANCES,
@@ -80,6 +80,7 @@ __all__ = [
     "TaskKind",
     "adversarial_suppression",
     "aggregate_channels",
+    "aggregated_row_cosines",
     "anti_transfer",
     "anti_transfer_terms",
     "check_anti_transfer_options",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_tensor, checks_values, compute_dtype, describe, full_precision
+from .similarity import cosine_rows
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
@@ -64,3 +65,27 @@ def aggregate_channels(
                 f"ReLU or use aggregation='mean'"
             )
         return torch.exp(mul_exponent * torch.log(x + MUL_OFFSET).sum(dim=1, keepdim=True))
+
+
+def aggregated_row_cosines(
+    student: Tensor, reference: Tensor, aggregation: Aggregation = "mean", eps: float = 1e-8
+) -> Tensor:
+    """Per-sample cosine of the channel-aggregated maps: the reference for the fused kernel.
+
+    `s_b = <a_b, c_b> / (max(|a_b|, eps) · max(|c_b|, eps))` with `a_b = A(S_b)`, `c_b = A(R_b)` flattened over
+    the spatial dims, `A` in `"mean"`, `"sum"`, `"max"`. The reference side gets no gradient.
+
+    Args:
+        student: `(B, C, *spatial)` with at least one spatial dimension.
+        reference: same batch and spatial size (its channel count may differ).
+        aggregation: `"mean"`, `"sum"` or `"max"`.
+        eps: floor of each norm.
+
+    Returns:
+        `(B,)`, float32 (float64 for float64 input).
+    """
+    if aggregation not in ("mean", "sum", "max"):
+        raise ValueError(f"'aggregation' must be one of 'mean', 'sum', 'max'; got {aggregation!r}")
+    a = aggregate_channels(student, aggregation, name="student")
+    c = aggregate_channels(reference.detach(), aggregation, name="reference")
+    return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)

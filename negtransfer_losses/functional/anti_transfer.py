@@ -11,6 +11,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._validation import (
     NAN_POLICIES,
     NanPolicy,
@@ -25,6 +26,7 @@ from .._validation import (
     zero_unless,
 )
 from ..distributed import Gather, gather_batch
+from ..ops import Backend
 from .aggregation import AGGREGATIONS, aggregate_channels
 from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
 
@@ -65,6 +67,7 @@ def anti_transfer(
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
     gather: Gather = "local",
+    backend: Backend = "auto",
 ) -> Tensor:
     """The unweighted anti-transfer loss `L_AT = d(A(S), A(R))` of one layer (METHODS.md §1).
 
@@ -92,6 +95,8 @@ def anti_transfer(
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
             CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
+        backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops`): mean/sum/max with a cosine
+            distance run as one fused kernel per pass on the Triton backend.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -107,6 +112,7 @@ def anti_transfer(
         nan_policy=nan_policy,
         layer=layer,
         gather=gather,
+        backend=backend,
     ).loss
 
 
@@ -122,6 +128,7 @@ def anti_transfer_terms(
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
     gather: Gather = "local",
+    backend: Backend = "auto",
 ) -> AntiTransferTerms:
     """`anti_transfer` with the raw similarity and the student's activation norm, in one computation."""
     check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
@@ -134,7 +141,9 @@ def anti_transfer_terms(
         )
         student, reference = guarded["student"], guarded["reference"]
         student_norm = torch.linalg.vector_norm(student.detach().reshape(student.shape[0], -1), dim=1).mean()
-        loss, similarity = _distance(student, reference, aggregation, distance, gram_scope, eps, mul_exponent, layer)
+        loss, similarity = _distance(
+            student, reference, aggregation, distance, gram_scope, eps, mul_exponent, layer, backend
+        )
         return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), student_norm)
 
 
@@ -160,8 +169,13 @@ def _distance(
     eps: float,
     mul_exponent: float,
     layer: str | None,
+    backend: Backend,
 ) -> tuple[Tensor, Tensor]:
     """`(loss, raw similarity)` for inputs already in the compute dtype."""
+    cosine = distance in ("cos", "cos_squared")
+    if cosine and aggregation in ("mean", "sum", "max") and student.dim() >= 3:
+        mean_abs_cos = ops.aggregated_row_cosines(student, reference, aggregation, eps, backend).abs().mean()
+        return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
     if aggregation == "gram" and distance in ("cos", "cos_squared"):
         mean_abs_cos = gram_row_cosines(student, reference, gram_scope, eps).abs().mean()
         return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos

@@ -15,6 +15,7 @@ from ..functional.anti_transfer import (
     check_anti_transfer_options,
 )
 from ..functional.similarity import GramScope
+from ..ops import BACKENDS, Backend
 from ._features import Features, pair_features
 
 
@@ -46,6 +47,7 @@ class AntiTransferLoss(nn.Module):
         mul_exponent: `p` of the `"mul"` aggregation.
         nan_policy: `"raise"`, `"skip"` or `"propagate"` for non-finite features.
         gather: `"global"` computes each layer's loss on every rank's batch concatenated (DDP).
+        backend: `"auto"`, `"torch"` or `"triton"`; see `negtransfer_losses.ops`.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class AntiTransferLoss(nn.Module):
         mul_exponent: float = 0.001,
         nan_policy: NanPolicy = "raise",
         gather: Gather = "local",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
@@ -73,6 +76,8 @@ class AntiTransferLoss(nn.Module):
         self.nan_policy: NanPolicy = nan_policy
         check_choice(gather, "gather", GATHERS)
         self.gather: Gather = gather
+        check_choice(backend, "backend", BACKENDS)
+        self.backend: Backend = backend
         self.last_terms: dict[str, dict[str, Tensor]] = {}
 
     def forward(self, student: Features, reference: Features) -> Tensor:
@@ -98,6 +103,7 @@ class AntiTransferLoss(nn.Module):
                 nan_policy=self.nan_policy,
                 layer=name,
                 gather=self.gather,
+                backend=self.backend,
             )
             weighted = self.weight * self.layer_weights.get(name, 1.0) * layer_terms.loss
             terms[name] = {

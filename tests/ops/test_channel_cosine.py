@@ -1,0 +1,111 @@
+"""The fused channel-aggregation + row-cosine kernel (Triton interpreter on CPU) against the float64 twin."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import negtransfer_losses.functional as ntf
+from negtransfer_losses import ops
+
+pytest.importorskip("triton", reason="the kernels need Triton: pip install 'negtransfer-losses[triton]'")
+
+# (batch, channels, spatial): odd sizes, one tile and several tiles along channels and positions
+SHAPES = [(2, 3, (37, 5)), (3, 1, (7,)), (1, 17, (4, 4)), (2, 40, (130,))]
+# (dtype, rtol, atol) for value and gradient, against float64 on the same (rounded) inputs
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-2, 1e-3)}
+
+
+def maps(
+    batch: int, channels: int, spatial: tuple[int, ...], dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(batch, channels, *spatial, generator=g)
+    r = 0.5 * s + torch.randn(batch, channels, *spatial, generator=g)
+    return s.to(dtype), r.to(dtype)
+
+
+def value_and_grad(fn, s: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    leaf = s.detach().clone().requires_grad_(True)
+    cosines = fn(leaf, r)
+    loss = 3.7 * cosines.abs().mean().square()  # the cos_squared reduction, scaled
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return cosines.detach(), grad
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])
+@pytest.mark.parametrize(
+    ("batch", "channels", "spatial"), SHAPES, ids=[f"{b}x{c}x{'x'.join(map(str, sp))}" for b, c, sp in SHAPES]
+)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_kernel_matches_float64_reference(
+    aggregation: str, batch: int, channels: int, spatial: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    s, r = maps(batch, channels, spatial, dtype)
+    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"), s, r)
+    expected, expected_grad = value_and_grad(
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        s.double(),
+        r.double(),
+    )
+    rtol, atol = TOLERANCES[dtype]
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        grad.double(), expected_grad, rtol=rtol, atol=atol * max(1.0, expected_grad.abs().max().item())
+    )
+
+
+def test_max_ties_split_the_gradient_evenly_like_amax() -> None:
+    s = torch.tensor([[[2.0, 1.0, 0.5], [2.0, 0.5, 0.5], [0.0, 1.0, 0.5]]])  # ties at positions 0, 1 and 2
+    r = torch.tensor([[[1.0, 3.0, 2.0], [0.5, 1.0, 1.0], [2.0, 0.0, 1.0]]])
+    got = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, "max", backend="triton"), s, r)[1]
+    expected = value_and_grad(lambda a, b: ntf.aggregated_row_cosines(a, b, "max"), s.double(), r.double())[1]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)
+    assert got[0, 0, 0] == got[0, 1, 0] != 0 and got[0, 0, 2] == got[0, 1, 2] == got[0, 2, 2]
+
+
+def test_zero_maps_give_zero_cosine_and_finite_gradient() -> None:
+    s, r = torch.zeros(2, 3, 5), torch.randn(2, 3, 5)
+    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, "mean", backend="triton"), s, r)
+    assert torch.equal(value, torch.zeros(2)) and torch.isfinite(grad).all()
+
+
+def test_anti_transfer_uses_the_kernel_with_the_same_result() -> None:
+    s, r = maps(3, 6, (5, 3), torch.float32)
+    for distance in ("cos", "cos_squared"):
+        torch.testing.assert_close(
+            ntf.anti_transfer(s, r, "mean", distance, backend="triton"),  # type: ignore[arg-type]
+            ntf.anti_transfer(s, r, "mean", distance, backend="torch"),  # type: ignore[arg-type]
+        )
+
+
+def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(1)
+    assert ops.resolve_backend("auto", cpu) == "torch"  # CPU tensors take the functional path
+    assert ops.resolve_backend("torch", cpu) == "torch"
+    assert ops.resolve_backend("triton", cpu) == "triton"  # under TRITON_INTERPRET=1
+    monkeypatch.setenv("NEGTRANSFER_BACKEND", "triton")
+    assert ops.resolve_backend("auto", cpu) == "triton"
+    monkeypatch.setenv("NEGTRANSFER_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"'NEGTRANSFER_BACKEND' must be one of 'auto', 'torch', 'triton'"):
+        ops.resolve_backend("auto", cpu)
+    monkeypatch.delenv("NEGTRANSFER_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors \(got cpu\); set TRITON_INTERPRET=1"):
+        ops.resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match=r"'backend' must be one of"):
+        ops.resolve_backend("cuda", cpu)  # type: ignore[arg-type]
+
+
+def test_importing_the_package_does_not_import_triton() -> None:
+    code = (
+        "import sys, torch, negtransfer_losses as n; "
+        "n.AntiTransferLoss('mean', 'cos')(torch.randn(2, 3, 4), torch.randn(2, 3, 4)); "
+        "print('triton' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
