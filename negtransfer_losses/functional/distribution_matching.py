@@ -138,9 +138,10 @@ def infer_a_from_b(
         mixed = (probs_b * weights) @ posterior.T
         return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(tiny)  # B classes no A class produces lose mass
     if inversion == "bayes":
-        rc = r.clamp(eps, 1 - eps)
+        log_r = torch.log(r.clamp(eps, 1 - eps))
+        log_not_r = torch.log((1 - r).clamp(eps, 1 - eps))  # = log(1 - clamp(r)), without 1 - (1 - eps) cancelling
         p = probs_b * weights
-        log_q = torch.log(prior.to(dtype)).clamp_min(-1e4) + p @ torch.log(rc).T + (weights - p) @ torch.log1p(-rc).T
+        log_q = torch.log(prior.to(dtype)).clamp_min(-1e4) + p @ log_r.T + (weights - p) @ log_not_r.T
         return torch.softmax(log_q, dim=1)
     log_p = torch.log(probs_b.clamp(eps, 1.0)) * weights
     logits = log_p @ r.T  # terms with R = 0 vanish; R > 0 terms are the product form's
@@ -217,7 +218,7 @@ def distribution_matching(
     check_choice(divergence, "divergence", DIVERGENCES)
     for direction in directions:
         check_choice(direction, "directions", DIRECTIONS)
-    _check_heads(logits_a, logits_b, matrix)
+    check_heads(logits_a, logits_b, matrix)
     if prior is None:
         prior = torch.full((matrix.shape[0],), 1.0 / matrix.shape[0])
     with full_precision(logits_a, logits_b):
@@ -262,7 +263,7 @@ def soft_co_annotation(
     check_tensor(logits_b, "logits_b", min_dim=2)
     check_choice(kind, "kind", TASK_KINDS)
     check_choice(inversion, "inversion", INVERSIONS)
-    _check_heads(logits_a, logits_b, matrix)
+    check_heads(logits_a, logits_b, matrix)
     n, num_a, num_b = logits_a.shape[0], matrix.shape[0], matrix.shape[1]
     check_labels(labels_a, num_a, n, name="labels_a", ignore_index=ignore_index)
     if prior is None:
@@ -302,7 +303,8 @@ def _task_b_labels(
     return values, annotated
 
 
-def _check_heads(logits_a: Tensor, logits_b: Tensor, matrix: Tensor) -> None:
+def check_heads(logits_a: Tensor, logits_b: Tensor, matrix: Tensor) -> None:
+    """Raise `ValueError` unless the logits are `(N, K)` and `(N, M)` for a `(K, M)` relatedness matrix."""
     if matrix.dim() != 2:
         raise ValueError(f"the relatedness matrix must be (K, M), got shape {tuple(matrix.shape)}")
     if logits_a.shape[0] != logits_b.shape[0]:

@@ -17,12 +17,12 @@ from ..functional.distribution_matching import (
     Divergence,
     Inversion,
     TaskKind,
-    distribution_matching,
     masked_binary_cross_entropy,
     masked_cross_entropy,
     soft_co_annotation,
 )
 from ..functional.suppression import IGNORE_INDEX
+from ..ops import BACKENDS, Backend, distribution_matching
 from ..relatedness import TaskRelatedness
 
 
@@ -59,7 +59,9 @@ class DistributionMatchingLoss(_Coupled):
     (`inversion="bayes"`, the library's own) or the papers' product form (`"product"`) for B→A. Each term
     is a mean over samples (and attributes for a multilabel B). `divergence="kl"` is zero when the tasks
     agree; `"ce"` is the papers' cross-entropy form. Gradients reach both heads unless
-    `detach_target=True`. Per-direction values are in `last_terms` after each call.
+    `detach_target=True`. Per-direction values are in `last_terms` after each call. `backend` picks the
+    fused Triton kernel (multilabel B, Bayes inversion) or the functional path; see `negtransfer_losses.ops`.
+    Non-finite logits follow `nan_policy` (`"raise"`, `"skip"`, `"propagate"`).
 
     Forward: `(logits_a (N, K), logits_b (N, M))` → scalar.
     """
@@ -75,8 +77,11 @@ class DistributionMatchingLoss(_Coupled):
         *,
         eps: float = EPS,
         nan_policy: NanPolicy = "raise",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__(relatedness, inversion, nan_policy)
+        check_choice(backend, "backend", BACKENDS)
+        self.backend: Backend = backend
         directions = tuple(directions)
         if not directions:
             raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
@@ -102,6 +107,7 @@ class DistributionMatchingLoss(_Coupled):
             self.divergence,
             self.detach_target,
             self.eps,
+            backend=self.backend,
         )
         terms = {name: zero_unless(finite, value) for name, value in terms.items()}
         self.last_terms = {name: value.detach() for name, value in terms.items()}
@@ -163,7 +169,7 @@ class MultiTaskLoss(nn.Module):
     `L_A`: cross-entropy over samples with a known A label; `L_B`: BCE over annotated B entries with
     FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass). Set a λ to 0
     to drop a term (0 for both gives plain multi-task learning with masked losses). `last_terms` holds
-    every term, unweighted, after each call.
+    every term, unweighted, after each call. `nan_policy` and `backend` as in `DistributionMatchingLoss`.
 
     Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar.
     """
@@ -181,6 +187,7 @@ class MultiTaskLoss(nn.Module):
         detach_target: bool = False,
         ignore_index: int = IGNORE_INDEX,
         nan_policy: NanPolicy = "raise",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
@@ -195,7 +202,12 @@ class MultiTaskLoss(nn.Module):
         self.ignore_index = ignore_index
         # the NaN guard runs once, in forward; the parts see guarded logits
         self.matching = DistributionMatchingLoss(
-            relatedness, inversion=inversion, divergence=divergence, detach_target=detach_target, nan_policy="propagate"
+            relatedness,
+            inversion=inversion,
+            divergence=divergence,
+            detach_target=detach_target,
+            nan_policy="propagate",
+            backend=backend,
         )
         self.co_annotation = SoftCoAnnotationLoss(
             relatedness, inversion=inversion, ignore_index=ignore_index, nan_policy="propagate"

@@ -5,8 +5,11 @@ otherwise; `"torch"` and `"triton"` force one. The environment variable `NEGTRAN
 `torch` or `triton`) replaces the default `"auto"`. Triton is imported only when a kernel runs; with
 `TRITON_INTERPRET=1` the kernels also run, slowly, on CPU tensors (how the tests check them).
 
-Kernels so far: channel aggregation (mean/sum/max) fused with the row cosine
-(`aggregated_row_cosines`), used by `anti_transfer` for those aggregations with the cosine distances.
+Kernels so far:
+- channel aggregation (mean/sum/max) fused with the row cosine (`aggregated_row_cosines`), used by
+  `anti_transfer` for those aggregations with the cosine distances;
+- distribution matching for a multilabel task B with the Bayes inversion (`distribution_matching`), used by
+  `DistributionMatchingLoss` and `MultiTaskLoss`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ from torch import Tensor
 
 from .._validation import check_choice
 from ..functional.aggregation import aggregated_row_cosines as _torch_aggregated_row_cosines
+from ..functional.distribution_matching import (
+    DIRECTIONS,
+    DIVERGENCES,
+    EPS,
+    Direction,
+    Divergence,
+    Inversion,
+    TaskKind,
+    check_heads,
+)
+from ..functional.distribution_matching import distribution_matching as _torch_distribution_matching
 
 Backend: TypeAlias = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -67,3 +81,38 @@ def aggregated_row_cosines(
 
     cosines: Tensor = AggregatedRowCosines.apply(student, reference, aggregation, eps)  # type: ignore[no-untyped-call]
     return cosines
+
+
+def distribution_matching(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    matrix: Tensor,
+    prior: Tensor | None = None,
+    kind: TaskKind = "multilabel",
+    directions: tuple[Direction, ...] = DIRECTIONS,
+    inversion: Inversion = "bayes",
+    divergence: Divergence = "kl",
+    detach_target: bool = False,
+    eps: float = EPS,
+    backend: Backend = "auto",
+) -> dict[Direction, Tensor]:
+    """`functional.distribution_matching`; one fused kernel per pass for a multilabel task B with the Bayes
+    inversion on the Triton backend (other configurations take the functional path)."""
+    fused = kind == "multilabel" and inversion == "bayes"
+    if not fused or resolve_backend(backend, logits_a, logits_b) == "torch":
+        return _torch_distribution_matching(
+            logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps
+        )
+    check_heads(logits_a, logits_b, matrix)
+    for direction in directions:
+        check_choice(direction, "directions", DIRECTIONS)
+    check_choice(divergence, "divergence", DIVERGENCES)
+    if prior is None:
+        prior = matrix.new_full((matrix.shape[0],), 1.0 / matrix.shape[0])
+    from .fused_distribution_matching import FusedDistributionMatching
+
+    per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
+        logits_a, logits_b, matrix, prior, divergence == "kl", detach_target, eps
+    )
+    means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
+    return {direction: means[DIRECTIONS.index(direction)] for direction in directions}

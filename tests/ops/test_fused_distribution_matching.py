@@ -1,0 +1,94 @@
+"""The fused distribution-matching kernel (Triton interpreter on CPU) against the float64 functional path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import negtransfer_losses as ntl
+import negtransfer_losses.functional as ntf
+from negtransfer_losses import ops
+
+pytest.importorskip("triton", reason="the kernels need Triton: pip install 'negtransfer-losses[triton]'")
+
+# (N, K, M): odd sizes, one class, one attribute, a wide task A, an empty batch
+SHAPES = [(5, 7, 17), (3, 1, 3), (4, 4, 1), (2, 37, 5), (0, 3, 2)]
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-2, 1e-3)}
+
+
+def problem(n: int, k: int, m: int, dtype: torch.dtype, scale: float = 2.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    za = (scale * torch.randn(n, k, generator=g)).to(dtype)
+    zb = (scale * torch.randn(n, m, generator=g)).to(dtype)
+    r = torch.rand(k, m, generator=g, dtype=torch.float64)
+    r[0] = 0.0  # a neutral class: no attribute
+    if k > 1:
+        r[1, : max(1, m // 2)] = 1.0  # hard 0/1 entries: the clamps' edges
+    prior = torch.rand(k, generator=g, dtype=torch.float64) + 0.1
+    return za, zb, r, prior / prior.sum()
+
+
+def run(fn, za, zb) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+    a, b = za.detach().clone().requires_grad_(True), zb.detach().clone().requires_grad_(True)
+    terms = fn(a, b)
+    total = 3.7 * terms["a_to_b"] + 1.3 * terms["b_to_a"]  # unequal weights: each direction's grad is checked
+    grads = torch.autograd.grad(total, [a, b], allow_unused=True)
+    return torch.stack([terms["a_to_b"], terms["b_to_a"]]).detach(), [
+        torch.zeros_like(x) if g is None else g for x, g in zip([a, b], grads, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(("n", "k", "m"), SHAPES, ids=[f"N{n}K{k}M{m}" for n, k, m in SHAPES])
+@pytest.mark.parametrize("divergence", ["kl", "ce"])
+@pytest.mark.parametrize("detach", [False, True], ids=["coupled", "detached"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_kernel_matches_float64_reference(
+    n: int, k: int, m: int, divergence: str, detach: bool, dtype: torch.dtype
+) -> None:
+    za, zb, r, prior = problem(n, k, m, dtype)
+    kwargs = {"divergence": divergence, "detach_target": detach}
+    value, grads = run(lambda a, b: ops.distribution_matching(a, b, r, prior, backend="triton", **kwargs), za, zb)
+    expected, expected_grads = run(
+        lambda a, b: ntf.distribution_matching(a, b, r, prior, **kwargs), za.double(), zb.double()
+    )
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(
+            g.double(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item() if e.numel() else 1.0)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_extreme_logits_stay_finite(dtype: torch.dtype) -> None:
+    za, zb, r, prior = problem(4, 5, 6, torch.float32)
+    za, zb = (za.sign() * 1e4).to(dtype), (zb.sign() * 1e4).to(dtype)
+    value, grads = run(lambda a, b: ops.distribution_matching(a, b, r, prior, backend="triton"), za, zb)
+    assert torch.isfinite(value).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_other_configurations_take_the_functional_path() -> None:
+    za, zb, r, prior = problem(4, 3, 3, torch.float32)
+    rows = r / r.sum(1, keepdim=True).clamp_min(1e-9)
+    rows[0] = 1.0 / 3
+    for kind, matrix, inversion in (("multiclass", rows, "bayes"), ("multilabel", r, "product")):
+        got = ops.distribution_matching(za, zb, matrix, prior, kind, inversion=inversion, backend="triton")  # type: ignore[arg-type]
+        expected = ntf.distribution_matching(za, zb, matrix, prior, kind, inversion=inversion)  # type: ignore[arg-type]
+        assert got.keys() == expected.keys() and all(torch.equal(got[d], expected[d]) for d in got)
+
+
+def test_modules_use_the_kernel_with_the_same_result() -> None:
+    za, zb, r, prior = problem(6, 4, 3, torch.float32)
+    relatedness = ntl.TaskRelatedness(r, prior=prior)
+    labels_a = torch.tensor([0, -100, 2, 3, -100, 1])
+    labels_b = torch.tensor([[float("nan")] * 3, [1.0, 0.0, 1.0]] * 3)
+    for backend in ("triton", "torch"):
+        torch.testing.assert_close(
+            ntl.DistributionMatchingLoss(relatedness, backend=backend)(za, zb),  # type: ignore[arg-type]
+            ntl.DistributionMatchingLoss(relatedness, backend="torch")(za, zb),
+        )
+    torch.testing.assert_close(
+        ntl.MultiTaskLoss(relatedness, backend="triton")(za, zb, labels_a, labels_b),
+        ntl.MultiTaskLoss(relatedness, backend="torch")(za, zb, labels_a, labels_b),
+    )
