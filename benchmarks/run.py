@@ -74,13 +74,15 @@ FAMILIES = {
         "gram_batch",
         "B=30 C=512 8×8, gram batch, cos²",
         _maps(30, 512, 8, 8),
-        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "batch", nan_policy="propagate"),
+        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "batch", nan_policy="propagate", backend="torch"),
+        lambda s, r: ops.gram_row_cosines(s, r, "batch", backend="triton").abs().mean().square(),
     ),
     "gram_sample": Family(
         "gram_sample",
         "B=64 C=256 28×28, gram sample, cos²",
         _maps(64, 256, 28, 28),
-        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "sample", nan_policy="propagate"),
+        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "sample", nan_policy="propagate", backend="torch"),
+        lambda s, r: ops.gram_row_cosines(s, r, "sample", backend="triton").abs().mean().square(),
     ),
     "distribution_matching": Family(
         "distribution_matching",

@@ -28,7 +28,7 @@ from .._validation import (
 from ..distributed import Gather, gather_batch
 from ..ops import Backend
 from .aggregation import AGGREGATIONS, aggregate_channels
-from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, gram_row_cosines, linear_cka
+from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, linear_cka
 
 AntiTransferAggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul", "gram"]
 Distance: TypeAlias = Literal["cos_squared", "cos", "mse_sigmoid", "cka"]
@@ -177,7 +177,7 @@ def _distance(
         mean_abs_cos = ops.aggregated_row_cosines(student, reference, aggregation, eps, backend).abs().mean()
         return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
     if aggregation == "gram" and distance in ("cos", "cos_squared"):
-        mean_abs_cos = gram_row_cosines(student, reference, gram_scope, eps).abs().mean()
+        mean_abs_cos = ops.gram_row_cosines(student, reference, gram_scope, eps, backend).abs().mean()
         return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
     if aggregation == "gram":
         a, b = gram(student, gram_scope), gram(reference, gram_scope)

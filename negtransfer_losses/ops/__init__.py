@@ -5,7 +5,9 @@ otherwise; `"torch"` and `"triton"` force one. The environment variable `NEGTRAN
 `torch` or `triton`) replaces the default `"auto"`. Triton is imported only when a kernel runs; with
 `TRITON_INTERPRET=1` the kernels also run, slowly, on CPU tensors (how the tests check them).
 
-Kernels so far:
+Kernels:
+- row cosines of Gram matrices (both scopes) without forming them (`gram_row_cosines`), used by
+  `anti_transfer` for the Gram aggregation with the cosine distances;
 - channel aggregation (mean/sum/max) fused with the row cosine (`aggregated_row_cosines`), used by
   `anti_transfer` for those aggregations with the cosine distances;
 - distribution matching for a multilabel task B with the Bayes inversion (`distribution_matching`), used by
@@ -33,6 +35,8 @@ from ..functional.distribution_matching import (
     check_heads,
 )
 from ..functional.distribution_matching import distribution_matching as _torch_distribution_matching
+from ..functional.similarity import GRAM_SCOPES, GramScope
+from ..functional.similarity import gram_row_cosines as _torch_gram_row_cosines
 
 Backend: TypeAlias = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -116,3 +120,18 @@ def distribution_matching(
     )
     means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
     return {direction: means[DIRECTIONS.index(direction)] for direction in directions}
+
+
+def gram_row_cosines(
+    x: Tensor, y: Tensor, scope: GramScope = "batch", eps: float = 1e-8, backend: Backend = "auto"
+) -> Tensor:
+    """`functional.gram_row_cosines`; on the Triton backend, tiled so that no Gram matrix is ever formed."""
+    if resolve_backend(backend, x, y) == "torch":
+        return _torch_gram_row_cosines(x, y, scope, eps)
+    check_choice(scope, "scope", GRAM_SCOPES)
+    if x.shape != y.shape or x.dim() < 2:
+        raise ValueError(f"'x' and 'y' must have one shape (B, C, ...), got {tuple(x.shape)} and {tuple(y.shape)}")
+    from .gram_cosine import GramRowCosines
+
+    cosines: Tensor = GramRowCosines.apply(x, y, scope, eps)  # type: ignore[no-untyped-call]
+    return cosines
