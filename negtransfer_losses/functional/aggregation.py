@@ -67,6 +67,21 @@ def aggregate_channels(
         return torch.exp(mul_exponent * torch.log(x + MUL_OFFSET).sum(dim=1, keepdim=True))
 
 
+ROW_AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "sum", "max")
+
+
+def check_row_aggregation_pair(student: Tensor, reference: Tensor, aggregation: str) -> None:
+    """The checks of `aggregated_row_cosines`, shared with its fused twin: same batch and spatial size."""
+    check_choice(aggregation, "aggregation", ROW_AGGREGATIONS)
+    check_tensor(student, "student", min_dim=2)
+    check_tensor(reference, "reference", min_dim=2)
+    if student.shape[0] != reference.shape[0] or student.shape[2:] != reference.shape[2:]:
+        raise ValueError(
+            f"'student' and 'reference' must agree in batch and spatial size, got {tuple(student.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+
+
 def aggregated_row_cosines(
     student: Tensor, reference: Tensor, aggregation: Aggregation = "mean", eps: float = 1e-8
 ) -> Tensor:
@@ -84,8 +99,7 @@ def aggregated_row_cosines(
     Returns:
         `(B,)`, float32 (float64 for float64 input).
     """
-    if aggregation not in ("mean", "sum", "max"):
-        raise ValueError(f"'aggregation' must be one of 'mean', 'sum', 'max'; got {aggregation!r}")
+    check_row_aggregation_pair(student, reference, aggregation)
     a = aggregate_channels(student, aggregation, name="student")
     c = aggregate_channels(reference.detach(), aggregation, name="reference")
     return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)

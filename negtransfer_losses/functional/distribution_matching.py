@@ -211,16 +211,7 @@ def distribution_matching(
     `divergence="kl"` is zero when the two tasks agree; `"ce"` is the papers' cross-entropy form (KL plus
     the target's entropy). Gradients flow into both heads unless `detach_target=True`.
     """
-    check_tensor(logits_a, "logits_a", min_dim=2)
-    check_tensor(logits_b, "logits_b", min_dim=2)
-    check_choice(kind, "kind", TASK_KINDS)
-    check_choice(inversion, "inversion", INVERSIONS)
-    check_choice(divergence, "divergence", DIVERGENCES)
-    for direction in directions:
-        check_choice(direction, "directions", DIRECTIONS)
-    check_heads(logits_a, logits_b, matrix)
-    if prior is None:
-        prior = torch.full((matrix.shape[0],), 1.0 / matrix.shape[0])
+    prior = check_matching_inputs(logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence)
     with full_precision(logits_a, logits_b):
         dtype = compute_dtype(logits_a, logits_b)
         z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
@@ -236,6 +227,28 @@ def distribution_matching(
             q_a = infer_a_from_b(p_b.detach() if detach_target else p_b, r, pi, kind, inversion, eps=eps)
             terms["b_to_a"] = _mean_over(soft_categorical_divergence(z_a, q_a, divergence, eps), ones)
         return terms
+
+
+def check_matching_inputs(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    matrix: Tensor,
+    prior: Tensor | None,
+    kind: str,
+    directions: tuple[str, ...],
+    inversion: str,
+    divergence: str,
+) -> Tensor:
+    """The checks of `distribution_matching`, shared with its fused twin; returns the prior (uniform if None)."""
+    check_tensor(logits_a, "logits_a", min_dim=2)
+    check_tensor(logits_b, "logits_b", min_dim=2)
+    check_choice(kind, "kind", TASK_KINDS)
+    check_choice(inversion, "inversion", INVERSIONS)
+    check_choice(divergence, "divergence", DIVERGENCES)
+    for direction in directions:
+        check_choice(direction, "directions", DIRECTIONS)
+    check_heads(logits_a, logits_b, matrix)
+    return torch.full((matrix.shape[0],), 1.0 / matrix.shape[0]) if prior is None else prior
 
 
 def soft_co_annotation(

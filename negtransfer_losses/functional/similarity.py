@@ -97,11 +97,7 @@ def gram_row_cosines(x: Tensor, y: Tensor, scope: GramScope = "batch", eps: floa
     Returns:
         `(B·C,)` cosines, sample-major for `"sample"`.
     """
-    check_tensor(x, "x", min_dim=2)
-    check_tensor(y, "y", min_dim=2)
-    check_choice(scope, "scope", GRAM_SCOPES)
-    if x.shape != y.shape:
-        raise ValueError(f"'x' and 'y' must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    check_gram_pair(x, y, scope)
     with full_precision(x, y):
         dtype = compute_dtype(x, y)
         batch, channels = x.shape[0], x.shape[1]
@@ -118,6 +114,15 @@ def gram_row_cosines(x: Tensor, y: Tensor, scope: GramScope = "batch", eps: floa
         sq_norm_y = ((u @ (ut @ u)) * u).sum(dim=2)
         floor = eps * eps
         return (dot / (sq_norm_x.clamp_min(floor).sqrt() * sq_norm_y.clamp_min(floor).sqrt())).reshape(-1)
+
+
+def check_gram_pair(x: Tensor, y: Tensor, scope: str) -> None:
+    """The checks of `gram_row_cosines`, shared with its fused twin: two `(B, C, ...)` maps of one shape."""
+    check_tensor(x, "x", min_dim=2)
+    check_tensor(y, "y", min_dim=2)
+    check_choice(scope, "scope", GRAM_SCOPES)
+    if x.shape != y.shape:
+        raise ValueError(f"'x' and 'y' must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def kernel_matrix(x: Tensor, kernel: Kernel = "linear", sigma: float | None = None) -> Tensor:

@@ -24,18 +24,18 @@ from torch import Tensor
 
 from .._validation import check_choice
 from ..functional.aggregation import aggregated_row_cosines as _torch_aggregated_row_cosines
+from ..functional.aggregation import check_row_aggregation_pair
 from ..functional.distribution_matching import (
     DIRECTIONS,
-    DIVERGENCES,
     EPS,
     Direction,
     Divergence,
     Inversion,
     TaskKind,
-    check_heads,
+    check_matching_inputs,
 )
 from ..functional.distribution_matching import distribution_matching as _torch_distribution_matching
-from ..functional.similarity import GRAM_SCOPES, GramScope
+from ..functional.similarity import GramScope, check_gram_pair
 from ..functional.similarity import gram_row_cosines as _torch_gram_row_cosines
 
 Backend: TypeAlias = Literal["auto", "torch", "triton"]
@@ -77,10 +77,9 @@ def aggregated_row_cosines(
     student: Tensor, reference: Tensor, aggregation: str = "mean", eps: float = 1e-8, backend: Backend = "auto"
 ) -> Tensor:
     """`functional.aggregated_row_cosines`, fused in one Triton kernel per pass when the backend is Triton."""
+    check_row_aggregation_pair(student, reference, aggregation)
     if resolve_backend(backend, student, reference) == "torch":
         return _torch_aggregated_row_cosines(student, reference, aggregation, eps)  # type: ignore[arg-type]
-    if aggregation not in ("mean", "sum", "max"):
-        raise ValueError(f"'aggregation' must be one of 'mean', 'sum', 'max'; got {aggregation!r}")
     from .channel_cosine import AggregatedRowCosines
 
     cosines: Tensor = AggregatedRowCosines.apply(student, reference, aggregation, eps)  # type: ignore[no-untyped-call]
@@ -107,12 +106,7 @@ def distribution_matching(
         return _torch_distribution_matching(
             logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps
         )
-    check_heads(logits_a, logits_b, matrix)
-    for direction in directions:
-        check_choice(direction, "directions", DIRECTIONS)
-    check_choice(divergence, "divergence", DIVERGENCES)
-    if prior is None:
-        prior = matrix.new_full((matrix.shape[0],), 1.0 / matrix.shape[0])
+    prior = check_matching_inputs(logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence)
     from .fused_distribution_matching import FusedDistributionMatching
 
     per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
@@ -126,11 +120,9 @@ def gram_row_cosines(
     x: Tensor, y: Tensor, scope: GramScope = "batch", eps: float = 1e-8, backend: Backend = "auto"
 ) -> Tensor:
     """`functional.gram_row_cosines`; on the Triton backend, tiled so that no Gram matrix is ever formed."""
+    check_gram_pair(x, y, scope)
     if resolve_backend(backend, x, y) == "torch":
         return _torch_gram_row_cosines(x, y, scope, eps)
-    check_choice(scope, "scope", GRAM_SCOPES)
-    if x.shape != y.shape or x.dim() < 2:
-        raise ValueError(f"'x' and 'y' must have one shape (B, C, ...), got {tuple(x.shape)} and {tuple(y.shape)}")
     from .gram_cosine import GramRowCosines
 
     cosines: Tensor = GramRowCosines.apply(x, y, scope, eps)  # type: ignore[no-untyped-call]

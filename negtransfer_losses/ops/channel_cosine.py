@@ -50,7 +50,7 @@ def _aggregate_tile(base, stride_c, offs_n, mask_n, C, AGG: tl.constexpr, BLOCK_
 @triton.jit
 def _forward_kernel(
     s_ptr, r_ptr, cos_ptr, norm_s_ptr, norm_r_ptr,
-    C, N, stride_sb, stride_sc, stride_rb, stride_rc, eps,
+    C, C_R, N, stride_sb, stride_sc, stride_rb, stride_rc, eps,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -61,7 +61,7 @@ def _forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         a = _aggregate_tile(s_ptr + b * stride_sb, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C)
-        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C, AGG, BLOCK_C)
+        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C)
         dot += a * c
         sq_s += a * a
         sq_r += c * c
@@ -76,7 +76,7 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     s_ptr, r_ptr, grad_ptr, cos_ptr, norm_s_ptr, norm_r_ptr, ds_ptr,
-    C, N, stride_sb, stride_sc, stride_rb, stride_rc, stride_db, stride_dc, eps,
+    C, C_R, N, stride_sb, stride_sc, stride_rb, stride_rc, stride_db, stride_dc, eps,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -92,7 +92,7 @@ def _backward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         a = _aggregate_tile(s_base, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C)
-        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C, AGG, BLOCK_C)
+        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C)
         grad_a = g * (c / (clamped_s * clamped_r) - through_norm * a)
         if AGG == 2:
             ties = tl.zeros((BLOCK_N,), tl.float32)
@@ -135,7 +135,7 @@ class AggregatedRowCosines(torch.autograd.Function):
         block_c, block_n = _blocks(channels, positions)
         code = AGGREGATION_CODES[aggregation]
         _forward_kernel[(batch,)](
-            s, r, cosines, norms_s, norms_r, channels, positions,
+            s, r, cosines, norms_s, norms_r, channels, r.shape[1], positions,
             s.stride(0), s.stride(1), r.stride(0), r.stride(1), eps,
             AGG=code, BLOCK_C=block_c, BLOCK_N=block_n,
         )  # fmt: skip
@@ -149,7 +149,7 @@ class AggregatedRowCosines(torch.autograd.Function):
         shape, code, eps, block_c, block_n = ctx.meta
         grad_s = torch.empty_like(s)
         _backward_kernel[(s.shape[0],)](
-            s, r, grad.contiguous(), cosines, norms_s, norms_r, grad_s, s.shape[1], s.shape[2],
+            s, r, grad.contiguous(), cosines, norms_s, norms_r, grad_s, s.shape[1], r.shape[1], s.shape[2],
             s.stride(0), s.stride(1), r.stride(0), r.stride(1), grad_s.stride(0), grad_s.stride(1), eps,
             AGG=code, BLOCK_C=block_c, BLOCK_N=block_n,
         )  # fmt: skip

@@ -109,3 +109,33 @@ def test_importing_the_package_does_not_import_triton() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])
+def test_reference_with_another_channel_count(aggregation: str) -> None:
+    # the contract allows it; the kernel once reduced the reference over the student's channel count
+    g = torch.Generator().manual_seed(3)
+    s, r = torch.randn(3, 4, 6, 5, generator=g), torch.randn(3, 9, 6, 5, generator=g)
+    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"), s, r)
+    expected, expected_grad = value_and_grad(
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        s.double(),
+        r.double(),
+    )
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_both_paths_give_the_documented_errors(backend: str) -> None:
+    s = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match=r"'student' must be a real floating-point tensor"):
+        ops.aggregated_row_cosines(s.long(), s, "mean", backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must agree in batch and spatial size"):
+        ops.aggregated_row_cosines(s, s[:, :, :3], "mean", backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'aggregation' must be one of 'mean', 'sum', 'max'"):
+        ops.aggregated_row_cosines(s, s, "mul", backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"'x' must be a torch.Tensor"):
+        ops.gram_row_cosines([[1.0]], s, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'x' and 'y' must have the same shape"):
+        ops.gram_row_cosines(s, s[:1], backend=backend)  # type: ignore[arg-type]

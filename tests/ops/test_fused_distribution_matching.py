@@ -92,3 +92,14 @@ def test_modules_use_the_kernel_with_the_same_result() -> None:
         ntl.MultiTaskLoss(relatedness, backend="triton")(za, zb, labels_a, labels_b),
         ntl.MultiTaskLoss(relatedness, backend="torch")(za, zb, labels_a, labels_b),
     )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_both_paths_give_the_documented_errors(backend: str) -> None:
+    za, zb, r, prior = problem(3, 4, 2, torch.float32)
+    with pytest.raises(TypeError, match=r"'logits_a' must be a real floating-point tensor"):
+        ops.distribution_matching(za.long(), zb, r, prior, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'divergence' must be one of 'kl', 'ce'"):
+        ops.distribution_matching(za, zb, r, prior, divergence="js", backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'logits_b' must be \(N, 2\)"):
+        ops.distribution_matching(za, za, r, prior, backend=backend)  # type: ignore[arg-type]
