@@ -95,8 +95,8 @@ def anti_transfer(
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
             CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
-        backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops`): mean/sum/max with a cosine
-            distance run as one fused kernel per pass on the Triton backend.
+        backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops`): with a cosine distance,
+            `gram`, `mean`, `sum` and `max` run as fused kernels on the Triton backend.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -171,13 +171,10 @@ def _distance(
     layer: str | None,
     backend: Backend,
 ) -> tuple[Tensor, Tensor]:
-    """`(loss, raw similarity)` for inputs already in the compute dtype."""
-    cosine = distance in ("cos", "cos_squared")
-    if cosine and aggregation in ("mean", "sum", "max") and student.dim() >= 3:
-        mean_abs_cos = ops.aggregated_row_cosines(student, reference, aggregation, eps, backend).abs().mean()
-        return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
-    if aggregation == "gram" and distance in ("cos", "cos_squared"):
-        mean_abs_cos = ops.gram_row_cosines(student, reference, gram_scope, eps, backend).abs().mean()
+    """`(loss, raw similarity)`; every path reduces in float32 (float64) whatever the inputs' dtype."""
+    if distance in ("cos", "cos_squared"):
+        cosines = _row_cosines(student, reference, aggregation, gram_scope, eps, mul_exponent, layer, backend)
+        mean_abs_cos = cosines.abs().mean()
         return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
     if aggregation == "gram":
         a, b = gram(student, gram_scope), gram(reference, gram_scope)
@@ -187,20 +184,33 @@ def _distance(
     if distance == "cka":
         similarity = linear_cka(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
         return similarity, similarity
-    if distance == "mse_sigmoid":
-        if aggregation == "gram":
-            scale = GRAM_MSE_SCALE / student.numel()
-            a, b = a * scale, b * scale
-        mse = (a - b).square().mean()
-        return -torch.sigmoid(mse), mse
-    mean_abs_cos = cosine_rows(_rows(a), _rows(b), eps).abs().mean()
-    return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
+    if aggregation == "gram":  # mse_sigmoid on the Gram matrices: the authors' scale
+        scale = GRAM_MSE_SCALE / student.numel()
+        a, b = a * scale, b * scale
+    mse = (a - b).square().mean()
+    return -torch.sigmoid(mse), mse
 
 
-def _rows(a: Tensor) -> Tensor:
+def _row_cosines(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation,
+    gram_scope: GramScope,
+    eps: float,
+    mul_exponent: float,
+    layer: str | None,
+    backend: Backend,
+) -> Tensor:
+    """The cosines `s_i` of matching rows: of the Gram matrices, or of each `(b, c')` slice of `A(·)`."""
+    if aggregation == "gram":
+        return ops.gram_row_cosines(student, reference, gram_scope, eps, backend)
+    if aggregation in ("mean", "sum", "max"):  # 2-D features with these were rejected by _check_shapes
+        return ops.aggregated_row_cosines(student, reference, aggregation, eps, backend)
+    a = aggregate_channels(student, aggregation, mul_exponent=mul_exponent, name="student", layer=layer)
+    b = aggregate_channels(reference, aggregation, mul_exponent=mul_exponent, name="reference", layer=layer)
     if a.dim() == 2:  # (B, D): no spatial extent, each sample's vector is a row
-        return a
-    return a.reshape(a.shape[0] * a.shape[1], -1)
+        return cosine_rows(a, b, eps)
+    return cosine_rows(a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1), eps)
 
 
 def _check_shapes(
