@@ -98,16 +98,17 @@ def guard_finite(
     check_choice(nan_policy, "nan_policy", NAN_POLICIES)
     if nan_policy == "propagate" or (nan_policy == "raise" and not checks_values()):
         return dict(tensors), None
+    check_same_device(tensors, layer=layer)
     flags = {name: torch.isfinite(t).all() for name, t in tensors.items()}
+    finite = torch.stack(list(flags.values())).all()
     if nan_policy == "raise":
-        bad = [name for name, flag in flags.items() if not bool(flag)]
-        if bad:
+        if not bool(finite):  # one device synchronization; per input only to name the culprits
+            bad = [name for name, flag in flags.items() if not bool(flag)]
             raise ValueError(
                 f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
                 f"to give such a batch zero loss, or nan_policy='propagate' to skip the check"
             )
         return dict(tensors), None
-    finite = torch.stack(list(flags.values())).all()
     return {name: torch.where(finite, t, torch.zeros_like(t)) for name, t in tensors.items()}, finite
 
 

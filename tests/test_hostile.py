@@ -290,6 +290,11 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("batch mismatch", lambda: ntf.linear_cka(x, x[:5]), "same batch size"),
         ("device mismatch", lambda: ntf.linear_cka(x, meta), "same device"),
         ("device mismatch AT", lambda: ntf.anti_transfer(x[:, :, None], meta[:, :, None]), "same device"),
+        (
+            "device mismatch cka",
+            lambda: ntl.TaskIrrelevantSuppression("cka")(x, irrelevant_features=meta),
+            "same device",
+        ),
         ("labels float", lambda: ntf.irrelevant_hsic(x, u.float(), 3), "integer class indices"),
         ("labels wrong shape", lambda: ntf.irrelevant_hsic(x, u[:, None], 3), r"shape \(6,\)"),
         ("labels out of range", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(x, u + 1), "holds 3, outside"),
