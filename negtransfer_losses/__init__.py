@@ -5,7 +5,9 @@
 - suppression of task-irrelevant factors: `TaskIrrelevantSuppression`, `Purify`;
 - multi-task distribution matching: `TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`,
   `MultiTaskLoss`;
-- the math of every method as plain functions: `negtransfer_losses.functional`.
+- the math of every method as plain functions: `negtransfer_losses.functional`;
+- fused kernels and the backend choice: `negtransfer_losses.ops`;
+- every module's logged terms as floats: `collect_terms`.
 """
 
 from . import functional
@@ -19,6 +21,7 @@ from .losses import (
 )
 from .relatedness import TaskRelatedness
 from .taps import FeatureTap, FrozenReference, MissingFeaturesError, StaleFeaturesError
+from .terms import collect_terms
 
 __version__ = "0.1.0.dev0"
 
@@ -35,5 +38,6 @@ __all__ = [
     "TaskIrrelevantSuppression",
     "TaskRelatedness",
     "__version__",
+    "collect_terms",
     "functional",
 ]

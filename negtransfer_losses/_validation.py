@@ -117,6 +117,14 @@ def zero_unless(finite: Tensor | None, value: Tensor) -> Tensor:
     return value if finite is None else torch.where(finite, value, torch.zeros_like(value))
 
 
+def zero_with_grad(x: Tensor) -> Tensor:
+    """A scalar zero connected to `x`, so backward() gives a zero gradient rather than an error.
+
+    An empty sum, not `x.sum() * 0`: a large float16 sum overflows to inf, and inf · 0 is NaN.
+    """
+    return x.reshape(-1)[:0].sum().to(compute_dtype(x))
+
+
 def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
     """Raise `ValueError` unless `value` is one of `choices`."""
     if value not in choices:

@@ -1,19 +1,20 @@
-"""The math of every method as plain functions of tensors: the reference implementation (METHODS.md).
+"""The math of every method as plain functions of tensors: the reference implementation (docs: Methods).
 
 Runs on every device; the fused kernels in `negtransfer_losses.ops` are tested against it.
 """
 
+from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy
 from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels, aggregated_row_cosines
 from .anti_transfer import (
     ANTI_TRANSFER_AGGREGATIONS,
     DISTANCES,
     AntiTransferAggregation,
+    AntiTransferOptions,
     AntiTransferTerms,
     Distance,
     anti_transfer,
     anti_transfer_terms,
-    check_anti_transfer_options,
 )
 from .distribution_matching import (
     DIRECTIONS,
@@ -31,6 +32,7 @@ from .distribution_matching import (
     masked_cross_entropy,
     soft_co_annotation,
 )
+from .pairwise import pairwise_row_cosines
 from .similarity import (
     GRAM_SCOPES,
     KERNELS,
@@ -46,7 +48,6 @@ from .similarity import (
     linear_cka,
 )
 from .suppression import (
-    IGNORE_INDEX,
     adversarial_suppression,
     erase,
     erasure_basis,
@@ -69,6 +70,7 @@ __all__ = [
     "TASK_KINDS",
     "Aggregation",
     "AntiTransferAggregation",
+    "AntiTransferOptions",
     "AntiTransferTerms",
     "Direction",
     "Distance",
@@ -83,7 +85,6 @@ __all__ = [
     "aggregated_row_cosines",
     "anti_transfer",
     "anti_transfer_terms",
-    "check_anti_transfer_options",
     "cka",
     "cosine_rows",
     "distribution_matching",
@@ -102,5 +103,6 @@ __all__ = [
     "linear_cka",
     "masked_binary_cross_entropy",
     "masked_cross_entropy",
+    "pairwise_row_cosines",
     "soft_co_annotation",
 ]

@@ -22,7 +22,7 @@ MUL_OFFSET = 1e-10
 
 def aggregate_channels(
     x: Tensor,
-    method: Aggregation = "mean",
+    aggregation: Aggregation = "mean",
     *,
     mul_exponent: float = 0.001,
     name: str = "x",
@@ -38,7 +38,7 @@ def aggregate_channels(
 
     Args:
         x: `(B, C, *sp)`; `(B, D)` is treated as `D` channels with no spatial extent.
-        method: the aggregation.
+        aggregation: the aggregation.
         mul_exponent: `p` of `"mul"`.
         name: how error messages call `x`.
         layer: the layer's name, for error messages.
@@ -47,16 +47,16 @@ def aggregate_channels(
         float32 (float64 for float64 input).
     """
     check_tensor(x, name, layer=layer, min_dim=2)
-    check_choice(method, "aggregation", AGGREGATIONS)
+    check_choice(aggregation, "aggregation", AGGREGATIONS)
     with full_precision(x):
         x = x.to(compute_dtype(x))
-        if method == "none":
+        if aggregation == "none":
             return x
-        if method == "mean":
+        if aggregation == "mean":
             return x.mean(dim=1, keepdim=True)
-        if method == "sum":
+        if aggregation == "sum":
             return x.sum(dim=1, keepdim=True)
-        if method == "max":
+        if aggregation == "max":
             return x.amax(dim=1, keepdim=True)
         if checks_values() and bool((x < 0).any()):
             raise ValueError(
@@ -100,6 +100,13 @@ def aggregated_row_cosines(
         `(B,)`, float32 (float64 for float64 input).
     """
     check_row_aggregation_pair(student, reference, aggregation)
+    return aggregated_row_cosines_unchecked(student, reference.detach(), aggregation, eps)
+
+
+def aggregated_row_cosines_unchecked(
+    student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float
+) -> Tensor:
+    """`aggregated_row_cosines` for inputs already checked by `check_row_aggregation_pair`."""
     a = aggregate_channels(student, aggregation, name="student")
-    c = aggregate_channels(reference.detach(), aggregation, name="reference")
+    c = aggregate_channels(reference, aggregation, name="reference")
     return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)

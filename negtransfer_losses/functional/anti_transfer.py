@@ -1,17 +1,22 @@
-"""Anti-transfer (Guizzo, Weyde, Tarroni 2021): penalize similarity to a frozen irrelevant network (METHODS.md §1).
+"""Anti-transfer (Guizzo, Weyde, Tarroni 2021): penalize similarity to a frozen irrelevant network.
 
 `L_AT = d(A(S), A(R))` for the student's map `S` and the frozen reference's map `R` at one layer, with
-an aggregation `A` and a distance `d`.
+an aggregation `A` and a distance `d` (docs: Methods, anti-transfer).
+
+Plain PyTorch. `negtransfer_losses.ops.anti_transfer` has the same contract and runs the row cosines of
+the `gram`, `mean`, `sum` and `max` aggregations as fused kernels where they win; both share
+`compute_anti_transfer_terms`, which takes the row-cosine implementation as an argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
 
-from .. import ops
 from .._validation import (
     NAN_POLICIES,
     NanPolicy,
@@ -25,19 +30,39 @@ from .._validation import (
     guard_finite,
     zero_unless,
 )
-from ..distributed import Gather, gather_batch
-from ..ops import Backend
-from .aggregation import AGGREGATIONS, aggregate_channels
-from .similarity import GRAM_SCOPES, GramScope, cosine_rows, gram, linear_cka
+from ..distributed import GATHERS, Gather, gather_batch
+from .aggregation import AGGREGATIONS, aggregate_channels, aggregated_row_cosines_unchecked
+from .pairwise import pairwise_mse, pairwise_row_cosines, stochastic_window
+from .similarity import (
+    GRAM_SCOPES,
+    GramScope,
+    cosine_rows,
+    gram,
+    gram_row_cosines_unchecked,
+    linear_cka,
+    scale_to_unit_range,
+)
 
-AntiTransferAggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul", "gram"]
+AntiTransferAggregation: TypeAlias = Literal[
+    "none", "mean", "sum", "max", "mul", "gram", "pairwise", "stochastic_pairwise"
+]
 Distance: TypeAlias = Literal["cos_squared", "cos", "mse_sigmoid", "cka"]
 
-ANTI_TRANSFER_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = (*AGGREGATIONS, "gram")
+ANTI_TRANSFER_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = (
+    *AGGREGATIONS,
+    "gram",
+    "pairwise",
+    "stochastic_pairwise",
+)
 DISTANCES: tuple[Distance, ...] = ("cos_squared", "cos", "mse_sigmoid", "cka")
+# aggregations whose row cosines have a fused kernel (`negtransfer_losses.ops`)
+FUSED_ROW_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = ("gram", "mean", "sum", "max")
+# aggregations that leave one number per sample and spatial position: meaningless on (B, D) features
+_SPATIAL_ONLY: tuple[AntiTransferAggregation, ...] = ("mean", "sum", "max", "mul", "pairwise", "stochastic_pairwise")
 
 # The authors' Gram scale, 1 / (B·C·N) / 0.001: it cancels in every cosine and matters only for `mse_sigmoid`.
 GRAM_MSE_SCALE = 1e3
+DEFAULT_MUL_EXPONENT = 0.001
 
 
 class AntiTransferTerms(NamedTuple):
@@ -55,28 +80,113 @@ class AntiTransferTerms(NamedTuple):
     student_norm: Tensor
 
 
+@dataclass(frozen=True)
+class AntiTransferOptions:
+    """The validated options of one anti-transfer configuration; `resolve` checks them once.
+
+    Defaults depend on the choice they belong to: `gram_scope` is `"batch"` (the authors' form) for the
+    cosine and MSE distances and `"sample"` for `cka` (which compares per-sample representations);
+    `mul_exponent` is 0.001. Options that do not apply to the chosen aggregation raise.
+    """
+
+    aggregation: AntiTransferAggregation
+    distance: Distance
+    gram_scope: GramScope | None
+    eps: float
+    mul_exponent: float
+    nan_policy: NanPolicy
+    gather: Gather
+
+    @classmethod
+    def resolve(
+        cls,
+        aggregation: AntiTransferAggregation = "gram",
+        distance: Distance = "cos_squared",
+        gram_scope: GramScope | None = None,
+        eps: float = 1e-8,
+        mul_exponent: float | None = None,
+        nan_policy: NanPolicy = "raise",
+        gather: Gather = "local",
+    ) -> AntiTransferOptions:
+        """Check every option (and their combination) and fill the defaults that depend on the others."""
+        check_choice(aggregation, "aggregation", ANTI_TRANSFER_AGGREGATIONS)
+        check_choice(distance, "distance", DISTANCES)
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+        check_choice(gather, "gather", GATHERS)
+        if not eps > 0:
+            raise ValueError(f"'eps' must be > 0, got {eps}")
+        if aggregation == "gram":
+            if gram_scope is None:
+                gram_scope = "sample" if distance == "cka" else "batch"
+            check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
+            if distance == "cka" and gram_scope == "batch":
+                raise ValueError(
+                    "distance='cka' compares per-sample representations, but gram_scope='batch' makes one matrix "
+                    "for the whole batch; use gram_scope='sample' (the default for 'cka') or another aggregation"
+                )
+        elif gram_scope is not None:
+            raise ValueError(
+                f"'gram_scope' applies to aggregation='gram' only, got gram_scope={gram_scope!r} with "
+                f"aggregation={aggregation!r}; leave it out"
+            )
+        if aggregation == "mul":
+            mul_exponent = DEFAULT_MUL_EXPONENT if mul_exponent is None else float(mul_exponent)
+        elif mul_exponent is not None:
+            raise ValueError(
+                f"'mul_exponent' applies to aggregation='mul' only, got it with aggregation={aggregation!r}"
+            )
+        return cls(
+            aggregation,
+            distance,
+            gram_scope,
+            float(eps),
+            DEFAULT_MUL_EXPONENT if mul_exponent is None else mul_exponent,
+            nan_policy,
+            gather,
+        )
+
+
+RowCosines: TypeAlias = Callable[[Tensor, Tensor, AntiTransferOptions], Tensor]
+
+
+def torch_row_cosines(student: Tensor, reference: Tensor, options: AntiTransferOptions) -> Tensor:
+    """The row cosines of the aggregations in `FUSED_ROW_AGGREGATIONS`, in plain PyTorch (checked inputs).
+
+    Both inputs are scaled by a power of two to a maximum magnitude ≤ 1 first (cosines do not depend on
+    it), so float32 features of magnitude 1e30 give finite cosines.
+    """
+    student, reference = scale_to_unit_range(student), scale_to_unit_range(reference)
+    if options.aggregation == "gram":
+        assert options.gram_scope is not None
+        return gram_row_cosines_unchecked(student, reference, options.gram_scope, options.eps)
+    return aggregated_row_cosines_unchecked(student, reference, options.aggregation, options.eps)  # type: ignore[arg-type]
+
+
 def anti_transfer(
     student: Tensor,
     reference: Tensor,
     aggregation: AntiTransferAggregation = "gram",
     distance: Distance = "cos_squared",
-    gram_scope: GramScope = "batch",
+    gram_scope: GramScope | None = None,
     eps: float = 1e-8,
     *,
-    mul_exponent: float = 0.001,
+    mul_exponent: float | None = None,
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
     gather: Gather = "local",
-    backend: Backend = "auto",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The unweighted anti-transfer loss `L_AT = d(A(S), A(R))` of one layer (METHODS.md §1).
+    """The unweighted anti-transfer loss `L_AT = d(A(S), A(R))` of one layer.
 
-    Aggregations `A`: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"` over channels (dim 1), or `"gram"`
-    (`gram_scope="batch"`: one `(B·C)×(B·C)` matrix, the authors' form; `"sample"`: `B` matrices `C×C`).
+    Aggregations `A`: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"` over channels (dim 1); `"gram"`
+    (`gram_scope="batch"`: one `(B·C)×(B·C)` matrix, the authors' form; `"sample"`: `B` matrices `C×C`);
+    `"pairwise"` (every student channel paired with every reference channel, one row of `C²·N` values
+    per sample, in closed form: `negtransfer_losses.functional.pairwise`); `"stochastic_pairwise"`
+    (`pairwise` on a random window of `C // B` consecutive channels drawn from `generator`).
 
-    Distances `d`, with rows `a_i, b_i` = the rows of the Gram matrices, or else each `(b, c')` slice of
-    `A(·)` flattened over the spatial dims (for `(B, D)` features, each sample's vector), and
-    `s_i = <a_i, b_i> / (max(|a_i|, eps) · max(|b_i|, eps))`:
+    Distances `d`, with rows `a_i, b_i` = the rows of the Gram matrices, each sample's pairwise row, or
+    else each `(b, c')` slice of `A(·)` flattened over the spatial dims (for `(B, D)` features, each
+    sample's vector), and `s_i = <a_i, b_i> / (max(|a_i|, eps) · max(|b_i|, eps))`:
 
     - `"cos_squared"`: `(mean_i |s_i|)²` (the paper's final setting);
     - `"cos"`: `mean_i |s_i|`;
@@ -88,32 +198,22 @@ def anti_transfer(
     Args:
         student: `(B, C, *sp)` or `(B, D)` features of the trained network.
         reference: the frozen network's features at the matching layer; never receives gradient.
-        mul_exponent: `p` of the `"mul"` aggregation.
+        gram_scope: `"batch"` or `"sample"`, for `aggregation="gram"` only; None takes `"batch"`, or
+            `"sample"` for `distance="cka"`.
+        mul_exponent: `p` of the `"mul"` aggregation (for it only; None takes 0.001).
         nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
             (zero loss, zero gradient), or `"propagate"` (no check; avoids a device synchronization).
             Under `torch.compile`, `"raise"` cannot read the data and behaves as `"propagate"`.
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
             CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
-        backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops`): with a cosine distance,
-            `gram`, `mean`, `sum` and `max` run as fused kernels on the Triton backend.
+        generator: draws the window of `"stochastic_pairwise"` (torch's default generator when None).
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
     """
-    return anti_transfer_terms(
-        student,
-        reference,
-        aggregation,
-        distance,
-        gram_scope,
-        eps,
-        mul_exponent=mul_exponent,
-        nan_policy=nan_policy,
-        layer=layer,
-        gather=gather,
-        backend=backend,
-    ).loss
+    options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
+    return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator).loss
 
 
 def anti_transfer_terms(
@@ -121,66 +221,73 @@ def anti_transfer_terms(
     reference: Tensor,
     aggregation: AntiTransferAggregation = "gram",
     distance: Distance = "cos_squared",
-    gram_scope: GramScope = "batch",
+    gram_scope: GramScope | None = None,
     eps: float = 1e-8,
     *,
-    mul_exponent: float = 0.001,
+    mul_exponent: float | None = None,
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
     gather: Gather = "local",
-    backend: Backend = "auto",
+    generator: torch.Generator | None = None,
 ) -> AntiTransferTerms:
     """`anti_transfer` with the raw similarity and the student's activation norm, in one computation."""
-    check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
-    _check_shapes(student, reference, aggregation, distance, gram_scope, layer)
-    student, reference = gather_batch(student, gather), gather_batch(reference.detach(), gather)
+    options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
+    return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator)
+
+
+def compute_anti_transfer_terms(
+    student: Tensor,
+    reference: Tensor,
+    options: AntiTransferOptions,
+    *,
+    layer: str | None = None,
+    generator: torch.Generator | None = None,
+    row_cosines: RowCosines = torch_row_cosines,
+) -> AntiTransferTerms:
+    """The terms of one layer for validated `options`: the one pass of input checks, then the math.
+
+    `row_cosines` computes the cosines of the aggregations in `FUSED_ROW_AGGREGATIONS` (the torch path
+    here; `negtransfer_losses.ops` passes its dispatcher).
+    """
+    check_anti_transfer_inputs(student, reference, options, layer)
+    student, reference = gather_batch(student, options.gather), gather_batch(reference.detach(), options.gather)
+    if options.aggregation == "stochastic_pairwise":
+        window = stochastic_window(student.shape[1], student.shape[0], generator)
+        student, reference = student[:, window], reference[:, window]
     with full_precision(student, reference):
         # inputs stay in their dtype here: every computation below reduces in float32/64 itself, and the
-        # fused kernel reads fp16/bf16 directly (half the bytes of an upcast copy)
-        guarded, finite = guard_finite({"student": student, "reference": reference}, nan_policy, layer=layer)
+        # fused kernels read fp16/bf16 directly (half the bytes of an upcast copy)
+        guarded, finite = guard_finite({"student": student, "reference": reference}, options.nan_policy, layer=layer)
         student, reference = guarded["student"], guarded["reference"]
         flat = student.detach().reshape(student.shape[0], -1)
         student_norm = torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(student, reference)).mean()
-        loss, similarity = _distance(
-            student, reference, aggregation, distance, gram_scope, eps, mul_exponent, layer, backend
-        )
+        loss, similarity = _distance(student, reference, options, layer, row_cosines)
         return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), student_norm)
 
 
-def check_anti_transfer_options(aggregation: str, distance: str, gram_scope: str, nan_policy: str = "raise") -> None:
-    """Raise `ValueError` naming the option when one is not valid (or the combination is not)."""
-    check_choice(aggregation, "aggregation", ANTI_TRANSFER_AGGREGATIONS)
-    check_choice(distance, "distance", DISTANCES)
-    check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
-    check_choice(nan_policy, "nan_policy", NAN_POLICIES)
-    if distance == "cka" and aggregation == "gram" and gram_scope == "batch":
-        raise ValueError(
-            "distance='cka' compares per-sample representations, but gram_scope='batch' makes one matrix "
-            "for the whole batch; use gram_scope='sample' or another aggregation"
-        )
-
-
 def _distance(
-    student: Tensor,
-    reference: Tensor,
-    aggregation: AntiTransferAggregation,
-    distance: Distance,
-    gram_scope: GramScope,
-    eps: float,
-    mul_exponent: float,
-    layer: str | None,
-    backend: Backend,
+    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None, row_cosines: RowCosines
 ) -> tuple[Tensor, Tensor]:
     """`(loss, raw similarity)`; every path reduces in float32 (float64) whatever the inputs' dtype."""
+    aggregation, distance = options.aggregation, options.distance
     if distance in ("cos", "cos_squared"):
-        cosines = _row_cosines(student, reference, aggregation, gram_scope, eps, mul_exponent, layer, backend)
+        cosines = _row_cosines(student, reference, options, layer, row_cosines)
         mean_abs_cos = cosines.abs().mean()
         return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
+    dtype = compute_dtype(student, reference)
+    if aggregation in ("pairwise", "stochastic_pairwise"):
+        s, r = student.to(dtype), reference.to(dtype)
+        if distance == "cka":  # the pairwise rows' Gram matrices are multiples of the flattened maps'
+            similarity = linear_cka(s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1))
+            return similarity, similarity
+        mse = pairwise_mse(s, r)
+        return -torch.sigmoid(mse), mse
     if aggregation == "gram":
-        a, b = gram(student, gram_scope), gram(reference, gram_scope)
+        assert options.gram_scope is not None
+        a, b = gram(student, options.gram_scope), gram(reference, options.gram_scope)
     else:
-        a = aggregate_channels(student, aggregation, mul_exponent=mul_exponent, name="student", layer=layer)
-        b = aggregate_channels(reference, aggregation, mul_exponent=mul_exponent, name="reference", layer=layer)
+        a = _aggregate(student, "student", options, layer)
+        b = _aggregate(reference, "reference", options, layer)
     if distance == "cka":
         similarity = linear_cka(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
         return similarity, similarity
@@ -191,36 +298,37 @@ def _distance(
     return -torch.sigmoid(mse), mse
 
 
+def _aggregate(x: Tensor, name: str, options: AntiTransferOptions, layer: str | None) -> Tensor:
+    return aggregate_channels(
+        x,
+        options.aggregation,  # type: ignore[arg-type]
+        mul_exponent=options.mul_exponent,
+        name=name,
+        layer=layer,
+    )
+
+
 def _row_cosines(
-    student: Tensor,
-    reference: Tensor,
-    aggregation: AntiTransferAggregation,
-    gram_scope: GramScope,
-    eps: float,
-    mul_exponent: float,
-    layer: str | None,
-    backend: Backend,
+    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None, row_cosines: RowCosines
 ) -> Tensor:
-    """The cosines `s_i` of matching rows: of the Gram matrices, or of each `(b, c')` slice of `A(·)`."""
-    if aggregation == "gram":
-        return ops.gram_row_cosines(student, reference, gram_scope, eps, backend)
-    if aggregation in ("mean", "sum", "max"):  # 2-D features with these were rejected by _check_shapes
-        return ops.aggregated_row_cosines(student, reference, aggregation, eps, backend)
-    a = aggregate_channels(student, aggregation, mul_exponent=mul_exponent, name="student", layer=layer)
-    b = aggregate_channels(reference, aggregation, mul_exponent=mul_exponent, name="reference", layer=layer)
+    """The cosines `s_i` of matching rows: of the Gram matrices, pairwise rows, or `(b, c')` slices of `A(·)`."""
+    if options.aggregation in FUSED_ROW_AGGREGATIONS:  # 2-D features with mean/sum/max were rejected earlier
+        return row_cosines(student, reference, options)
+    dtype = compute_dtype(student, reference)
+    if options.aggregation in ("pairwise", "stochastic_pairwise"):
+        s, r = scale_to_unit_range(student.to(dtype)), scale_to_unit_range(reference.to(dtype))
+        return pairwise_row_cosines(s, r, options.eps)
+    a = _aggregate(student, "student", options, layer)
+    b = _aggregate(reference, "reference", options, layer)
     if a.dim() == 2:  # (B, D): no spatial extent, each sample's vector is a row
-        return cosine_rows(a, b, eps)
-    return cosine_rows(a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1), eps)
+        return cosine_rows(a, b, options.eps)
+    return cosine_rows(a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1), options.eps)
 
 
-def _check_shapes(
-    student: Tensor,
-    reference: Tensor,
-    aggregation: AntiTransferAggregation,
-    distance: Distance,
-    gram_scope: GramScope,
-    layer: str | None,
+def check_anti_transfer_inputs(
+    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None = None
 ) -> None:
+    """Raise naming the layer and the shapes unless `student` and `reference` suit `options`."""
     check_tensor(student, "student", layer=layer, min_dim=2)
     check_tensor(reference, "reference", layer=layer, min_dim=2)
     check_same_device({"student": student, "reference": reference}, layer=layer)
@@ -231,17 +339,17 @@ def _check_shapes(
             f"'student' and 'reference' must have the same batch size{where}: got shapes "
             f"{tuple(student.shape)} and {tuple(reference.shape)}; both networks must see the same batch"
         )
-    if distance == "cka":
+    if options.distance == "cka" and options.aggregation != "stochastic_pairwise":
         return
     if student.shape != reference.shape:
         raise ValueError(
-            f"'student' and 'reference' must have the same shape for distance={distance!r}{where}: got "
-            f"{tuple(student.shape)} and {tuple(reference.shape)}; distance='cka' compares layers of "
-            f"different widths or sizes"
+            f"'student' and 'reference' must have the same shape for distance={options.distance!r} and "
+            f"aggregation={options.aggregation!r}{where}: got {tuple(student.shape)} and "
+            f"{tuple(reference.shape)}; distance='cka' compares layers of different widths or sizes"
         )
-    if student.dim() == 2 and aggregation in ("mean", "sum", "max", "mul"):
+    if student.dim() == 2 and options.aggregation in _SPATIAL_ONLY:
         raise ValueError(
-            f"aggregation={aggregation!r} over the {student.shape[1]} features of a 2-D {describe('student', layer)} "
-            f"(shape {tuple(student.shape)}) leaves one number per sample, whose cosine is only its sign; "
-            f"use aggregation='none' or 'gram', or distance='cka'"
+            f"aggregation={options.aggregation!r} over the {student.shape[1]} features of a 2-D "
+            f"{describe('student', layer)} (shape {tuple(student.shape)}) leaves one number per sample, whose "
+            f"cosine is only its sign; use aggregation='none' or 'gram', or distance='cka'"
         )

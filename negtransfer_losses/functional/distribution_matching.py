@@ -1,4 +1,4 @@
-"""Distribution matching for multi-task learning with non-overlapping labels (METHODS.md §3).
+"""Distribution matching for multi-task learning with non-overlapping labels (docs: Methods, distribution matching).
 
 Kollias, Sharmanska, Zafeiriou (AAAI 2024, arXiv 2401.01219; FaceBehaviorNet). Task A is single-label
 (K classes, `p_A = softmax(z_A)`); task B is multilabel (M attributes, `p_B = σ(z_B)`) or multiclass
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor, checks_values, compute_dtype, full_precision
-from .suppression import IGNORE_INDEX, check_labels
+from .._labels import IGNORE_INDEX, check_labels, multilabel_targets
+from .._validation import check_choice, check_tensor, compute_dtype, full_precision
 
 TaskKind: TypeAlias = Literal["multilabel", "multiclass"]
 Inversion: TypeAlias = Literal["bayes", "product"]
@@ -46,23 +46,14 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGN
         ignore_index: the label of samples whose class is unknown.
     """
     check_tensor(logits, "logits", min_dim=2)
-    check_labels(labels, logits.shape[1], logits.shape[0], name="labels", ignore_index=ignore_index)
+    check_labels(
+        labels, logits.shape[1], logits.shape[0], name="labels", ignore_index=ignore_index, device=logits.device
+    )
     with full_precision(logits):
         log_p = F.log_softmax(logits.to(compute_dtype(logits)), dim=1)
         known = labels != ignore_index
         picked = log_p.gather(1, torch.where(known, labels, 0)[:, None])[:, 0]
         return _mean_over(-picked, known)
-
-
-def label_mask(targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Which entries of multilabel targets are annotated: `mask` if given, else not NaN and not negative."""
-    if mask is not None:
-        if mask.shape != targets.shape:
-            raise ValueError(
-                f"'mask' must have the shape of the targets {tuple(targets.shape)}, got {tuple(mask.shape)}"
-            )
-        return mask.bool()
-    return ~torch.isnan(targets) & (targets >= 0)
 
 
 def masked_binary_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -73,20 +64,15 @@ def masked_binary_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | 
 
     Args:
         logits: `(N, M)`.
-        targets: `(N, M)` in [0, 1]; NaN or negative values mark missing entries (unless `mask` is given).
+        targets: `(N, M)`: floats in [0, 1] with NaN or -1 for missing entries, integers with -1 for
+            missing entries, or booleans (all annotated); `mask` overrides what the values say.
         mask: optional `(N, M)` booleans, True where annotated.
     """
     check_tensor(logits, "logits", min_dim=2)
-    check_tensor(targets, "targets", min_dim=2)
-    if targets.shape != logits.shape:
-        raise ValueError(f"'targets' must have the shape of 'logits' {tuple(logits.shape)}, got {tuple(targets.shape)}")
-    annotated = label_mask(targets, mask)
+    dtype = compute_dtype(logits)
+    t, annotated = multilabel_targets(targets, (logits.shape[0], logits.shape[1]), dtype, name="targets", mask=mask)
     with full_precision(logits):
-        dtype = compute_dtype(logits)
         z = logits.to(dtype)
-        t = torch.where(annotated, targets.to(dtype), 0.0)
-        if checks_values() and bool(((t < 0) | (t > 1)).any()):
-            raise ValueError("annotated 'targets' must lie in [0, 1]; mark missing entries with NaN or -1")
         per_entry = F.binary_cross_entropy_with_logits(z, t, reduction="none")
         counts = annotated.sum(dim=1)
         per_sample = torch.where(annotated, per_entry, 0.0).sum(dim=1) / counts.clamp_min(1)
@@ -212,6 +198,24 @@ def distribution_matching(
     the target's entropy). Gradients flow into both heads unless `detach_target=True`.
     """
     prior = check_matching_inputs(logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence)
+    return distribution_matching_unchecked(
+        logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps
+    )
+
+
+def distribution_matching_unchecked(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    matrix: Tensor,
+    prior: Tensor,
+    kind: TaskKind,
+    directions: tuple[Direction, ...],
+    inversion: Inversion,
+    divergence: Divergence,
+    detach_target: bool,
+    eps: float,
+) -> dict[Direction, Tensor]:
+    """`distribution_matching` for inputs already checked by `check_matching_inputs` (the one check of a call)."""
     with full_precision(logits_a, logits_b):
         dtype = compute_dtype(logits_a, logits_b)
         z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
@@ -278,7 +282,7 @@ def soft_co_annotation(
     check_choice(inversion, "inversion", INVERSIONS)
     check_heads(logits_a, logits_b, matrix)
     n, num_a, num_b = logits_a.shape[0], matrix.shape[0], matrix.shape[1]
-    check_labels(labels_a, num_a, n, name="labels_a", ignore_index=ignore_index)
+    check_labels(labels_a, num_a, n, name="labels_a", what="classes of task A", ignore_index=ignore_index)
     if prior is None:
         prior = torch.full((num_a,), 1.0 / num_a)
     with full_precision(logits_a, logits_b):
@@ -300,20 +304,11 @@ def _task_b_labels(
 ) -> tuple[Tensor, Tensor]:
     """`(values (N, M), annotated (N, M))`: multilabel entries, or one-hot multiclass labels."""
     if kind == "multiclass":
-        check_labels(labels_b, num_b, n, name="labels_b", ignore_index=ignore_index)
+        check_labels(labels_b, num_b, n, name="labels_b", what="classes of task B", ignore_index=ignore_index)
         known = labels_b != ignore_index
         onehot = F.one_hot(torch.where(known, labels_b, 0), num_b).to(dtype)
         return onehot, known[:, None].expand(n, num_b)
-    check_tensor(labels_b, "labels_b", min_dim=2)
-    if labels_b.shape != (n, num_b):
-        raise ValueError(
-            f"'labels_b' must have shape ({n}, {num_b}) for a multilabel task B, got {tuple(labels_b.shape)}"
-        )
-    annotated = label_mask(labels_b)
-    values = torch.where(annotated, labels_b.to(dtype), 0.0)
-    if checks_values() and bool(((values < 0) | (values > 1)).any()):
-        raise ValueError("annotated 'labels_b' must lie in [0, 1]; mark missing entries with NaN or -1")
-    return values, annotated
+    return multilabel_targets(labels_b, (n, num_b), dtype, name="labels_b")
 
 
 def check_heads(logits_a: Tensor, logits_b: Tensor, matrix: Tensor) -> None:

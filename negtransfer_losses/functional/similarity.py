@@ -51,78 +51,106 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
         dtype = compute_dtype(a, b)
         a2 = as_batch_matrix(a.to(dtype), "a")
         b2 = as_batch_matrix(b.to(dtype), "b")
+        # each row scaled by a power of two (exact) to magnitude ≤ 1, the floor scaled with it: the same
+        # cosine, and no overflow of |a|² for rows of magnitude up to float's largest
+        scale_a, scale_b = _row_power_of_two(a2), _row_power_of_two(b2)
+        a2, b2 = a2 / scale_a[:, None], b2 / scale_b[:, None]
         dot = (a2 * b2).sum(dim=1)
-        norm_a = torch.linalg.vector_norm(a2, dim=1).clamp_min(eps)
-        norm_b = torch.linalg.vector_norm(b2, dim=1).clamp_min(eps)
+        norm_a = torch.maximum(torch.linalg.vector_norm(a2, dim=1), eps / scale_a)
+        norm_b = torch.maximum(torch.linalg.vector_norm(b2, dim=1), eps / scale_b)
         return torch.div(dot, norm_a * norm_b)
 
 
-def gram(x: Tensor, scope: GramScope = "sample") -> Tensor:
+def _row_power_of_two(x: Tensor) -> Tensor:
+    """Per row of `(n, d)`, the power of two `2^e ≥ max|x|` (at least 1), detached: dividing by it is exact."""
+    exponent = torch.frexp(x.detach().abs().amax(dim=1)).exponent.clamp_min(0)
+    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), exponent)
+
+
+def scale_to_unit_range(x: Tensor) -> Tensor:
+    """`x / 2^e` with `2^e ≥ max|x|` (at least 1), detached: exact, and homogeneous measures (cosines of rows,
+    of Gram rows, of channel sums) do not change, while squares of float32 values near 1e30 stop overflowing."""
+    exponent = torch.frexp(x.detach().abs().amax()).exponent.clamp_min(0)
+    return x / torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), exponent)
+
+
+def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:
     """Gram matrices of channel activations.
 
     With `V = reshape(x, [B, C, N])`, `N = prod(spatial)` (`N = 1` for `(B, C)` input):
 
-    - `scope="sample"`: `G_b = V_b V_bᵀ`, shape `(B, C, C)`;
-    - `scope="batch"`: `G = W Wᵀ` with `W = reshape(x, [B*C, N])`, shape `(B*C, B*C)` (the
+    - `gram_scope="sample"`: `G_b = V_b V_bᵀ`, shape `(B, C, C)`;
+    - `gram_scope="batch"`: `G = W Wᵀ` with `W = reshape(x, [B*C, N])`, shape `(B*C, B*C)` (the
       anti-transfer authors' form: it also compares channels across samples).
 
     Args:
         x: `(B, C, *spatial)`.
-        scope: `"sample"` or `"batch"`.
+        gram_scope: `"sample"` or `"batch"`.
     """
     check_tensor(x, "x", min_dim=2)
-    check_choice(scope, "scope", GRAM_SCOPES)
+    check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
     with full_precision(x):
         v = x.to(compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
-        if scope == "sample":
+        if gram_scope == "sample":
             return v @ v.transpose(1, 2)
         w = v.reshape(-1, v.shape[-1])
         return w @ w.T
 
 
-def gram_row_cosines(x: Tensor, y: Tensor, scope: GramScope = "batch", eps: float = 1e-8) -> Tensor:
-    """`cosine_rows` of the rows of `gram(x, scope)` and `gram(y, scope)`, without forming them when cheaper.
+def gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope = "batch", eps: float = 1e-8) -> Tensor:
+    """`cosine_rows` of the rows of `gram(student, gram_scope)` and `gram(reference, gram_scope)`, without
+    forming them when cheaper.
 
-    With `W = reshape(x, [m, N])` (`m = B·C` for `"batch"`, `m = C` per sample for `"sample"`), row `i`
-    of `G = W Wᵀ` is `W w_i`, so `<G_x[i], G_y[i]> = w_iᵀ (W_xᵀ W_y) u_i` and `|G_x[i]|² = w_iᵀ (W_xᵀ W_x) w_i`:
-    `N×N` products instead of `m×m` Gram matrices whenever `N < m` (the authors' B=30, C=512, 8×8 case:
-    64×64 instead of 15360×15360). Norms are floored at `eps` as in `cosine_rows`.
+    With `W = reshape(student, [m, N])` (`m = B·C` for `"batch"`, `m = C` per sample for `"sample"`) and
+    `U` likewise for the reference, row `i` of `G = W Wᵀ` is `W w_i`, so `<G_s[i], G_r[i]> = w_iᵀ (Wᵀ U) u_i`
+    and `|G_s[i]|² = w_iᵀ (Wᵀ W) w_i`: `N×N` products instead of `m×m` Gram matrices whenever `N < m` (the
+    authors' B=30, C=512, 8×8 case: 64×64 instead of 15360×15360). Norms are floored at `eps` as in
+    `cosine_rows`. The reference side gets no gradient.
 
     Args:
-        x: `(B, C, *spatial)`.
-        y: same shape as `x`.
-        scope: `"batch"` or `"sample"`, as in `gram`.
+        student: `(B, C, *spatial)`.
+        reference: same shape as `student`.
+        gram_scope: `"batch"` or `"sample"`, as in `gram`.
         eps: floor of each row norm.
 
     Returns:
         `(B·C,)` cosines, sample-major for `"sample"`.
     """
-    check_gram_pair(x, y, scope)
-    with full_precision(x, y):
-        dtype = compute_dtype(x, y)
-        batch, channels = x.shape[0], x.shape[1]
-        w = x.to(dtype).reshape(batch, channels, -1)
-        u = y.to(dtype).reshape(batch, channels, -1)
-        if scope == "batch":
+    check_gram_pair(student, reference, gram_scope)
+    return gram_row_cosines_unchecked(student, reference.detach(), gram_scope, eps)
+
+
+def gram_row_cosines_unchecked(student: Tensor, reference: Tensor, gram_scope: GramScope, eps: float) -> Tensor:
+    """`gram_row_cosines` for inputs already checked by `check_gram_pair` (the one check of a call)."""
+    with full_precision(student, reference):
+        dtype = compute_dtype(student, reference)
+        batch, channels = student.shape[0], student.shape[1]
+        w = student.to(dtype).reshape(batch, channels, -1)
+        u = reference.to(dtype).reshape(batch, channels, -1)
+        if gram_scope == "batch":
             w, u = w.reshape(1, batch * channels, -1), u.reshape(1, batch * channels, -1)
         rows, length = w.shape[1], w.shape[2]
         if length >= rows:
-            return cosine_rows(gram(x, scope).reshape(-1, rows), gram(y, scope).reshape(-1, rows), eps)
+            gram_s, gram_r = w @ w.transpose(1, 2), u @ u.transpose(1, 2)
+            return cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), eps)
         wt, ut = w.transpose(1, 2), u.transpose(1, 2)
         dot = ((w @ (wt @ u)) * u).sum(dim=2)
-        sq_norm_x = ((w @ (wt @ w)) * w).sum(dim=2)
-        sq_norm_y = ((u @ (ut @ u)) * u).sum(dim=2)
+        sq_norm_s = ((w @ (wt @ w)) * w).sum(dim=2)
+        sq_norm_r = ((u @ (ut @ u)) * u).sum(dim=2)
         floor = eps * eps
-        return (dot / (sq_norm_x.clamp_min(floor).sqrt() * sq_norm_y.clamp_min(floor).sqrt())).reshape(-1)
+        return (dot / (sq_norm_s.clamp_min(floor).sqrt() * sq_norm_r.clamp_min(floor).sqrt())).reshape(-1)
 
 
-def check_gram_pair(x: Tensor, y: Tensor, scope: str) -> None:
+def check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None:
     """The checks of `gram_row_cosines`, shared with its fused twin: two `(B, C, ...)` maps of one shape."""
-    check_tensor(x, "x", min_dim=2)
-    check_tensor(y, "y", min_dim=2)
-    check_choice(scope, "scope", GRAM_SCOPES)
-    if x.shape != y.shape:
-        raise ValueError(f"'x' and 'y' must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    check_tensor(student, "student", min_dim=2)
+    check_tensor(reference, "reference", min_dim=2)
+    check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
+    if student.shape != reference.shape:
+        raise ValueError(
+            f"'student' and 'reference' must have the same shape, got {tuple(student.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
 
 
 def kernel_matrix(x: Tensor, kernel: Kernel = "linear", sigma: float | None = None) -> Tensor:

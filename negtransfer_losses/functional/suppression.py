@@ -12,47 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_min_batch, check_tensor, checks_values, compute_dtype, full_precision
+from .._labels import IGNORE_INDEX, check_labels
+from .._validation import check_min_batch, check_tensor, compute_dtype, full_precision, zero_with_grad
 from ..distributed import Gather, gather_batch
 from .similarity import Kernel, cka, hsic_from_kernels, kernel_alignment, kernel_matrix
-
-IGNORE_INDEX = -100
-
-
-def check_labels(
-    labels: object,
-    num_classes: int,
-    batch: int,
-    *,
-    name: str = "irrelevant_labels",
-    ignore_index: int = IGNORE_INDEX,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Raise unless `labels` is an integer tensor `(batch,)` of values in `[0, num_classes)` or `ignore_index`."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"'{name}' must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"'{name}' must hold integer class indices, got dtype {labels.dtype}")
-    if device is not None and labels.device != device:
-        raise ValueError(f"'{name}' must be on the same device as the features ({device}), got {labels.device}")
-    if labels.shape != (batch,):
-        raise ValueError(f"'{name}' must have shape ({batch},) to match the features' batch, got {tuple(labels.shape)}")
-    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if checks_values() and bool(invalid.any()):
-        value = int(labels[invalid][0])
-        raise ValueError(
-            f"'{name}' holds {value}, outside [0, {num_classes}) for {num_classes} irrelevant classes; "
-            f"mark unknown labels with ignore_index={ignore_index}"
-        )
-    return labels
-
-
-def zero_loss(features: Tensor) -> Tensor:
-    """A scalar zero connected to `features`, so backward() gives a zero gradient rather than an error.
-
-    An empty sum, not `features.sum() * 0`: a large float16 sum overflows to inf, and inf · 0 is NaN.
-    """
-    return features.reshape(-1)[:0].sum().to(compute_dtype(features))
 
 
 def irrelevant_hsic(
@@ -84,12 +47,20 @@ def irrelevant_hsic(
         a scalar tensor.
     """
     check_tensor(features, "features")
-    check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index, device=features.device)
+    check_labels(
+        labels,
+        num_classes,
+        features.shape[0],
+        name="irrelevant_labels",
+        what="irrelevant classes",
+        ignore_index=ignore_index,
+        device=features.device,
+    )
     features, labels = gather_batch(features, gather), gather_batch(labels, gather)
     check_min_batch(features.shape[0], 4, what="unbiased HSIC", name="features")
     known = labels != ignore_index
     if int(known.sum()) < 4:
-        return zero_loss(features)
+        return zero_with_grad(features)
     with full_precision(features):
         z = features[known]
         onehot = F.one_hot(labels[known], num_classes).to(compute_dtype(features))
@@ -153,9 +124,17 @@ def adversarial_suppression(
     """
     check_tensor(features, "features")
     z = features.reshape(features.shape[0], -1)
-    loss = zero_loss(features)
+    loss = zero_with_grad(features)
     if labels is not None:
-        check_labels(labels, num_classes, features.shape[0], ignore_index=ignore_index, device=features.device)
+        check_labels(
+            labels,
+            num_classes,
+            features.shape[0],
+            name="irrelevant_labels",
+            what="irrelevant classes",
+            ignore_index=ignore_index,
+            device=features.device,
+        )
         known = labels != ignore_index
         if bool(known.any()):
             logits = _head_logits(head, gradient_reversal(z, strength), num_classes)

@@ -1,21 +1,18 @@
-"""`AntiTransferLoss`: the anti-transfer penalty over any number of layers (METHODS.md §1)."""
+"""`AntiTransferLoss`: the anti-transfer penalty over any number of layers (docs: Methods, anti-transfer)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
-from .._validation import NanPolicy, check_choice
-from ..distributed import GATHERS, Gather
-from ..functional.anti_transfer import (
-    AntiTransferAggregation,
-    Distance,
-    anti_transfer_terms,
-    check_anti_transfer_options,
-)
+from .._validation import NanPolicy
+from ..distributed import Gather
+from ..functional.anti_transfer import AntiTransferAggregation, AntiTransferOptions, Distance
 from ..functional.similarity import GramScope
-from ..ops import BACKENDS, Backend
+from ..ops.anti_transfer import anti_transfer_terms_for
+from ..ops.dispatch import Backend, check_backend
 from ._features import Features, pair_features
 
 
@@ -25,26 +22,29 @@ class AntiTransferLoss(nn.Module):
     ```python
     at = AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=1.0)
     loss = task_loss + at(tap.pop(), frozen(x))   # dicts matched by layer name, or two tensors
-    at.last_terms["layer3"]["similarity"]          # for logging
+    at.last_terms["layer3/similarity"]             # for logging
     ```
 
     `weight` (β) is applied once. The authors' standalone `ATLoss` multiplies β twice for
     `cos_squared` (an effective β²); their research code, and this library, apply it once.
 
-    After each call `last_terms` maps every layer to detached scalars: `"similarity"` (raw similarity:
-    mean |cos| of the rows, the CKA value or the MSE), `"loss"` (that layer's weighted contribution) and
-    `"student_norm"` (mean L2 norm of a student sample's features: the collapse signal, since zero rows
-    give zero cosine). Nothing of the reference side is kept.
+    After each call `last_terms` (the package's one layout: a flat dict of detached scalars) holds `"loss"`
+    (the weighted total) and, per layer, `"{layer}/loss"` (its weighted contribution), `"{layer}/similarity"`
+    (raw similarity: mean |cos| of the rows, the CKA value or the MSE) and `"{layer}/student_norm"` (mean
+    L2 norm of a student sample's features: the collapse signal, since zero rows give zero cosine).
+    Nothing of the reference side is kept.
 
     Args:
-        aggregation: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"` or `"gram"`, as in
-            `negtransfer_losses.functional.anti_transfer`.
+        aggregation: `"none"`, `"mean"`, `"sum"`, `"max"`, `"mul"`, `"gram"`, `"pairwise"` or
+            `"stochastic_pairwise"`, as in `negtransfer_losses.functional.anti_transfer`.
         distance: `"cos_squared"`, `"cos"`, `"mse_sigmoid"` or `"cka"`.
         weight: β, the penalty's weight.
-        gram_scope: `"batch"` (the authors' form) or `"sample"`.
+        gram_scope: `"batch"` (the authors' form) or `"sample"`, for `aggregation="gram"` only; None takes
+            `"batch"`, or `"sample"` for `distance="cka"`.
         layer_weights: optional `{layer: w_l}`; layers not named get 1.
         eps: floor of the row norms in the cosine distances.
-        mul_exponent: `p` of the `"mul"` aggregation.
+        mul_exponent: `p` of the `"mul"` aggregation (for it only; None takes 0.001).
+        generator: draws the channel window of `"stochastic_pairwise"` (torch's default when None).
         nan_policy: `"raise"`, `"skip"` or `"propagate"` for non-finite features.
         gather: `"global"` computes each layer's loss on every rank's batch concatenated (DDP).
         backend: `"auto"`, `"torch"` or `"triton"`; see `negtransfer_losses.ops`.
@@ -54,31 +54,26 @@ class AntiTransferLoss(nn.Module):
         self,
         aggregation: AntiTransferAggregation = "gram",
         distance: Distance = "cos_squared",
-        weight: float = 1.0,
-        gram_scope: GramScope = "batch",
-        layer_weights: Mapping[str, float] | None = None,
         *,
+        weight: float = 1.0,
+        gram_scope: GramScope | None = None,
+        layer_weights: Mapping[str, float] | None = None,
         eps: float = 1e-8,
-        mul_exponent: float = 0.001,
+        mul_exponent: float | None = None,
         nan_policy: NanPolicy = "raise",
         gather: Gather = "local",
         backend: Backend = "auto",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        check_anti_transfer_options(aggregation, distance, gram_scope, nan_policy)
-        self.aggregation: AntiTransferAggregation = aggregation
-        self.distance: Distance = distance
+        self.options = AntiTransferOptions.resolve(
+            aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather
+        )
         self.weight = float(weight)
-        self.gram_scope: GramScope = gram_scope
         self.layer_weights = dict(layer_weights or {})
-        self.eps = eps
-        self.mul_exponent = mul_exponent
-        self.nan_policy: NanPolicy = nan_policy
-        check_choice(gather, "gather", GATHERS)
-        self.gather: Gather = gather
-        check_choice(backend, "backend", BACKENDS)
-        self.backend: Backend = backend
-        self.last_terms: dict[str, dict[str, Tensor]] = {}
+        self.backend: Backend = check_backend(backend)
+        self.generator = generator
+        self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, student: Features, reference: Features) -> Tensor:
         """The weighted penalty summed over layers; `student` and `reference` are dicts or tensors."""
@@ -90,33 +85,36 @@ class AntiTransferLoss(nn.Module):
                 f"{[name for name, _, _ in pairs]}"
             )
         total: Tensor | None = None
-        terms: dict[str, dict[str, Tensor]] = {}
+        terms: dict[str, Tensor] = {}
         for name, s, r in pairs:
-            layer_terms = anti_transfer_terms(
-                s,
-                r,
-                self.aggregation,
-                self.distance,
-                self.gram_scope,
-                self.eps,
-                mul_exponent=self.mul_exponent,
-                nan_policy=self.nan_policy,
-                layer=name,
-                gather=self.gather,
-                backend=self.backend,
+            layer_terms = anti_transfer_terms_for(
+                s, r, self.options, layer=name, generator=self.generator, backend=self.backend
             )
             weighted = self.weight * self.layer_weights.get(name, 1.0) * layer_terms.loss
-            terms[name] = {
-                "similarity": layer_terms.similarity,
-                "loss": weighted.detach(),
-                "student_norm": layer_terms.student_norm,
-            }
+            terms[f"{name}/loss"] = weighted.detach()
+            terms[f"{name}/similarity"] = layer_terms.similarity
+            terms[f"{name}/student_norm"] = layer_terms.student_norm
             total = weighted if total is None else total + weighted
-        self.last_terms = terms
         assert total is not None  # pair_features never returns an empty list
+        self.last_terms = {"loss": total.detach(), **terms}
         return total
 
     def extra_repr(self) -> str:
-        scope = f", gram_scope={self.gram_scope!r}" if self.aggregation == "gram" else ""
+        options = self.options
+        scope = f", gram_scope={options.gram_scope!r}" if options.gram_scope is not None else ""
         layers = f", layer_weights={self.layer_weights}" if self.layer_weights else ""
-        return f"aggregation={self.aggregation!r}, distance={self.distance!r}{scope}, weight={self.weight}{layers}"
+        return (
+            f"aggregation={options.aggregation!r}, distance={options.distance!r}{scope}, weight={self.weight}{layers}"
+        )
+
+    @property
+    def aggregation(self) -> AntiTransferAggregation:
+        return self.options.aggregation
+
+    @property
+    def distance(self) -> Distance:
+        return self.options.distance
+
+    @property
+    def gram_scope(self) -> GramScope | None:
+        return self.options.gram_scope

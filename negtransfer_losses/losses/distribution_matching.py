@@ -1,4 +1,4 @@
-"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (METHODS.md §3)."""
+"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (docs: Methods, distribution matching)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..functional.distribution_matching import (
     DIRECTIONS,
@@ -21,8 +22,8 @@ from ..functional.distribution_matching import (
     masked_cross_entropy,
     soft_co_annotation,
 )
-from ..functional.suppression import IGNORE_INDEX
-from ..ops import BACKENDS, Backend, distribution_matching
+from ..ops.dispatch import Backend, check_backend
+from ..ops.distribution_matching import distribution_matching
 from ..relatedness import TaskRelatedness
 
 
@@ -59,7 +60,8 @@ class DistributionMatchingLoss(_Coupled):
     (`inversion="bayes"`, the library's own) or the papers' product form (`"product"`) for B→A. Each term
     is a mean over samples (and attributes for a multilabel B). `divergence="kl"` is zero when the tasks
     agree; `"ce"` is the papers' cross-entropy form. Gradients reach both heads unless
-    `detach_target=True`. Per-direction values are in `last_terms` after each call. `backend` picks the
+    `detach_target=True`. After each call `last_terms` holds `"loss"` (weighted) and `"a_to_b"`, `"b_to_a"`
+    (unweighted) for the directions computed. `backend` picks the
     fused Triton kernel (multilabel B, Bayes inversion) or the functional path; see `negtransfer_losses.ops`.
     Non-finite logits follow `nan_policy` (`"raise"`, `"skip"`, `"propagate"`).
 
@@ -69,19 +71,18 @@ class DistributionMatchingLoss(_Coupled):
     def __init__(
         self,
         relatedness: TaskRelatedness,
+        *,
+        weight: float = 1.0,
         directions: Sequence[Direction] = DIRECTIONS,
         inversion: Inversion = "bayes",
         divergence: Divergence = "kl",
         detach_target: bool = False,
-        weight: float = 1.0,
-        *,
         eps: float = EPS,
         nan_policy: NanPolicy = "raise",
         backend: Backend = "auto",
     ) -> None:
         super().__init__(relatedness, inversion, nan_policy)
-        check_choice(backend, "backend", BACKENDS)
-        self.backend: Backend = backend
+        self.backend: Backend = check_backend(backend)
         directions = tuple(directions)
         if not directions:
             raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
@@ -110,8 +111,9 @@ class DistributionMatchingLoss(_Coupled):
             backend=self.backend,
         )
         terms = {name: zero_unless(finite, value) for name, value in terms.items()}
-        self.last_terms = {name: value.detach() for name, value in terms.items()}
-        return self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
+        loss = self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
+        self.last_terms = {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+        return loss
 
     def extra_repr(self) -> str:
         return (
@@ -126,15 +128,16 @@ class SoftCoAnnotationLoss(_Coupled):
 
     An A-only sample with `a = k` gets task-B target `R[k, :]`; a B-only sample gets the task-A target
     inferred from its B labels (`inversion`). Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar,
-    with labels as in `negtransfer_losses.functional.distribution_matching`.
+    with labels as in `negtransfer_losses.functional.distribution_matching`. After each call `last_terms`
+    holds `"loss"` (weighted), `"a"` and `"b"` (unweighted).
     """
 
     def __init__(
         self,
         relatedness: TaskRelatedness,
-        inversion: Inversion = "bayes",
-        weight: float = 1.0,
         *,
+        weight: float = 1.0,
+        inversion: Inversion = "bayes",
         ignore_index: int = IGNORE_INDEX,
         nan_policy: NanPolicy = "raise",
     ) -> None:
@@ -156,20 +159,24 @@ class SoftCoAnnotationLoss(_Coupled):
             self.ignore_index,
         )
         terms = {name: zero_unless(finite, value) for name, value in terms.items()}
-        self.last_terms = {f"co_annotation_{name}": value.detach() for name, value in terms.items()}
-        return self.weight * (terms["a"] + terms["b"])
+        loss = self.weight * (terms["a"] + terms["b"])
+        self.last_terms = {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+        return loss
 
     def extra_repr(self) -> str:
         return f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, inversion={self.inversion!r}"
 
 
 class MultiTaskLoss(nn.Module):
-    """`L = L_A + L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B)` for two partially labelled tasks.
+    """`weight · (λ_A L_A + λ_B L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B))` for two partially labelled tasks.
 
     `L_A`: cross-entropy over samples with a known A label; `L_B`: BCE over annotated B entries with
-    FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass). Set a λ to 0
-    to drop a term (0 for both gives plain multi-task learning with masked losses). `last_terms` holds
-    every term, unweighted, after each call. `nan_policy` and `backend` as in `DistributionMatchingLoss`.
+    FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass). The λ are
+    `supervised_a_weight`, `supervised_b_weight`, `matching_weight` and `co_annotation_weight` (all 1);
+    set one to 0 to drop its term (0 for both couplings gives plain multi-task learning with masked
+    losses). After each call `last_terms` holds `"loss"` (the total), `"supervised_a"`, `"supervised_b"`
+    (unweighted), and the submodules' terms as `"matching/…"` and `"co_annotation/…"`. `nan_policy` and
+    `backend` as in `DistributionMatchingLoss`.
 
     Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar.
     """
@@ -177,11 +184,12 @@ class MultiTaskLoss(nn.Module):
     def __init__(
         self,
         relatedness: TaskRelatedness,
-        distribution_matching: float = 1.0,
-        co_annotation: float = 1.0,
         *,
-        supervised_a: float = 1.0,
-        supervised_b: float = 1.0,
+        weight: float = 1.0,
+        matching_weight: float = 1.0,
+        co_annotation_weight: float = 1.0,
+        supervised_a_weight: float = 1.0,
+        supervised_b_weight: float = 1.0,
         inversion: Inversion = "bayes",
         divergence: Divergence = "kl",
         detach_target: bool = False,
@@ -193,11 +201,12 @@ class MultiTaskLoss(nn.Module):
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         self.nan_policy: NanPolicy = nan_policy
         self.kind: TaskKind = relatedness.kind
-        self.weights = {
-            "supervised_a": float(supervised_a),
-            "supervised_b": float(supervised_b),
-            "distribution_matching": float(distribution_matching),
-            "co_annotation": float(co_annotation),
+        self.weight = float(weight)
+        self.term_weights = {
+            "supervised_a": float(supervised_a_weight),
+            "supervised_b": float(supervised_b_weight),
+            "matching": float(matching_weight),
+            "co_annotation": float(co_annotation_weight),
         }
         self.ignore_index = ignore_index
         # the NaN guard runs once, in forward; the parts see guarded logits
@@ -217,7 +226,7 @@ class MultiTaskLoss(nn.Module):
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
         guarded, finite = guard_finite({"logits_a": logits_a, "logits_b": logits_b}, self.nan_policy)
         logits_a, logits_b = guarded["logits_a"], guarded["logits_b"]
-        w = self.weights
+        w = self.term_weights
         supervised_a = masked_cross_entropy(logits_a, labels_a, self.ignore_index)
         if self.kind == "multilabel":
             supervised_b = masked_binary_cross_entropy(logits_b, labels_b)
@@ -225,14 +234,17 @@ class MultiTaskLoss(nn.Module):
             supervised_b = masked_cross_entropy(logits_b, labels_b, self.ignore_index)
         total = w["supervised_a"] * supervised_a + w["supervised_b"] * supervised_b
         terms = {"supervised_a": supervised_a, "supervised_b": supervised_b}
-        if w["distribution_matching"]:
-            total = total + w["distribution_matching"] * self.matching(logits_a, logits_b)
-            terms.update(self.matching.last_terms)
+        if w["matching"]:
+            total = total + w["matching"] * self.matching(logits_a, logits_b)
+            terms.update({f"matching/{k}": v for k, v in self.matching.last_terms.items()})
         if w["co_annotation"]:
             total = total + w["co_annotation"] * self.co_annotation(logits_a, logits_b, labels_a, labels_b)
-            terms.update(self.co_annotation.last_terms)
-        self.last_terms = {name: zero_unless(finite, value).detach() for name, value in terms.items()}
-        return zero_unless(finite, total)
+            terms.update({f"co_annotation/{k}": v for k, v in self.co_annotation.last_terms.items()})
+        total = zero_unless(finite, self.weight * total)
+        terms = {name: zero_unless(finite, value).detach() for name, value in terms.items()}
+        self.last_terms = {"loss": total.detach(), **terms}
+        return total
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value}" for name, value in self.weights.items())
+        weights = ", ".join(f"{name}_weight={value}" for name, value in self.term_weights.items())
+        return f"weight={self.weight}, {weights}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._labels import IGNORE_INDEX, check_labels
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, checks_values
-from ..functional.suppression import IGNORE_INDEX, check_labels, erase, erasure_basis
+from ..functional.suppression import erase, erasure_basis
 
 
 class Purify(nn.Module):
@@ -95,6 +96,8 @@ class Purify(nn.Module):
                 irrelevant_labels,
                 self.num_irrelevant,
                 features.shape[0],
+                name="irrelevant_labels",
+                what="irrelevant classes",
                 ignore_index=self.ignore_index,
                 device=features.device,
             )

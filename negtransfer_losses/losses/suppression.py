@@ -9,10 +9,11 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel
-from ..functional.suppression import IGNORE_INDEX, adversarial_suppression, irrelevant_cka, irrelevant_hsic
+from ..functional.suppression import adversarial_suppression, irrelevant_cka, irrelevant_hsic
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
 SUPPRESSION_METHODS: tuple[SuppressionMethod, ...] = ("adversarial", "hsic", "cka")
@@ -49,9 +50,9 @@ class TaskIrrelevantSuppression(nn.Module):
         self,
         method: SuppressionMethod = "hsic",
         num_irrelevant: int | None = None,
-        weight: float = 1.0,
         *,
-        feature_dim: int | None = None,
+        weight: float = 1.0,
+        dim: int | None = None,
         head: nn.Module | None = None,
         strength: float = 1.0,
         warmup_steps: int = 0,
@@ -93,13 +94,13 @@ class TaskIrrelevantSuppression(nn.Module):
         self.nan_policy: NanPolicy = nan_policy
         self.head: nn.Module | None = None
         if method == "adversarial":
-            if head is None and feature_dim is None:
+            if head is None and dim is None:
                 raise ValueError(
-                    "method='adversarial' needs 'feature_dim' (the flattened size of a sample's features) "
-                    "for its linear head, or a 'head' module mapping (B, feature_dim) to (B, num_irrelevant)"
+                    "method='adversarial' needs 'dim' (the flattened size of a sample's features) "
+                    "for its linear head, or a 'head' module mapping (B, dim) to (B, num_irrelevant)"
                 )
             assert num_irrelevant is not None
-            self.head = head if head is not None else nn.Linear(int(feature_dim), num_irrelevant)  # type: ignore[arg-type]
+            self.head = head if head is not None else nn.Linear(int(dim), num_irrelevant)  # type: ignore[arg-type]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._head_snapshot: list[Tensor] | None = None
         self.last_terms: dict[str, Tensor] = {}
@@ -150,7 +151,7 @@ class TaskIrrelevantSuppression(nn.Module):
                 value = self._adversarial(features, irrelevant_labels)
         value = zero_unless(finite, value)
         loss = self.weight * value
-        self.last_terms.update(loss=loss.detach(), value=value.detach())
+        self.last_terms = {"loss": loss.detach(), "value": value.detach(), **self.last_terms}
         return loss
 
     def _adversarial(self, features: Tensor, labels: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..functional.distribution_matching import TASK_KINDS, TaskKind
-from ..functional.suppression import IGNORE_INDEX
+from .._labels import IGNORE_INDEX
 from ._matrix import TaskRelatedness
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional.distribution_matching import TASK_KINDS, TaskKind, label_mask
-from ..functional.suppression import IGNORE_INDEX, check_labels
+from .._labels import IGNORE_INDEX, check_labels, multilabel_targets
+from ..functional.distribution_matching import TASK_KINDS, TaskKind
 
 ROW_SUM_TOLERANCE = 1e-4
 
@@ -125,11 +125,11 @@ class TaskRelatedness:
         if smoothing < 0:
             raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
         n = labels_a.shape[0] if isinstance(labels_a, Tensor) else 0
-        check_labels(labels_a, num_a, n, name="labels_a", ignore_index=ignore_index)
+        check_labels(labels_a, num_a, n, name="labels_a", what="classes of task A", ignore_index=ignore_index)
         known_a = labels_a != ignore_index
         a_onehot = torch.nn.functional.one_hot(torch.where(known_a, labels_a, 0), num_a).double() * known_a[:, None]
         if kind == "multiclass":
-            check_labels(labels_b, num_b, n, name="labels_b", ignore_index=ignore_index)
+            check_labels(labels_b, num_b, n, name="labels_b", what="classes of task B", ignore_index=ignore_index)
             known_b = labels_b != ignore_index
             b_onehot = torch.nn.functional.one_hot(torch.where(known_b, labels_b, 0), num_b).double() * known_b[:, None]
             joint = a_onehot.T @ b_onehot
@@ -137,11 +137,7 @@ class TaskRelatedness:
             r = (joint + smoothing) / (rows + num_b * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
             support = rows[:, 0]
         elif kind == "multilabel":
-            if not isinstance(labels_b, Tensor) or labels_b.shape != (n, num_b):
-                shape = tuple(labels_b.shape) if isinstance(labels_b, Tensor) else type(labels_b).__name__
-                raise ValueError(f"'labels_b' must have shape ({n}, {num_b}) for a multilabel task B, got {shape}")
-            annotated = label_mask(labels_b.double())
-            positive = torch.where(annotated, labels_b.double(), 0.0)
+            positive, annotated = multilabel_targets(labels_b, (n, num_b), torch.float64, name="labels_b")
             if bool(((positive != 0) & (positive != 1)).any()):
                 raise ValueError("multilabel 'labels_b' must be 0 or 1 where known (NaN or -1 where missing)")
             ones = a_onehot.T @ positive

@@ -1,0 +1,60 @@
+"""The anti-transfer authors' `pairwise` aggregations in closed form (docs: methods page, anti-transfer).
+
+Their code pairs every student channel with every reference channel of one sample: with
+`S = reshape(student_b, [C_s, N])` and `R = reshape(reference_b, [C_r, N])` it builds the row
+`a_b = [S_1 ×C_r, S_2 ×C_r, …]` (each student channel repeated `C_r` times) and `b_b = [R_1, …, R_{C_r}]`
+repeated `C_s` times: `C_s·C_r·N` values per sample. Every distance of those rows has a closed form in
+`O(C·N)` memory:
+
+- `<a_b, b_b> = Σ_i Σ_j <S_i, R_j> = <Σ_i S_i, Σ_j R_j>`;
+- `|a_b|² = C_r Σ_i |S_i|²`, `|b_b|² = C_s Σ_j |R_j|²`;
+- the linear CKA of the rows equals that of the flattened maps (their Gram matrices are `C_r·K_S` and
+  `C_s·K_R`, and CKA ignores isotropic scale).
+
+`stochastic_pairwise` applies `pairwise` to a window of `q = C // B` consecutive channels (`q = 1` when
+`C < B`), its start drawn uniformly from `[0, C - q]` by torch's generator on each call: the same window
+for student and reference, so both need the same channel count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _channels_by_length(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`(<a_b, b_b>, |a_b|², |b_b|²)` per sample, each `(B,)`, in the inputs' dtype."""
+    s, r = _channels_by_length(student), _channels_by_length(reference)
+    dot = (s.sum(dim=1) * r.sum(dim=1)).sum(dim=1)
+    sq_a = r.shape[1] * s.square().sum(dim=(1, 2))
+    sq_b = s.shape[1] * r.square().sum(dim=(1, 2))
+    return dot, sq_a, sq_b
+
+
+def pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
+    """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, `(B,)`, never materializing `a_b`."""
+    dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
+    return dot / (sq_a.sqrt().clamp_min(eps) * sq_b.sqrt().clamp_min(eps))
+
+
+def pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:
+    """`mean((a - b)²)` over every sample's `C_s·C_r·N` values: `(|a_b|² + |b_b|² - 2<a_b, b_b>) / (C_s C_r N)`."""
+    dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
+    s = _channels_by_length(student)
+    size = s.shape[1] * reference.shape[1] * s.shape[2]
+    return ((sq_a + sq_b - 2.0 * dot) / size).mean().clamp_min(0.0)
+
+
+def stochastic_window(channels: int, batch: int, generator: torch.Generator | None = None) -> slice:
+    """The window of `q = max(channels // batch, 1)` consecutive channels, start uniform in `[0, channels - q]`.
+
+    Drawn on the CPU from `generator` (torch's default generator when None), so `torch.manual_seed`
+    makes it reproducible whatever the features' device.
+    """
+    width = max(channels // batch, 1)
+    start = int(torch.randint(0, channels - width + 1, (), generator=generator))
+    return slice(start, start + width)

@@ -1,0 +1,136 @@
+"""Anti-transfer with the backend choice: `negtransfer_losses.functional.anti_transfer`'s contract, with the
+row cosines of `gram`, `mean`, `sum` and `max` run by a fused kernel where the dispatcher takes one."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .._validation import NanPolicy
+from ..distributed import Gather
+from ..functional.aggregation import ROW_AGGREGATIONS, Aggregation, check_row_aggregation_pair
+from ..functional.anti_transfer import (
+    AntiTransferAggregation,
+    AntiTransferOptions,
+    AntiTransferTerms,
+    Distance,
+    compute_anti_transfer_terms,
+    torch_row_cosines,
+)
+from ..functional.similarity import GramScope, check_gram_pair
+from .dispatch import Backend, check_backend, resolve_backend
+
+
+def gram_row_cosines(
+    student: Tensor, reference: Tensor, gram_scope: GramScope = "batch", eps: float = 1e-8, backend: Backend = "auto"
+) -> Tensor:
+    """`functional.gram_row_cosines`; on the Triton backend, tiled so that no Gram matrix is ever formed."""
+    check_gram_pair(student, reference, gram_scope)
+    options = AntiTransferOptions.resolve("gram", "cos", gram_scope, eps)
+    return dispatched_row_cosines(student, reference.detach(), options, backend=backend)
+
+
+def aggregated_row_cosines(
+    student: Tensor, reference: Tensor, aggregation: Aggregation = "mean", eps: float = 1e-8, backend: Backend = "auto"
+) -> Tensor:
+    """`functional.aggregated_row_cosines`, fused in one Triton kernel per pass when the backend is Triton."""
+    check_row_aggregation_pair(student, reference, aggregation)
+    options = AntiTransferOptions.resolve(aggregation, "cos", None, eps)
+    return dispatched_row_cosines(student, reference.detach(), options, backend=backend)
+
+
+def dispatched_row_cosines(
+    student: Tensor, reference: Tensor, options: AntiTransferOptions, *, backend: Backend
+) -> Tensor:
+    """The row cosines of `options.aggregation` (in `gram`, `mean`, `sum`, `max`) by the backend that wins."""
+    if options.aggregation == "gram":
+        assert options.gram_scope is not None
+        if resolve_backend(backend, f"gram_row_cosines/{options.gram_scope}", student, reference) == "triton":
+            from .gram_cosine import GramRowCosines
+
+            cosines: Tensor = GramRowCosines.apply(student, reference, options.gram_scope, options.eps)  # type: ignore[no-untyped-call]
+            return cosines
+    elif (
+        options.aggregation in ROW_AGGREGATIONS
+        and resolve_backend(backend, "aggregated_row_cosines", student, reference) == "triton"
+    ):
+        from .channel_cosine import AggregatedRowCosines
+
+        cosines = AggregatedRowCosines.apply(student, reference, options.aggregation, options.eps)  # type: ignore[no-untyped-call]
+        return cosines
+    return torch_row_cosines(student, reference, options)
+
+
+def anti_transfer(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation = "gram",
+    distance: Distance = "cos_squared",
+    gram_scope: GramScope | None = None,
+    eps: float = 1e-8,
+    *,
+    mul_exponent: float | None = None,
+    nan_policy: NanPolicy = "raise",
+    layer: str | None = None,
+    gather: Gather = "local",
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """`functional.anti_transfer` with the backend choice (`negtransfer_losses.ops.dispatch`)."""
+    return anti_transfer_terms(
+        student,
+        reference,
+        aggregation,
+        distance,
+        gram_scope,
+        eps,
+        mul_exponent=mul_exponent,
+        nan_policy=nan_policy,
+        layer=layer,
+        gather=gather,
+        generator=generator,
+        backend=backend,
+    ).loss
+
+
+def anti_transfer_terms(
+    student: Tensor,
+    reference: Tensor,
+    aggregation: AntiTransferAggregation = "gram",
+    distance: Distance = "cos_squared",
+    gram_scope: GramScope | None = None,
+    eps: float = 1e-8,
+    *,
+    mul_exponent: float | None = None,
+    nan_policy: NanPolicy = "raise",
+    layer: str | None = None,
+    gather: Gather = "local",
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+) -> AntiTransferTerms:
+    """`functional.anti_transfer_terms` with the backend choice."""
+    options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
+    return anti_transfer_terms_for(student, reference, options, layer=layer, generator=generator, backend=backend)
+
+
+def anti_transfer_terms_for(
+    student: Tensor,
+    reference: Tensor,
+    options: AntiTransferOptions,
+    *,
+    layer: str | None = None,
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+) -> AntiTransferTerms:
+    """The terms for options validated once (what `AntiTransferLoss` calls on every step)."""
+    check_backend(backend)
+    return compute_anti_transfer_terms(
+        student,
+        reference,
+        options,
+        layer=layer,
+        generator=generator,
+        row_cosines=partial(dispatched_row_cosines, backend=backend),
+    )
