@@ -38,15 +38,15 @@ class AntiTransferClassifier(L.LightningModule):
         self.model = cnn()
         self.frozen = ntl.FrozenReference(irrelevant, ["0", "2"])
         self.tap = ntl.FeatureTap(self.model, ["0", "2"])
-        self.anti_transfer = ntl.AntiTransferLoss("gram", "cos_squared", weight=weight)
+        self.anti_transfer = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=weight)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         task = F.cross_entropy(self.model(x), y)
         penalty = self.anti_transfer(self.tap.pop(), self.frozen(x))
-        self.log_dict({"task": task, "anti_transfer": penalty}, prog_bar=True)
-        for layer, terms in self.anti_transfer.last_terms.items():
-            self.log(f"student_norm/{layer}", terms["student_norm"])
+        self.log("task", task, prog_bar=True)
+        # every term as a float: "anti_transfer/loss", "anti_transfer/{layer}/similarity", .../student_norm
+        self.log_dict(ntl.collect_terms({"anti_transfer": self.anti_transfer}))
         return task + penalty
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -69,12 +69,8 @@ def main(argv: list[str] | None = None) -> AntiTransferClassifier:
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(data, batch_size=32))
-    print(
-        "trained",
-        args.steps,
-        "steps; last terms:",
-        {layer: round(t["similarity"].item(), 4) for layer, t in module.anti_transfer.last_terms.items()},
-    )
+    terms = ntl.collect_terms({"anti_transfer": module.anti_transfer})
+    print("trained", args.steps, "steps; last terms:", {key: round(value, 4) for key, value in terms.items()})
     return module
 
 
