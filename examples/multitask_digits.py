@@ -13,12 +13,18 @@ matching, + both (R from the prior table), + both (R estimated). Reported on the
 attributes): digit accuracy and mean attribute accuracy, mean ± std over seeds; a multi-task model worse
 than a single-task model on a task is flagged as negative transfer. No weight was tuned: λ = 1.
 
+`--sweep` runs the label-ratio study instead: digit/attribute label counts 30/1,000, 100/100 and 1,000/30,
+the single-task models, plain multi-task and each coupling, the coupling weight chosen per ratio on the
+validation split (mean of the two tasks' validation accuracies over the seeds), the test split reported.
+
     python examples/multitask_digits.py [--seeds 5] [--steps 300] [--out results]
+    python examples/multitask_digits.py --sweep [--seeds 5] [--out docs/img]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 from dataclasses import dataclass
@@ -50,39 +56,81 @@ NOISE = 0.10
 CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both", "+ both (estimated R)"]
 
 
+TEST_SIZE, VAL_SIZE, BOTH_SIZE = 400, 300, 50
+
+
 @dataclass
 class Data:
-    x_train: Tensor  # (200, 64): 100 A-only, then 100 B-only
-    labels_a: Tensor  # (200,), -100 where unknown
-    labels_b: Tensor  # (200, M), NaN where unknown
+    x_train: Tensor  # (num_a + num_b, 64): num_a A-only, then num_b B-only
+    labels_a: Tensor  # (num_a + num_b,), -100 where unknown
+    labels_b: Tensor  # (num_a + num_b, M), NaN where unknown
     estimated: ntl.TaskRelatedness
+    x_val: Tensor
+    y_val: Tensor
+    b_val: Tensor  # clean attributes
     x_test: Tensor
     y_test: Tensor
     b_test: Tensor  # clean attributes
 
 
-def make_data(seed: int, attributes: list[str], evaluate_on: str = "test") -> Data:
+def make_data(seed: int, attributes: list[str], num_a: int = 100, num_b: int = 100) -> Data:
+    """Test (400), validation (300) and co-annotated (50, only to estimate R) images first, then
+    `num_a` digit-only and `num_b` attribute-only training images from the remaining 1,047."""
     table = definition(attributes)
-    num_b = len(attributes)
+    num_b_attr = len(attributes)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
+    pool_size = len(y) - TEST_SIZE - VAL_SIZE - BOTH_SIZE
+    if num_a < 1 or num_b < 1 or num_a + num_b > pool_size:
+        raise ValueError(f"num_a={num_a} and num_b={num_b} must be ≥ 1 and sum to at most {pool_size}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=g)
-    a_only, b_only, both = order[:100], order[100:200], order[200:250]
-    val, test = order[250:550], order[550:]
-    if evaluate_on == "val":
-        test = val
+    test, val = order[:TEST_SIZE], order[TEST_SIZE : TEST_SIZE + VAL_SIZE]
+    both = order[TEST_SIZE + VAL_SIZE : TEST_SIZE + VAL_SIZE + BOTH_SIZE]
+    pool = order[TEST_SIZE + VAL_SIZE + BOTH_SIZE :]
+    a_only, b_only = pool[:num_a], pool[num_a : num_a + num_b]
 
     def noisy_attributes(idx: Tensor) -> Tensor:
         clean = table[y[idx]]
         flip = torch.rand(clean.shape, generator=g) < NOISE
         return torch.where(flip, 1 - clean, clean)
 
-    labels_a = torch.cat([y[a_only], torch.full((100,), -100)])
-    labels_b = torch.cat([torch.full((100, num_b), float("nan")), noisy_attributes(b_only)])
-    estimated = ntl.TaskRelatedness.estimate(y[both], noisy_attributes(both), num_a=10, num_b=num_b)
-    return Data(x[torch.cat([a_only, b_only])], labels_a, labels_b, estimated, x[test], y[test], table[y[test]])
+    labels_a = torch.cat([y[a_only], torch.full((num_b,), -100)])
+    labels_b = torch.cat([torch.full((num_a, num_b_attr), float("nan")), noisy_attributes(b_only)])
+    estimated = ntl.TaskRelatedness.estimate(y[both], noisy_attributes(both), num_a=10, num_b=num_b_attr)
+    return Data(
+        x[torch.cat([a_only, b_only])],
+        labels_a,
+        labels_b,
+        estimated,
+        x[val],
+        y[val],
+        table[y[val]],
+        x[test],
+        y[test],
+        table[y[test]],
+    )
+
+
+def multitask_loss(
+    relatedness: ntl.TaskRelatedness,
+    matching: float,
+    co_annotation: float,
+    supervised_a: float,
+    supervised_b: float,
+    detach_target: bool = False,
+) -> ntl.MultiTaskLoss:
+    """`MultiTaskLoss` with every term's weight given by keyword, under the old or the new spelling."""
+    names = inspect.signature(ntl.MultiTaskLoss).parameters
+    new = "matching_weight" in names
+    weights = {
+        "matching_weight" if new else "distribution_matching": matching,
+        "co_annotation_weight" if new else "co_annotation": co_annotation,
+        "supervised_a_weight" if "supervised_a_weight" in names else "supervised_a": supervised_a,
+        "supervised_b_weight" if "supervised_b_weight" in names else "supervised_b": supervised_b,
+    }
+    return ntl.MultiTaskLoss(relatedness, detach_target=detach_target, **weights)  # type: ignore[arg-type]
 
 
 class TwoHeads(nn.Module):
@@ -97,17 +145,27 @@ class TwoHeads(nn.Module):
         return self.head_a(h), self.head_b(h)
 
 
-def train(config: str, data: Data, prior: ntl.TaskRelatedness, steps: int, seed: int) -> TwoHeads:
+def train(
+    config: str,
+    data: Data,
+    prior: ntl.TaskRelatedness,
+    steps: int,
+    seed: int,
+    weight: float = 1.0,
+    detach_target: bool = False,
+) -> TwoHeads:
+    """Full-batch Adam; `weight` is λ of each coupling term the config turns on."""
     torch.manual_seed(seed)
     model = TwoHeads(data.labels_b.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     relatedness = data.estimated if "estimated" in config else prior
-    loss_fn = ntl.MultiTaskLoss(
+    loss_fn = multitask_loss(
         relatedness,
-        distribution_matching=1.0 if ("matching" in config or "both" in config) else 0.0,
-        co_annotation=1.0 if ("co-annotation" in config or "both" in config) else 0.0,
+        matching=weight if ("matching" in config or "both" in config) else 0.0,
+        co_annotation=weight if ("co-annotation" in config or "both" in config) else 0.0,
         supervised_a=0.0 if config == "single B" else 1.0,
         supervised_b=0.0 if config == "single A" else 1.0,
+        detach_target=detach_target,
     )
     for _ in range(steps):
         logits_a, logits_b = model(data.x_train)
@@ -119,11 +177,12 @@ def train(config: str, data: Data, prior: ntl.TaskRelatedness, steps: int, seed:
 
 
 @torch.no_grad()
-def evaluate(model: TwoHeads, data: Data) -> dict[str, float]:
-    logits_a, logits_b = model(data.x_test)
+def evaluate(model: TwoHeads, data: Data, split: str = "test") -> dict[str, float]:
+    x, y, b = (data.x_test, data.y_test, data.b_test) if split == "test" else (data.x_val, data.y_val, data.b_val)
+    logits_a, logits_b = model(x)
     return {
-        "digit_accuracy": (logits_a.argmax(1) == data.y_test).float().mean().item(),
-        "attribute_accuracy": ((logits_b > 0).float() == data.b_test).float().mean().item(),
+        "digit_accuracy": (logits_a.argmax(1) == y).float().mean().item(),
+        "attribute_accuracy": ((logits_b > 0).float() == b).float().mean().item(),
     }
 
 
@@ -146,9 +205,9 @@ def run(
     results: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     with tqdm(total=seeds * len(configs), desc="multi-task digits", unit="run") as bar:
         for seed in range(seeds):
-            data = make_data(seed, attributes, evaluate_on)
+            data = make_data(seed, attributes)
             for config in configs:
-                results[config].append(evaluate(train(config, data, prior, steps, seed), data))
+                results[config].append(evaluate(train(config, data, prior, steps, seed), data, evaluate_on))
                 bar.update()
     return results
 
@@ -221,6 +280,168 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
     plt.close(fig)
 
 
+RATIOS = [(30, 1000), (100, 100), (1000, 30)]
+SWEEP_CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both"]
+SWEEP_GRID = [0.3, 1.0, 3.0]
+TASKS = (("digit", "digit_accuracy", "single A"), ("attributes", "attribute_accuracy", "single B"))
+
+
+def run_sweep(
+    seeds: int,
+    steps: int,
+    attributes: list[str],
+    ratios: list[tuple[int, int]] = RATIOS,
+    configs: list[str] = SWEEP_CONFIGS,
+    grid: list[float] = SWEEP_GRID,
+    detach_target: bool = False,
+) -> list[dict[str, float | int | str]]:
+    """One record per (ratio, config, weight, seed): validation and test accuracies of the same model."""
+    prior = prior_relatedness(NOISE, attributes)
+    jobs = [(r, c, w) for r in ratios for c in configs for w in (grid if c.startswith("+") else [0.0])]
+    records: list[dict[str, float | int | str]] = []
+    with tqdm(total=seeds * len(jobs), desc="label-ratio sweep", unit="run") as bar:
+        for seed in range(seeds):
+            data = {r: make_data(seed, attributes, *r) for r in ratios}
+            for ratio, config, weight in jobs:
+                model = train(config, data[ratio], prior, steps, seed, weight, detach_target)
+                record: dict[str, float | int | str] = {
+                    "num_a": ratio[0],
+                    "num_b": ratio[1],
+                    "config": config,
+                    "weight": weight,
+                    "seed": seed,
+                }
+                for split in ("val", "test"):
+                    for key, value in evaluate(model, data[ratio], split).items():
+                        record[f"{split}_{key}"] = value
+                records.append(record)
+                bar.update()
+    return records
+
+
+def sweep_summary(records: list[dict[str, float | int | str]]) -> list[dict[str, float | int | str]]:
+    """Per ratio and config: the weight with the best validation mean (of both tasks, over seeds), then
+    the test accuracy of each task and its gain over the task's single-task model (paired by seed)."""
+    rows: list[dict[str, float | int | str]] = []
+    ratios = list(dict.fromkeys((int(r["num_a"]), int(r["num_b"])) for r in records))
+    for num_a, num_b in ratios:
+        at_ratio = [r for r in records if r["num_a"] == num_a and r["num_b"] == num_b]
+        chosen: dict[str, list[dict[str, float | int | str]]] = {}
+        for config in dict.fromkeys(str(r["config"]) for r in at_ratio):
+            by_weight: dict[float, list[dict[str, float | int | str]]] = {}
+            for r in at_ratio:
+                if r["config"] == config:
+                    by_weight.setdefault(float(r["weight"]), []).append(r)
+
+            def validation(runs: list[dict[str, float | int | str]], config: str = config) -> float:
+                keys = [f"val_{k}" for _, k, single in TASKS if single != config]
+                return statistics.mean(float(r[k]) for r in runs for k in keys)
+
+            best = max(by_weight, key=lambda w: validation(by_weight[w]))
+            chosen[config] = sorted(by_weight[best], key=lambda r: int(r["seed"]))
+        for config, runs in chosen.items():
+            row: dict[str, float | int | str] = {
+                "num_a": num_a,
+                "num_b": num_b,
+                "config": config,
+                "weight": float(runs[0]["weight"]),
+                "seeds": len(runs),
+            }
+            for task, key, single in TASKS:
+                if config == ("single B" if single == "single A" else "single A"):
+                    continue  # a single-task model has no head trained for the other task
+                values = [100 * float(r[f"test_{key}"]) for r in runs]
+                base = [100 * float(r[f"test_{key}"]) for r in chosen[single]]
+                gains = [v - b for v, b in zip(values, base, strict=True)]
+                row[f"{task}_mean"] = statistics.mean(values)
+                row[f"{task}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[f"{task}_gain_mean"] = statistics.mean(gains)
+                row[f"{task}_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def sweep_markdown(rows: list[dict[str, float | int | str]]) -> str:
+    lines = [
+        "| digit / attribute labels | model | λ (validation) | digit accuracy | gain vs single A "
+        "| attribute accuracy | gain vs single B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row['num_a']} / {row['num_b']}", str(row["config"])]
+        cells.append(f"{row['weight']:g}" if str(row["config"]).startswith("+") else "—")
+        for task, _, single in TASKS:
+            if f"{task}_mean" not in row:
+                cells += ["—", "—"]
+                continue
+            cells.append(f"{row[f'{task}_mean']:.1f} ± {row[f'{task}_std']:.1f}")
+            gain = f"{row[f'{task}_gain_mean']:+.1f} ± {row[f'{task}_gain_std']:.1f}"
+            cells.append("—" if row["config"] == single else gain)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict[str, float | int | str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = list(dict.fromkeys((int(r["num_a"]), int(r["num_b"])) for r in rows))
+    labels = [f"{a} / {b}" for a, b in ratios]
+    configs = [c for c in dict.fromkeys(str(r["config"]) for r in rows) if not c.startswith("single")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (task, _, single) in zip(axes, TASKS, strict=True):
+        for i, config in enumerate(configs):
+            rs = [
+                next(r for r in rows if (r["num_a"], r["num_b"]) == ratio and r["config"] == config) for ratio in ratios
+            ]
+            xs = [j + (i - (len(configs) - 1) / 2) * 0.06 for j in range(len(ratios))]
+            ax.errorbar(
+                xs,
+                [float(r[f"{task}_gain_mean"]) for r in rs],
+                yerr=[float(r[f"{task}_gain_std"]) for r in rs],
+                marker="o",
+                capsize=3,
+                label=config,
+                linestyle="--" if config == "multi-task" else "-",
+            )
+        ax.axhline(0, color="k", linewidth=1)
+        ax.set_xticks(range(len(ratios)), labels)
+        ax.set_xlabel("training labels: digit / attribute")
+        ax.set_title(f"{task}: test gain over {single} (points)")
+    axes[0].set_ylabel("accuracy gain, percentage points")
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle("Multi-task digits: gain over each task's single-task model vs label ratio (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
+    records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid)
+    rows = sweep_summary(records)
+    table = sweep_markdown(rows)
+    print(f"\nLabel-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test")
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python examples/multitask_digits.py --sweep " + " ".join(args.argv),
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "grid": args.grid,
+        "label_noise": NOISE,
+        "attributes": args.attributes,
+        "summary": rows,
+        "runs": records,
+    }
+    (args.out / "multitask_sweep.json").write_text(json.dumps(record, indent=1))
+    (args.out / "multitask_sweep.md").write_text(table + "\n")
+    plot_sweep(rows, args.out / "multitask_sweep.png")
+    print(f"wrote {args.out / 'multitask_sweep.json'}, .md and .png")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
@@ -229,8 +450,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     parser.add_argument("--prior-noise", type=float, default=NOISE, help="error rate assumed by the prior R")
     parser.add_argument("--evaluate-on", choices=["test", "val"], default="test")
     parser.add_argument("--attributes", nargs="+", choices=list(ATTRIBUTES), default=list(ATTRIBUTES))
+    parser.add_argument("--sweep", action="store_true", help="the label-ratio sweep (see above)")
+    parser.add_argument(
+        "--ratios",
+        type=lambda text: tuple(int(n) for n in text.split("/")),
+        nargs="+",
+        default=RATIOS,
+        help="with --sweep: digit/attribute label counts, e.g. 30/1000",
+    )
+    parser.add_argument("--grid", type=float, nargs="+", default=SWEEP_GRID, help="with --sweep: coupling weights")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    args.argv = [a for a in (argv if argv is not None else __import__("sys").argv[1:]) if a != "--sweep"]
+    torch.set_num_threads(1 if args.sweep else min(2, torch.get_num_threads()))
+    if args.sweep:
+        main_sweep(args)
+        return {}
 
     table = summary(run(args.seeds, args.steps, args.attributes, args.prior_noise, args.evaluate_on))
     print(f"\nMulti-task digits: {args.seeds} seeds, {args.steps} steps; test mean ± std")
