@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +21,15 @@ pytest.importorskip("transformers", reason="optional: pip install 'transformers[
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_LAYER = "bert.encoder.layer.0.output.dense.weight"  # below every tapped layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # tiny matrices: on a busy machine a second intra-op thread made these steps ~30× slower (measured)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
