@@ -1,17 +1,36 @@
 """Row cosines of Gram matrices without forming them: the Triton twin of `functional.gram_row_cosines`.
 
-With rows `v_i` of `V (G groups, m rows, N)` (`"sample"` scope: `G = B`, `m = C`; `"batch"`: `G = 1`,
-`m = B·C`), `S = V Vᵀ` and likewise `U` and `T = U Uᵀ` for the reference:
+With rows `w_i` of `W (G groups, m rows, N)` (`"sample"` scope: `G = B`, `m = C`; `"batch"`: `G = 1`,
+`m = B·C`), `S = W Wᵀ` and likewise `U` and `T = U Uᵀ` for the reference:
 
     s_i = <S_i, T_i> / (max(|S_i|, eps) · max(|T_i|, eps))
 
-Forward: one program per block of rows computes the Gram tiles `S[I, J]`, `T[I, J]` block by block (reducing
-over `N`), accumulates `<S_i, T_i>`, `|S_i|²`, `|T_i|²` and drops the tiles — memory is `O(tile)`, not
-`O(m²)`, like flash attention's treatment of the score matrix. Backward: with `g_i = ∂L/∂s_i`, the gradient
-with respect to the Gram entries is `W[i, j] = α_i T[i, j] + β_i S[i, j]` (`α_i = g_i / (|S_i| |T_i|)`,
-`β_i = −g_i s_i / |S_i|²` where `|S_i| > eps`), and since `S = V Vᵀ` is symmetric, `∂L/∂V = (W + Wᵀ) V` with
-`(W + Wᵀ)[i, j] = (α_i + α_j) T[i, j] + (β_i + β_j) S[i, j]`: each program recomputes its tiles and owns its
-rows of the gradient (no atomics). The reference gets no gradient. Float32 accumulation throughout.
+Both inputs are first scaled by a power of two to magnitude ≤ 1, as the torch path does, so float32 maps
+near 1e30 give finite cosines. Two kernels, chosen like the torch path (`N < m` or not):
+
+**Identity (`N < m`; the paper's batch scope, B=30, C=512, 8×8: m = 15,360, N = 64).** Row `i` of `S` is
+`W w_i`, so `<S_i, T_i> = w_iᵀ P u_i` with `P = Wᵀ U`, `|S_i|² = w_iᵀ A w_i` with `A = Wᵀ W`, and
+`|T_i|² = u_iᵀ Bᵣ u_i` with `Bᵣ = Uᵀ U` — `N×N` products instead of `m×m`.
+- Reduce: `P`, `A`, `Bᵣ` over row chunks split across programs; each program keeps its own power-of-two
+  scale, updated online from the tiles it loads (a running-max exponent; the accumulators are rescaled
+  exactly when it grows), and writes its partial with its exponents; the partials are combined in a fixed
+  order (deterministic) at the global scale, which is the maximum exponent (no extra pass over memory).
+- Rows: each program streams a block of rows once more and writes cosines and norms.
+- Backward (`g_i = ∂L/∂s_i`, `α_i = g_i / (|S_i| |T_i|)`, `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps`):
+  `∂L/∂W = diag(α) U Pᵀ + U Q + diag(β) W A + W R` with `Q = Uᵀ diag(α) W`, `R = Wᵀ diag(β) W`: one
+  reduction of `Q`, `R` as above, then one pass that writes each block of `∂L/∂W` once (no
+  read-modify-write). `P`, `A` are saved from forward (`N×N` each).
+- Arithmetic: forward `12 m N²`, backward `12 m N²` (the torch path: about `12 m N²` and `16 m N²`).
+
+**Tiles (`N ≥ m`; sample scope with large maps).** Each program owns `BLOCK_ROWS` rows of one group and
+computes the Gram tiles `S[I, J]`, `T[I, J]` for a chunk of up to 256 columns at a time, reducing over
+`N`; it accumulates `<S_i, T_i>`, `|S_i|²`, `|T_i|²` and drops the tiles (memory `O(tile)`). Backward
+recomputes `S[I, J]`, `T[I, J]` per chunk, forms `(W + Wᵀ)[I, J] = (α_i + α_j) T + (β_i + β_j) S` (`S`
+symmetric: `∂L/∂W = (W + Wᵀ) W`) and writes `∂L/∂W[I, :]`: once when `m ≤ 256`, else accumulated over
+`⌈m/256⌉` chunks by the program that owns the rows (no atomics).
+
+Offsets are 64-bit; grids are one-dimensional (`_kernel_common.check_grid`). The reference gets no
+gradient. Float32 accumulation throughout; 16-bit operands go to `tl.dot` as they are.
 """
 
 from __future__ import annotations
@@ -23,42 +42,265 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_ROWS = 16
-BLOCK_POSITIONS = 32
+from ._kernel_common import check_grid, dot_precision, frexp_exponent, pow2_neg, unit_scale, widen_dot_operands
+
+BLOCK_ROWS = 64  # rows per block in the identity kernels
+BLOCK_DIM = 64  # columns of P, A, Bᵣ per tile
+TILE_ROWS = 16  # rows per program in the tile kernels
+TILE_COLUMNS = 256  # Gram columns held at once in the tile kernels
+TILE_POSITIONS = 32  # positions per step of the tile kernels' reductions
+TARGET_PROGRAMS = 1024  # enough reduce programs to fill a large GPU several times over
+PARTIAL_BUDGET = 1 << 24  # float32 elements of reduce partials at most (64 MiB), unless one split needs more
+
+
+def identity_plan(groups: int, rows: int, dim: int) -> tuple[int, int, int]:
+    """`(splits, rows_per_split, tiles)` of the identity reduce: row chunks (multiples of `BLOCK_ROWS`) per
+    group, so that `groups · splits · tiles²` programs fill the GPU and the partials stay within budget.
+    A pure function of the sizes (tested at huge sizes without allocating)."""
+    tiles = triton.cdiv(max(dim, 1), BLOCK_DIM)
+    padded = tiles * BLOCK_DIM
+    row_blocks = triton.cdiv(max(rows, 1), BLOCK_ROWS)
+    by_programs = triton.cdiv(TARGET_PROGRAMS, groups * tiles * tiles)
+    by_memory = max(1, PARTIAL_BUDGET // (groups * 3 * padded * padded))
+    splits = max(1, min(row_blocks, by_programs, by_memory))
+    blocks_per_split = triton.cdiv(row_blocks, splits)
+    splits = triton.cdiv(row_blocks, blocks_per_split)
+    return splits, blocks_per_split * BLOCK_ROWS, tiles
 
 
 @triton.jit
-def _gram_tiles(v_ptr, u_ptr, rows_i, rows_j, mask_i, mask_j, N, stride_r, BLOCK_N: tl.constexpr):
-    """`S[I, J]` and `T[I, J]` of one group, float32, reduced over all positions."""
-    s = tl.zeros((rows_i.shape[0], rows_j.shape[0]), tl.float32)
-    t = tl.zeros((rows_i.shape[0], rows_j.shape[0]), tl.float32)
+def _scaled(x, factor, DOT_DTYPE: tl.constexpr):
+    """A tile times a power of two (exact), in the dot operands' dtype."""
+    return (x.to(tl.float32) * factor).to(DOT_DTYPE)
+
+
+@triton.jit
+def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, M, N, rows_per_split, splits, tiles,
+                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Partial `P = WᵀU`, `A = WᵀW`, `Bᵣ = UᵀU` of one tile over one row chunk, at the program's own scale."""
+    pid = tl.program_id(0)
+    tile = pid % (tiles * tiles)
+    rest = pid // (tiles * tiles)
+    split = rest % splits
+    group = (rest // splits).to(tl.int64)
+    cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_i, mask_j = cols_i < N, cols_j < N
+    base = group * M * N
+    acc_p = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    e_w = tl.full((), 0, tl.int32)
+    e_u = tl.full((), 0, tl.int32)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    for r0 in range(start, stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rows < stop
+        offs = base + rows.to(tl.int64)[:, None] * N
+        m_i, m_j = mask_r[:, None] & mask_i[None, :], mask_r[:, None] & mask_j[None, :]
+        wi = tl.load(w_ptr + offs + cols_i[None, :], mask=m_i, other=0.0)
+        ui = tl.load(u_ptr + offs + cols_i[None, :], mask=m_i, other=0.0)
+        if ONE_TILE:
+            wj, uj = wi, ui
+        else:
+            wj = tl.load(w_ptr + offs + cols_j[None, :], mask=m_j, other=0.0)
+            uj = tl.load(u_ptr + offs + cols_j[None, :], mask=m_j, other=0.0)
+        max_w = tl.maximum(tl.max(tl.abs(wi.to(tl.float32))), tl.max(tl.abs(wj.to(tl.float32))))
+        max_u = tl.maximum(tl.max(tl.abs(ui.to(tl.float32))), tl.max(tl.abs(uj.to(tl.float32))))
+        new_w = tl.maximum(e_w, frexp_exponent(max_w))
+        new_u = tl.maximum(e_u, frexp_exponent(max_u))
+        grow_w, grow_u = tl.minimum(new_w - e_w, 127), tl.minimum(new_u - e_u, 127)
+        acc_p = acc_p * pow2_neg(grow_w + grow_u)
+        acc_a = acc_a * pow2_neg(2 * grow_w)
+        acc_b = acc_b * pow2_neg(2 * grow_u)
+        e_w, e_u = new_w, new_u
+        f_w, f_u = pow2_neg(e_w), pow2_neg(e_u)
+        wi_s, ui_s = _scaled(wi, f_w, DOT_DTYPE), _scaled(ui, f_u, DOT_DTYPE)
+        if ONE_TILE:
+            wj_s, uj_s = wi_s, ui_s
+        else:
+            wj_s, uj_s = _scaled(wj, f_w, DOT_DTYPE), _scaled(uj, f_u, DOT_DTYPE)
+        wi_t, ui_t = tl.trans(wi_s), tl.trans(ui_s)
+        acc_p = tl.dot(wi_t, uj_s, acc_p, input_precision=PRECISION)
+        acc_a = tl.dot(wi_t, wj_s, acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(ui_t, uj_s, acc_b, input_precision=PRECISION)
+    padded = tiles * BLOCK_N
+    out = part_ptr + (group * splits + split) * 3 * padded * padded
+    offs_out = cols_i.to(tl.int64)[:, None] * padded + cols_j[None, :]
+    tl.store(out + offs_out, acc_p)
+    tl.store(out + padded * padded + offs_out, acc_a)
+    tl.store(out + 2 * padded * padded + offs_out, acc_b)
+    exp_out = exp_ptr + ((group * splits + split) * tiles * tiles + tile) * 2
+    tl.store(exp_out, e_w)
+    tl.store(exp_out + 1, e_u)
+
+
+@triton.jit
+def _identity_rows_kernel(w_ptr, u_ptr, mats_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, blocks,
+                          padded, eps, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`<S_i, T_i> = w_iᵀ P u_i`, `|S_i|² = w_iᵀ A w_i`, `|T_i|² = u_iᵀ Bᵣ u_i` for one block of rows."""
+    pid = tl.program_id(0)
+    group = (pid // blocks).to(tl.int64)
+    rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < M
+    offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
+    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
+    mats = mats_ptr + group * 3 * padded * padded
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    sq_s = tl.zeros((BLOCK_R,), tl.float32)
+    sq_t = tl.zeros((BLOCK_R,), tl.float32)
+    for j0 in range(0, N, BLOCK_N):
+        cols_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = mask_r[:, None] & (cols_j < N)[None, :]
+        wj = tl.load(w_ptr + offs_r + cols_j[None, :], mask=m_j, other=0.0).to(tl.float32) * f_w
+        uj = tl.load(u_ptr + offs_r + cols_j[None, :], mask=m_j, other=0.0).to(tl.float32) * f_u
+        wp = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        wa = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        ub = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        for k0 in range(0, N, BLOCK_N):
+            cols_k = k0 + tl.arange(0, BLOCK_N)
+            if ONE_TILE:
+                wk, uk = wj, uj
+            else:
+                m_k = mask_r[:, None] & (cols_k < N)[None, :]
+                wk = tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w
+                uk = tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u
+            offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
+            wp = tl.dot(wk, tl.load(mats + offs_kj), wp, input_precision=PRECISION)
+            wa = tl.dot(wk, tl.load(mats + padded * padded + offs_kj), wa, input_precision=PRECISION)
+            ub = tl.dot(uk, tl.load(mats + 2 * padded * padded + offs_kj), ub, input_precision=PRECISION)
+        dot += tl.sum(wp * uj, axis=1)
+        sq_s += tl.sum(wa * wj, axis=1)
+        sq_t += tl.sum(ub * uj, axis=1)
+    floor = eps * eps
+    cosine = dot / (tl.sqrt(tl.maximum(sq_s, floor)) * tl.sqrt(tl.maximum(sq_t, floor)))
+    out = group * M + rows
+    tl.store(cos_ptr + out, cosine, mask=mask_r)
+    tl.store(norm_s_ptr + out, tl.sqrt(tl.maximum(sq_s, 0.0)), mask=mask_r)
+    tl.store(norm_t_ptr + out, tl.sqrt(tl.maximum(sq_t, 0.0)), mask=mask_r)
+
+
+@triton.jit
+def _identity_grad_reduce_kernel(w_ptr, u_ptr, coef_ptr, scale_ptr, part_ptr, M, N, rows_per_split, splits, tiles,
+                                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Partial `Q = Uᵀ diag(α̂) W` and `R = Wᵀ diag(β̂) W` (`α̂ = α / max|α|`, likewise `β̂`: in [−1, 1], so
+    16-bit operands cannot overflow) of one tile over one row chunk, at the forward's global scale."""
+    pid = tl.program_id(0)
+    tile = pid % (tiles * tiles)
+    rest = pid // (tiles * tiles)
+    split = rest % splits
+    group = (rest // splits).to(tl.int64)
+    cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_i, mask_j = cols_i < N, cols_j < N
+    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
+    acc_q = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_r = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    for r0 in range(start, stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rows < stop
+        offs = group * M * N + rows.to(tl.int64)[:, None] * N
+        m_i, m_j = mask_r[:, None] & mask_i[None, :], mask_r[:, None] & mask_j[None, :]
+        coef_offs = (group * M + rows) * 2
+        alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0)
+        beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0)
+        wi = tl.load(w_ptr + offs + cols_i[None, :], mask=m_i, other=0.0).to(tl.float32) * f_w
+        ui = tl.load(u_ptr + offs + cols_i[None, :], mask=m_i, other=0.0).to(tl.float32) * f_u
+        if ONE_TILE:
+            wj = wi
+        else:
+            wj = tl.load(w_ptr + offs + cols_j[None, :], mask=m_j, other=0.0).to(tl.float32) * f_w
+        wj_d = wj.to(DOT_DTYPE)
+        acc_q = tl.dot(tl.trans((ui * alpha[:, None]).to(DOT_DTYPE)), wj_d, acc_q, input_precision=PRECISION)
+        acc_r = tl.dot(tl.trans((wi * beta[:, None]).to(DOT_DTYPE)), wj_d, acc_r, input_precision=PRECISION)
+    padded = tiles * BLOCK_N
+    out = part_ptr + (group * splits + split) * 2 * padded * padded
+    offs_out = cols_i.to(tl.int64)[:, None] * padded + cols_j[None, :]
+    tl.store(out + offs_out, acc_q)
+    tl.store(out + padded * padded + offs_out, acc_r)
+
+
+@triton.jit
+def _identity_grad_rows_kernel(w_ptr, u_ptr, mats_ptr, grads_ptr, coef_ptr, scale_ptr, dw_ptr, M, N, blocks, padded,
+                               PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the scale), written once."""
+    pid = tl.program_id(0)
+    group = (pid // blocks).to(tl.int64)
+    rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < M
+    offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
+    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
+    coef_offs = (group * M + rows) * 2
+    alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0)
+    beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0)
+    mats = mats_ptr + group * 3 * padded * padded
+    grads = grads_ptr + group * 2 * padded * padded
+    for j0 in range(0, N, BLOCK_N):
+        cols_j = j0 + tl.arange(0, BLOCK_N)
+        up = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        wa = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        rest = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        for k0 in range(0, N, BLOCK_N):
+            cols_k = k0 + tl.arange(0, BLOCK_N)
+            m_k = mask_r[:, None] & (cols_k < N)[None, :]
+            wk = tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w
+            uk = tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u
+            offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
+            offs_jk = cols_j.to(tl.int64)[None, :] * padded + cols_k[:, None]  # Pᵀ[k, j] = P[j, k]
+            up = tl.dot(uk, tl.load(mats + offs_jk), up, input_precision=PRECISION)
+            wa = tl.dot(wk, tl.load(mats + padded * padded + offs_kj), wa, input_precision=PRECISION)
+            rest = tl.dot(uk, tl.load(grads + offs_kj), rest, input_precision=PRECISION)
+            rest = tl.dot(wk, tl.load(grads + padded * padded + offs_kj), rest, input_precision=PRECISION)
+        grad = (alpha[:, None] * up + beta[:, None] * wa + rest) * f_w
+        m_j = mask_r[:, None] & (cols_j < N)[None, :]
+        tl.store(dw_ptr + offs_r + cols_j[None, :], grad.to(dw_ptr.dtype.element_ty), mask=m_j)
+
+
+@triton.jit
+def _tile_pair(w_ptr, u_ptr, offs_i, offs_j, mask_i, mask_j, N, f_w, f_u,
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`S[I, J]` and `T[I, J]` of one group (scaled inputs), float32, reduced over all positions."""
+    s = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
+    t = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        mi = mask_i[:, None] & mask_n[None, :]
-        mj = mask_j[:, None] & mask_n[None, :]
-        vi = tl.load(v_ptr + rows_i[:, None] * stride_r + offs_n[None, :], mask=mi, other=0.0).to(tl.float32)
-        vj = tl.load(v_ptr + rows_j[:, None] * stride_r + offs_n[None, :], mask=mj, other=0.0).to(tl.float32)
-        ui = tl.load(u_ptr + rows_i[:, None] * stride_r + offs_n[None, :], mask=mi, other=0.0).to(tl.float32)
-        uj = tl.load(u_ptr + rows_j[:, None] * stride_r + offs_n[None, :], mask=mj, other=0.0).to(tl.float32)
-        s += tl.dot(vi, tl.trans(vj), input_precision="ieee")
-        t += tl.dot(ui, tl.trans(uj), input_precision="ieee")
+        mi, mj = mask_i[:, None] & mask_n[None, :], mask_j[:, None] & mask_n[None, :]
+        wi = _scaled(tl.load(w_ptr + offs_i[:, None] + offs_n[None, :], mask=mi, other=0.0), f_w, DOT_DTYPE)
+        wj = _scaled(tl.load(w_ptr + offs_j[:, None] + offs_n[None, :], mask=mj, other=0.0), f_w, DOT_DTYPE)
+        ui = _scaled(tl.load(u_ptr + offs_i[:, None] + offs_n[None, :], mask=mi, other=0.0), f_u, DOT_DTYPE)
+        uj = _scaled(tl.load(u_ptr + offs_j[:, None] + offs_n[None, :], mask=mj, other=0.0), f_u, DOT_DTYPE)
+        s = tl.dot(wi, tl.trans(wj), s, input_precision=PRECISION)
+        t = tl.dot(ui, tl.trans(uj), t, input_precision=PRECISION)
     return s, t
 
 
 @triton.jit
-def _forward_kernel(v_ptr, u_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, stride_g, stride_r, eps,
-                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    group = tl.program_id(0)
-    rows_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+def _tile_forward_kernel(w_ptr, u_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, blocks, eps,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    group = (pid // blocks).to(tl.int64)
+    rows_i = (pid % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = rows_i < M
-    v_base, u_base = v_ptr + group * stride_g, u_ptr + group * stride_g
+    base = group * M * N
+    offs_i = base + rows_i.to(tl.int64) * N
+    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
     dot = tl.zeros((BLOCK_I,), tl.float32)
     sq_s = tl.zeros((BLOCK_I,), tl.float32)
     sq_t = tl.zeros((BLOCK_I,), tl.float32)
     for j0 in range(0, M, BLOCK_J):
         rows_j = j0 + tl.arange(0, BLOCK_J)
-        s, t = _gram_tiles(v_base, u_base, rows_i, rows_j, mask_i, rows_j < M, N, stride_r, BLOCK_N)
+        mask_j = rows_j < M
+        s, t = _tile_pair(w_ptr, u_ptr, offs_i, base + rows_j.to(tl.int64) * N, mask_i, mask_j, N, f_w, f_u,
+                          DOT_DTYPE, PRECISION, BLOCK_I, BLOCK_J, BLOCK_N)  # fmt: skip
         dot += tl.sum(s * t, axis=1)
         sq_s += tl.sum(s * s, axis=1)
         sq_t += tl.sum(t * t, axis=1)
@@ -71,31 +313,50 @@ def _forward_kernel(v_ptr, u_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, stride_
 
 
 @triton.jit
-def _backward_kernel(v_ptr, u_ptr, alpha_ptr, beta_ptr, dv_ptr, M, N, stride_g, stride_r,
-                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    group = tl.program_id(0)
-    rows_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+def _tile_backward_kernel(w_ptr, u_ptr, scale_ptr, coef_ptr, dw_ptr, acc_ptr, M, N, blocks,
+                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`∂L/∂W[I, :] = Σ_J (W + Wᵀ)[I, J] W[J, :]`; with one chunk of columns the result is written once,
+    otherwise accumulated in the float32 `acc_ptr` rows this program owns, then written."""
+    pid = tl.program_id(0)
+    group = (pid // blocks).to(tl.int64)
+    rows_i = (pid % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = rows_i < M
-    v_base, u_base = v_ptr + group * stride_g, u_ptr + group * stride_g
-    alpha_i = tl.load(alpha_ptr + group * M + rows_i, mask=mask_i, other=0.0)
-    beta_i = tl.load(beta_ptr + group * M + rows_i, mask=mask_i, other=0.0)
+    base = group * M * N
+    offs_i = base + rows_i.to(tl.int64) * N
+    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
+    coef_i = (group * M + rows_i) * 2
+    alpha_i = tl.load(coef_ptr + coef_i, mask=mask_i, other=0.0)
+    beta_i = tl.load(coef_ptr + coef_i + 1, mask=mask_i, other=0.0)
     for j0 in range(0, M, BLOCK_J):
         rows_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = rows_j < M
-        s, t = _gram_tiles(v_base, u_base, rows_i, rows_j, mask_i, mask_j, N, stride_r, BLOCK_N)
-        alpha_j = tl.load(alpha_ptr + group * M + rows_j, mask=mask_j, other=0.0)
-        beta_j = tl.load(beta_ptr + group * M + rows_j, mask=mask_j, other=0.0)
-        w = (alpha_i[:, None] + alpha_j[None, :]) * t + (beta_i[:, None] + beta_j[None, :]) * s
+        offs_j = base + rows_j.to(tl.int64) * N
+        s, t = _tile_pair(w_ptr, u_ptr, offs_i, offs_j, mask_i, mask_j, N, f_w, f_u,
+                          DOT_DTYPE, PRECISION, BLOCK_I, BLOCK_J, BLOCK_N)  # fmt: skip
+        coef_j = (group * M + rows_j) * 2
+        alpha_j = tl.load(coef_ptr + coef_j, mask=mask_j, other=0.0)
+        beta_j = tl.load(coef_ptr + coef_j + 1, mask=mask_j, other=0.0)
+        sym = (alpha_i[:, None] + alpha_j[None, :]) * t + (beta_i[:, None] + beta_j[None, :]) * s
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            vj = tl.load(
-                v_base + rows_j[:, None] * stride_r + offs_n[None, :], mask=mask_j[:, None] & mask_n[None, :], other=0.0
-            ).to(tl.float32)
-            out = dv_ptr + group * stride_g + rows_i[:, None] * stride_r + offs_n[None, :]
+            wj = tl.load(w_ptr + offs_j[:, None] + offs_n[None, :], mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            partial = tl.dot(sym, wj.to(tl.float32) * f_w, input_precision=PRECISION) * f_w
             mask_out = mask_i[:, None] & mask_n[None, :]
-            partial = tl.dot(w, vj, input_precision="ieee")
-            tl.store(out, tl.load(out, mask=mask_out, other=0.0) + partial, mask=mask_out)
+            offs_out = offs_i[:, None] + offs_n[None, :]
+            if ONE_CHUNK:
+                tl.store(dw_ptr + offs_out, partial.to(dw_ptr.dtype.element_ty), mask=mask_out)
+            else:
+                total = tl.load(acc_ptr + offs_out, mask=mask_out, other=0.0) + partial
+                tl.store(acc_ptr + offs_out, total, mask=mask_out)
+    if not ONE_CHUNK:
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_out = mask_i[:, None] & (offs_n < N)[None, :]
+            offs_out = offs_i[:, None] + offs_n[None, :]
+            total = tl.load(acc_ptr + offs_out, mask=mask_out, other=0.0)
+            tl.store(dw_ptr + offs_out, total.to(dw_ptr.dtype.element_ty), mask=mask_out)
 
 
 def _grouped(x: Tensor, scope: str) -> Tensor:
@@ -104,36 +365,114 @@ def _grouped(x: Tensor, scope: str) -> Tensor:
     return (v.reshape(1, -1, v.shape[-1]) if scope == "batch" else v).contiguous()
 
 
+def _dot_dtype(dtype: torch.dtype) -> Any:
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not widen_dot_operands(dtype):
+        return tl.bfloat16
+    return tl.float32
+
+
+def _tile_columns(rows: int) -> int:
+    return min(TILE_COLUMNS, max(16, int(triton.next_power_of_2(rows))))
+
+
+def _combine(partials: Tensor, exponents: Tensor | None, tiles: int) -> tuple[Tensor, Tensor]:
+    """Sum the per-split partials `(G, splits, k, n, n)` in a fixed order at the global scale; returns the
+    `(G, k, n, n)` sums and the scale `[2^-E_w, 2^-E_u]` (float32)."""
+    if exponents is None:
+        return partials.sum(dim=1), torch.ones(2, device=partials.device)
+    e_w, e_u = exponents[..., 0], exponents[..., 1]  # (G, splits, tiles, tiles)
+    top_w, top_u = e_w.amax(), e_u.amax()
+    shifts = torch.stack([e_w + e_u - top_w - top_u, 2 * (e_w - top_w), 2 * (e_u - top_u)], dim=2)
+    shifts = shifts.repeat_interleave(BLOCK_DIM, dim=-1).repeat_interleave(BLOCK_DIM, dim=-2)
+    factors = torch.ldexp(torch.ones(shifts.shape, device=partials.device), shifts.clamp_min(-300))
+    one = torch.ones((), device=partials.device)
+    scale = torch.stack([torch.ldexp(one, -top_w), torch.ldexp(one, -top_u)]).float()
+    return (partials * factors).sum(dim=1), scale
+
+
 class GramRowCosines(torch.autograd.Function):
-    """`(B·C,)` row cosines of the Gram matrices; saves its inputs (and three scalars per row)."""
+    """`(B·C,)` row cosines of the Gram matrices; saves its inputs, three scalars per row, and (identity
+    kernel) the `N×N` matrices `P`, `A`, `Bᵣ` of each group."""
 
     @staticmethod
     def forward(ctx: Any, student: Tensor, reference: Tensor, scope: str, eps: float) -> Tensor:
-        v, u = _grouped(student, scope), _grouped(reference.detach(), scope)
-        groups, rows, positions = v.shape
-        cosines = torch.empty(groups * rows, device=v.device, dtype=torch.float32)
-        norms_s, norms_t = torch.empty_like(cosines), torch.empty_like(cosines)
-        grid = (groups, triton.cdiv(rows, BLOCK_ROWS))
-        _forward_kernel[grid](
-            v, u, cosines, norms_s, norms_t, rows, positions, v.stride(0), v.stride(1), eps,
-            BLOCK_I=BLOCK_ROWS, BLOCK_J=BLOCK_ROWS, BLOCK_N=BLOCK_POSITIONS,
-        )  # fmt: skip
-        ctx.save_for_backward(v, u, cosines, norms_s, norms_t)
+        w, u = _grouped(student, scope), _grouped(reference.detach(), scope)
+        groups, rows, dim = w.shape
+        cosines = torch.zeros(groups * rows, device=w.device, dtype=torch.float32)
+        norms_s, norms_t = torch.zeros_like(cosines), torch.zeros_like(cosines)
         ctx.meta = (student.shape, eps)
+        ctx.identity = dim < rows
+        if cosines.numel() == 0 or dim == 0:
+            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, cosines, cosines)
+            return cosines
+        dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
+        if ctx.identity:
+            splits, rows_per_split, tiles = identity_plan(groups, rows, dim)
+            padded = tiles * BLOCK_DIM
+            partials = torch.empty(groups, splits, 3, padded, padded, device=w.device, dtype=torch.float32)
+            exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
+            _identity_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
+                w, u, partials, exponents, rows, dim, rows_per_split, splits, tiles,
+                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+            )  # fmt: skip
+            mats, scale = _combine(partials, exponents, tiles)
+            blocks = triton.cdiv(rows, BLOCK_ROWS)
+            _identity_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
+                w, u, mats, scale, cosines, norms_s, norms_t, rows, dim, blocks, padded, eps,
+                PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+            )  # fmt: skip
+            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale, mats)
+        else:
+            scale = torch.stack([unit_scale(w), unit_scale(u)])
+            blocks = triton.cdiv(rows, TILE_ROWS)
+            _tile_forward_kernel[check_grid(groups * blocks, "gram_row_cosines")](
+                w, u, scale, cosines, norms_s, norms_t, rows, dim, blocks, eps, DOT_DTYPE=dot_dtype,
+                PRECISION=precision, BLOCK_I=TILE_ROWS, BLOCK_J=_tile_columns(rows), BLOCK_N=TILE_POSITIONS,
+            )  # fmt: skip
+            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale, scale)
         return cosines
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        v, u, cosines, norms_s, norms_t = ctx.saved_tensors
+        w, u, cosines, norms_s, norms_t, scale, mats = ctx.saved_tensors
         shape, eps = ctx.meta
+        groups, rows, dim = w.shape
+        if cosines.numel() == 0 or dim == 0:
+            return torch.zeros(shape, device=w.device, dtype=w.dtype), None, None, None
         clamped_s, clamped_t = norms_s.clamp_min(eps), norms_t.clamp_min(eps)
         g = grad.to(torch.float32)
-        alpha = (g / (clamped_s * clamped_t)).contiguous()
-        beta = torch.where(norms_s > eps, -g * cosines / (clamped_s * clamped_s), 0.0).contiguous()
-        grad_v = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        groups, rows, positions = v.shape
-        _backward_kernel[(groups, triton.cdiv(rows, BLOCK_ROWS))](
-            v, u, alpha, beta, grad_v, rows, positions, v.stride(0), v.stride(1),
-            BLOCK_I=BLOCK_ROWS, BLOCK_J=BLOCK_ROWS, BLOCK_N=BLOCK_POSITIONS,
-        )  # fmt: skip
-        return grad_v.to(v.dtype).reshape(shape), None, None, None
+        alpha = g / (clamped_s * clamped_t)
+        beta = torch.where(norms_s > eps, -g * cosines / (clamped_s * clamped_s), 0.0)
+        grad_w = torch.empty_like(w)
+        dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
+        if ctx.identity:
+            # α̂ = α / max|α| and β̂ likewise in [−1, 1] for the 16-bit reduce operands; rescaled after the sum
+            top = torch.stack([alpha.abs().amax(), beta.abs().amax()]).clamp_min(torch.finfo(torch.float32).tiny)
+            unit = torch.stack([alpha / top[0], beta / top[1]], dim=1).contiguous()
+            splits, rows_per_split, tiles = identity_plan(groups, rows, dim)
+            padded = tiles * BLOCK_DIM
+            partials = torch.empty(groups, splits, 2, padded, padded, device=w.device, dtype=torch.float32)
+            _identity_grad_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
+                w, u, unit, scale, partials, rows, dim, rows_per_split, splits, tiles,
+                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+            )  # fmt: skip
+            grads = (partials.sum(dim=1) * top[None, :, None, None]).contiguous()
+            coef = torch.stack([alpha, beta], dim=1).contiguous()
+            blocks = triton.cdiv(rows, BLOCK_ROWS)
+            _identity_grad_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
+                w, u, mats, grads, coef, scale, grad_w, rows, dim, blocks, padded,
+                PRECISION=precision, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+            )  # fmt: skip
+        else:
+            coef = torch.stack([alpha, beta], dim=1).contiguous()
+            columns = _tile_columns(rows)
+            one_chunk = rows <= columns
+            acc = grad_w if one_chunk else torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+            blocks = triton.cdiv(rows, TILE_ROWS)
+            _tile_backward_kernel[check_grid(groups * blocks, "gram_row_cosines")](
+                w, u, scale, coef, grad_w, acc, rows, dim, blocks, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                ONE_CHUNK=one_chunk, BLOCK_I=TILE_ROWS, BLOCK_J=columns, BLOCK_N=TILE_POSITIONS,
+            )  # fmt: skip
+        return grad_w.reshape(shape), None, None, None

@@ -78,27 +78,27 @@ def test_anti_transfer_uses_the_kernel_with_the_same_result() -> None:
     s, r = maps(3, 6, (5, 3), torch.float32)
     for distance in ("cos", "cos_squared"):
         torch.testing.assert_close(
-            ntf.anti_transfer(s, r, "mean", distance, backend="triton"),  # type: ignore[arg-type]
-            ntf.anti_transfer(s, r, "mean", distance, backend="torch"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, "mean", distance, backend="triton"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, "mean", distance, backend="torch"),  # type: ignore[arg-type]
         )
 
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
-    assert ops.resolve_backend("auto", cpu) == "torch"  # CPU tensors take the functional path
-    assert ops.resolve_backend("torch", cpu) == "torch"
-    assert ops.resolve_backend("triton", cpu) == "triton"  # under TRITON_INTERPRET=1
+    assert ops.resolve_backend("auto", "aggregated_row_cosines", cpu) == "torch"  # CPU tensors take the functional path
+    assert ops.resolve_backend("torch", "aggregated_row_cosines", cpu) == "torch"
+    assert ops.resolve_backend("triton", "aggregated_row_cosines", cpu) == "triton"  # under TRITON_INTERPRET=1
     monkeypatch.setenv("NEGTRANSFER_BACKEND", "triton")
-    assert ops.resolve_backend("auto", cpu) == "triton"
+    assert ops.resolve_backend("auto", "aggregated_row_cosines", cpu) == "triton"
     monkeypatch.setenv("NEGTRANSFER_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"'NEGTRANSFER_BACKEND' must be one of 'auto', 'torch', 'triton'"):
-        ops.resolve_backend("auto", cpu)
+        ops.resolve_backend("auto", "aggregated_row_cosines", cpu)
     monkeypatch.delenv("NEGTRANSFER_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors \(got cpu\); set TRITON_INTERPRET=1"):
-        ops.resolve_backend("triton", cpu)
+        ops.resolve_backend("triton", "aggregated_row_cosines", cpu)
     with pytest.raises(ValueError, match=r"'backend' must be one of"):
-        ops.resolve_backend("cuda", cpu)  # type: ignore[arg-type]
+        ops.resolve_backend("cuda", "aggregated_row_cosines", cpu)  # type: ignore[arg-type]
 
 
 def test_importing_the_package_does_not_import_triton() -> None:
@@ -135,7 +135,7 @@ def test_both_paths_give_the_documented_errors(backend: str) -> None:
         ops.aggregated_row_cosines(s, s[:, :, :3], "mean", backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'aggregation' must be one of 'mean', 'sum', 'max'"):
         ops.aggregated_row_cosines(s, s, "mul", backend=backend)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"'x' must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"'student' must be a torch.Tensor"):
         ops.gram_row_cosines([[1.0]], s, backend=backend)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"'x' and 'y' must have the same shape"):
+    with pytest.raises(ValueError, match=r"'student' and 'reference' must have the same shape"):
         ops.gram_row_cosines(s, s[:1], backend=backend)  # type: ignore[arg-type]

@@ -1,0 +1,68 @@
+"""Pieces shared by the Triton kernels: dot precision, power-of-two scaling, launch-grid limits.
+
+Imported only when a kernel runs (it imports Triton).
+
+- Dot operands: float16/bfloat16 tiles go to `tl.dot` in their own dtype (tensor cores, float32
+  accumulation); float32 tiles use TF32 only when `torch.backends.cuda.matmul.allow_tf32` is True (what
+  torch's own matmuls do), otherwise `input_precision="ieee"` (exact float32 FMA). Triton's CPU
+  interpreter multiplies bfloat16 dot operands as raw 16-bit integers (Triton 3.9), so under
+  `TRITON_INTERPRET=1` bfloat16 tiles are widened to float32 before the dot; compiled kernels keep them.
+- Scaling: `x / 2^e` with `2^e ≥ max|x|` (at least 1), the exponent read from the float's bits (exact, as
+  `functional.similarity.scale_to_unit_range`), so float32 inputs near 1e30 give finite squares.
+- Grids: every kernel launches a one-dimensional grid (CUDA allows 2³¹ − 1 programs along x, 65,535 along
+  y and z); `check_grid` raises before a launch that would exceed it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import interpreting
+
+MAX_GRID_X = 2**31 - 1
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for float32 tiles: `"tf32"` where torch allows it for matmuls, else `"ieee"`."""
+    del dtype
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
+
+
+def widen_dot_operands(dtype: torch.dtype) -> bool:
+    """Whether 16-bit tiles are widened to float32 before `tl.dot` (only bfloat16 in the interpreter)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def check_grid(programs: int, what: str) -> tuple[int]:
+    """The one-dimensional grid `(programs,)`, or `ValueError` past CUDA's limit along x."""
+    if programs > MAX_GRID_X:
+        raise ValueError(
+            f"{what}: the launch needs {programs} programs, more than CUDA's {MAX_GRID_X} along the grid's x "
+            f"dimension; split the batch or use backend='torch'"
+        )
+    return (max(programs, 1),)
+
+
+@triton.jit
+def frexp_exponent(x_max):  # type: ignore[no-untyped-def]  # a Triton device function
+    """`e ≥ 0` with `2^e > x_max` (`torch.frexp`'s exponent, floored at 0), from the bits of a float32 ≥ 0."""
+    bits = x_max.to(tl.int32, bitcast=True)
+    return tl.maximum(((bits >> 23) & 0xFF) - 126, 0)
+
+
+@triton.jit
+def pow2_neg(e):  # type: ignore[no-untyped-def]  # a Triton device function
+    """`2^-e` as float32 for an int32 `0 ≤ e ≤ 254` (exactly; two factors keep each exponent field valid)."""
+    half = e // 2
+    low = ((127 - half) << 23).to(tl.float32, bitcast=True)
+    high = ((127 - (e - half)) << 23).to(tl.float32, bitcast=True)
+    return low * high
+
+
+def unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """`2^-e` (float32, 0-d, on `x`'s device) with `2^e ≥ max|x|` (at least 1): what dividing by
+    `scale_to_unit_range`'s power of two multiplies by; no host synchronization."""
+    exponent = torch.frexp(x.detach().abs().amax().float()).exponent.clamp(0, 254)
+    return torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent)
