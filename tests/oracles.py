@@ -353,3 +353,85 @@ def co_annotation(
     zero = (za.sum() + zb.sum()).double() * 0
     mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
     return mean(loss_a), mean(loss_b)
+
+
+# --- conditional suppression (docs/task-irrelevant-labels.md, "Conditional suppression") ---------------
+
+
+def _eligible_classes(u: Tensor, y: Tensor, minimum: int, ignore_index: int = -100) -> dict[int, list[int]]:
+    """Task class → indices of its samples with u and y known, for classes with ≥ minimum such samples and
+    at least two distinct u values among them."""
+    members: dict[int, list[int]] = {}
+    for i in range(u.shape[0]):
+        if int(u[i]) != ignore_index and int(y[i]) != ignore_index:
+            members.setdefault(int(y[i]), []).append(i)
+    return {c: idx for c, idx in members.items() if len(idx) >= minimum and len({int(u[i]) for i in idx}) >= 2}
+
+
+def conditional_irrelevant_hsic(
+    z: Tensor,
+    u: Tensor,
+    y: Tensor,
+    num_classes: int,
+    kernel_name: str = "linear",
+    normalized: bool = False,
+    unbiased: bool = True,
+) -> Tensor:
+    """Σ_c n_c HSIC(z_c, u_c) / Σ_c n_c over eligible task classes; 0 when none."""
+    f = hsic_unbiased if unbiased else hsic_biased
+    total = torch.zeros((), dtype=torch.float64) + 0.0 * flat(z).sum()
+    weights = 0
+    for idx in _eligible_classes(u, y, 4 if unbiased else 2).values():
+        k = kernel(flat(z)[idx], kernel_name)
+        l = onehot_kernel(u[idx], num_classes)
+        value = f(k, l)
+        if normalized:  # a non-positive denominator (possible for the unbiased estimator) gives 0
+            den = f(k, k) * f(l, l)
+            value = value / torch.sqrt(den) if den > 0 else 0.0 * value
+        total = total + len(idx) * value
+        weights += len(idx)
+    return total / weights if weights else total
+
+
+def _centre_by_class(x: Tensor, classes: list[int]) -> Tensor:
+    """Each row minus the mean of the rows of its class (loops)."""
+    rows = []
+    for i in range(x.shape[0]):
+        same = [j for j in range(x.shape[0]) if classes[j] == classes[i]]
+        rows.append(x[i] - torch.stack([x[j] for j in same]).mean(0))
+    return torch.stack(rows)
+
+
+def conditional_adversarial_ce(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """CE of a linear head on the features centred within task class, over the eligible samples."""
+    eligible = _eligible_classes(u, y, 1)
+    idx = sorted(i for members in eligible.values() for i in members)
+    if not idx:
+        return 0.0 * flat(z).sum()
+    zc = _centre_by_class(flat(z)[idx], [int(y[i]) for i in idx])
+    return cross_entropy(zc @ weight.double().T + bias.double(), u[idx])
+
+
+def conditional_cka(z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100) -> Tensor:
+    """CKA of the two sides centred within task class, over the samples whose task label is known."""
+    idx = [i for i in range(y.shape[0]) if int(y[i]) != ignore_index]
+    classes = [int(y[i]) for i in idx]
+    return cka(_centre_by_class(flat(z)[idx], classes), _centre_by_class(flat(r)[idx], classes), "linear", unbiased)
+
+
+def within_class_cross_covariance(z: Tensor, u: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, int]:
+    """Σ_{eligible i} (z_i - z̄_{y_i})(e_{u_i} - ē_{y_i})ᵀ and the number of eligible samples."""
+    eligible = _eligible_classes(u, y, 1)
+    idx = sorted(i for members in eligible.values() for i in members)
+    out = torch.zeros(flat(z).shape[1], num_classes, dtype=torch.float64)
+    if not idx:
+        return out, 0
+    classes = [int(y[i]) for i in idx]
+    zc = _centre_by_class(flat(z)[idx], classes)
+    onehot = torch.zeros(len(idx), num_classes, dtype=torch.float64)
+    for row, i in enumerate(idx):
+        onehot[row, int(u[i])] = 1.0
+    ec = _centre_by_class(onehot, classes)
+    for row in range(len(idx)):
+        out += torch.outer(zc[row], ec[row])
+    return out, len(idx)

@@ -67,7 +67,7 @@ def test_hostile_labels_and_batches() -> None:
         ntf.irrelevant_hsic(z[:3], u[:3], 3)
     with pytest.raises(TypeError, match=r"integer class indices, got dtype torch.float32"):
         ntf.irrelevant_hsic(z, u.float(), 3)
-    with pytest.raises(ValueError, match=r"shape \(8,\) to match the features' batch, got \(7,\)"):
+    with pytest.raises(ValueError, match=r"shape \(8,\) to match the batch of 8, got \(7,\)"):
         ntf.irrelevant_hsic(z, u[:7], 3)
 
 
@@ -137,3 +137,145 @@ def test_erasure_removes_mean_differences_and_keeps_orthogonal_directions() -> N
     z = torch.tensor([[0.3, -1.0, 5.0, 7.0]], dtype=torch.float64)
     torch.testing.assert_close(ntf.erase(z, basis)[0, 2:], z[0, 2:])
     assert ntf.erasure_basis(torch.ones(3, 4)).shape == (4, 0)
+
+
+# --- conditional forms (docs/task-irrelevant-labels.md, "Conditional suppression") -----------------------
+
+
+def conditional_data(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task classes 0-2 with u tied to y on most samples, a class with a single u value, unknown entries."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    u = y.clone()
+    u[[0, 4, 7, 10, 13]] = torch.tensor([1, 2, 2, 0, 1])  # classes 0 and 1 get a second u value
+    u[[2, 5]] = -100
+    y[[3, 9]] = -100
+    u[y == 2] = 2  # class 2: a single u value, contributes nothing
+    z = torch.randn(n, 4, generator=g, dtype=torch.float64) + torch.eye(3, 4, dtype=torch.float64)[u.clamp(0)]
+    return z, u, y
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_conditional_hsic_matches_oracle(kernel: str, normalized: bool, unbiased: bool) -> None:
+    z, u, y = conditional_data()
+    assert_matches_oracle(
+        lambda f: ntf.irrelevant_hsic(
+            f,
+            u,
+            3,
+            kernel,  # type: ignore[arg-type]
+            normalized,
+            unbiased=unbiased,
+            task_labels=y,
+        ),
+        lambda f: oracles.conditional_irrelevant_hsic(f, u, y, 3, kernel, normalized, unbiased),
+        z,
+        rtol=1e-8,
+    )
+
+
+def test_conditional_hsic_is_the_within_class_measure() -> None:
+    """Features that carry u only through y: the plain HSIC sees it, the conditional one does not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    u = y.clone()
+    u[::5] = (u[::5] + 1) % 4  # 80 % tied to y
+    z = torch.randn(40, 3, generator=g, dtype=torch.float64) * 0.1 + torch.eye(4, 3, dtype=torch.float64)[y]
+    plain = ntf.irrelevant_hsic(z, u, 4, normalized=True)
+    conditional = ntf.irrelevant_hsic(z, u, 4, normalized=True, task_labels=y)
+    assert plain > 0.3 and abs(conditional.item()) < 0.1
+    z_u = z + 2 * torch.eye(4, 3, dtype=torch.float64)[u]  # now z also says u within each class
+    assert ntf.irrelevant_hsic(z_u, u, 4, normalized=True, task_labels=y) > 0.3
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["all u unknown", "all y unknown", "one u value per class", "classes of 3 (unbiased)"],
+)
+def test_conditional_hsic_hostile_inputs_give_zero_with_zero_gradient(case: str) -> None:
+    z, u, y = conditional_data()
+    if case == "all u unknown":
+        u = torch.full_like(u, -100)
+    elif case == "all y unknown":
+        y = torch.full_like(y, -100)
+    elif case == "one u value per class":
+        u = y.clamp(0)
+    else:
+        y = torch.arange(24) // 3  # 8 classes of 3 samples
+        u = torch.arange(24) % 3
+    for normalized in (False, True):
+        value, (grad,) = value_and_grads(
+            lambda f, normalized=normalized: ntf.irrelevant_hsic(f, u, 3, normalized=normalized, task_labels=y), z
+        )
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.3])
+def test_conditional_adversarial_matches_oracle(strength: float) -> None:
+    z, u, y = conditional_data()
+    head = nn.Linear(4, 3).double()
+    z = z.requires_grad_(True)
+    loss = ntf.adversarial_suppression(z, u, head, 3, strength=strength, task_labels=y)
+    grads = torch.autograd.grad(GRAD_SCALE * loss, [z, head.weight, head.bias])
+    z_ref = z.detach().clone().requires_grad_(True)
+    w_ref = head.weight.detach().clone().requires_grad_(True)
+    b_ref = head.bias.detach().clone().requires_grad_(True)
+    ce = oracles.conditional_adversarial_ce(z_ref, u, y, w_ref, b_ref)
+    torch.testing.assert_close(loss.detach(), ce.detach(), rtol=1e-10, atol=1e-12)
+    gz, gw, gb = torch.autograd.grad(GRAD_SCALE * ce, [z_ref, w_ref, b_ref])
+    torch.testing.assert_close(grads[1], gw)
+    torch.testing.assert_close(grads[2], gb)
+    torch.testing.assert_close(grads[0], -strength * gz)  # the features get the reversed gradient
+    assert torch.equal(grads[0][y == 2], torch.zeros_like(grads[0][y == 2]))  # single-u class: no gradient
+
+
+def test_conditional_adversarial_hostile_inputs() -> None:
+    z, u, y = conditional_data()
+    head = nn.Linear(4, 3).double()
+    for labels, tasks in ((u, torch.full_like(y, -100)), (y.clamp(0), y), (torch.full_like(u, -100), y)):
+        value, (grad,) = value_and_grads(
+            lambda f, a=labels, b=tasks: ntf.adversarial_suppression(f, a, head, 3, task_labels=b), z
+        )
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
+    with pytest.raises(ValueError, match=r"needs 'irrelevant_labels' as well as 'task_labels'"):
+        ntf.adversarial_suppression(z, None, head, 3, task_labels=y)
+    with pytest.raises(TypeError, match=r"'task_labels' must hold integer class indices"):
+        ntf.adversarial_suppression(z, u, head, 3, task_labels=y.double())
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_conditional_cka_matches_oracle(unbiased: bool) -> None:
+    z, _, y = conditional_data()
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(24, 6, generator=g, dtype=torch.float64) + z[:, :1]
+    assert_matches_oracle(
+        lambda f: ntf.irrelevant_cka(f, r, unbiased=unbiased, task_labels=y),
+        lambda f: oracles.conditional_cka(f, r, y, unbiased),
+        z,
+        rtol=1e-8,
+    )
+    value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_cka(f, r, task_labels=torch.full_like(y, -100)), z)
+    assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
+
+
+def test_within_class_cross_covariance_matches_oracle() -> None:
+    from negtransfer_losses.functional.suppression import within_class_cross_covariance
+
+    z, u, y = conditional_data()
+    value, count = within_class_cross_covariance(z, u, y, 3)
+    expected, expected_count = oracles.within_class_cross_covariance(z, u, y, 3)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    assert count == expected_count
+    empty, none = within_class_cross_covariance(z, y.clamp(0), y, 3)
+    assert none == 0 and torch.equal(empty, torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_biased_hsic_reaches_the_math() -> None:
+    z, u = data(12)
+    biased = ntf.irrelevant_hsic(z, u, 3, unbiased=False)
+    torch.testing.assert_close(
+        biased, oracles.hsic_biased(oracles.linear_kernel(z), oracles.onehot_kernel(u, 3)), rtol=1e-10, atol=1e-12
+    )
+    assert not torch.isclose(biased, ntf.irrelevant_hsic(z, u, 3))

@@ -123,3 +123,68 @@ def test_hostile_input() -> None:
         purify(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"holds 5, outside \[0, 3\)"):
         purify(torch.randn(4, 6), torch.tensor([0, 1, 5, 2]))
+
+
+# --- conditional erasure (docs/task-irrelevant-labels.md, "Conditional suppression") -----------------
+
+
+def test_conditional_erases_the_within_class_cross_covariance_span() -> None:
+    import oracles
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.arange(60) % 3
+    u = torch.where(torch.rand(60, generator=g) < 0.7, y, torch.randint(0, 3, (60,), generator=g))
+    u[[1, 8]] = -100
+    y[[2, 11]] = -100
+    z = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    z[:, :3] += 3.0 * torch.eye(3, dtype=torch.float64)[y.clamp(0)]  # the task
+    z[:, 3:5] += torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]], dtype=torch.float64)[u.clamp(0)]
+    purify = ntl.Purify(3, 6, momentum=1.0, conditional=True).double()
+    assert not purify.ready
+    out = purify(z, u, task_labels=y)
+    covariance, count = oracles.within_class_cross_covariance(z, u, y, 3)
+    q, singular, _ = torch.linalg.svd(covariance / count, full_matrices=False)
+    q = q[:, singular > 1e-6 * singular.max()]
+    assert q.shape[1] == 2 and purify.ready
+    torch.testing.assert_close(out, z - z @ q @ q.T, rtol=1e-9, atol=1e-10)
+    erased, erased_count = oracles.within_class_cross_covariance(out, u, y, 3)
+    assert erased_count == count and erased.abs().max() < 1e-9  # nothing of u left within classes
+    purify.eval()
+    torch.testing.assert_close(purify(z), out)  # eval: no labels, same projection
+
+
+def test_conditional_running_estimate_weights_batches_by_eligible_samples() -> None:
+    z, u, y, _ = synthetic(40)
+    purify = ntl.Purify(3, 6, momentum=0.5, conditional=True).double()
+    a, b = slice(0, 20), slice(20, 40)
+    purify(z[a].double(), u[a], task_labels=y[a])
+    purify(z[b].double(), u[b], task_labels=y[b])
+    from negtransfer_losses.functional.suppression import within_class_cross_covariance
+
+    sa, na = within_class_cross_covariance(z[a].double(), u[a], y[a], 3)
+    sb, nb = within_class_cross_covariance(z[b].double(), u[b], y[b], 3)
+    torch.testing.assert_close(purify.cross_covariance_sum, 0.5 * sa + 0.5 * sb)
+    torch.testing.assert_close(purify.cross_covariance_count, torch.tensor(0.5 * na + 0.5 * nb, dtype=torch.float64))
+
+
+def test_conditional_hostile_batches_leave_it_the_identity() -> None:
+    z, u, y, _ = synthetic(12)
+    purify = ntl.Purify(3, 6, conditional=True)
+    assert torch.equal(purify(z, torch.full_like(u, -100), task_labels=y), z)
+    assert torch.equal(purify(z, u, task_labels=torch.full_like(y, -100)), z)
+    assert torch.equal(purify(z, y.clamp(max=2), task_labels=y), z)  # one u value per class
+    assert not purify.ready
+    with pytest.raises(ValueError, match=r"needs 'task_labels' with the irrelevant labels in training"):
+        purify(z, u)
+    with pytest.raises(ValueError, match=r"'task_labels' are used only by Purify\(conditional=True\)"):
+        ntl.Purify(3, 6)(z, u, task_labels=y)
+
+
+def test_nan_policy_is_the_shared_one() -> None:
+    z, u, _, _ = synthetic(12)
+    z[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'features' contain NaN or inf; pass nan_policy='skip'"):
+        ntl.Purify(3, 6)(z, u)
+    skipping = ntl.Purify(3, 6, nan_policy="skip")
+    skipping(z, u)
+    assert not skipping.ready and torch.equal(skipping.class_means, torch.zeros(3, 6))
