@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
 
@@ -67,9 +67,11 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     """
     root = unwrap_model(model)
     by_name: dict[str, nn.Module] = {}
+    names_by_id: dict[int, str] = {}
     for name, module in root.named_modules(remove_duplicate=False):
         by_name.setdefault(canonical_name(name), module)
-    names_by_id = {id(module): name for name, module in reversed(list(by_name.items()))}
+        # every module, wrapped ones too (FSDP1 keeps the original under `_fsdp_wrapped_module`): found by object
+        names_by_id.setdefault(id(module), canonical_name(name))
 
     specs: list[LayerSpec] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     if not specs:
@@ -343,14 +345,21 @@ class FrozenReference(nn.Module):
     The model is put in eval mode with `requires_grad_(False)` and stays in eval mode when `.train()` is
     called on this module or a parent. Calling it runs the model under `torch.no_grad()` and returns
     `{layer: tensor}`. With `stop_early=True` the forward pass ends as soon as every requested layer
-    has produced its output: the first call runs the whole model and counts how often each layer runs;
-    later calls stop after the last of those calls (so a layer run twice per pass still yields its last
-    output, as `FeatureTap` does).
+    has run `calls_per_pass` times, from the first call on: the model never runs past the deepest
+    requested layer. A module run several times per pass (a shared block, a loop) needs its count in
+    `calls_per_pass`; its last output is returned, as `FeatureTap` does.
+
+    A pass whose call counts differ from `calls_per_pass` raises `ValueError` naming the layer and the
+    counts, instead of answering with an earlier call's output: always with `stop_early=False` (the
+    whole pass runs), and with `stop_early=True` when a layer runs more often than declared before the
+    last requested layer has finished (extra calls after that point are never run, so never seen).
 
     Args:
         model: the frozen network (bare or wrapped).
         layers: as for `FeatureTap`.
         stop_early: end the forward pass after the deepest requested layer.
+        calls_per_pass: how often each layer runs in one forward pass: one count for every layer, or
+            `{layer: count}` (layers not named run once).
         transform: as for `FeatureTap`.
     """
 
@@ -360,6 +369,7 @@ class FrozenReference(nn.Module):
         layers: LayerSpec | Iterable[LayerSpec],
         *,
         stop_early: bool = True,
+        calls_per_pass: int | Mapping[str, int] = 1,
         transform: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
@@ -371,7 +381,7 @@ class FrozenReference(nn.Module):
         model.requires_grad_(False)
         # "all" lets the early stop count each layer's calls; the last call's output is returned
         self._tap = FeatureTap(model, layers, detach=True, on_repeat="all", transform=transform)
-        self._calls_per_pass: dict[str, int] | None = None
+        self.calls_per_pass = _calls_per_layer(calls_per_pass, self._tap.layers)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -389,8 +399,7 @@ class FrozenReference(nn.Module):
         self.model.eval()
         self._tap.attach()
         self._tap.clear()
-        calls_known = self.stop_early and self._calls_per_pass is not None
-        self._tap._stop_after = self._calls_per_pass if calls_known else None
+        self._tap._stop_after = self.calls_per_pass if self.stop_early else None
         try:
             with torch.no_grad():
                 self.model(*args, **kwargs)
@@ -401,9 +410,40 @@ class FrozenReference(nn.Module):
             raise
         finally:
             self._tap._stop_after = None
-        if self._calls_per_pass is None:
-            self._calls_per_pass = self._tap._call_counts()
+        counts = self._tap._call_counts()
+        wrong = {
+            name: count
+            for name, count in counts.items()
+            if count
+            and (count > self.calls_per_pass[name] or (not self.stop_early and count != self.calls_per_pass[name]))
+        }
+        if wrong:
+            self._tap.clear()
+            detail = ", ".join(
+                f"{name!r} ran {count} time(s), expected {self.calls_per_pass[name]}" for name, count in wrong.items()
+            )
+            raise ValueError(
+                f"FrozenReference: in this forward pass {detail}; pass calls_per_pass={{layer: count}} for a "
+                f"module the model runs several times per pass"
+            )
         return {name: outputs[-1] for name, outputs in self._tap.pop().items()}
 
     def extra_repr(self) -> str:
-        return f"layers={list(self.layers)}, stop_early={self.stop_early}"
+        calls = {name: n for name, n in self.calls_per_pass.items() if n != 1}
+        extra = f", calls_per_pass={calls}" if calls else ""
+        return f"layers={list(self.layers)}, stop_early={self.stop_early}{extra}"
+
+
+def _calls_per_layer(calls: int | Mapping[str, int], layers: Sequence[str]) -> dict[str, int]:
+    """`{layer: count}` for every tapped layer from one count or a partial mapping (checked)."""
+    if isinstance(calls, Mapping):
+        unknown = sorted(set(calls) - set(layers))
+        if unknown:
+            raise ValueError(f"'calls_per_pass' names layer(s) {unknown} that are not among the layers {list(layers)}")
+        counts = {name: calls.get(name, 1) for name in layers}
+    else:
+        counts = dict.fromkeys(layers, calls)
+    for name, count in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"'calls_per_pass' must be whole numbers ≥ 1, got {count!r} for layer {name!r}")
+    return counts

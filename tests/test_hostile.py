@@ -93,9 +93,11 @@ def labels(draw: st.DrawFn, batch: int, num_classes: int) -> Tensor:
 @settings(max_examples=150)
 @given(st.data())
 def test_anti_transfer_is_finite_on_valid_input(data: st.DataObject) -> None:
-    aggregation = data.draw(st.sampled_from(["none", "mean", "sum", "max", "mul", "gram"]))
+    aggregation = data.draw(
+        st.sampled_from(["none", "mean", "sum", "max", "mul", "gram", "pairwise", "stochastic_pairwise"])
+    )
     distance = data.draw(st.sampled_from(["cos_squared", "cos", "mse_sigmoid", "cka"]))
-    scope = "sample" if distance == "cka" else data.draw(st.sampled_from(["batch", "sample"]))
+    scope = None if aggregation != "gram" or distance == "cka" else data.draw(st.sampled_from(["batch", "sample"]))
     layout = (
         "flat"
         if aggregation in ("none", "gram") and data.draw(st.booleans())
@@ -123,7 +125,7 @@ def test_suppression_is_finite_on_valid_input(data: st.DataObject) -> None:
         "kernel": data.draw(st.sampled_from(["linear", "rbf"])),
     }
     if method == "adversarial":
-        kwargs = {"feature_dim": dim, "entropy_weight": data.draw(st.sampled_from([0.0, 0.5]))}
+        kwargs = {"dim": dim, "entropy_weight": data.draw(st.sampled_from([0.0, 0.5]))}
     loss = ntl.TaskIrrelevantSuppression(method, k, **kwargs)  # type: ignore[arg-type]
     reference = data.draw(features(min_batch=z.shape[0], max_batch=z.shape[0]))
     if loss.head is not None:
@@ -228,7 +230,7 @@ def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
     raising: list[tuple[str, Callable[[], Tensor]]] = [
         ("anti_transfer", lambda: ntl.AntiTransferLoss()(z[:, :, None], z[:, :, None].flip(0))),
         ("hsic", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(z, u)),
-        ("adversarial", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=4)(z, u)),
+        ("adversarial", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=4)(z, u)),
         ("cka", lambda: ntl.TaskIrrelevantSuppression("cka")(z, irrelevant_features=torch.randn(6, 2))),
         ("multitask", lambda: ntl.MultiTaskLoss(rel)(za, torch.randn(6, 2), u, torch.ones(6, 2))),
         ("matching", lambda: ntl.DistributionMatchingLoss(rel)(za, torch.randn(6, 2))),
@@ -241,7 +243,7 @@ def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
         ("hsic", lambda f: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="skip")(f, u)),
         (
             "adversarial",
-            lambda f: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=4, nan_policy="skip")(f, u),
+            lambda f: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=4, nan_policy="skip")(f, u),
         ),
         (
             "cka",
@@ -311,7 +313,7 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("unknown gather", lambda: ntl.AntiTransferLoss(gather="world"), "'gather' must be one of"),  # type: ignore[arg-type]
         ("unknown nan_policy", lambda: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
         ("negative map for mul", lambda: ntf.anti_transfer(-x[:, :, None], x[:, :, None], "mul"), "non-negative"),
-        ("head dims", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=5)(x, u), r"\(6, 4\)"),
+        ("head dims", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)(x, u), r"\(6, 4\)"),
         (
             "logits mismatch R",
             lambda: ntl.DistributionMatchingLoss(rel)(torch.randn(6, 2), torch.randn(6, 2)),

@@ -164,7 +164,7 @@ AMP_CASES: list[tuple[str, Callable[[Tensor, Tensor], Tensor], float]] = [
 
 def _adversarial(s: Tensor) -> Tensor:
     torch.manual_seed(3)
-    return ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=48)(s, LA[:6].clamp(0, 2))
+    return ntl.TaskIrrelevantSuppression("adversarial", 3, dim=48)(s, LA[:6].clamp(0, 2))
 
 
 def _heads(s: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,7 +58,7 @@ def test_five_thousand_steps_with_every_loss_stay_flat() -> None:
     relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.0, 0.0]])
     anti_transfer = ntl.AntiTransferLoss("gram", "cos_squared", weight=0.1)
     hsic = ntl.TaskIrrelevantSuppression("hsic", 3, normalized=True)
-    adversarial = ntl.TaskIrrelevantSuppression("adversarial", 3, feature_dim=16, warmup_steps=100)
+    adversarial = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=16, warmup_steps=100)
     cka = ntl.TaskIrrelevantSuppression("cka")
     multitask = ntl.MultiTaskLoss(relatedness)
     optimizer = torch.optim.Adam([*model.parameters(), *adversarial.parameters()], lr=1e-3)

@@ -331,7 +331,7 @@ def test_frozen_reference_returns_features_without_gradient_and_stops_early() ->
         assert set(ref) == {"layer1", "stem"}
         torch.testing.assert_close(ref["layer1"], expected_layer1(net, x))
         assert not ref["layer1"].requires_grad and ref["layer1"].grad_fn is None
-    assert net.layer2.counter.calls == 1  # only the first, counting pass reached layer2
+    assert net.layer2.counter.calls == 0  # not even the first call runs past the deepest requested layer
     assert all(not p.requires_grad for p in net.parameters())
 
 
@@ -358,8 +358,34 @@ def test_frozen_reference_stays_in_eval_mode_under_a_training_parent() -> None:
 
 def test_frozen_reference_keeps_the_last_call_of_a_repeated_layer() -> None:
     model = SharedTwice()
-    frozen = ntl.FrozenReference(model, "shared")
+    frozen = ntl.FrozenReference(model, "shared", calls_per_pass={"shared": 2})
     x = torch.randn(4, 3)
     expected = model.shared(model.shared(x) + 1.0)
-    frozen(x)
     torch.testing.assert_close(frozen(x)["shared"], expected)
+    torch.testing.assert_close(frozen(x)["shared"], expected)
+    assert "calls_per_pass={'shared': 2}" in repr(frozen)
+
+
+def test_frozen_reference_detects_call_counts_that_differ_from_the_declared_ones() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"'shared' ran 2 time\(s\), expected 1; pass calls_per_pass"):
+        ntl.FrozenReference(SharedTwice(), "shared", stop_early=False)(x)
+    with pytest.raises(ValueError, match=r"'shared' ran 2 time\(s\), expected 3"):
+        ntl.FrozenReference(SharedTwice(), "shared", stop_early=False, calls_per_pass=3)(x)
+    with pytest.raises(ValueError, match=r"'calls_per_pass' names layer\(s\) \['other'\]"):
+        ntl.FrozenReference(SharedTwice(), "shared", calls_per_pass={"other": 2})
+    with pytest.raises(ValueError, match=r"'calls_per_pass' must be whole numbers ≥ 1, got 0"):
+        ntl.FrozenReference(SharedTwice(), "shared", calls_per_pass=0)
+
+
+def test_frozen_reference_never_runs_a_failing_head_past_the_deepest_layer() -> None:
+    class FailingHead(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the head must not run")
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), FailingHead())
+    x = torch.randn(2, 3)
+    ref = ntl.FrozenReference(model, "1")(x)  # the first call too
+    torch.testing.assert_close(ref["1"], torch.relu(model[0](x)))
+    with pytest.raises(RuntimeError, match="the head must not run"):
+        ntl.FrozenReference(model, "1", stop_early=False)(torch.randn(2, 3))

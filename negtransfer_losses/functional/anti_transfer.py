@@ -152,7 +152,7 @@ RowCosines: TypeAlias = Callable[[Tensor, Tensor, AntiTransferOptions], Tensor]
 def torch_row_cosines(student: Tensor, reference: Tensor, options: AntiTransferOptions) -> Tensor:
     """The row cosines of the aggregations in `FUSED_ROW_AGGREGATIONS`, in plain PyTorch (checked inputs).
 
-    Both inputs are scaled by a power of two to a maximum magnitude ≤ 1 first (cosines do not depend on
+    Both inputs are scaled by a power of two to a maximum magnitude < 2 first (cosines do not depend on
     it), so float32 features of magnitude 1e30 give finite cosines.
     """
     student, reference = scale_to_unit_range(student), scale_to_unit_range(reference)

@@ -38,7 +38,8 @@ def pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, 
 def pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
     """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, `(B,)`, never materializing `a_b`."""
     dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
-    return dot / (sq_a.sqrt().clamp_min(eps) * sq_b.sqrt().clamp_min(eps))
+    floor = eps * eps  # floored before the root: a zero row gives s = 0 with a finite gradient
+    return dot / (sq_a.clamp_min(floor).sqrt() * sq_b.clamp_min(floor).sqrt())
 
 
 def pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
         dtype = compute_dtype(a, b)
         a2 = as_batch_matrix(a.to(dtype), "a")
         b2 = as_batch_matrix(b.to(dtype), "b")
-        # each row scaled by a power of two (exact) to magnitude ≤ 1, the floor scaled with it: the same
+        # each row scaled by a power of two (exact) to magnitude < 2, the floor scaled with it: the same
         # cosine, and no overflow of |a|² for rows of magnitude up to float's largest
         scale_a, scale_b = _row_power_of_two(a2), _row_power_of_two(b2)
         a2, b2 = a2 / scale_a[:, None], b2 / scale_b[:, None]
@@ -62,16 +62,19 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def _row_power_of_two(x: Tensor) -> Tensor:
-    """Per row of `(n, d)`, the power of two `2^e ≥ max|x|` (at least 1), detached: dividing by it is exact."""
-    exponent = torch.frexp(x.detach().abs().amax(dim=1)).exponent.clamp_min(0)
-    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), exponent)
+    """Per row of `(n, d)`, a power of two `2^e > max|x| / 2` (at least 1), detached: dividing by it is exact.
+
+    (`max|x| / 2`, not `max|x|`: the power above float32's largest value is not a float32.)"""
+    exponent = (torch.frexp(x.detach().abs().amax(dim=1)).exponent - 1).clamp_min(0)
+    return torch.exp2(exponent.to(x.dtype))
 
 
 def scale_to_unit_range(x: Tensor) -> Tensor:
-    """`x / 2^e` with `2^e ≥ max|x|` (at least 1), detached: exact, and homogeneous measures (cosines of rows,
-    of Gram rows, of channel sums) do not change, while squares of float32 values near 1e30 stop overflowing."""
-    exponent = torch.frexp(x.detach().abs().amax()).exponent.clamp_min(0)
-    return x / torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), exponent)
+    """`x / 2^e` with `2^e > max|x| / 2` (at least 1), detached: exact, and homogeneous measures (cosines of
+    rows, of Gram rows, of channel sums) do not change, while squares of float32 values near 1e30 stop
+    overflowing."""
+    exponent = (torch.frexp(x.detach().abs().amax()).exponent - 1).clamp_min(0)
+    return x / torch.exp2(exponent.to(x.dtype))
 
 
 def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:

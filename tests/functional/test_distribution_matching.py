@@ -206,7 +206,7 @@ def test_shape_and_option_errors() -> None:
         ntf.distribution_matching(za, zb, r, prior, divergence="js")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'labels' holds 4, outside \[0, 4\)"):
         ntf.masked_cross_entropy(za, torch.tensor([0, 1, 2, 3, 4]))
-    with pytest.raises(ValueError, match=r"annotated 'targets' must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"annotated entries of 'targets' must lie in \[0, 1\]"):
         ntf.masked_binary_cross_entropy(zb, torch.full((5, 3), 2.0))
     with pytest.raises(ValueError, match=r"'labels_b' must have shape \(5, 3\)"):
         ntf.soft_co_annotation(za, zb, torch.zeros(5, dtype=torch.long), torch.zeros(5, 2), r, prior)

@@ -24,11 +24,14 @@ def test_weighted_sum_over_layers_applies_weight_once() -> None:
     torch.testing.assert_close(loss(s, r), expected)
 
 
+LAYER_TERMS = ("loss", "similarity", "student_norm")
+
+
 def test_two_tensors_form_one_layer() -> None:
     s, r = feats(0)["layer2"], feats(1)["layer2"]
     loss = ntl.AntiTransferLoss("mean", "cos")
     torch.testing.assert_close(loss(s, r), ntf.anti_transfer(s, r, "mean", "cos"))
-    assert set(loss.last_terms) == {"features"}
+    assert set(loss.last_terms) == {"loss", "features/loss", "features/similarity", "features/student_norm"}
 
 
 def test_last_terms_hold_detached_logging_scalars() -> None:
@@ -38,15 +41,15 @@ def test_last_terms_hold_detached_logging_scalars() -> None:
     loss = ntl.AntiTransferLoss(weight=3.0)
     total = loss(s, r)
     terms = loss.last_terms
-    assert set(terms) == {"layer2", "layer3"}
-    for name, layer_terms in terms.items():
-        assert set(layer_terms) == {"similarity", "loss", "student_norm"}
-        assert all(not v.requires_grad and v.dim() == 0 for v in layer_terms.values())
+    assert set(terms) == {"loss"} | {f"{layer}/{t}" for layer in ("layer2", "layer3") for t in LAYER_TERMS}
+    assert all(not v.requires_grad and v.dim() == 0 for v in terms.values())
+    for name in ("layer2", "layer3"):
         raw = ntf.anti_transfer_terms(s[name], r[name])
-        torch.testing.assert_close(layer_terms["similarity"], raw.similarity)
-        torch.testing.assert_close(layer_terms["loss"], 3.0 * raw.loss.detach())
-        torch.testing.assert_close(layer_terms["student_norm"], raw.student_norm)
-    torch.testing.assert_close(total.detach(), terms["layer2"]["loss"] + terms["layer3"]["loss"])
+        torch.testing.assert_close(terms[f"{name}/similarity"], raw.similarity)
+        torch.testing.assert_close(terms[f"{name}/loss"], 3.0 * raw.loss.detach())
+        torch.testing.assert_close(terms[f"{name}/student_norm"], raw.student_norm)
+    torch.testing.assert_close(total.detach(), terms["layer2/loss"] + terms["layer3/loss"])
+    torch.testing.assert_close(terms["loss"], total.detach())
 
 
 def test_reference_is_not_kept_alive_and_gets_no_gradient() -> None:

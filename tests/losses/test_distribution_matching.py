@@ -23,10 +23,10 @@ def test_distribution_matching_loss_is_weighted_sum_of_directions() -> None:
     loss = ntl.DistributionMatchingLoss(R, weight=0.5, divergence="ce", inversion="product")
     terms = ntf.distribution_matching(za, zb, R.matrix, R.prior, "multilabel", inversion="product", divergence="ce")
     torch.testing.assert_close(loss(za, zb), 0.5 * (terms["a_to_b"] + terms["b_to_a"]).float())
-    assert set(loss.last_terms) == {"a_to_b", "b_to_a"}
+    assert set(loss.last_terms) == {"loss", "a_to_b", "b_to_a"}
     one_way = ntl.DistributionMatchingLoss(R, directions=["a_to_b"])
     one_way(za, zb)
-    assert set(one_way.last_terms) == {"a_to_b"}
+    assert set(one_way.last_terms) == {"loss", "a_to_b"}
 
 
 def test_relatedness_lives_in_buffers() -> None:
@@ -52,19 +52,21 @@ def test_multitask_loss_composes_the_terms() -> None:
     za, zb = heads()
     la = torch.tensor([0, -100, 2, 1, -100, -100])
     lb = torch.tensor([[math.nan] * 2, [1.0, 0.0], [math.nan, 1.0], [0.0, 1.0], [math.nan] * 2, [1.0, 1.0]])
-    full = ntl.MultiTaskLoss(R, distribution_matching=0.3, co_annotation=0.7)
+    full = ntl.MultiTaskLoss(R, weight=2.0, matching_weight=0.3, co_annotation_weight=0.7)
     total = full(za, zb, la, lb)
     t = full.last_terms
-    expected = (
+    expected = 2.0 * (
         t["supervised_a"]
         + t["supervised_b"]
-        + 0.3 * (t["a_to_b"] + t["b_to_a"])
-        + 0.7 * (t["co_annotation_a"] + t["co_annotation_b"])
+        + 0.3 * (t["matching/a_to_b"] + t["matching/b_to_a"])
+        + 0.7 * (t["co_annotation/a"] + t["co_annotation/b"])
     )
     torch.testing.assert_close(total.detach(), expected)
-    plain = ntl.MultiTaskLoss(R, distribution_matching=0.0, co_annotation=0.0)
+    torch.testing.assert_close(t["loss"], total.detach())
+    torch.testing.assert_close(t["matching/loss"], t["matching/a_to_b"] + t["matching/b_to_a"])
+    plain = ntl.MultiTaskLoss(R, matching_weight=0.0, co_annotation_weight=0.0)
     plain(za, zb, la, lb)
-    assert set(plain.last_terms) == {"supervised_a", "supervised_b"}
+    assert set(plain.last_terms) == {"loss", "supervised_a", "supervised_b"}
     torch.testing.assert_close(
         plain.last_terms["supervised_b"], ntf.masked_binary_cross_entropy(za[:, :2].detach() * 0 + zb.detach(), lb)
     )
