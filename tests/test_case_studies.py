@@ -78,3 +78,58 @@ def test_multitask_sweep_selects_the_weight_on_validation_not_test() -> None:
     assert rows["+ matching"]["digit_mean"] == pytest.approx(60.0)
     assert rows["+ matching"]["digit_gain_mean"] == pytest.approx(10.0)
     assert rows["+ matching"]["attributes_gain_mean"] == pytest.approx(10.0)
+
+
+def test_biased_sweep_runs_every_method_and_resumes_from_its_cache(tmp_path: Path) -> None:
+    bd = example("biased_digits")
+    methods = ["plain", "hsic_conditional", "adversarial_conditional", "cka_conditional", "purify_conditional"]
+    argv = ["--sweep", "--seeds", "1", "--epochs", "1", "--correlations", "0.99", "--methods", *methods]
+    bd.main([*argv, "--out", str(tmp_path)])
+    cache = tmp_path / "biased_sweep_runs.json"
+    runs = json.loads(cache.read_text())
+    assert len(runs) == 1 + sum(len(bd.SWEEP_GRID[m]) for m in methods[1:])
+    rows = json.loads((tmp_path / "biased_sweep.json").read_text())["summary"]
+    assert {(r["correlation"], r["method"]) for r in rows} == {(c, m) for c in (0.99,) for m in methods}
+    assert all(r["gain_mean"] == 0.0 for r in rows if r["method"] == "plain")
+    # a second call finds every run in the cache and trains nothing
+    before = cache.stat().st_mtime_ns
+    bd.main([*argv, "--out", str(tmp_path)])
+    assert cache.stat().st_mtime_ns == before and len(json.loads(cache.read_text())) == len(runs)
+    assert (tmp_path / "biased_sweep.png").stat().st_size > 0
+
+
+def test_biased_sweep_selects_the_weight_on_validation_not_test() -> None:
+    bd = example("biased_digits")
+
+    def run(method: str, weight: float, seed: int, val: float, test: float) -> dict[str, float | int | str]:
+        return {
+            "correlation": 0.99,
+            "method": method,
+            "weight": weight,
+            "seed": seed,
+            "epochs": 30,
+            "val_accuracy": val,
+            "test_accuracy": test,
+            "colour_probe": 0.5,
+        }
+
+    records = [run("plain", 0.0, 0, 0.2, 0.2), run("plain", 0.0, 1, 0.3, 0.3)]
+    records += [run("cka", 1.0, s, 0.5, 0.3) for s in range(2)]  # best on validation
+    records += [run("cka", 3.0, s, 0.4, 0.6) for s in range(2)]  # best on test
+    rows = {r["method"]: r for r in bd.sweep_summary(records, ["plain", "cka"], [0.99])}
+    assert rows["cka"]["weight"] == 1.0
+    assert rows["cka"]["accuracy_mean"] == pytest.approx(30.0)
+    assert rows["cka"]["gain_mean"] == pytest.approx(5.0)  # paired: (30 - 20 + 30 - 30) / 2
+
+
+def test_anti_transfer_layers_study_runs_with_its_diagnostics(tmp_path: Path) -> None:
+    at = example("anti_transfer_layers")
+    rows = at.main(["--seeds", "1", "--epochs", "1", "--layers", "conv2", "--distances", "cka", "--out", str(tmp_path)])
+    assert [(r["layer"], r["distance"]) for r in rows] == [("plain", "—"), ("conv2", "cka")]
+    record = json.loads((tmp_path / "anti_transfer_layers.json").read_text())
+    probes = record["diagnostics"]["probes"]
+    assert set(probes) == {"student: colour", "student: digit", "colour network: colour", "colour network: digit"}
+    assert all(0.0 <= v <= 1.0 for probe in probes.values() for v in probe.values())
+    cka = record["diagnostics"]["cka_student_by_colour_network"]
+    assert len(cka) == len(cka[0]) == len(at.LAYERS)
+    assert (tmp_path / "anti_transfer_diagnostics.png").exists() and (tmp_path / "anti_transfer_layers.png").exists()
