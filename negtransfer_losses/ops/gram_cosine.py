@@ -138,8 +138,21 @@ def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, M, N, rows_per_spli
 
 
 @triton.jit
-def _identity_rows_kernel(w_ptr, u_ptr, mats_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, blocks,
-                          padded, eps, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
+def _mat_dot(x, parts_ptr, index, offs, padded, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """`acc + x @ M` for matrix `index` of the split parts (`hi` and, with `SPLIT`, `lo`: `M ≈ (hi + lo) · c`,
+    `c` applied by the caller), so 16-bit `x` multiplies an fp32 matrix on tensor cores to ~16 bits."""
+    NUM: tl.constexpr = 2 if SPLIT else 1
+    base = parts_ptr + index * NUM * padded * padded
+    acc = tl.dot(x, tl.load(base + offs), acc, input_precision=PRECISION)
+    if SPLIT:
+        acc = tl.dot(x, tl.load(base + padded * padded + offs), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr,
+                          M, N, blocks, padded, eps, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+                          PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`<S_i, T_i> = w_iᵀ P u_i`, `|S_i|² = w_iᵀ A w_i`, `|T_i|² = u_iᵀ Bᵣ u_i` for one block of rows."""
     pid = tl.program_id(0)
@@ -148,7 +161,11 @@ def _identity_rows_kernel(w_ptr, u_ptr, mats_ptr, scale_ptr, cos_ptr, norm_s_ptr
     mask_r = rows < M
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
     f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
-    mats = mats_ptr + group * 3 * padded * padded
+    c_p, c_a, c_b = (
+        tl.load(mat_scale_ptr + group * 3),
+        tl.load(mat_scale_ptr + group * 3 + 1),
+        tl.load(mat_scale_ptr + group * 3 + 2),
+    )
     dot = tl.zeros((BLOCK_R,), tl.float32)
     sq_s = tl.zeros((BLOCK_R,), tl.float32)
     sq_t = tl.zeros((BLOCK_R,), tl.float32)
@@ -163,18 +180,19 @@ def _identity_rows_kernel(w_ptr, u_ptr, mats_ptr, scale_ptr, cos_ptr, norm_s_ptr
         for k0 in range(0, N, BLOCK_N):
             cols_k = k0 + tl.arange(0, BLOCK_N)
             if ONE_TILE:
-                wk, uk = wj, uj
+                wk, uk = wj.to(DOT_DTYPE), uj.to(DOT_DTYPE)
             else:
                 m_k = mask_r[:, None] & (cols_k < N)[None, :]
-                wk = tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w
-                uk = tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u
+                wk = (tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w).to(DOT_DTYPE)
+                uk = (tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u).to(DOT_DTYPE)
+            mats = parts_ptr + group * 3 * (2 if SPLIT else 1) * padded * padded
             offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
-            wp = tl.dot(wk, tl.load(mats + offs_kj), wp, input_precision=PRECISION)
-            wa = tl.dot(wk, tl.load(mats + padded * padded + offs_kj), wa, input_precision=PRECISION)
-            ub = tl.dot(uk, tl.load(mats + 2 * padded * padded + offs_kj), ub, input_precision=PRECISION)
-        dot += tl.sum(wp * uj, axis=1)
-        sq_s += tl.sum(wa * wj, axis=1)
-        sq_t += tl.sum(ub * uj, axis=1)
+            wp = _mat_dot(wk, mats, 0, offs_kj, padded, wp, SPLIT, PRECISION)
+            wa = _mat_dot(wk, mats, 1, offs_kj, padded, wa, SPLIT, PRECISION)
+            ub = _mat_dot(uk, mats, 2, offs_kj, padded, ub, SPLIT, PRECISION)
+        dot += tl.sum(wp * uj, axis=1) * c_p
+        sq_s += tl.sum(wa * wj, axis=1) * c_a
+        sq_t += tl.sum(ub * uj, axis=1) * c_b
     floor = eps * eps
     cosine = dot / (tl.sqrt(tl.maximum(sq_s, floor)) * tl.sqrt(tl.maximum(sq_t, floor)))
     out = group * M + rows
@@ -227,9 +245,11 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, coef_ptr, scale_ptr, part_ptr, M,
 
 
 @triton.jit
-def _identity_grad_rows_kernel(w_ptr, u_ptr, mats_ptr, grads_ptr, coef_ptr, scale_ptr, dw_ptr, M, N, blocks, padded,
-                               PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the scale), written once."""
+def _identity_grad_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, coef_ptr, scale_ptr, dw_ptr, M, N, blocks,
+                               padded, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the scale), written once; the
+    matrices come split as `[Pᵀ, A, Q, R]`."""
     pid = tl.program_id(0)
     group = (pid // blocks).to(tl.int64)
     rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -237,27 +257,27 @@ def _identity_grad_rows_kernel(w_ptr, u_ptr, mats_ptr, grads_ptr, coef_ptr, scal
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
     f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
     coef_offs = (group * M + rows) * 2
-    alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0)
-    beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0)
-    mats = mats_ptr + group * 3 * padded * padded
-    grads = grads_ptr + group * 2 * padded * padded
+    alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0) * tl.load(mat_scale_ptr + group * 4)
+    beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0) * tl.load(mat_scale_ptr + group * 4 + 1)
+    c_q, c_r = tl.load(mat_scale_ptr + group * 4 + 2), tl.load(mat_scale_ptr + group * 4 + 3)
+    mats = parts_ptr + group * 4 * (2 if SPLIT else 1) * padded * padded
     for j0 in range(0, N, BLOCK_N):
         cols_j = j0 + tl.arange(0, BLOCK_N)
         up = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
         wa = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        rest = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        uq = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+        wr = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
         for k0 in range(0, N, BLOCK_N):
             cols_k = k0 + tl.arange(0, BLOCK_N)
             m_k = mask_r[:, None] & (cols_k < N)[None, :]
-            wk = tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w
-            uk = tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u
+            wk = (tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w).to(DOT_DTYPE)
+            uk = (tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u).to(DOT_DTYPE)
             offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
-            offs_jk = cols_j.to(tl.int64)[None, :] * padded + cols_k[:, None]  # Pᵀ[k, j] = P[j, k]
-            up = tl.dot(uk, tl.load(mats + offs_jk), up, input_precision=PRECISION)
-            wa = tl.dot(wk, tl.load(mats + padded * padded + offs_kj), wa, input_precision=PRECISION)
-            rest = tl.dot(uk, tl.load(grads + offs_kj), rest, input_precision=PRECISION)
-            rest = tl.dot(wk, tl.load(grads + padded * padded + offs_kj), rest, input_precision=PRECISION)
-        grad = (alpha[:, None] * up + beta[:, None] * wa + rest) * f_w
+            up = _mat_dot(uk, mats, 0, offs_kj, padded, up, SPLIT, PRECISION)
+            wa = _mat_dot(wk, mats, 1, offs_kj, padded, wa, SPLIT, PRECISION)
+            uq = _mat_dot(uk, mats, 2, offs_kj, padded, uq, SPLIT, PRECISION)
+            wr = _mat_dot(wk, mats, 3, offs_kj, padded, wr, SPLIT, PRECISION)
+        grad = (alpha[:, None] * up + beta[:, None] * wa + c_q * uq + c_r * wr) * f_w
         m_j = mask_r[:, None] & (cols_j < N)[None, :]
         tl.store(dw_ptr + offs_r + cols_j[None, :], grad.to(dw_ptr.dtype.element_ty), mask=m_j)
 
@@ -373,6 +393,21 @@ def _dot_dtype(dtype: torch.dtype) -> Any:
     return tl.float32
 
 
+def _split(mats: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """`(G, k, n, n)` float32 matrices as dot operands: for a 16-bit dot dtype, each scaled by a power of two
+    `2^-e` to magnitude ≤ 1 and split `hi + lo` in that dtype (`(G, k, 2, n, n)`, ~16 significant bits for
+    bfloat16, ~22 for float16); float32 stays as it is (`(G, k, 1, n, n)`). Returns the parts, the `(G, k)`
+    factors `2^e` that undo the scaling, and whether the matrices are split."""
+    if _dot_dtype(dtype) == tl.float32:
+        return mats.unsqueeze(2).contiguous(), torch.ones(mats.shape[:2], device=mats.device), False
+    top = mats.abs().amax(dim=(2, 3)).clamp_min(torch.finfo(torch.float32).tiny)
+    exponent = torch.frexp(top).exponent
+    scaled = torch.ldexp(mats, -exponent[:, :, None, None])
+    hi = scaled.to(dtype)
+    lo = (scaled - hi.float()).to(dtype)
+    return torch.stack([hi, lo], dim=2).contiguous(), torch.ldexp(torch.ones_like(top), exponent), True
+
+
 def _tile_columns(rows: int) -> int:
     return min(TILE_COLUMNS, max(16, int(triton.next_power_of_2(rows))))
 
@@ -419,9 +454,11 @@ class GramRowCosines(torch.autograd.Function):
             )  # fmt: skip
             mats, scale = _combine(partials, exponents, tiles)
             blocks = triton.cdiv(rows, BLOCK_ROWS)
+            parts, factors, split = _split(mats, w.dtype)
             _identity_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
-                w, u, mats, scale, cosines, norms_s, norms_t, rows, dim, blocks, padded, eps,
-                PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                w, u, parts, factors, scale, cosines, norms_s, norms_t, rows, dim, blocks, padded, eps,
+                DOT_DTYPE=dot_dtype, SPLIT=split, PRECISION=precision, ONE_TILE=tiles == 1,
+                BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
             )  # fmt: skip
             ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale, mats)
         else:
@@ -458,12 +495,15 @@ class GramRowCosines(torch.autograd.Function):
                 w, u, unit, scale, partials, rows, dim, rows_per_split, splits, tiles,
                 DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
             )  # fmt: skip
-            grads = (partials.sum(dim=1) * top[None, :, None, None]).contiguous()
+            grads = partials.sum(dim=1) * top[None, :, None, None]
+            parts, factors, split = _split(
+                torch.cat([mats[:, :1].transpose(2, 3), mats[:, 1:2], grads], dim=1), w.dtype
+            )
             coef = torch.stack([alpha, beta], dim=1).contiguous()
             blocks = triton.cdiv(rows, BLOCK_ROWS)
             _identity_grad_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
-                w, u, mats, grads, coef, scale, grad_w, rows, dim, blocks, padded,
-                PRECISION=precision, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                w, u, parts, factors, coef, scale, grad_w, rows, dim, blocks, padded,
+                DOT_DTYPE=dot_dtype, SPLIT=split, PRECISION=precision, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
             )  # fmt: skip
         else:
             coef = torch.stack([alpha, beta], dim=1).contiguous()
