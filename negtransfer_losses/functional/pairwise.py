@@ -13,7 +13,9 @@ repeated `C_s` times: `C_s·C_r·N` values per sample. Every distance of those r
 
 `stochastic_pairwise` applies `pairwise` to a window of `q = C // B` consecutive channels (`q = 1` when
 `C < B`), its start drawn uniformly from `[0, C - q]` by torch's generator on each call: the same window
-for student and reference, so both need the same channel count.
+for student and reference, so both need the same channel count. Two departures from the authors' code,
+both at its edges: their start is drawn from `[0, C - q)` (the last window is never drawn), and for
+`C < B` their `q` is 0 (an empty window).
 """
 
 from __future__ import annotations

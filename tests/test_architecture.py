@@ -1,0 +1,215 @@
+"""The package's shape: imports run one way, one vocabulary across the public modules, defaults that never
+conflict with an allowed option."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import negtransfer_losses as ntl
+import negtransfer_losses.functional as ntf
+from negtransfer_losses import ops
+
+PACKAGE = Path(ntl.__file__).parent
+MODULES = [
+    ntl.AntiTransferLoss,
+    ntl.TaskIrrelevantSuppression,
+    ntl.Purify,
+    ntl.DistributionMatchingLoss,
+    ntl.SoftCoAnnotationLoss,
+    ntl.MultiTaskLoss,
+]
+PENALTIES = [m for m in MODULES if m is not ntl.Purify]  # Purify is a transform: it has no weight
+
+
+@pytest.mark.parametrize("subpackage", ["ops", "functional", "losses", "taps", "relatedness", "terms", "diagnostics"])
+def test_any_subpackage_can_be_imported_first(subpackage: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", f"import negtransfer_losses.{subpackage}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _imports_of(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+    return found
+
+
+def test_functional_imports_nothing_above_it() -> None:
+    for path in (PACKAGE / "functional").glob("*.py"):
+        for name in _imports_of(path):
+            assert not name.startswith(("..ops", "..losses", "..taps", "negtransfer_losses.ops")), (
+                f"{path.name}: {name}"
+            )
+            if name.startswith("..") and not name.startswith("..."):
+                assert name.split(".")[2] in ("_validation", "_labels", "distributed"), f"{path.name} imports {name}"
+
+
+def test_only_ops_chooses_a_backend() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "ops":
+            continue
+        assert "resolve_backend(" not in path.read_text(), f"{path} chooses a backend outside ops"
+
+
+def test_every_penalty_takes_weight_as_a_keyword_only_argument() -> None:
+    for module in PENALTIES:
+        parameter = inspect.signature(module).parameters.get("weight")
+        assert parameter is not None, f"{module.__name__} has no weight"
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, f"{module.__name__}: weight is not keyword-only"
+        assert parameter.default == 1.0
+
+
+# names that once meant the same as one of the package's words
+RETIRED_NAMES = {
+    "feature_dim": "dim",
+    "num_classes": "num_irrelevant",
+    "method": "aggregation (in anti-transfer)",
+    "scope": "gram_scope",
+    "x": "student",
+    "y": "reference",
+    "distribution_matching": "matching_weight",
+    "co_annotation": "co_annotation_weight",
+}
+ALLOWED = {ntl.TaskIrrelevantSuppression: {"method"}}
+
+
+def test_one_vocabulary_across_the_public_modules() -> None:
+    for module in MODULES:
+        names = set(inspect.signature(module).parameters)
+        retired = {n: RETIRED_NAMES[n] for n in names & set(RETIRED_NAMES) - ALLOWED.get(module, set())}
+        assert not retired, f"{module.__name__} uses {retired}"
+    for function in (ntf.anti_transfer, ntf.gram_row_cosines, ntf.aggregated_row_cosines, ops.anti_transfer):
+        names = set(inspect.signature(function).parameters)
+        assert {"student", "reference"} <= names and not names & {"x", "y", "scope", "method"}, function
+    assert "aggregation" in inspect.signature(ntf.aggregate_channels).parameters
+    assert "gram_scope" in inspect.signature(ntf.gram).parameters
+
+
+def test_ops_functions_have_their_functional_twins_signatures_plus_backend() -> None:
+    for name in ("anti_transfer", "anti_transfer_terms", "gram_row_cosines", "aggregated_row_cosines"):
+        fused = dict(inspect.signature(getattr(ops, name)).parameters)
+        assert fused.pop("backend").default == "auto"
+        assert list(fused) == list(inspect.signature(getattr(ntf, name)).parameters), name
+
+
+def test_last_terms_have_one_layout() -> None:
+    relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.7], [0.5, 0.5]])
+    za, zb = torch.randn(6, 3), torch.randn(6, 2)
+    la, lb = torch.tensor([0, 1, 2, -100, 0, 1]), torch.tensor([[1, 0], [-1, 1], [0, 0], [1, 1], [-1, -1], [0, 1]])
+    calls = [
+        (ntl.AntiTransferLoss(weight=2.0), (torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2))),
+        (ntl.TaskIrrelevantSuppression("hsic", 3, weight=2.0), (torch.randn(8, 5), torch.arange(8) % 3)),
+        (ntl.DistributionMatchingLoss(relatedness, weight=2.0), (za, zb)),
+        (ntl.SoftCoAnnotationLoss(relatedness, weight=2.0), (za, zb, la, lb)),
+        (ntl.MultiTaskLoss(relatedness, weight=2.0), (za, zb, la, lb)),
+    ]
+    for module, args in calls:
+        out = module(*args)
+        terms = module.last_terms
+        assert isinstance(terms, dict) and all(isinstance(k, str) for k in terms), type(module).__name__
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in terms.values())
+        torch.testing.assert_close(terms["loss"], out.detach(), msg=type(module).__name__)
+    logged = ntl.collect_terms({"mt": calls[-1][0], "at": calls[0][0]}, prefix="train/")
+    assert {
+        "train/mt/loss",
+        "train/mt/matching/a_to_b",
+        "train/mt/co_annotation/a",
+        "train/at/features/similarity",
+    } <= set(logged)
+    assert all(isinstance(v, float) for v in logged.values())
+
+
+def test_collect_terms_walks_a_model_and_skips_what_a_parent_reports() -> None:
+    relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.7]])
+    container = torch.nn.Module()
+    container.coupling = ntl.MultiTaskLoss(relatedness)
+    container.anti = ntl.AntiTransferLoss("none", "cos")
+    container.coupling(torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, -100, 0]), torch.ones(4, 2))
+    container.anti(torch.randn(3, 4), torch.randn(3, 4))
+    logged = ntl.collect_terms(container)
+    assert "coupling/matching/a_to_b" in logged and "anti/features/loss" in logged
+    assert not any(key.startswith("coupling.matching") for key in logged)  # reported once, by its parent
+    with pytest.raises(TypeError, match=r"has no 'last_terms'"):
+        ntl.collect_terms({"lin": torch.nn.Linear(2, 2)})
+
+
+# --- defaults resolved per choice; options that do not apply raise --------------------------------------
+
+
+def test_cka_distance_works_as_written() -> None:
+    s, r = torch.randn(5, 3, 4, 4), torch.randn(5, 6, 4, 4)
+    assert torch.isfinite(ntl.AntiTransferLoss(distance="cka")(s, r))
+    assert ntl.AntiTransferLoss(distance="cka").gram_scope == "sample"
+    assert ntl.AntiTransferLoss().gram_scope == "batch"
+
+
+def test_anti_transfer_options_that_do_not_apply_raise() -> None:
+    with pytest.raises(ValueError, match=r"'gram_scope' applies to aggregation='gram' only"):
+        ntl.AntiTransferLoss("mean", "cos", gram_scope="sample")
+    with pytest.raises(ValueError, match=r"'mul_exponent' applies to aggregation='mul' only"):
+        ntl.AntiTransferLoss("gram", mul_exponent=0.01)
+    with pytest.raises(ValueError, match=r"distance='cka' compares per-sample representations"):
+        ntl.AntiTransferLoss("gram", "cka", gram_scope="batch")
+    assert ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.0).options.mul_exponent == 0.0
+
+
+def test_multilabel_targets_accept_integers_with_minus_one_and_booleans() -> None:
+    logits = torch.randn(4, 3)
+    floats = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0], [float("nan")] * 3, [1.0, 1.0, 0.0]])
+    integers = torch.tensor([[1, 0, -1], [0, 1, 1], [-1, -1, -1], [1, 1, 0]])
+    expected = ntf.masked_binary_cross_entropy(logits, floats)
+    torch.testing.assert_close(ntf.masked_binary_cross_entropy(logits, integers), expected)
+    booleans = torch.tensor([[True, False, True]] * 4)
+    torch.testing.assert_close(
+        ntf.masked_binary_cross_entropy(logits, booleans), ntf.masked_binary_cross_entropy(logits, booleans.float())
+    )
+    relatedness = ntl.TaskRelatedness.estimate(torch.tensor([0, 1, 0, 1]), integers, num_a=2, num_b=3)
+    same = ntl.TaskRelatedness.estimate(torch.tensor([0, 1, 0, 1]), floats, num_a=2, num_b=3)
+    torch.testing.assert_close(relatedness.matrix, same.matrix)
+    with pytest.raises(ValueError, match=r"annotated entries of 'targets' must lie in \[0, 1\]"):
+        ntf.masked_binary_cross_entropy(logits, integers * 2)
+
+
+def test_label_errors_name_what_the_classes_are() -> None:
+    with pytest.raises(ValueError, match=r"'labels_a' holds 5, outside \[0, 3\) for 3 classes of task A"):
+        ntf.soft_co_annotation(
+            torch.randn(2, 3), torch.randn(2, 2), torch.tensor([5, 0]), torch.ones(2, 2), torch.rand(3, 2)
+        )
+
+
+def test_float64_never_reaches_a_kernel() -> None:
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert ops.resolve_backend("auto", "gram_row_cosines/batch", x, x) == "torch"
+    with pytest.raises(ValueError, match=r"backend='triton' runs float16, bfloat16 and float32 only"):
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            ops.gram_row_cosines(x, x, backend="triton")
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.mark.parametrize("aggregation", ["none", "gram", "mean", "sum", "max", "pairwise"])
+def test_cosines_of_float32_features_of_magnitude_1e30_are_finite(aggregation: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 4, 5, 2, generator=g) * 1e30).requires_grad_(True)
+    r = torch.randn(3, 4, 5, 2, generator=g) * 1e30
+    loss = ntf.anti_transfer(s, r, aggregation, "cos_squared")  # type: ignore[arg-type]
+    loss.backward()
+    expected = ntf.anti_transfer(s.detach().double() / 1e30, r.double() / 1e30, aggregation, "cos_squared")  # type: ignore[arg-type]
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
