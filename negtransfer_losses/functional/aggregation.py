@@ -1,4 +1,4 @@
-"""Channel aggregations: permutation-invariant summaries of a feature map (METHODS.md §1).
+"""Channel aggregations: permutation-invariant summaries of a feature map (docs: Methods §1).
 
 Two independently trained networks order their channels arbitrarily, so anti-transfer compares
 summaries that do not depend on channel order.

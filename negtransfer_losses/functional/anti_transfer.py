@@ -1,7 +1,7 @@
 """Anti-transfer (Guizzo, Weyde, Tarroni 2021): penalize similarity to a frozen irrelevant network.
 
 `L_AT = d(A(S), A(R))` for the student's map `S` and the frozen reference's map `R` at one layer, with
-an aggregation `A` and a distance `d` (docs: Methods, anti-transfer).
+an aggregation `A` and a distance `d` (docs: Methods §1).
 
 Plain PyTorch. `negtransfer_losses.ops.anti_transfer` has the same contract and runs the row cosines of
 the `gram`, `mean`, `sum` and `max` aggregations as fused kernels where they win; both share

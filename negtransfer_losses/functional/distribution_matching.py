@@ -1,4 +1,4 @@
-"""Distribution matching for multi-task learning with non-overlapping labels (docs: Methods, distribution matching).
+"""Distribution matching for multi-task learning with non-overlapping labels (docs: Methods §3).
 
 Kollias, Sharmanska, Zafeiriou (AAAI 2024, arXiv 2401.01219; FaceBehaviorNet). Task A is single-label
 (K classes, `p_A = softmax(z_A)`); task B is multilabel (M attributes, `p_B = σ(z_B)`) or multiclass
@@ -188,7 +188,7 @@ def distribution_matching(
     detach_target: bool = False,
     eps: float = EPS,
 ) -> dict[Direction, Tensor]:
-    """`{"a_to_b": L_AB, "b_to_a": L_BA}` on every sample, labelled or not (METHODS.md §3).
+    """`{"a_to_b": L_AB, "b_to_a": L_BA}` on every sample, labelled or not (docs: Methods §3).
 
     - A→B: `q_B = p_A R`; `L_AB` = mean over samples (and attributes, multilabel) of the divergence of
       `p_B` from `q_B`.

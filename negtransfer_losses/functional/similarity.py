@@ -1,4 +1,4 @@
-"""Similarity measures shared by every method: row cosine, Gram matrices, HSIC and CKA (METHODS.md §1, §4).
+"""Similarity measures shared by every method: row cosine, Gram matrices, HSIC and CKA (docs: Methods §1, §4).
 
 Inputs of shape `(n, ...)` are flattened to `(n, d)`. Everything is computed in float32, or in float64
 when an input is float64, with autocast disabled, whatever the input dtype.
@@ -246,7 +246,7 @@ def hsic(
     sigma_y: float | None = None,
     gather: Gather = "local",
 ) -> Tensor:
-    """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (METHODS.md §4).
+    """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (docs: Methods §4).
 
     Args:
         x: `(n, ...)`, flattened to `(n, p)`.

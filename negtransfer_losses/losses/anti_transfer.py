@@ -1,4 +1,4 @@
-"""`AntiTransferLoss`: the anti-transfer penalty over any number of layers (docs: Methods, anti-transfer)."""
+"""`AntiTransferLoss`: the anti-transfer penalty over any number of layers (docs: Methods §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (docs: Methods, distribution matching)."""
+"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (docs: Methods §3)."""
 
 from __future__ import annotations
 

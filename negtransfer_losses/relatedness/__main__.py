@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..functional.distribution_matching import TASK_KINDS, TaskKind
 from .._labels import IGNORE_INDEX
+from ..functional.distribution_matching import TASK_KINDS, TaskKind
 from ._matrix import TaskRelatedness
 
 

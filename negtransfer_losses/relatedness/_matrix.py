@@ -1,4 +1,4 @@
-"""`TaskRelatedness`: the K×M matrix coupling two tasks (METHODS.md §3)."""
+"""`TaskRelatedness`: the K×M matrix coupling two tasks (docs: Methods §3)."""
 
 from __future__ import annotations
 
