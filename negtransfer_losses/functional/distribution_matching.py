@@ -244,13 +244,23 @@ def check_matching_inputs(
     divergence: str,
 ) -> Tensor:
     """The checks of `distribution_matching`, shared with its fused twin; returns the prior (uniform if None)."""
-    check_tensor(logits_a, "logits_a", min_dim=2)
-    check_tensor(logits_b, "logits_b", min_dim=2)
+    check_matching_options(kind, directions, inversion, divergence)
+    return check_matching_tensors(logits_a, logits_b, matrix, prior)
+
+
+def check_matching_options(kind: str, directions: tuple[str, ...], inversion: str, divergence: str) -> None:
+    """Raise `ValueError` naming the option unless each is valid (what a module checks once, when built)."""
     check_choice(kind, "kind", TASK_KINDS)
     check_choice(inversion, "inversion", INVERSIONS)
     check_choice(divergence, "divergence", DIVERGENCES)
     for direction in directions:
         check_choice(direction, "directions", DIRECTIONS)
+
+
+def check_matching_tensors(logits_a: Tensor, logits_b: Tensor, matrix: Tensor, prior: Tensor | None) -> Tensor:
+    """The per-call checks of the two heads against `R`; returns the prior (uniform if None)."""
+    check_tensor(logits_a, "logits_a", min_dim=2)
+    check_tensor(logits_b, "logits_b", min_dim=2)
     check_heads(logits_a, logits_b, matrix)
     return torch.full((matrix.shape[0],), 1.0 / matrix.shape[0]) if prior is None else prior
 

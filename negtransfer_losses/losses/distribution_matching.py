@@ -11,19 +11,19 @@ from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..functional.distribution_matching import (
     DIRECTIONS,
-    DIVERGENCES,
     EPS,
     INVERSIONS,
     Direction,
     Divergence,
     Inversion,
     TaskKind,
+    check_matching_options,
     masked_binary_cross_entropy,
     masked_cross_entropy,
     soft_co_annotation,
 )
 from ..ops.dispatch import Backend, check_backend
-from ..ops.distribution_matching import distribution_matching
+from ..ops.distribution_matching import matching_terms
 from ..relatedness import TaskRelatedness
 
 
@@ -86,9 +86,7 @@ class DistributionMatchingLoss(_Coupled):
         directions = tuple(directions)
         if not directions:
             raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
-        for direction in directions:
-            check_choice(direction, "directions", DIRECTIONS)
-        check_choice(divergence, "divergence", DIVERGENCES)
+        check_matching_options(self.kind, directions, inversion, divergence)
         self.directions: tuple[Direction, ...] = directions
         self.divergence: Divergence = divergence
         self.detach_target = detach_target
@@ -97,7 +95,7 @@ class DistributionMatchingLoss(_Coupled):
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        terms = distribution_matching(
+        terms = matching_terms(
             logits_a,
             logits_b,
             self.matrix,
@@ -108,7 +106,7 @@ class DistributionMatchingLoss(_Coupled):
             self.divergence,
             self.detach_target,
             self.eps,
-            backend=self.backend,
+            self.backend,
         )
         terms = {name: zero_unless(finite, value) for name, value in terms.items()}
         loss = self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))

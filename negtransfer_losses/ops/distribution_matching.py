@@ -12,7 +12,8 @@ from ..functional.distribution_matching import (
     Divergence,
     Inversion,
     TaskKind,
-    check_matching_inputs,
+    check_matching_options,
+    check_matching_tensors,
     distribution_matching_unchecked,
 )
 from .dispatch import Backend, resolve_backend
@@ -33,7 +34,28 @@ def distribution_matching(
 ) -> dict[Direction, Tensor]:
     """`functional.distribution_matching`; one fused kernel per pass for a multilabel task B with the Bayes
     inversion on the Triton backend (other configurations take the functional path)."""
-    prior = check_matching_inputs(logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence)
+    check_matching_options(kind, directions, inversion, divergence)
+    return matching_terms(
+        logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps, backend
+    )
+
+
+def matching_terms(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    matrix: Tensor,
+    prior: Tensor | None,
+    kind: TaskKind,
+    directions: tuple[Direction, ...],
+    inversion: Inversion,
+    divergence: Divergence,
+    detach_target: bool,
+    eps: float,
+    backend: Backend,
+) -> dict[Direction, Tensor]:
+    """`distribution_matching` for options already checked by `check_matching_options` (what
+    `DistributionMatchingLoss` calls on every step): the tensors are checked, once."""
+    prior = check_matching_tensors(logits_a, logits_b, matrix, prior)
     fused = kind == "multilabel" and inversion == "bayes"
     if not fused or resolve_backend(backend, "distribution_matching", logits_a, logits_b) == "torch":
         return distribution_matching_unchecked(
