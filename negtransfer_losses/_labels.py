@@ -15,7 +15,7 @@ IGNORE_INDEX = -100
 
 def check_labels(
     labels: object,
-    num_classes: int,
+    num_classes: int | None,
     batch: int,
     *,
     name: str,
@@ -27,7 +27,8 @@ def check_labels(
 
     Args:
         labels: the class indices.
-        num_classes: how many classes there are.
+        num_classes: how many classes there are; None accepts any class index ≥ 0 (for a use that needs
+            only which samples share a class).
         batch: the batch size the labels must match.
         name: the argument's name, for messages (`"irrelevant_labels"`, `"labels_a"`, ...).
         what: what the classes are, for messages (`"irrelevant classes"`, `"classes of task A"`).
@@ -44,13 +45,13 @@ def check_labels(
         raise ValueError(
             f"'{name}' must have shape ({batch},) to match the batch of {batch}, got {tuple(labels.shape)}"
         )
-    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    invalid = (labels != ignore_index) & (labels < 0)
+    if num_classes is not None:
+        invalid |= labels >= num_classes
     if checks_values() and bool(invalid.any()):
         value = int(labels[invalid][0])
-        raise ValueError(
-            f"'{name}' holds {value}, outside [0, {num_classes}) for {num_classes} {what}; "
-            f"mark unknown labels with ignore_index={ignore_index}"
-        )
+        valid = "negative" if num_classes is None else f"outside [0, {num_classes}) for {num_classes} {what}"
+        raise ValueError(f"'{name}' holds {value}, {valid}; mark unknown labels with ignore_index={ignore_index}")
     return labels
 
 
