@@ -5,16 +5,28 @@ of the student's and reference's maps flattened over space (`N` positions):
 
     s_b = <a, c> / (max(|a|, eps) · max(|c|, eps))
 
-Forward: one program per sample streams its `C × N` maps once, tile by tile, accumulating `<a, c>`, `|a|²`
-and `|c|²` in float32; nothing but the inputs is saved. Backward recomputes `a` and `c` tile by tile and
-writes `∂L/∂S` in the same pass (`max` splits the gradient evenly between tied channels, like `amax`;
-this takes one more pass over the channels to count ties). The reference gets no gradient.
+computed, as the torch path does, on both inputs scaled by a power of two to magnitude ≤ 1 (so float32 maps
+near 1e30 give finite cosines, and `eps` floors the norms in those units).
+
+Forward: a grid over (sample, block of positions); each program streams its `C × BLOCK_N` slabs of both maps
+once, writes the aggregated maps `a`, `c` of its positions (float32, saved for backward; for `max` also the
+number of tied channels), and its partial `<a, c>`, `|a|²`, `|c|²` at its own power-of-two scale (the
+exponent of its slabs' largest magnitude, found while loading them). The partials are combined in a fixed
+order at the global scale (the largest exponent): deterministic, and no extra pass over memory.
+
+Backward: the same grid; `∂L/∂a` comes from the saved maps alone, so for `mean` and `sum` the kernel only
+writes `∂L/∂S` (broadcast over channels); `max` reads the student once more to route the gradient to the
+maxima, split evenly between ties like `amax`. NaN: `tl.max` and `tl.maximum` drop NaN on a GPU where
+`torch.amax` keeps it, so `max` carries a NaN flag per position and returns NaN there (`nan_policy=
+"propagate"` behaves like torch). The reference gets no gradient. Offsets are 64-bit; the grid is
+one-dimensional.
 
 Imported only when the Triton backend is used; importing the package never imports Triton.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,107 +34,131 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._kernel_common import check_grid, frexp_exponent
+
 AGGREGATION_CODES = {"sum": 0, "mean": 1, "max": 2}
+BLOCK_POSITIONS = 128
+BLOCK_CHANNELS = 32
 
 
 @triton.jit
-def _aggregate_tile(base, stride_c, offs_n, mask_n, C, AGG: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Channel aggregation of one tile of positions: float32 `(BLOCK_N,)`, zero outside `mask_n`."""
+def _aggregate(base, stride_c, offs_n, mask_n, C, AGG: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """`(aggregate, ties, largest |x|)` of one slab: float32 `(BLOCK_N,)`, zero outside `mask_n`; NaN where a
+    channel is NaN for `max` (which `tl.maximum` would drop); `ties` counts the channels equal to the max."""
     if AGG == 2:
-        acc = tl.full(offs_n.shape, float("-inf"), tl.float32)
+        acc = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     else:
-        acc = tl.zeros(offs_n.shape, tl.float32)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+    ties = tl.zeros((BLOCK_N,), tl.float32)
+    nan = tl.zeros((BLOCK_N,), tl.int32)
+    largest = tl.zeros((), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = (offs_c[:, None] < C) & mask_n[None, :]
-        ptrs = base + offs_c[:, None] * stride_c + offs_n[None, :]
+        ptrs = base + offs_c.to(tl.int64)[:, None] * stride_c + offs_n[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        largest = tl.maximum(largest, tl.max(tl.abs(tile)))
         if AGG == 2:
-            tile = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-            acc = tl.maximum(acc, tl.max(tile, axis=0))
+            tile = tl.where(mask, tile, float("-inf"))
+            nan = nan | tl.max((tile != tile).to(tl.int32), axis=0)
+            top = tl.max(tile, axis=0)
+            here = tl.sum(tl.where(tile == top[None, :], 1.0, 0.0), axis=0)
+            ties = tl.where(top > acc, here, tl.where(top == acc, ties + here, ties))
+            acc = tl.maximum(acc, top)
         else:
-            tile = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(tile, axis=0)
     if AGG == 1:
         acc = acc / C
-    return tl.where(mask_n, acc, 0.0)
+    if AGG == 2:
+        acc = tl.where(nan > 0, float("nan"), acc)
+    return tl.where(mask_n, acc, 0.0), ties, largest
 
 
 @triton.jit
 def _forward_kernel(
-    s_ptr, r_ptr, cos_ptr, norm_s_ptr, norm_r_ptr,
-    C, C_R, N, stride_sb, stride_sc, stride_rb, stride_rc, eps,
+    s_ptr, r_ptr, a_ptr, c_ptr, ties_ptr, part_ptr, exp_ptr,
+    C, C_R, N, blocks, stride_sb, stride_sc, stride_rb, stride_rc,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    dot = tl.zeros((BLOCK_N,), tl.float32)
-    sq_s = tl.zeros((BLOCK_N,), tl.float32)
-    sq_r = tl.zeros((BLOCK_N,), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        a = _aggregate_tile(s_ptr + b * stride_sb, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C)
-        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C)
-        dot += a * c
-        sq_s += a * a
-        sq_r += c * c
-    norm_s = tl.sqrt(tl.sum(sq_s, axis=0))
-    norm_r = tl.sqrt(tl.sum(sq_r, axis=0))
-    cosine = tl.sum(dot, axis=0) / (tl.maximum(norm_s, eps) * tl.maximum(norm_r, eps))
-    tl.store(cos_ptr + b, cosine)
-    tl.store(norm_s_ptr + b, norm_s)
-    tl.store(norm_r_ptr + b, norm_r)
+    pid = tl.program_id(0)
+    b = (pid // blocks).to(tl.int64)
+    offs_n = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    a, ties, top_s = _aggregate(s_ptr + b * stride_sb, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C, BLOCK_N)
+    c, _, top_r = _aggregate(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C, BLOCK_N)
+    out = b * N + offs_n
+    tl.store(a_ptr + out, a, mask=mask_n)
+    tl.store(c_ptr + out, c, mask=mask_n)
+    if AGG == 2:
+        tl.store(ties_ptr + out, ties, mask=mask_n)
+    e_s, e_r = frexp_exponent(top_s), frexp_exponent(top_r)
+    a_unit = a * _pow2(-e_s)
+    c_unit = c * _pow2(-e_r)
+    part = part_ptr + pid.to(tl.int64) * 3
+    tl.store(part, tl.sum(a_unit * c_unit, axis=0))
+    tl.store(part + 1, tl.sum(a_unit * a_unit, axis=0))
+    tl.store(part + 2, tl.sum(c_unit * c_unit, axis=0))
+    tl.store(exp_ptr + pid.to(tl.int64) * 2, e_s)
+    tl.store(exp_ptr + pid.to(tl.int64) * 2 + 1, e_r)
+
+
+@triton.jit
+def _pow2(e):
+    """`2^e` as float32 for an int32 `-254 ≤ e ≤ 0` (exact; two factors keep each exponent field valid)."""
+    half = e // 2
+    low = ((127 + half) << 23).to(tl.float32, bitcast=True)
+    high = ((127 + (e - half)) << 23).to(tl.float32, bitcast=True)
+    return low * high
 
 
 @triton.jit
 def _backward_kernel(
-    s_ptr, r_ptr, grad_ptr, cos_ptr, norm_s_ptr, norm_r_ptr, ds_ptr,
-    C, C_R, N, stride_sb, stride_sc, stride_rb, stride_rc, stride_db, stride_dc, eps,
+    s_ptr, a_ptr, c_ptr, ties_ptr, stats_ptr, grad_ptr, ds_ptr,
+    C, N, blocks, stride_sb, stride_sc, stride_db, stride_dc, grad_stride, eps,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    g = tl.load(grad_ptr + b).to(tl.float32)
-    cosine = tl.load(cos_ptr + b)
-    norm_s = tl.load(norm_s_ptr + b)
+    pid = tl.program_id(0)
+    b = (pid // blocks).to(tl.int64)
+    offs_n = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # per sample: cosine, |a|, |c| (global units), then the global scales 2^-E_s, 2^-E_r
+    cosine = tl.load(stats_ptr + b * 3)
+    norm_s = tl.load(stats_ptr + b * 3 + 1)
     clamped_s = tl.maximum(norm_s, eps)
-    clamped_r = tl.maximum(tl.load(norm_r_ptr + b), eps)
-    # ∂s/∂a = c / (|a|·|c|) − s · a / |a|², the second term only where |a| > eps (the floor is constant)
+    clamped_r = tl.maximum(tl.load(stats_ptr + b * 3 + 2), eps)
+    f_s = tl.load(stats_ptr + tl.num_programs(0) // blocks * 3)
+    f_r = tl.load(stats_ptr + tl.num_programs(0) // blocks * 3 + 1)
+    g = tl.load(grad_ptr + b * grad_stride).to(tl.float32)
+    a = tl.load(a_ptr + b * N + offs_n, mask=mask_n, other=0.0)
+    c = tl.load(c_ptr + b * N + offs_n, mask=mask_n, other=0.0)
+    # ∂s/∂a' = c' / (|a'|·|c'|) − s · a' / |a'|² (the second term only where |a'| > eps), a' = a · f_s
     through_norm = tl.where(norm_s > eps, cosine / (clamped_s * clamped_s), 0.0)
-    s_base = s_ptr + b * stride_sb
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        a = _aggregate_tile(s_base, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C)
-        c = _aggregate_tile(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C)
-        grad_a = g * (c / (clamped_s * clamped_r) - through_norm * a)
+    grad_a = g * (c * f_r / (clamped_s * clamped_r) - through_norm * a * f_s) * f_s
+    if AGG == 1:
+        grad_a = grad_a / C
+    if AGG == 2:
+        grad_a = grad_a / tl.maximum(tl.load(ties_ptr + b * N + offs_n, mask=mask_n, other=1.0), 1.0)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
         if AGG == 2:
-            ties = tl.zeros((BLOCK_N,), tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                mask = (offs_c[:, None] < C) & mask_n[None, :]
-                tile = tl.load(s_base + offs_c[:, None] * stride_sc + offs_n[None, :], mask=mask, other=float("-inf"))
-                ties += tl.sum(tl.where(tile.to(tl.float32) == a[None, :], 1.0, 0.0), axis=0)
-            grad_a = grad_a / tl.maximum(ties, 1.0)
-        elif AGG == 1:
-            grad_a = grad_a / C
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = (offs_c[:, None] < C) & mask_n[None, :]
-            if AGG == 2:
-                tile = tl.load(s_base + offs_c[:, None] * stride_sc + offs_n[None, :], mask=mask, other=float("-inf"))
-                grad = tl.where(tile.to(tl.float32) == a[None, :], grad_a[None, :], 0.0)
-            else:
-                grad = tl.zeros((BLOCK_C, BLOCK_N), tl.float32) + grad_a[None, :]
-            tl.store(ds_ptr + b * stride_db + offs_c[:, None] * stride_dc + offs_n[None, :], grad, mask=mask)
+            ptrs = s_ptr + b * stride_sb + offs_c.to(tl.int64)[:, None] * stride_sc + offs_n[None, :]
+            tile = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+            grad = tl.where(tile == a[None, :], grad_a[None, :], 0.0)
+        else:
+            grad = tl.zeros((BLOCK_C, BLOCK_N), tl.float32) + grad_a[None, :]
+        out = ds_ptr + b * stride_db + offs_c.to(tl.int64)[:, None] * stride_dc + offs_n[None, :]
+        tl.store(out, grad.to(ds_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(channels: int, positions: int) -> tuple[int, int]:
-    block_n = min(triton.next_power_of_2(max(positions, 1)), 128)
-    block_c = min(triton.next_power_of_2(max(channels, 1)), max(16, 4096 // block_n))
-    return block_c, block_n
+def _blocks(positions: int) -> int:
+    return int(min(triton.next_power_of_2(max(positions, 1)), BLOCK_POSITIONS))
 
 
 class AggregatedRowCosines(torch.autograd.Function):
-    """`(B,)` cosines of the channel-aggregated maps; saves only its inputs, recomputes in backward."""
+    """`(B,)` cosines of the channel-aggregated maps; saves the inputs (read again only by `max`'s
+    backward), the aggregated maps, and three scalars per sample."""
 
     @staticmethod
     def forward(ctx: Any, student: Tensor, reference: Tensor, aggregation: str, eps: float) -> Tensor:
@@ -130,27 +166,63 @@ class AggregatedRowCosines(torch.autograd.Function):
         s = student.reshape(batch, channels, -1).contiguous()
         r = reference.detach().reshape(batch, reference.shape[1], -1).contiguous()
         positions = s.shape[2]
-        cosines = torch.empty(batch, device=s.device, dtype=torch.float32)
-        norms_s, norms_r = torch.empty_like(cosines), torch.empty_like(cosines)
-        block_c, block_n = _blocks(channels, positions)
         code = AGGREGATION_CODES[aggregation]
-        _forward_kernel[(batch,)](
-            s, r, cosines, norms_s, norms_r, channels, r.shape[1], positions,
-            s.stride(0), s.stride(1), r.stride(0), r.stride(1), eps,
-            AGG=code, BLOCK_C=block_c, BLOCK_N=block_n,
-        )  # fmt: skip
-        ctx.save_for_backward(s, r, cosines, norms_s, norms_r)
-        ctx.meta = (student.shape, code, eps, block_c, block_n)
+        block_n = _blocks(positions)
+        blocks = triton.cdiv(positions, block_n)
+        maps = torch.empty(3 if code == 2 else 2, batch, positions, device=s.device, dtype=torch.float32)
+        partials = torch.empty(batch, blocks, 3, device=s.device, dtype=torch.float32)
+        exponents = torch.zeros(batch, blocks, 2, device=s.device, dtype=torch.int32)
+        if batch * positions:
+            _forward_kernel[check_grid(batch * blocks, "aggregated_row_cosines")](
+                s, r, maps[0], maps[1], maps[-1], partials, exponents, channels, r.shape[1], positions, blocks,
+                s.stride(0), s.stride(1), r.stride(0), r.stride(1),
+                AGG=code, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=block_n,
+            )  # fmt: skip
+        else:
+            partials.zero_()
+        # fixed-order combination at the global scale (the largest exponent over the whole batch)
+        e_s, e_r = exponents[..., 0], exponents[..., 1]
+        top_s, top_r = (
+            e_s.amax() if e_s.numel() else e_s.new_zeros(()),
+            e_r.amax() if e_r.numel() else e_r.new_zeros(()),
+        )
+        shifts = torch.stack([e_s + e_r - top_s - top_r, 2 * (e_s - top_s), 2 * (e_r - top_r)], dim=2)
+        sums = (partials * torch.ldexp(torch.ones(shifts.shape, device=s.device), shifts.clamp_min(-300))).sum(dim=1)
+        norm_s, norm_r = sums[:, 1].sqrt(), sums[:, 2].sqrt()
+        cosines = sums[:, 0] / (norm_s.clamp_min(eps) * norm_r.clamp_min(eps))
+        one = torch.ones((), device=s.device)
+        scales = torch.stack([torch.ldexp(one, -top_s), torch.ldexp(one, -top_r)]).float()
+        stats = torch.cat([torch.stack([cosines, norm_s, norm_r], dim=1).reshape(-1), scales])
+        ctx.save_for_backward(s if code == 2 else s[:0], maps, stats)
+        ctx.meta = (student.shape, code, eps, block_n, blocks, student.dtype)
         return cosines
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        s, r, cosines, norms_s, norms_r = ctx.saved_tensors
-        shape, code, eps, block_c, block_n = ctx.meta
-        grad_s = torch.empty_like(s)
-        _backward_kernel[(s.shape[0],)](
-            s, r, grad.contiguous(), cosines, norms_s, norms_r, grad_s, s.shape[1], r.shape[1], s.shape[2],
-            s.stride(0), s.stride(1), r.stride(0), r.stride(1), grad_s.stride(0), grad_s.stride(1), eps,
-            AGG=code, BLOCK_C=block_c, BLOCK_N=block_n,
-        )  # fmt: skip
+        s, maps, stats = ctx.saved_tensors
+        shape, code, eps, block_n, blocks, dtype = ctx.meta
+        batch, channels = shape[0], shape[1]
+        positions = maps.shape[2]
+        grad_s = torch.empty(batch, channels, positions, device=grad.device, dtype=dtype)
+        if grad_s.numel():
+            source = s if code == 2 else grad_s  # mean/sum read no input: any pointer will do
+            _backward_kernel[check_grid(batch * blocks, "aggregated_row_cosines")](
+                source, maps[0], maps[1], maps[-1], stats, grad, grad_s, channels, positions, blocks,
+                source.stride(0), source.stride(1), grad_s.stride(0), grad_s.stride(1), grad.stride(0), eps,
+                AGG=code, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=block_n,
+            )  # fmt: skip
         return grad_s.reshape(shape), None, None, None
+
+
+def compile_specializations() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+    """What `tests/ops/compile_kernels.py` compiles: every aggregation for every input dtype."""
+    for element in ("fp32", "fp16", "bf16"):
+        data = "*" + element
+        for name, code in AGGREGATION_CODES.items():
+            blocks = {"AGG": code, "BLOCK_C": BLOCK_CHANNELS, "BLOCK_N": BLOCK_POSITIONS}
+            yield (f"channel_forward[{element},{name}]", _forward_kernel,
+                   {"s_ptr": data, "r_ptr": data, "a_ptr": "*fp32", "c_ptr": "*fp32", "ties_ptr": "*fp32",
+                    "part_ptr": "*fp32", "exp_ptr": "*i32"}, blocks)  # fmt: skip
+            yield (f"channel_backward[{element},{name}]", _backward_kernel,
+                   {"s_ptr": data, "a_ptr": "*fp32", "c_ptr": "*fp32", "ties_ptr": "*fp32", "stats_ptr": "*fp32",
+                    "grad_ptr": "*fp32", "ds_ptr": data, "eps": "fp32"}, blocks)  # fmt: skip

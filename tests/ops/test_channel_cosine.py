@@ -139,3 +139,72 @@ def test_both_paths_give_the_documented_errors(backend: str) -> None:
         ops.gram_row_cosines([[1.0]], s, backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'student' and 'reference' must have the same shape"):
         ops.gram_row_cosines(s, s[:1], backend=backend)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])
+def test_nan_propagates_like_torch(aggregation: str) -> None:
+    # tl.max / tl.maximum drop NaN on a GPU where torch.amax keeps it; the kernel carries a NaN flag
+    # (the interpreter's numpy max keeps NaN either way, so this checks the contract, not the GPU flag)
+    s, r = maps(3, 5, (4, 3), torch.float32)
+    s[1, 2, 1, 1] = float("nan")
+    kwargs = {"nan_policy": "propagate"}
+    got = ops.anti_transfer_terms(s, r, aggregation, "cos", backend="triton", **kwargs)  # type: ignore[arg-type]
+    expected = ops.anti_transfer_terms(s, r, aggregation, "cos", backend="torch", **kwargs)  # type: ignore[arg-type]
+    assert torch.isnan(got.loss) and torch.isnan(expected.loss)
+    cosines = ops.aggregated_row_cosines(s, r, aggregation, backend="triton")  # type: ignore[arg-type]
+    assert torch.isnan(cosines[1]) and torch.isfinite(cosines[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])
+def test_huge_float32_maps_give_the_cosines_of_the_unscaled_maps(aggregation: str) -> None:
+    s, r = maps(3, 6, (50, 3), torch.float32, seed=4)
+    value, grad = value_and_grad(
+        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"),  # type: ignore[arg-type]
+        s * 1e30,
+        r * 3e29,
+    )
+    expected, expected_grad = value_and_grad(
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        s.double(),
+        r.double(),
+    )
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    top = expected_grad.abs().max().item()
+    torch.testing.assert_close(grad.double() * 1e30, expected_grad, rtol=1e-4, atol=1e-6 * top)
+
+
+@pytest.mark.parametrize(("aggregation", "reads"), [("mean", 0), ("sum", 0), ("max", 1)])
+def test_backward_reads_the_student_only_for_max(aggregation: str, reads: int) -> None:
+    from triton.runtime import interpreter
+
+    s, r = maps(2, 7, (9, 20), torch.float32)
+    leaf = s.clone().requires_grad_(True)
+    cosines = ops.aggregated_row_cosines(leaf, r, aggregation, backend="triton")  # type: ignore[arg-type]
+    lo, hi = leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size()
+    loaded = [0]
+    builder = interpreter.interpreter_builder
+    load = builder.create_masked_load
+
+    def counting_load(ptrs, mask, *args):  # type: ignore[no-untyped-def]
+        addresses = ptrs.data[mask.data]
+        loaded[0] += int(((addresses >= lo) & (addresses < hi)).sum())
+        return load(ptrs, mask, *args)
+
+    builder.create_masked_load = counting_load
+    try:
+        (2.5 * cosines.abs().mean().square()).backward()
+    finally:
+        builder.create_masked_load = load
+    assert loaded[0] == reads * leaf.numel()
+
+
+def test_launch_grid_is_one_dimensional_within_cuda_limits() -> None:
+    from negtransfer_losses.ops._kernel_common import MAX_GRID_X
+    from negtransfer_losses.ops.channel_cosine import _blocks
+
+    # one program per (sample, block of 128 positions): past 2³¹ − 1 programs only with more than 2³⁸ positions,
+    # 512 GiB of float16 for one channel (more than any GPU holds); check_grid raises before such a launch
+    for batch, positions in [(64, 784), (65_536, 1 << 20), (1 << 15, (1 << 22) - 1), (1 << 30, 1), (3, 1)]:
+        block = _blocks(positions)
+        assert batch * -(-positions // block) <= MAX_GRID_X
