@@ -9,6 +9,7 @@ read from `z` on test data (chance: 25 %).
 
     python examples/suppression_synthetic.py [--steps 300] [--seeds 3]          # documented defaults
     python examples/suppression_synthetic.py --tune                              # + weights tuned on validation
+    python examples/suppression_synthetic.py --ablation                          # the adversary's head speed-ups
 
 `--tune` picks each method's weight from a grid on a validation split (seeds 100-102, never the test
 seeds) and reports it beside the default.
@@ -43,6 +44,12 @@ GRIDS: dict[str, list[float]] = {
     "purify": [0.003, 0.01, 0.03],
 }
 METHODS = ["plain", *(f"{m}{c}" for m in DEFAULTS for c in ("", "_conditional"))]
+# the adversary without the module's own head speed-ups (--ablation)
+ABLATION: dict[str, dict[str, float]] = {
+    "plain gradient reversal (m=1, head_steps=0)": {"head_lr_multiplier": 1.0, "head_steps": 0},
+    "head_lr_multiplier=10 only": {"head_steps": 0},
+    "head_steps=10 only": {"head_lr_multiplier": 1.0},
+}
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +90,14 @@ def frozen_u_network(x: torch.Tensor, u: torch.Tensor, steps: int) -> Callable[[
     return lambda batch: frozen(batch)["2"]
 
 
-def train(method: str, weight: float, data: tuple[torch.Tensor, ...], steps: int, seed: int) -> Model:
+def train(
+    method: str,
+    weight: float,
+    data: tuple[torch.Tensor, ...],
+    steps: int,
+    seed: int,
+    adversary: dict[str, float] | None = None,
+) -> Model:
     x, y, u = data
     torch.manual_seed(seed)
     conditional = method.endswith("_conditional")
@@ -97,7 +111,12 @@ def train(method: str, weight: float, data: tuple[torch.Tensor, ...], steps: int
         )
     elif base == "adversarial":
         suppression = ntl.TaskIrrelevantSuppression(
-            "adversarial", NUM_CLASSES, weight=weight, dim=16, conditional=conditional
+            "adversarial",
+            NUM_CLASSES,
+            weight=weight,
+            dim=16,
+            conditional=conditional,
+            **(adversary or {}),  # type: ignore[arg-type]
         )
     elif base == "cka":
         suppression = ntl.TaskIrrelevantSuppression("cka", weight=weight, conditional=conditional)
@@ -146,12 +165,14 @@ def evaluate(
     return task, probe_accuracy(z_train, train_data[2], z_test, test_data[2])
 
 
-def run(method: str, weight: float, seeds: list[int], steps: int) -> list[tuple[float, float]]:
+def run(
+    method: str, weight: float, seeds: list[int], steps: int, adversary: dict[str, float] | None = None
+) -> list[tuple[float, float]]:
     runs = []
     for seed in seeds:
         g = torch.Generator().manual_seed(1000 + seed)
         train_data, test_data = make_data(2000, g), make_data(2000, g)
-        runs.append(evaluate(train(method, weight, train_data, steps, seed), train_data, test_data))
+        runs.append(evaluate(train(method, weight, train_data, steps, seed, adversary), train_data, test_data))
     return runs
 
 
@@ -168,6 +189,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--tune", action="store_true", help="also pick each weight on validation seeds")
+    parser.add_argument("--ablation", action="store_true", help="only the adversary without its head speed-ups")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -188,6 +210,10 @@ def main() -> None:
             flush=True,
         )
 
+    if args.ablation:
+        for setting, options in ABLATION.items():
+            row("adversarial", setting, 1.0, run("adversarial", 1.0, test_seeds, args.steps, options))
+        return
     for method in args.methods:
         base = method.removesuffix("_conditional")
         if method == "plain":
