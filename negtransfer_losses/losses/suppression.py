@@ -210,6 +210,7 @@ class TaskIrrelevantSuppression(nn.Module):
                     p.div_(self.head_lr_multiplier)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._head_snapshot: list[Tensor] | None = None
+        self._head_watch = self.head is not None and self.check_head_after > 0
         self.last_terms: dict[str, Tensor] = {}
 
     def current_strength(self) -> float:
@@ -301,6 +302,8 @@ class TaskIrrelevantSuppression(nn.Module):
             self.steps += 1
             if self.head_steps and torch.is_grad_enabled():
                 self._inner_head_steps(features.detach(), labels, task_labels)
+            if self._head_watch:  # the head as the inner steps left it: the user's optimizer must move it
+                self._head_snapshot = [p.detach().clone() for p in self.head.parameters()]
         return adversarial_suppression(
             features,
             labels,
@@ -344,20 +347,27 @@ class TaskIrrelevantSuppression(nn.Module):
             p.grad = saved
 
     def _check_head_is_trained(self) -> None:
+        """Warn once, after `check_head_after` training calls, if no call found the head moved since the last.
+
+        Between two calls only the user's optimizer can change the head (the inner steps run inside a
+        call), so a head that never moved there is not in the optimizer.
+        """
         assert self.head is not None
-        step = int(self.steps)
-        if step == 0:
-            self._head_snapshot = [p.detach().clone() for p in self.head.parameters()]
-        elif step == self.check_head_after and self._head_snapshot is not None:
-            unchanged = all(torch.equal(a, p) for a, p in zip(self._head_snapshot, self.head.parameters(), strict=True))
-            self._head_snapshot = None
-            if unchanged:
-                warnings.warn(
-                    f"the adversarial head's parameters have not changed in {step} training steps: add "
-                    f"them to the optimizer, e.g. torch.optim.Adam([*model.parameters(), "
-                    f"*suppression.parameters()])",
-                    stacklevel=4,
-                )
+        if not self._head_watch:
+            return
+        if self._head_snapshot is not None and not all(
+            torch.equal(a, p) for a, p in zip(self._head_snapshot, self.head.parameters(), strict=True)
+        ):
+            self._head_watch, self._head_snapshot = False, None
+            return
+        if int(self.steps) >= self.check_head_after:
+            self._head_watch, self._head_snapshot = False, None
+            warnings.warn(
+                f"the adversarial head's parameters have not changed in {int(self.steps)} training steps "
+                f"(between calls, where only your optimizer moves them): add them to the optimizer, e.g. "
+                f"torch.optim.Adam([*model.parameters(), *suppression.parameters()])",
+                stacklevel=5,
+            )
 
     def extra_repr(self) -> str:
         options = [f"method={self.method!r}"]

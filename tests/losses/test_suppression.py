@@ -112,12 +112,15 @@ def test_warmup_schedule_rises_from_zero_to_strength() -> None:
 
 def test_forgotten_head_parameters_are_reported() -> None:
     z, u = batch()
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3, head_steps=0)
-    with pytest.warns(UserWarning, match=r"have not changed in 3 training steps: add them to the optimizer"):
+    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3)  # inner steps move it
+    with pytest.warns(
+        UserWarning,
+        match=r"have not changed in 3 training steps \(between calls, where only your optimizer moves them\): add",
+    ):
         for _ in range(4):
             loss(z, u)
 
-    trained = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3, head_steps=0)
+    trained = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -268,3 +271,14 @@ def test_inner_head_steps_train_the_head_in_training_mode_only() -> None:
     frozen = [p.detach().clone() for p in loss.parameters()]
     loss(z, u)
     assert all(torch.equal(a, p) for a, p in zip(frozen, loss.parameters(), strict=True))
+
+
+def test_inner_head_steps_keep_the_users_accumulated_gradients() -> None:
+    z, u = batch()
+    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)
+    loss(z, u).backward()
+    accumulated = [p.grad.clone() for p in loss.parameters()]  # type: ignore[union-attr]
+    second = loss(z, u)  # inner steps run here
+    assert all(torch.equal(a, p.grad) for a, p in zip(accumulated, loss.parameters(), strict=True))
+    second.backward()
+    assert all(not torch.equal(a, p.grad) for a, p in zip(accumulated, loss.parameters(), strict=True))
