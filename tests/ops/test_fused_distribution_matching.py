@@ -11,8 +11,8 @@ from negtransfer_losses import ops
 
 pytest.importorskip("triton", reason="the kernels need Triton: pip install 'negtransfer-losses[triton]'")
 
-# (N, K, M): odd sizes, one class, one attribute, a wide task A, an empty batch
-SHAPES = [(5, 7, 17), (3, 1, 3), (4, 4, 1), (2, 37, 5), (0, 3, 2)]
+# (N, K, M): odd sizes, one class, one attribute, a wide task A, an empty batch, several blocks of samples
+SHAPES = [(5, 7, 17), (3, 1, 3), (4, 4, 1), (2, 37, 5), (0, 3, 2), (70, 3, 5)]
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-2, 1e-3)}
 
 
@@ -103,3 +103,32 @@ def test_both_paths_give_the_documented_errors(backend: str) -> None:
         ops.distribution_matching(za, zb, r, prior, divergence="js", backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'logits_b' must be \(N, 2\)"):
         ops.distribution_matching(za, za, r, prior, backend=backend)  # type: ignore[arg-type]
+
+
+def test_blocks_of_samples_and_grid_within_cuda_limits() -> None:
+    from negtransfer_losses.ops._kernel_common import MAX_GRID_X
+    from negtransfer_losses.ops.fused_distribution_matching import TILE_BUDGET, block_sizes
+
+    assert block_sizes(7, 17) == {"SAMPLES": 16, "BLOCK_K": 8, "BLOCK_M": 32}
+    assert block_sizes(3, 5)["SAMPLES"] == 64 and block_sizes(300, 200)["SAMPLES"] == 1
+    for k, m in [(1, 1), (7, 17), (37, 5), (1000, 3)]:
+        sizes = block_sizes(k, m)
+        assert sizes["SAMPLES"] & (sizes["SAMPLES"] - 1) == 0
+        assert sizes["SAMPLES"] == 1 or sizes["SAMPLES"] * sizes["BLOCK_K"] * sizes["BLOCK_M"] <= TILE_BUDGET
+        assert -(-(2**31 - 1) // sizes["SAMPLES"]) <= MAX_GRID_X  # row indices are 64-bit past that
+
+
+def test_broadcast_gradient_is_read_through_its_strides() -> None:
+    from negtransfer_losses.ops.fused_distribution_matching import FusedDistributionMatching
+
+    za, zb, r, prior = problem(9, 5, 6, torch.float32)
+    a, b = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
+    per_sample = FusedDistributionMatching.apply(a, b, r, prior, True, False, 1e-6)
+    weights = torch.tensor([0.7, -1.9]).expand(9, 2)  # stride (0, 1), as the mean's backward hands it
+    assert weights.stride() == (0, 1)
+    got = torch.autograd.grad(per_sample, [a, b], weights)
+    expected = torch.autograd.grad(
+        FusedDistributionMatching.apply(a, b, r, prior, True, False, 1e-6), [a, b], weights.contiguous()
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
