@@ -9,6 +9,7 @@ kernels also run, slowly, on CPU tensors (how the tests check them).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Literal, TypeAlias
 
@@ -43,13 +44,54 @@ def check_backend(backend: object) -> Backend:
     return backend  # type: ignore[return-value]  # check_choice narrowed it
 
 
+# The cost rule (docs/kernels.md, "When auto takes a kernel"). No kernel has been timed on a GPU yet, so each
+# threshold sits where the paper analysis (FLOPs, bytes moved, tensor cores, launches) shows a clear win.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+GRAM_MIN_WORK = 1 << 22  # groups · m · N² multiply-adds: below it both paths are launch-bound
+CHANNEL_MIN_ELEMENTS = 1 << 18  # elements of the student map: below it both paths are launch-bound
+CHANNEL_MIN_PROGRAMS = 128  # samples × blocks of 128 positions: fewer would leave most SMs idle
+MATCHING_MAX_TILE = 4096  # next_pow2(K) · next_pow2(M): a larger per-sample tile spills registers
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def fused_wins(op: str, *tensors: Tensor) -> bool:
     """Whether `auto` takes the fused kernel of `op` for these inputs (the cost rule of docs/kernels.md).
 
-    The kernels have not yet been measured on a GPU, so `auto` takes none of them; `backend="triton"`
-    runs them on request.
+    - `"gram_row_cosines/batch"`, `"gram_row_cosines/sample"` (`tensors`: student, reference): float16 or
+      bfloat16 maps with fewer positions than rows per group (`N < m`: the `N×N` identity kernel, on tensor
+      cores, where the torch path upcasts copies to float32 and runs float32 matmuls of about the same
+      arithmetic) and `groups · m · N²` ≥ `GRAM_MIN_WORK`. float32 takes torch (the same arithmetic on the
+      same units); `N ≥ m` takes torch (the tile kernel does ~1.7× the torch path's arithmetic).
+    - `"aggregated_row_cosines"` (student, reference): at least `CHANNEL_MIN_ELEMENTS` elements and
+      `CHANNEL_MIN_PROGRAMS` programs; any fused dtype (memory-bound: the kernel reads each map once where
+      the torch path reads it about four times and writes a scaled copy).
+    - `"distribution_matching"` (logits_a, logits_b): when a sample's `K × M` tile fits (`MATCHING_MAX_TILE`):
+      one launch per pass against dozens of small ones.
+
+    Unknown ops take torch.
     """
-    del op, tensors
+    if not tensors:
+        return False
+    student = tensors[0]
+    if op.startswith("gram_row_cosines/"):
+        if student.dtype not in HALF_DTYPES or student.dim() < 2:
+            return False
+        batch, channels = student.shape[0], student.shape[1]
+        positions = math.prod(student.shape[2:])
+        groups, rows = (1, batch * channels) if op.endswith("/batch") else (batch, channels)
+        return positions < rows and groups * rows * positions * positions >= GRAM_MIN_WORK
+    if op == "aggregated_row_cosines":
+        if student.dim() < 2:
+            return False
+        positions = math.prod(student.shape[2:])
+        programs = student.shape[0] * -(-positions // 128)
+        return student.numel() >= CHANNEL_MIN_ELEMENTS and programs >= CHANNEL_MIN_PROGRAMS
+    if op == "distribution_matching" and len(tensors) >= 2 and student.dim() == 2 and tensors[1].dim() == 2:
+        tile = _next_power_of_2(student.shape[1]) * _next_power_of_2(tensors[1].shape[1])
+        return tile <= MATCHING_MAX_TILE
     return False
 
 
