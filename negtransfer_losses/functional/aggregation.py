@@ -33,8 +33,10 @@ def aggregate_channels(
     - `"none"`: identity, `(B, C, *sp)`;
     - `"mean"`, `"sum"`, `"max"`: reduce over channels, `(B, 1, *sp)`; `max` splits the gradient
       evenly between tied maxima (deterministic);
-    - `"mul"`: `prod_c (x_c + 1e-10) ** p`, `p = mul_exponent`, computed as `exp(p · Σ_c log(x_c + 1e-10))`;
-      only for non-negative maps (a negative value raises `ValueError`).
+    - `"mul"`: `prod_c (x_c + δ) ** p`, `p = mul_exponent`, computed as `exp(p · Σ_c log(x_c + δ))`;
+      only for non-negative maps (a negative value raises `ValueError`). `δ = 1e-10` as in the authors'
+      code, raised to float16's smallest normal number (6.1e-5) for float16 maps: the gradient at a zero
+      entry, `p / δ` times the rest, would overflow float16's range (the library's own).
 
     Args:
         x: `(B, C, *sp)`; `(B, D)` is treated as `D` channels with no spatial extent.
@@ -49,6 +51,7 @@ def aggregate_channels(
     check_tensor(x, name, layer=layer, min_dim=2)
     check_choice(aggregation, "aggregation", AGGREGATIONS)
     with full_precision(x):
+        offset = max(MUL_OFFSET, torch.finfo(x.dtype).tiny)
         x = x.to(compute_dtype(x))
         if aggregation == "none":
             return x
@@ -64,7 +67,7 @@ def aggregate_channels(
                 f"(shape {tuple(x.shape)}) has minimum {x.min().item():.4g}; tap the layer after its "
                 f"ReLU or use aggregation='mean'"
             )
-        return torch.exp(mul_exponent * torch.log(x + MUL_OFFSET).sum(dim=1, keepdim=True))
+        return torch.exp(mul_exponent * torch.log(x + offset).sum(dim=1, keepdim=True))
 
 
 ROW_AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "sum", "max")
