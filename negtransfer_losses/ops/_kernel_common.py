@@ -61,6 +61,15 @@ def pow2_neg(e):  # type: ignore[no-untyped-def]  # a Triton device function
     return low * high
 
 
+@triton.jit
+def pow2_signed(e):  # type: ignore[no-untyped-def]  # a Triton device function
+    """`2^e` as float32 for an int32 `-252 ≤ e ≤ 254` (exactly, as two factors of valid exponent fields)."""
+    half = e // 2
+    low = ((127 + half) << 23).to(tl.float32, bitcast=True)
+    high = ((127 + (e - half)) << 23).to(tl.float32, bitcast=True)
+    return low * high
+
+
 def unit_scale(x: torch.Tensor) -> torch.Tensor:
     """`2^-e` (float32, 0-d, on `x`'s device) with `2^e ≥ max|x|` (at least 1): what dividing by
     `scale_to_unit_range`'s power of two multiplies by; no host synchronization."""

@@ -42,30 +42,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_common import check_grid, dot_precision, frexp_exponent, pow2_neg, unit_scale, widen_dot_operands
+from ._kernel_common import (
+    check_grid,
+    dot_precision,
+    frexp_exponent,
+    pow2_neg,
+    pow2_signed,
+    unit_scale,
+    widen_dot_operands,
+)
 
 BLOCK_ROWS = 64  # rows per block in the identity kernels
-BLOCK_DIM = 64  # columns of P, A, Bᵣ per tile
+BLOCK_DIM = 64  # columns of P, A, Bᵣ per tile (fewer for N < 64: a power of two ≥ 16, tl.dot's least)
 TILE_ROWS = 16  # rows per program in the tile kernels
 TILE_COLUMNS = 256  # Gram columns held at once in the tile kernels
 TILE_POSITIONS = 32  # positions per step of the tile kernels' reductions
 TARGET_PROGRAMS = 1024  # enough reduce programs to fill a large GPU several times over
 PARTIAL_BUDGET = 1 << 24  # float32 elements of reduce partials at most (64 MiB), unless one split needs more
+SPLIT_ROWS_PER_DIM = 8  # a split reduces at least 8·N rows: its N×N partials cost little next to its reads
 
 
-def identity_plan(groups: int, rows: int, dim: int) -> tuple[int, int, int]:
-    """`(splits, rows_per_split, tiles)` of the identity reduce: row chunks (multiples of `BLOCK_ROWS`) per
-    group, so that `groups · splits · tiles²` programs fill the GPU and the partials stay within budget.
+def identity_plan(groups: int, rows: int, dim: int) -> tuple[int, int, int, int]:
+    """`(splits, rows_per_split, tiles, block)` of the identity reduce: row chunks (multiples of `BLOCK_ROWS`) per
+    group, so that `groups · splits · tiles²` programs fill the GPU, the partials stay within budget, and
+    each chunk has at least `8·N` rows (its `3·N²` float32 partials then weigh ≤ 3/8 of its 16-bit reads).
     A pure function of the sizes (tested at huge sizes without allocating)."""
-    tiles = triton.cdiv(max(dim, 1), BLOCK_DIM)
-    padded = tiles * BLOCK_DIM
+    block = min(BLOCK_DIM, max(16, int(triton.next_power_of_2(max(dim, 1)))))
+    tiles = triton.cdiv(max(dim, 1), block)
+    padded = tiles * block
     row_blocks = triton.cdiv(max(rows, 1), BLOCK_ROWS)
     by_programs = triton.cdiv(TARGET_PROGRAMS, groups * tiles * tiles)
     by_memory = max(1, PARTIAL_BUDGET // (groups * 3 * padded * padded))
-    splits = max(1, min(row_blocks, by_programs, by_memory))
+    by_traffic = max(1, rows // (SPLIT_ROWS_PER_DIM * padded))  # partials ≤ 3/8 of the bytes read
+    splits = max(1, min(row_blocks, by_programs, by_memory, by_traffic))
     blocks_per_split = triton.cdiv(row_blocks, splits)
     splits = triton.cdiv(row_blocks, blocks_per_split)
-    return splits, blocks_per_split * BLOCK_ROWS, tiles
+    return splits, blocks_per_split * BLOCK_ROWS, tiles, block
 
 
 @triton.jit
@@ -75,7 +87,7 @@ def _scaled(x, factor, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, M, N, rows_per_split, splits, tiles,
+def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, top_ptr, M, N, rows_per_split, splits, tiles,
                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Partial `P = WᵀU`, `A = WᵀW`, `Bᵣ = UᵀU` of one tile over one row chunk, at the program's own scale."""
@@ -135,23 +147,85 @@ def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, M, N, rows_per_spli
     exp_out = exp_ptr + ((group * splits + split) * tiles * tiles + tile) * 2
     tl.store(exp_out, e_w)
     tl.store(exp_out + 1, e_u)
+    tl.atomic_max(top_ptr, e_w)  # the global scale: a maximum, the same in any order
+    tl.atomic_max(top_ptr + 1, e_u)
 
 
 @triton.jit
-def _mat_dot(x, parts_ptr, index, offs, padded, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """`acc + x @ M` for matrix `index` of the split parts (`hi` and, with `SPLIT`, `lo`: `M ≈ (hi + lo) · c`,
-    `c` applied by the caller), so 16-bit `x` multiplies an fp32 matrix on tensor cores to ~16 bits."""
+def _finalize_kernel(part_ptr, exp_ptr, top_ptr, parts_ptr, factor_ptr, splits, tiles,
+                     MATS: tl.constexpr, FORWARD: tl.constexpr, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
+    """Combine one tile of one matrix over the splits, in split order (deterministic), at the global scale
+    (the largest exponent); store it as dot operands: with `SPLIT`, scaled by the power of two `2^-e` that
+    brings its largest entry into [0.5, 1) and split `hi + lo` in the 16-bit dtype (`2^e` goes to
+    `factor_ptr`, one per tile), else float32 as it is (factor 1).
+
+    Forward matrices `P, A, Bᵣ` carry input exponents `(e_w, e_u)`; backward `Q, R` carry `(e_α, e_β)`."""
+    pid = tl.program_id(0)
+    tile = pid % (tiles * tiles)
+    rest = pid // (tiles * tiles)
+    k = rest % MATS
+    group = (rest // MATS).to(tl.int64)
+    padded = tiles * BLOCK_N
+    rows_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = rows_i.to(tl.int64)[:, None] * padded + cols_j[None, :]
+    top_0, top_1 = tl.load(top_ptr), tl.load(top_ptr + 1)
+    acc = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    for split in range(0, splits):
+        exps = exp_ptr + ((group * splits + split) * tiles * tiles + tile) * 2
+        e_0, e_1 = tl.load(exps), tl.load(exps + 1)
+        if FORWARD:
+            drop = tl.where(k == 0, top_0 + top_1 - e_0 - e_1, tl.where(k == 1, 2 * (top_0 - e_0), 2 * (top_1 - e_1)))
+        else:
+            drop = tl.where(k == 0, top_0 - e_0, top_1 - e_1)
+        part = tl.load(part_ptr + ((group * splits + split) * MATS + k) * padded * padded + offs)
+        acc += part * pow2_neg(tl.minimum(drop, 254))
+    NUM: tl.constexpr = 2 if SPLIT else 1
+    out = parts_ptr + (group * MATS + k) * NUM * padded * padded + offs
+    factor_out = factor_ptr + (group * MATS + k) * tiles * tiles + tile
+    if SPLIT:
+        largest = tl.max(tl.abs(acc))
+        exponent = tl.where(largest > 0, ((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, 0)
+        acc = acc * pow2_signed(-exponent)
+        hi = acc.to(DOT_DTYPE)
+        tl.store(out, hi)
+        tl.store(out + padded * padded, (acc - hi.to(tl.float32)).to(DOT_DTYPE))
+        tl.store(factor_out, pow2_signed(exponent))
+    else:
+        tl.store(out, acc)
+        tl.store(factor_out, 1.0)
+
+
+@triton.jit
+def _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, index, mask, eps):
+    """`α_i = g_i / (|S_i| |T_i|)` and `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps` (0 elsewhere)."""
+    g = tl.load(grad_ptr + index * grad_stride, mask=mask, other=0.0).to(tl.float32)
+    cosine = tl.load(cos_ptr + index, mask=mask, other=0.0)
+    norm_s = tl.load(norm_s_ptr + index, mask=mask, other=0.0)
+    clamped_s = tl.maximum(norm_s, eps)
+    clamped_t = tl.maximum(tl.load(norm_t_ptr + index, mask=mask, other=0.0), eps)
+    alpha = g / (clamped_s * clamped_t)
+    beta = tl.where(norm_s > eps, -g * cosine / (clamped_s * clamped_s), 0.0)
+    return alpha, beta
+
+
+@triton.jit
+def _mat_dot(x, parts_ptr, factor_ptr, index, tile, offs, padded, tiles, acc, SPLIT: tl.constexpr,
+             PRECISION: tl.constexpr):  # fmt: skip
+    """`acc + x @ M` for one tile of matrix `index`: its parts `hi` (and, with `SPLIT`, `lo`) hold `M / f`,
+    `f` the tile's factor, so 16-bit `x` multiplies a float32 matrix on tensor cores to ~16 bits or more."""
     NUM: tl.constexpr = 2 if SPLIT else 1
     base = parts_ptr + index * NUM * padded * padded
-    acc = tl.dot(x, tl.load(base + offs), acc, input_precision=PRECISION)
+    product = tl.dot(x, tl.load(base + offs), input_precision=PRECISION)
     if SPLIT:
-        acc = tl.dot(x, tl.load(base + padded * padded + offs), acc, input_precision=PRECISION)
-    return acc
+        product = tl.dot(x, tl.load(base + padded * padded + offs), product, input_precision=PRECISION)
+    return acc + product * tl.load(factor_ptr + index * tiles * tiles + tile)
 
 
 @triton.jit
-def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr,
-                          M, N, blocks, padded, eps, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, factor_ptr, top_ptr, cos_ptr, norm_s_ptr, norm_t_ptr,
+                          M, N, blocks, tiles, eps, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
                           PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`<S_i, T_i> = w_iᵀ P u_i`, `|S_i|² = w_iᵀ A w_i`, `|T_i|² = u_iᵀ Bᵣ u_i` for one block of rows."""
@@ -160,12 +234,10 @@ def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, scale_ptr, cos
     rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < M
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
-    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
-    c_p, c_a, c_b = (
-        tl.load(mat_scale_ptr + group * 3),
-        tl.load(mat_scale_ptr + group * 3 + 1),
-        tl.load(mat_scale_ptr + group * 3 + 2),
-    )
+    f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
+    padded = tiles * BLOCK_N
+    mats = parts_ptr + group * 3 * (2 if SPLIT else 1) * padded * padded
+    factors = factor_ptr + group * 3 * tiles * tiles
     dot = tl.zeros((BLOCK_R,), tl.float32)
     sq_s = tl.zeros((BLOCK_R,), tl.float32)
     sq_t = tl.zeros((BLOCK_R,), tl.float32)
@@ -185,14 +257,14 @@ def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, scale_ptr, cos
                 m_k = mask_r[:, None] & (cols_k < N)[None, :]
                 wk = (tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w).to(DOT_DTYPE)
                 uk = (tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u).to(DOT_DTYPE)
-            mats = parts_ptr + group * 3 * (2 if SPLIT else 1) * padded * padded
             offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
-            wp = _mat_dot(wk, mats, 0, offs_kj, padded, wp, SPLIT, PRECISION)
-            wa = _mat_dot(wk, mats, 1, offs_kj, padded, wa, SPLIT, PRECISION)
-            ub = _mat_dot(uk, mats, 2, offs_kj, padded, ub, SPLIT, PRECISION)
-        dot += tl.sum(wp * uj, axis=1) * c_p
-        sq_s += tl.sum(wa * wj, axis=1) * c_a
-        sq_t += tl.sum(ub * uj, axis=1) * c_b
+            tile = (k0 // BLOCK_N) * tiles + j0 // BLOCK_N
+            wp = _mat_dot(wk, mats, factors, 0, tile, offs_kj, padded, tiles, wp, SPLIT, PRECISION)
+            wa = _mat_dot(wk, mats, factors, 1, tile, offs_kj, padded, tiles, wa, SPLIT, PRECISION)
+            ub = _mat_dot(uk, mats, factors, 2, tile, offs_kj, padded, tiles, ub, SPLIT, PRECISION)
+        dot += tl.sum(wp * uj, axis=1)
+        sq_s += tl.sum(wa * wj, axis=1)
+        sq_t += tl.sum(ub * uj, axis=1)
     floor = eps * eps
     cosine = dot / (tl.sqrt(tl.maximum(sq_s, floor)) * tl.sqrt(tl.maximum(sq_t, floor)))
     out = group * M + rows
@@ -202,11 +274,14 @@ def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, scale_ptr, cos
 
 
 @triton.jit
-def _identity_grad_reduce_kernel(w_ptr, u_ptr, coef_ptr, scale_ptr, part_ptr, M, N, rows_per_split, splits, tiles,
+def _identity_grad_reduce_kernel(w_ptr, u_ptr, grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, top_ptr,
+                                 part_ptr, exp_ptr, coef_top_ptr, M, N, rows_per_split, splits, tiles, eps,
                                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Partial `Q = Uᵀ diag(α̂) W` and `R = Wᵀ diag(β̂) W` (`α̂ = α / max|α|`, likewise `β̂`: in [−1, 1], so
-    16-bit operands cannot overflow) of one tile over one row chunk, at the forward's global scale."""
+    """Partial `Q = Uᵀ diag(α) W` and `R = Wᵀ diag(β) W` of one tile over one row chunk, at the forward's
+    global input scale. `α`, `β` come from the saved cosines and norms; a first sweep over the chunk's rows
+    finds their largest exponents `e_α`, `e_β` (≥ 0), and the dots take `α · 2^-e_α`, `β · 2^-e_β` (in
+    [−1, 1]: 16-bit operands cannot overflow); the exponents go with the partial."""
     pid = tl.program_id(0)
     tile = pid % (tiles * tiles)
     rest = pid // (tiles * tiles)
@@ -215,19 +290,29 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, coef_ptr, scale_ptr, part_ptr, M,
     cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_i, mask_j = cols_i < N, cols_j < N
-    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
-    acc_q = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
-    acc_r = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
+    top_a = tl.zeros((), tl.float32)
+    top_b = tl.zeros((), tl.float32)
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < stop
+        alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows,
+                                        mask_r, eps)  # fmt: skip
+        top_a = tl.maximum(top_a, tl.max(tl.abs(alpha)))
+        top_b = tl.maximum(top_b, tl.max(tl.abs(beta)))
+    e_a, e_b = frexp_exponent(top_a), frexp_exponent(top_b)
+    f_a, f_b = pow2_neg(tl.minimum(e_a, 254)), pow2_neg(tl.minimum(e_b, 254))
+    acc_q = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_r = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    for r0 in range(start, stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rows < stop
+        alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows,
+                                        mask_r, eps)  # fmt: skip
         offs = group * M * N + rows.to(tl.int64)[:, None] * N
         m_i, m_j = mask_r[:, None] & mask_i[None, :], mask_r[:, None] & mask_j[None, :]
-        coef_offs = (group * M + rows) * 2
-        alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0)
-        beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0)
         wi = tl.load(w_ptr + offs + cols_i[None, :], mask=m_i, other=0.0).to(tl.float32) * f_w
         ui = tl.load(u_ptr + offs + cols_i[None, :], mask=m_i, other=0.0).to(tl.float32) * f_u
         if ONE_TILE:
@@ -235,32 +320,46 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, coef_ptr, scale_ptr, part_ptr, M,
         else:
             wj = tl.load(w_ptr + offs + cols_j[None, :], mask=m_j, other=0.0).to(tl.float32) * f_w
         wj_d = wj.to(DOT_DTYPE)
-        acc_q = tl.dot(tl.trans((ui * alpha[:, None]).to(DOT_DTYPE)), wj_d, acc_q, input_precision=PRECISION)
-        acc_r = tl.dot(tl.trans((wi * beta[:, None]).to(DOT_DTYPE)), wj_d, acc_r, input_precision=PRECISION)
+        alpha_unit, beta_unit = alpha * f_a, beta * f_b
+        acc_q = tl.dot(tl.trans((ui * alpha_unit[:, None]).to(DOT_DTYPE)), wj_d, acc_q, input_precision=PRECISION)
+        acc_r = tl.dot(tl.trans((wi * beta_unit[:, None]).to(DOT_DTYPE)), wj_d, acc_r, input_precision=PRECISION)
     padded = tiles * BLOCK_N
     out = part_ptr + (group * splits + split) * 2 * padded * padded
     offs_out = cols_i.to(tl.int64)[:, None] * padded + cols_j[None, :]
     tl.store(out + offs_out, acc_q)
     tl.store(out + padded * padded + offs_out, acc_r)
+    exp_out = exp_ptr + ((group * splits + split) * tiles * tiles + tile) * 2
+    tl.store(exp_out, e_a)
+    tl.store(exp_out + 1, e_b)
+    tl.atomic_max(coef_top_ptr, e_a)
+    tl.atomic_max(coef_top_ptr + 1, e_b)
 
 
 @triton.jit
-def _identity_grad_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, coef_ptr, scale_ptr, dw_ptr, M, N, blocks,
-                               padded, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+def _identity_grad_rows_kernel(w_ptr, u_ptr, fwd_parts_ptr, fwd_factor_ptr, parts_ptr, factor_ptr, top_ptr,
+                               coef_top_ptr, grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, dw_ptr, M, N,
+                               blocks, tiles, eps,
+                               DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the scale), written once; the
-    matrices come split as `[Pᵀ, A, Q, R]`."""
+    """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the input scale), written once;
+    `P`, `A` are the forward's operands (`Pᵀ` read transposed), `Q`, `R` the backward reduce's."""
     pid = tl.program_id(0)
     group = (pid // blocks).to(tl.int64)
     rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < M
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
-    f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
-    coef_offs = (group * M + rows) * 2
-    alpha = tl.load(coef_ptr + coef_offs, mask=mask_r, other=0.0) * tl.load(mat_scale_ptr + group * 4)
-    beta = tl.load(coef_ptr + coef_offs + 1, mask=mask_r, other=0.0) * tl.load(mat_scale_ptr + group * 4 + 1)
-    c_q, c_r = tl.load(mat_scale_ptr + group * 4 + 2), tl.load(mat_scale_ptr + group * 4 + 3)
-    mats = parts_ptr + group * 4 * (2 if SPLIT else 1) * padded * padded
+    f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
+    # Q, R were stored times 2^-(E_α + bound exponent): undo the E_α part here, the bound below
+    c_q = 1.0 / pow2_neg(tl.minimum(tl.load(coef_top_ptr), 254))
+    c_r = 1.0 / pow2_neg(tl.minimum(tl.load(coef_top_ptr + 1), 254))
+    alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows, mask_r,
+                                    eps)  # fmt: skip
+    NUM: tl.constexpr = 2 if SPLIT else 1
+    padded = tiles * BLOCK_N
+    fwd = fwd_parts_ptr + group * 3 * NUM * padded * padded
+    fwd_factors = fwd_factor_ptr + group * 3 * tiles * tiles
+    mats = parts_ptr + group * 2 * NUM * padded * padded
+    factors = factor_ptr + group * 2 * tiles * tiles
     for j0 in range(0, N, BLOCK_N):
         cols_j = j0 + tl.arange(0, BLOCK_N)
         up = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
@@ -273,10 +372,13 @@ def _identity_grad_rows_kernel(w_ptr, u_ptr, parts_ptr, mat_scale_ptr, coef_ptr,
             wk = (tl.load(w_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_w).to(DOT_DTYPE)
             uk = (tl.load(u_ptr + offs_r + cols_k[None, :], mask=m_k, other=0.0).to(tl.float32) * f_u).to(DOT_DTYPE)
             offs_kj = cols_k.to(tl.int64)[:, None] * padded + cols_j[None, :]
-            up = _mat_dot(uk, mats, 0, offs_kj, padded, up, SPLIT, PRECISION)
-            wa = _mat_dot(wk, mats, 1, offs_kj, padded, wa, SPLIT, PRECISION)
-            uq = _mat_dot(uk, mats, 2, offs_kj, padded, uq, SPLIT, PRECISION)
-            wr = _mat_dot(wk, mats, 3, offs_kj, padded, wr, SPLIT, PRECISION)
+            offs_jk = cols_j.to(tl.int64)[None, :] * padded + cols_k[:, None]  # Pᵀ[k, j] = P[j, k]
+            tile_kj = (k0 // BLOCK_N) * tiles + j0 // BLOCK_N
+            tile_jk = (j0 // BLOCK_N) * tiles + k0 // BLOCK_N
+            up = _mat_dot(uk, fwd, fwd_factors, 0, tile_jk, offs_jk, padded, tiles, up, SPLIT, PRECISION)
+            wa = _mat_dot(wk, fwd, fwd_factors, 1, tile_kj, offs_kj, padded, tiles, wa, SPLIT, PRECISION)
+            uq = _mat_dot(uk, mats, factors, 0, tile_kj, offs_kj, padded, tiles, uq, SPLIT, PRECISION)
+            wr = _mat_dot(wk, mats, factors, 1, tile_kj, offs_kj, padded, tiles, wr, SPLIT, PRECISION)
         grad = (alpha[:, None] * up + beta[:, None] * wa + c_q * uq + c_r * wr) * f_w
         m_j = mask_r[:, None] & (cols_j < N)[None, :]
         tl.store(dw_ptr + offs_r + cols_j[None, :], grad.to(dw_ptr.dtype.element_ty), mask=m_j)
@@ -393,74 +495,52 @@ def _dot_dtype(dtype: torch.dtype) -> Any:
     return tl.float32
 
 
-def _split(mats: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
-    """`(G, k, n, n)` float32 matrices as dot operands: for a 16-bit dot dtype, each scaled by a power of two
-    `2^-e` to magnitude ≤ 1 and split `hi + lo` in that dtype (`(G, k, 2, n, n)`, ~16 significant bits for
-    bfloat16, ~22 for float16); float32 stays as it is (`(G, k, 1, n, n)`). Returns the parts, the `(G, k)`
-    factors `2^e` that undo the scaling, and whether the matrices are split."""
-    if _dot_dtype(dtype) == tl.float32:
-        return mats.unsqueeze(2).contiguous(), torch.ones(mats.shape[:2], device=mats.device), False
-    top = mats.abs().amax(dim=(2, 3)).clamp_min(torch.finfo(torch.float32).tiny)
-    exponent = torch.frexp(top).exponent
-    scaled = torch.ldexp(mats, -exponent[:, :, None, None])
-    hi = scaled.to(dtype)
-    lo = (scaled - hi.float()).to(dtype)
-    return torch.stack([hi, lo], dim=2).contiguous(), torch.ldexp(torch.ones_like(top), exponent), True
-
-
 def _tile_columns(rows: int) -> int:
     return min(TILE_COLUMNS, max(16, int(triton.next_power_of_2(rows))))
 
 
-def _combine(partials: Tensor, exponents: Tensor | None, tiles: int) -> tuple[Tensor, Tensor]:
-    """Sum the per-split partials `(G, splits, k, n, n)` in a fixed order at the global scale; returns the
-    `(G, k, n, n)` sums and the scale `[2^-E_w, 2^-E_u]` (float32)."""
-    if exponents is None:
-        return partials.sum(dim=1), torch.ones(2, device=partials.device)
-    e_w, e_u = exponents[..., 0], exponents[..., 1]  # (G, splits, tiles, tiles)
-    top_w, top_u = e_w.amax(), e_u.amax()
-    shifts = torch.stack([e_w + e_u - top_w - top_u, 2 * (e_w - top_w), 2 * (e_u - top_u)], dim=2)
-    shifts = shifts.repeat_interleave(BLOCK_DIM, dim=-1).repeat_interleave(BLOCK_DIM, dim=-2)
-    factors = torch.ldexp(torch.ones(shifts.shape, device=partials.device), shifts.clamp_min(-300))
-    one = torch.ones((), device=partials.device)
-    scale = torch.stack([torch.ldexp(one, -top_w), torch.ldexp(one, -top_u)]).float()
-    return (partials * factors).sum(dim=1), scale
-
-
 class GramRowCosines(torch.autograd.Function):
     """`(B·C,)` row cosines of the Gram matrices; saves its inputs, three scalars per row, and (identity
-    kernel) the `N×N` matrices `P`, `A`, `Bᵣ` of each group."""
+    kernel) the `N×N` matrices `P`, `A`, `Bᵣ` of each group as dot operands."""
 
     @staticmethod
     def forward(ctx: Any, student: Tensor, reference: Tensor, scope: str, eps: float) -> Tensor:
         w, u = _grouped(student, scope), _grouped(reference.detach(), scope)
         groups, rows, dim = w.shape
-        cosines = torch.zeros(groups * rows, device=w.device, dtype=torch.float32)
-        norms_s, norms_t = torch.zeros_like(cosines), torch.zeros_like(cosines)
         ctx.meta = (student.shape, eps)
         ctx.identity = dim < rows
-        if cosines.numel() == 0 or dim == 0:
-            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, cosines, cosines)
+        if groups * rows == 0 or dim == 0:
+            cosines = torch.zeros(groups * rows, device=w.device, dtype=torch.float32)
+            ctx.save_for_backward(w, u, cosines, cosines, cosines)
             return cosines
+        cosines = torch.empty(groups * rows, device=w.device, dtype=torch.float32)  # every row is written
+        norms_s, norms_t = torch.empty_like(cosines), torch.empty_like(cosines)
         dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
         if ctx.identity:
-            splits, rows_per_split, tiles = identity_plan(groups, rows, dim)
-            padded = tiles * BLOCK_DIM
+            splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
+            padded = tiles * block
+            split = dot_dtype != tl.float32
+            top = torch.zeros(2, device=w.device, dtype=torch.int32)
             partials = torch.empty(groups, splits, 3, padded, padded, device=w.device, dtype=torch.float32)
             exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
             _identity_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
-                w, u, partials, exponents, rows, dim, rows_per_split, splits, tiles,
-                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                w, u, partials, exponents, top, rows, dim, rows_per_split, splits, tiles,
+                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
-            mats, scale = _combine(partials, exponents, tiles)
+            parts = torch.empty(groups, 3, 1 + split, padded, padded, device=w.device,
+                                dtype=w.dtype if split else torch.float32)  # fmt: skip
+            factors = torch.empty(groups, 3, tiles, tiles, device=w.device, dtype=torch.float32)
+            _finalize_kernel[check_grid(groups * 3 * tiles * tiles, "gram_row_cosines")](
+                partials, exponents, top, parts, factors, splits, tiles,
+                MATS=3, FORWARD=True, DOT_DTYPE=dot_dtype, SPLIT=split, BLOCK_N=block,
+            )  # fmt: skip
             blocks = triton.cdiv(rows, BLOCK_ROWS)
-            parts, factors, split = _split(mats, w.dtype)
             _identity_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
-                w, u, parts, factors, scale, cosines, norms_s, norms_t, rows, dim, blocks, padded, eps,
+                w, u, parts, factors, top, cosines, norms_s, norms_t, rows, dim, blocks, tiles, eps,
                 DOT_DTYPE=dot_dtype, SPLIT=split, PRECISION=precision, ONE_TILE=tiles == 1,
-                BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
-            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale, mats)
+            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, top, parts, factors)
         else:
             scale = torch.stack([unit_scale(w), unit_scale(u)])
             blocks = triton.cdiv(rows, TILE_ROWS)
@@ -468,44 +548,50 @@ class GramRowCosines(torch.autograd.Function):
                 w, u, scale, cosines, norms_s, norms_t, rows, dim, blocks, eps, DOT_DTYPE=dot_dtype,
                 PRECISION=precision, BLOCK_I=TILE_ROWS, BLOCK_J=_tile_columns(rows), BLOCK_N=TILE_POSITIONS,
             )  # fmt: skip
-            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale, scale)
+            ctx.save_for_backward(w, u, cosines, norms_s, norms_t, scale)
         return cosines
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        w, u, cosines, norms_s, norms_t, scale, mats = ctx.saved_tensors
+        w, u, cosines, norms_s, norms_t, *extra = ctx.saved_tensors
         shape, eps = ctx.meta
         groups, rows, dim = w.shape
         if cosines.numel() == 0 or dim == 0:
             return torch.zeros(shape, device=w.device, dtype=w.dtype), None, None, None
-        clamped_s, clamped_t = norms_s.clamp_min(eps), norms_t.clamp_min(eps)
-        g = grad.to(torch.float32)
-        alpha = g / (clamped_s * clamped_t)
-        beta = torch.where(norms_s > eps, -g * cosines / (clamped_s * clamped_s), 0.0)
         grad_w = torch.empty_like(w)
         dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
         if ctx.identity:
-            # α̂ = α / max|α| and β̂ likewise in [−1, 1] for the 16-bit reduce operands; rescaled after the sum
-            top = torch.stack([alpha.abs().amax(), beta.abs().amax()]).clamp_min(torch.finfo(torch.float32).tiny)
-            unit = torch.stack([alpha / top[0], beta / top[1]], dim=1).contiguous()
-            splits, rows_per_split, tiles = identity_plan(groups, rows, dim)
-            padded = tiles * BLOCK_DIM
+            top, fwd_parts, fwd_factors = extra
+            splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
+            padded = tiles * block
+            split = dot_dtype != tl.float32
+            coef_top = torch.zeros(2, device=w.device, dtype=torch.int32)
             partials = torch.empty(groups, splits, 2, padded, padded, device=w.device, dtype=torch.float32)
+            exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
             _identity_grad_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
-                w, u, unit, scale, partials, rows, dim, rows_per_split, splits, tiles,
-                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                w, u, grad, grad.stride(0), cosines, norms_s, norms_t, top, partials, exponents, coef_top,
+                rows, dim, rows_per_split, splits, tiles, eps,
+                DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
-            grads = partials.sum(dim=1) * top[None, :, None, None]
-            parts, factors, split = _split(
-                torch.cat([mats[:, :1].transpose(2, 3), mats[:, 1:2], grads], dim=1), w.dtype
-            )
-            coef = torch.stack([alpha, beta], dim=1).contiguous()
+            parts = torch.empty(groups, 2, 1 + split, padded, padded, device=w.device,
+                                dtype=w.dtype if split else torch.float32)  # fmt: skip
+            factors = torch.empty(groups, 2, tiles, tiles, device=w.device, dtype=torch.float32)
+            _finalize_kernel[check_grid(groups * 2 * tiles * tiles, "gram_row_cosines")](
+                partials, exponents, coef_top, parts, factors, splits, tiles,
+                MATS=2, FORWARD=False, DOT_DTYPE=dot_dtype, SPLIT=split, BLOCK_N=block,
+            )  # fmt: skip
             blocks = triton.cdiv(rows, BLOCK_ROWS)
             _identity_grad_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
-                w, u, parts, factors, coef, scale, grad_w, rows, dim, blocks, padded,
-                DOT_DTYPE=dot_dtype, SPLIT=split, PRECISION=precision, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_DIM,
+                w, u, fwd_parts, fwd_factors, parts, factors, top, coef_top, grad, grad.stride(0), cosines, norms_s,
+                norms_t, grad_w, rows, dim, blocks, tiles, eps,
+                DOT_DTYPE=dot_dtype, SPLIT=split, PRECISION=precision, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
         else:
+            (scale,) = extra
+            clamped_s, clamped_t = norms_s.clamp_min(eps), norms_t.clamp_min(eps)
+            g = grad.to(torch.float32)
+            alpha = g / (clamped_s * clamped_t)
+            beta = torch.where(norms_s > eps, -g * cosines / (clamped_s * clamped_s), 0.0)
             coef = torch.stack([alpha, beta], dim=1).contiguous()
             columns = _tile_columns(rows)
             one_chunk = rows <= columns

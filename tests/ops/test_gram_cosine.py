@@ -95,11 +95,13 @@ def test_identity_plan_and_grids_stay_within_cuda_limits_at_huge_sizes() -> None
     from negtransfer_losses.ops._kernel_common import MAX_GRID_X, check_grid
     from negtransfer_losses.ops.gram_cosine import BLOCK_DIM, BLOCK_ROWS, PARTIAL_BUDGET, identity_plan
 
+    assert identity_plan(1, 15_360, 64) == (30, 512, 1, 64)  # the paper's batch scope: 30 chunks of 8·N rows
     for groups, rows, dim in [(1, 15_360, 64), (1, 2**31, 64), (1, 3 * 2**30, 1000), (4096, 2**20, 16), (1, 100, 99)]:
-        splits, rows_per_split, tiles = identity_plan(groups, rows, dim)
+        splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
         assert splits * rows_per_split >= rows > (splits - 1) * rows_per_split and rows_per_split % BLOCK_ROWS == 0
-        assert groups * splits * tiles * tiles <= MAX_GRID_X and tiles * BLOCK_DIM >= dim
-        padded = tiles * BLOCK_DIM
+        assert groups * splits * tiles * tiles <= MAX_GRID_X and tiles * block >= dim
+        assert block in (16, 32, BLOCK_DIM) and (block == BLOCK_DIM or block >= dim)
+        padded = tiles * block
         assert splits == 1 or groups * splits * 3 * padded * padded <= PARTIAL_BUDGET
         assert groups * -(-rows // BLOCK_ROWS) <= MAX_GRID_X  # the rows kernels' grid
     with pytest.raises(ValueError, match=r"needs 2147483648 programs, more than CUDA's 2147483647"):
@@ -111,6 +113,8 @@ def test_batch_scope_identity_arithmetic_and_reads_are_bounded() -> None:
     the fused path's dot FLOPs (forward + backward) against the torch path's (FlopCounterMode), and how many
     times the kernels load each input element."""
     from triton.runtime import interpreter
+
+    from negtransfer_losses.ops.gram_cosine import identity_plan
 
     g = torch.Generator().manual_seed(5)
     s, r = torch.randn(30, 32, 8, 8, generator=g).requires_grad_(True), torch.randn(30, 32, 8, 8, generator=g)
@@ -142,5 +146,35 @@ def test_batch_scope_identity_arithmetic_and_reads_are_bounded() -> None:
     assert counted["flops"] <= 2 * counter.get_total_flops()
     # each input element once per kernel: two kernels forward, two backward
     assert counted["input"] == 4 * (s.numel() + r.numel())
-    # besides: the N×N matrices once per block of 64 rows (3 forward, 4 backward), α and β per row twice
-    assert counted["other"] <= (rows // 64) * 7 * dim * dim + 4 * rows + 256  # and the scales
+    # besides: the N×N matrices once per block of 64 rows (3 forward, 4 backward), the split partials once
+    # (3 forward, 2 backward), 12 scalars per row (gradient, cosine, two norms; thrice), and the exponents
+    splits = identity_plan(1, rows, dim)[0]
+    assert splits == 1  # 960 rows < 8·N·2: one chunk
+    assert counted["other"] <= (rows // 64) * 7 * dim * dim + 5 * splits * dim * dim + 12 * rows + 512
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", [(3, 50, 9), (2, 40, 70)], ids=["one-tile", "2x2-tiles"])
+def test_identity_partials_over_several_row_chunks(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    # at test sizes the plan takes one chunk (8·N rows each); force chunks of 64 rows, combined in order
+    from negtransfer_losses.ops import gram_cosine
+
+    plan = gram_cosine.identity_plan
+
+    def small_chunks(groups: int, rows: int, dim: int) -> tuple[int, int, int, int]:
+        tiles, block = plan(groups, rows, dim)[2:]
+        return -(-rows // 64), 64, tiles, block
+
+    monkeypatch.setattr(gram_cosine, "identity_plan", small_chunks)
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(*shape, generator=g)
+    r = (0.5 * s + torch.randn(*shape, generator=g)).to(dtype)
+    s = s.to(dtype)
+    s[1] *= 1e3  # chunks at different scales: their exponents differ
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, "batch", backend="triton"), s, r)
+    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, "batch"), s.double(), r.double())
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol, atol=atol * expected_grad.abs().max().item())
