@@ -47,7 +47,7 @@ def check_backend(backend: object) -> Backend:
 # The cost rule (docs/kernels.md, "When auto takes a kernel"). No kernel has been timed on a GPU yet, so each
 # threshold sits where the paper analysis (FLOPs, bytes moved, tensor cores, launches) shows a clear win.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-GRAM_MIN_WORK = 1 << 22  # groups · m · N² multiply-adds: below it both paths are launch-bound
+GRAM_FLOAT32_MAX_WORK = 1 << 28  # groups · m · N²: float32 takes the kernel only while launches dominate
 CHANNEL_MIN_ELEMENTS = 1 << 18  # elements of the student map: below it both paths are launch-bound
 CHANNEL_MIN_PROGRAMS = 128  # samples × blocks of 128 positions: fewer would leave most SMs idle
 MATCHING_MAX_TILE = 4096  # next_pow2(K) · next_pow2(M): a larger per-sample tile spills registers
@@ -60,11 +60,13 @@ def _next_power_of_2(n: int) -> int:
 def fused_wins(op: str, *tensors: Tensor) -> bool:
     """Whether `auto` takes the fused kernel of `op` for these inputs (the cost rule of docs/kernels.md).
 
-    - `"gram_row_cosines/batch"`, `"gram_row_cosines/sample"` (`tensors`: student, reference): float16 or
-      bfloat16 maps with fewer positions than rows per group (`N < m`: the `N×N` identity kernel, on tensor
-      cores, where the torch path upcasts copies to float32 and runs float32 matmuls of about the same
-      arithmetic) and `groups · m · N²` ≥ `GRAM_MIN_WORK`. float32 takes torch (the same arithmetic on the
-      same units); `N ≥ m` takes torch (the tile kernel does ~1.7× the torch path's arithmetic).
+    - `"gram_row_cosines/batch"`, `"gram_row_cosines/sample"` (`tensors`: student, reference): fewer
+      positions than rows per group (`N < m`: the `N×N` identity kernel, 4 launches per pass where the torch
+      path makes about 34 forward and 30 backward, with the same arithmetic, ~24 m N²); float16/bfloat16 at
+      any size (the kernel's dots run on tensor cores, the torch path upcasts copies to float32); float32
+      while `groups · m · N²` ≤ `GRAM_FLOAT32_MAX_WORK` (launch-bound; beyond it both run the same float32
+      arithmetic and cuBLAS's efficiency against Triton's has not been measured). `N ≥ m` takes torch (the
+      tile kernel does ~1.7× the torch path's arithmetic).
     - `"aggregated_row_cosines"` (student, reference): at least `CHANNEL_MIN_ELEMENTS` elements and
       `CHANNEL_MIN_PROGRAMS` programs; any fused dtype (memory-bound: the kernel reads each map once where
       the torch path reads it about four times and writes a scaled copy).
@@ -77,12 +79,14 @@ def fused_wins(op: str, *tensors: Tensor) -> bool:
         return False
     student = tensors[0]
     if op.startswith("gram_row_cosines/"):
-        if student.dtype not in HALF_DTYPES or student.dim() < 2:
+        if student.dim() < 2 or student.dtype not in FUSED_DTYPES:
             return False
         batch, channels = student.shape[0], student.shape[1]
         positions = math.prod(student.shape[2:])
         groups, rows = (1, batch * channels) if op.endswith("/batch") else (batch, channels)
-        return positions < rows and groups * rows * positions * positions >= GRAM_MIN_WORK
+        if not 0 < positions < rows:
+            return False
+        return student.dtype in HALF_DTYPES or groups * rows * positions * positions <= GRAM_FLOAT32_MAX_WORK
     if op == "aggregated_row_cosines":
         if student.dim() < 2:
             return False

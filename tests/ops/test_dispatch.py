@@ -19,11 +19,13 @@ def maps(*shape: int, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor
     [
         ((30, 512, 8, 8), torch.bfloat16, "batch", True),  # the paper's setting: identity kernel, tensor cores
         ((30, 512, 8, 8), torch.float16, "batch", True),
-        ((30, 512, 8, 8), torch.float32, "batch", False),  # same arithmetic on the same units: torch
+        ((30, 512, 8, 8), torch.float32, "batch", True),  # launch-bound: 8 launches against about 64
+        ((64, 256, 28, 28), torch.float32, "batch", False),  # m N² = 10¹⁰: same float32 arithmetic, unmeasured
         ((64, 256, 28, 28), torch.bfloat16, "batch", True),  # N = 784 < m = 16,384
         ((64, 256, 28, 28), torch.bfloat16, "sample", False),  # N ≥ m: the tile kernel does more arithmetic
         ((64, 512, 4, 4), torch.bfloat16, "sample", True),  # N = 16 < m = 512, per sample
-        ((2, 8, 2, 2), torch.bfloat16, "batch", False),  # launch-bound either way
+        ((2, 8, 2, 2), torch.bfloat16, "batch", True),  # fewer launches
+        ((30, 512, 8, 8), torch.float64, "batch", False),
         ((0, 512, 8, 8), torch.bfloat16, "batch", False),
     ],
 )
