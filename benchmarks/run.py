@@ -1,13 +1,20 @@
 """Benchmark runner: op families × providers × modes, appended to a CSV, summarised as markdown.
 
 Providers: `eager` (the functional path), `compile` (`torch.compile` of the functional path), `fused` (the
-Triton kernel, where one exists and the device is CUDA). Modes: `forward`, `backward` (the backward pass
+Triton kernel, where one exists and the device is CUDA), `auto` (what `backend="auto"` picks: checks the
+dispatch rule of docs/kernels.md against the other three). Modes: `forward`, `backward` (the backward pass
 alone, from a kept graph), `full` (forward + backward). Times are median and p20/p80 over `--repeats` runs
 after warm-up; peak memory is the CUDA allocator's peak above the inputs, or, on CPU, the growth of the
 process's peak resident set measured in a fresh subprocess per configuration (`--cpu-memory`).
 
     python benchmarks/run.py [--families channel_cosine gram_batch ...] [--dtypes float32 bfloat16]
                              [--device cpu|cuda] [--csv benchmarks/results.csv] [--markdown summary.md]
+
+On a GPU, the whole run of docs/benchmarks.md is one command (it also measures the device-to-device copy
+bandwidth, the memory roofline, and reports each fused row against the faster of eager and compile and as a
+share of that bandwidth, counting the bytes the op must move at least):
+
+    python benchmarks/run.py --device cuda --csv benchmarks/results/gpu.csv --markdown benchmarks/results/gpu.md
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import negtransfer_losses.functional as ntf
 from negtransfer_losses import ops
 
 
@@ -40,6 +46,28 @@ class Family:
     make_inputs: Callable[[torch.device, torch.dtype], tuple[Tensor, ...]]
     loss: Callable[..., Tensor]
     fused: Callable[..., Tensor] | None = None
+    auto: Callable[..., Tensor] | None = None
+    min_bytes: Callable[[int], int] | None = None  # least bytes a forward must move, given the element size
+
+
+def _map_bytes(b: int, c: int, h: int, w: int) -> Callable[[int], int]:
+    return lambda size: 2 * b * c * h * w * size  # both maps read once; the outputs are negligible
+
+
+def _head_bytes(n: int, k: int, m: int) -> Callable[[int], int]:
+    return lambda size: n * (k + m) * size + 8 * n  # both heads read once, two float32 terms per sample written
+
+
+def _at(aggregation: str, scope: str | None, backend: str) -> Callable[..., Tensor]:
+    return lambda s, r: ops.anti_transfer(
+        s,
+        r,
+        aggregation,
+        "cos_squared",
+        scope,
+        nan_policy="propagate",
+        backend=backend,  # type: ignore[arg-type]
+    )
 
 
 def _maps(b: int, c: int, h: int, w: int) -> Callable[[torch.device, torch.dtype], tuple[Tensor, ...]]:
@@ -62,36 +90,58 @@ def _heads(n: int, k: int, m: int) -> Callable[[torch.device, torch.dtype], tupl
     return make
 
 
-FAMILIES = {
-    "channel_cosine": Family(
-        "channel_cosine",
-        "B=64 C=256 28×28, mean, cos²",
-        _maps(64, 256, 28, 28),
-        lambda s, r: ntf.anti_transfer(s, r, "mean", "cos_squared", nan_policy="propagate", backend="torch"),
-        lambda s, r: ops.aggregated_row_cosines(s, r, "mean", backend="triton").abs().mean().square(),
-    ),
-    "gram_batch": Family(
-        "gram_batch",
-        "B=30 C=512 8×8, gram batch, cos²",
-        _maps(30, 512, 8, 8),
-        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "batch", nan_policy="propagate", backend="torch"),
-        lambda s, r: ops.gram_row_cosines(s, r, "batch", backend="triton").abs().mean().square(),
-    ),
-    "gram_sample": Family(
-        "gram_sample",
-        "B=64 C=256 28×28, gram sample, cos²",
-        _maps(64, 256, 28, 28),
-        lambda s, r: ntf.anti_transfer(s, r, "gram", "cos_squared", "sample", nan_policy="propagate", backend="torch"),
-        lambda s, r: ops.gram_row_cosines(s, r, "sample", backend="triton").abs().mean().square(),
-    ),
-    "distribution_matching": Family(
-        "distribution_matching",
-        "N=256 K=7 M=17, both directions, KL",
-        _heads(256, 7, 17),
-        lambda za, zb, r: sum(ntf.distribution_matching(za, zb, r).values()),
+def _family(name: str, shape: str, dims: tuple[int, int, int, int], aggregation: str, scope: str | None) -> Family:
+    if aggregation == "gram":
+        fused = lambda s, r: ops.gram_row_cosines(s, r, scope, backend="triton").abs().mean().square()  # type: ignore[arg-type]  # noqa: E731
+    else:
+        fused = lambda s, r: ops.aggregated_row_cosines(s, r, aggregation, backend="triton").abs().mean().square()  # type: ignore[arg-type]  # noqa: E731
+    return Family(name, shape, _maps(*dims), _at(aggregation, scope, "torch"), fused, _at(aggregation, scope, "auto"),
+                  _map_bytes(*dims))  # fmt: skip
+
+
+def _matching(name: str, n: int, k: int, m: int) -> Family:
+    return Family(
+        name,
+        f"N={n} K={k} M={m}, both directions, KL",
+        _heads(n, k, m),
+        lambda za, zb, r: sum(ops.distribution_matching(za, zb, r, backend="torch").values()),
         lambda za, zb, r: sum(ops.distribution_matching(za, zb, r, backend="triton").values()),
+        lambda za, zb, r: sum(ops.distribution_matching(za, zb, r, backend="auto").values()),
+        _head_bytes(n, k, m),
+    )
+
+
+FAMILIES = {
+    "channel_cosine": _family("channel_cosine", "B=64 C=256 28×28, mean, cos²", (64, 256, 28, 28), "mean", None),
+    "channel_cosine_max": _family("channel_cosine_max", "B=64 C=256 28×28, max, cos²", (64, 256, 28, 28), "max", None),
+    "gram_batch": _family("gram_batch", "B=30 C=512 8×8, gram batch, cos²", (30, 512, 8, 8), "gram", "batch"),
+    "gram_batch_wide": _family(
+        "gram_batch_wide", "B=64 C=256 28×28, gram batch, cos²", (64, 256, 28, 28), "gram", "batch"
     ),
+    "gram_sample": _family("gram_sample", "B=64 C=256 28×28, gram sample, cos²", (64, 256, 28, 28), "gram", "sample"),
+    "gram_sample_small_maps": _family(
+        "gram_sample_small_maps", "B=64 C=512 4×4, gram sample, cos²", (64, 512, 4, 4), "gram", "sample"
+    ),
+    "distribution_matching": _matching("distribution_matching", 256, 7, 17),
+    "distribution_matching_large": _matching("distribution_matching_large", 65_536, 7, 17),
 }
+
+
+def copy_bandwidth_gbs(device: torch.device, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth (read + write) of a 1 GiB buffer, GB/s: the memory roofline."""
+    if device.type != "cuda":
+        return float("nan")
+    source = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +160,7 @@ def provider_function(family: Family, provider: str) -> Callable[..., Tensor]:
     if provider == "compile":
         torch._dynamo.reset()
         return torch.compile(family.loss)  # type: ignore[return-value]
-    fn = {"eager": family.loss, "fused": family.fused}[provider]
+    fn = {"eager": family.loss, "fused": family.fused, "auto": family.auto}[provider]
     assert fn is not None
     return fn
 
@@ -165,7 +215,7 @@ def cpu_peak_mib(family: str, provider: str, mode: str, dtype: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--providers", nargs="+", default=["eager", "compile", "fused"])
+    parser.add_argument("--providers", nargs="+", default=["eager", "compile", "fused", "auto"])
     parser.add_argument("--modes", nargs="+", default=["forward", "backward", "full"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,7 +237,7 @@ def main() -> None:
         family = FAMILIES[name]
         for dtype_name in args.dtypes:
             for provider in args.providers:
-                if provider == "fused" and (family.fused is None or device.type != "cuda"):
+                if provider in ("fused", "auto") and (family.fused is None or device.type != "cuda"):
                     continue
                 fn = provider_function(family, provider)
                 for mode in args.modes:
@@ -210,13 +260,33 @@ def main() -> None:
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
-    table = ["| op | dtype | provider | mode | median ms (p20–p80) | peak MiB |", "|---|---|---|---|---|---|"]
+    bandwidth = copy_bandwidth_gbs(device)
+    best = {}  # (family, dtype, mode) -> the faster of eager and compile
     for r in rows:
+        if r["provider"] in ("eager", "compile"):
+            key = (r["family"], r["dtype"], r["mode"])
+            best[key] = min(best.get(key, float("inf")), r["median_ms"])
+    table = [
+        "| op | dtype | provider | mode | median ms (p20–p80) | peak MiB | speed-up vs best of eager/compile "
+        "| share of copy bandwidth (forward) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speedup, share = "", ""
+        if r["provider"] in ("fused", "auto") and (r["family"], r["dtype"], r["mode"]) in best:
+            speedup = f"{best[(r['family'], r['dtype'], r['mode'])] / r['median_ms']:.2f}×"
+        family = FAMILIES[r["family"]]
+        if r["provider"] == "fused" and r["mode"] == "forward" and family.min_bytes and bandwidth == bandwidth:
+            moved = family.min_bytes(torch.empty((), dtype=getattr(torch, r["dtype"])).element_size())
+            share = f"{100 * moved / (r['median_ms'] / 1e3) / 1e9 / bandwidth:.0f} %"
         table.append(
             f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['mode']} | {r['median_ms']:.2f} "
-            f"({r['p20_ms']:.2f}–{r['p80_ms']:.2f}) | {r['peak_mib']:.0f} |"
+            f"({r['p20_ms']:.2f}–{r['p80_ms']:.2f}) | {r['peak_mib']:.0f} | {speedup} | {share} |"
         )
-    summary = f"device: {device_name}, torch {torch.__version__}, triton {triton_version}\n\n" + "\n".join(table)
+    summary = (
+        f"device: {device_name}, torch {torch.__version__}, triton {triton_version}, "
+        f"copy bandwidth {bandwidth:.0f} GB/s\n\n" + "\n".join(table)
+    )
     print(summary)
     if args.markdown:
         args.markdown.write_text(summary + "\n")
