@@ -436,7 +436,8 @@ def _tile_forward_kernel(w_ptr, u_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_pt
 
 @triton.jit
 def _tile_backward_kernel(w_ptr, u_ptr, scale_ptr, coef_ptr, dw_ptr, acc_ptr, M, N, blocks,
-                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                          ONE_CHUNK: tl.constexpr,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`∂L/∂W[I, :] = Σ_J (W + Wᵀ)[I, J] W[J, :]`; with one chunk of columns the result is written once,
     otherwise accumulated in the float32 `acc_ptr` rows this program owns, then written."""
@@ -460,11 +461,24 @@ def _tile_backward_kernel(w_ptr, u_ptr, scale_ptr, coef_ptr, dw_ptr, acc_ptr, M,
         alpha_j = tl.load(coef_ptr + coef_j, mask=mask_j, other=0.0)
         beta_j = tl.load(coef_ptr + coef_j + 1, mask=mask_j, other=0.0)
         sym = (alpha_i[:, None] + alpha_j[None, :]) * t + (beta_i[:, None] + beta_j[None, :]) * s
+        if SPLIT:
+            # 16-bit W: sym as hi + lo in W's dtype, scaled by the power of two of its largest entry, so the
+            # (W + Wᵀ) W product runs on tensor cores too (two dots) to ~16 significant bits or more
+            largest = tl.max(tl.max(tl.abs(sym), axis=1), axis=0)
+            exponent = tl.where(largest > 0, ((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, 0)
+            sym = sym * pow2_signed(-exponent)
+            sym_hi = sym.to(DOT_DTYPE)
+            sym_lo = (sym - sym_hi.to(tl.float32)).to(DOT_DTYPE)
+            undo = pow2_signed(exponent) * f_w
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             wj = tl.load(w_ptr + offs_j[:, None] + offs_n[None, :], mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-            partial = tl.dot(sym, wj.to(tl.float32) * f_w, input_precision=PRECISION) * f_w
+            if SPLIT:
+                wj_d = _scaled(wj, f_w, DOT_DTYPE)
+                partial = tl.dot(sym_lo, wj_d, tl.dot(sym_hi, wj_d), input_precision=PRECISION) * undo
+            else:
+                partial = tl.dot(sym, wj.to(tl.float32) * f_w, input_precision=PRECISION) * f_w
             mask_out = mask_i[:, None] & mask_n[None, :]
             offs_out = offs_i[:, None] + offs_n[None, :]
             if ONE_CHUNK:
@@ -598,7 +612,8 @@ class GramRowCosines(torch.autograd.Function):
             acc = grad_w if one_chunk else torch.zeros(w.shape, device=w.device, dtype=torch.float32)
             blocks = triton.cdiv(rows, TILE_ROWS)
             _tile_backward_kernel[check_grid(groups * blocks, "gram_row_cosines")](
-                w, u, scale, coef, grad_w, acc, rows, dim, blocks, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                w, u, scale, coef, grad_w, acc, rows, dim, blocks, DOT_DTYPE=dot_dtype,
+                SPLIT=dot_dtype != tl.float32, PRECISION=precision,
                 ONE_CHUNK=one_chunk, BLOCK_I=TILE_ROWS, BLOCK_J=columns, BLOCK_N=TILE_POSITIONS,
             )  # fmt: skip
         return grad_w.reshape(shape), None, None, None
