@@ -11,23 +11,31 @@ near 1e30 give finite cosines. Two kernels, chosen like the torch path (`N < m` 
 **Identity (`N < m`; the paper's batch scope, B=30, C=512, 8×8: m = 15,360, N = 64).** Row `i` of `S` is
 `W w_i`, so `<S_i, T_i> = w_iᵀ P u_i` with `P = Wᵀ U`, `|S_i|² = w_iᵀ A w_i` with `A = Wᵀ W`, and
 `|T_i|² = u_iᵀ Bᵣ u_i` with `Bᵣ = Uᵀ U` — `N×N` products instead of `m×m`.
-- Reduce: `P`, `A`, `Bᵣ` over row chunks split across programs; each program keeps its own power-of-two
-  scale, updated online from the tiles it loads (a running-max exponent; the accumulators are rescaled
-  exactly when it grows), and writes its partial with its exponents; the partials are combined in a fixed
-  order (deterministic) at the global scale, which is the maximum exponent (no extra pass over memory).
+- Reduce: `P`, `A`, `Bᵣ` over row chunks (at least `8·N` rows each) split across programs; each program
+  keeps its own power-of-two scale, updated online from the tiles it loads (a running-max exponent; the
+  accumulators are rescaled exactly when it grows), writes its partial with its exponents, and raises the
+  global exponent by an atomic maximum (the same in any order): no extra pass over memory.
+- Finalize: one program per tile of each matrix sums the partials in chunk order (deterministic) at the
+  global scale and stores the dot operands (float32; for 16-bit inputs `hi + lo` in the input dtype, scaled
+  per tile by a power of two, so the next pass multiplies 16-bit rows by them on tensor cores).
 - Rows: each program streams a block of rows once more and writes cosines and norms.
-- Backward (`g_i = ∂L/∂s_i`, `α_i = g_i / (|S_i| |T_i|)`, `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps`):
-  `∂L/∂W = diag(α) U Pᵀ + U Q + diag(β) W A + W R` with `Q = Uᵀ diag(α) W`, `R = Wᵀ diag(β) W`: one
-  reduction of `Q`, `R` as above, then one pass that writes each block of `∂L/∂W` once (no
-  read-modify-write). `P`, `A` are saved from forward (`N×N` each).
-- Arithmetic: forward `12 m N²`, backward `12 m N²` (the torch path: about `12 m N²` and `16 m N²`).
+- Backward (`g_i = ∂L/∂s_i`, `α_i = g_i / (|S_i| |T_i|)`, `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps`,
+  computed in-kernel from the saved cosines and norms): `∂L/∂W = diag(α) U Pᵀ + U Q + diag(β) W A + W R`
+  with `Q = Uᵀ diag(α) W`, `R = Wᵀ diag(β) W`: a reduce of `Q`, `R` as above (each chunk scales `α`, `β`
+  by its own power of two into [−1, 1] first), a finalize, then one pass that writes each block of `∂L/∂W`
+  once (no read-modify-write). `P`, `A` come from forward's saved operands.
+- Launches: 4 per pass (a memset and three kernels); the torch path dispatches about 34 forward and 30
+  backward. Arithmetic: forward `12 m N²`, backward `12 m N²` (the torch path: about `12 m N²` and
+  `14 m N²`, counted with `FlopCounterMode`). Each input is read twice per pass.
 
-**Tiles (`N ≥ m`; sample scope with large maps).** Each program owns `BLOCK_ROWS` rows of one group and
+**Tiles (`N ≥ m`; sample scope with large maps).** Each program owns `TILE_ROWS` rows of one group and
 computes the Gram tiles `S[I, J]`, `T[I, J]` for a chunk of up to 256 columns at a time, reducing over
 `N`; it accumulates `<S_i, T_i>`, `|S_i|²`, `|T_i|²` and drops the tiles (memory `O(tile)`). Backward
 recomputes `S[I, J]`, `T[I, J]` per chunk, forms `(W + Wᵀ)[I, J] = (α_i + α_j) T + (β_i + β_j) S` (`S`
 symmetric: `∂L/∂W = (W + Wᵀ) W`) and writes `∂L/∂W[I, :]`: once when `m ≤ 256`, else accumulated over
-`⌈m/256⌉` chunks by the program that owns the rows (no atomics).
+`⌈m/256⌉` chunks by the program that owns the rows (no atomics). For 16-bit inputs `(W + Wᵀ)[I, J]` is
+split `hi + lo` per tile, so that product runs on tensor cores too. The scale comes from one `amax` per
+input (an extra read; this regime is compute-bound).
 
 Offsets are 64-bit; grids are one-dimensional (`_kernel_common.check_grid`). The reference gets no
 gradient. Float32 accumulation throughout; 16-bit operands go to `tl.dot` as they are.
