@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX, check_labels
-from .._validation import check_min_batch, check_tensor, compute_dtype, full_precision, zero_with_grad
+from .._validation import (
+    check_min_batch,
+    check_tensor,
+    checks_values,
+    compute_dtype,
+    full_precision,
+    zero_with_grad,
+)
 from ..distributed import Gather, gather_batch
 from .similarity import Kernel, cka, hsic_from_kernels, kernel_alignment, kernel_matrix
 
@@ -35,6 +42,12 @@ def check_task_labels(
     if labels.shape != (batch,):
         raise ValueError(
             f"'task_labels' must have shape ({batch},) to match the batch of {batch}, got {tuple(labels.shape)}"
+        )
+    invalid = (labels < 0) & (labels != ignore_index)
+    if checks_values() and bool(invalid.any()):
+        raise ValueError(
+            f"'task_labels' holds {int(labels[invalid][0])}: task classes are ≥ 0; mark unknown task labels "
+            f"with ignore_index={ignore_index}"
         )
     return labels
 
