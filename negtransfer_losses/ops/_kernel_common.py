@@ -47,9 +47,10 @@ def check_grid(programs: int, what: str) -> tuple[int]:
 
 @triton.jit
 def frexp_exponent(x_max):  # type: ignore[no-untyped-def]  # a Triton device function
-    """`e ≥ 0` with `2^e > x_max` (`torch.frexp`'s exponent, floored at 0), from the bits of a float32 ≥ 0."""
-    bits = x_max.to(tl.int32, bitcast=True)
-    return tl.maximum(((bits >> 23) & 0xFF) - 126, 0)
+    """`e ≥ 0` with `2^e > x_max` (`torch.frexp`'s exponent, floored at 0), from the bits of a float32 ≥ 0;
+    0 for inf and NaN, as `torch.frexp` gives (so one non-finite value does not rescale the rest to zero)."""
+    field = (x_max.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.where(field == 255, 0, tl.maximum(field - 126, 0))
 
 
 @triton.jit

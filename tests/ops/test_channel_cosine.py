@@ -153,6 +153,8 @@ def test_nan_propagates_like_torch(aggregation: str) -> None:
     assert torch.isnan(got.loss) and torch.isnan(expected.loss)
     cosines = ops.aggregated_row_cosines(s, r, aggregation, backend="triton")  # type: ignore[arg-type]
     assert torch.isnan(cosines[1]) and torch.isfinite(cosines[[0, 2]]).all()
+    reference = ops.aggregated_row_cosines(s, r, aggregation, backend="torch")  # type: ignore[arg-type]
+    torch.testing.assert_close(cosines, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])

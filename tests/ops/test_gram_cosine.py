@@ -178,3 +178,14 @@ def test_identity_partials_over_several_row_chunks(
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol, atol=atol * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize(("shape", "scope"), [((3, 50, 9), "batch"), ((3, 40, 3, 3), "sample"), ((2, 5, 37), "sample")])
+def test_nan_propagates_like_the_torch_path(shape: tuple[int, ...], scope: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    s, r = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    s.view(shape[0], -1)[1, 3] = float("nan")
+    got = ops.gram_row_cosines(s, r, scope, backend="triton")  # type: ignore[arg-type]
+    expected = ops.gram_row_cosines(s, r, scope, backend="torch")  # type: ignore[arg-type]
+    assert torch.isnan(got).any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)  # the rest unchanged
