@@ -403,13 +403,21 @@ def _centre_by_class(x: Tensor, classes: list[int]) -> Tensor:
 
 
 def conditional_adversarial_ce(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """CE of a linear head on the features centred within task class, over the eligible samples."""
+    """CE of a linear head on the features centred within task class plus the batch's log p̂(u | y), over the
+    eligible samples."""
     eligible = _eligible_classes(u, y, 1)
     idx = sorted(i for members in eligible.values() for i in members)
     if not idx:
         return 0.0 * flat(z).sum()
-    zc = _centre_by_class(flat(z)[idx], [int(y[i]) for i in idx])
-    return cross_entropy(zc @ weight.double().T + bias.double(), u[idx])
+    classes = [int(y[i]) for i in idx]
+    zc = _centre_by_class(flat(z)[idx], classes)
+    k = weight.shape[0]
+    prior = torch.zeros(len(idx), k, dtype=torch.float64)  # log p̂(u | y), add-½ counts over the eligible samples
+    for row, c in enumerate(classes):
+        counts = [sum(1 for i in idx if int(y[i]) == c and int(u[i]) == j) + 0.5 for j in range(k)]
+        for j in range(k):
+            prior[row, j] = float(np.log(counts[j] / sum(counts)))
+    return cross_entropy(zc @ weight.double().T + bias.double() + prior, u[idx])
 
 
 def conditional_cka(z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100) -> Tensor:

@@ -259,9 +259,12 @@ def adversarial_suppression(
 
     **Conditional** (`task_labels` given; the library's own): the head sees the features centred within
     their task class, `z_i - z̄_{y_i}`, over the eligible samples of `within_class_groups` (`u` and `y`
-    known, at least two `u` values in the class) and only those: `CE(h(GRL_λ(z - z̄_y)), u)` averaged over
-    them (and the entropy term over them too). What separates the task classes is invisible to the head,
-    so the reversed gradient removes only what predicts `u` within a class.
+    known, at least two `u` values in the class) and only those, and its logits are offset by the batch's
+    log-prior of `u` in the class, `log p̂(u = k | y) = log((n_{y,k} + ½) / (n_y + K/2))` (counts over the
+    eligible samples, a constant): `CE(h(GRL_λ(z - z̄_y)) + log p̂(· | y), u)` averaged over them (the
+    entropy term, if any, on `h(z - z̄_y)` over them too). What separates the task classes is invisible to
+    the head, and what `y` says about `u` is given to it, so the reversed gradient removes only what
+    predicts `u` within a class beyond its prior.
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)` for the head.
@@ -275,6 +278,7 @@ def adversarial_suppression(
     check_tensor(features, "features")
     z = features.reshape(features.shape[0], -1)
     loss = zero_with_grad(features)
+    prior: Tensor | None = None
     if task_labels is not None:
         if labels is None:
             raise ValueError("the conditional adversarial loss needs 'irrelevant_labels' as well as 'task_labels'")
@@ -285,12 +289,15 @@ def adversarial_suppression(
             return loss
         z = centre_within_groups(z[eligible], group[eligible])
         labels = labels[eligible]
+        prior = _log_prior(labels, group[eligible], num_irrelevant, z.dtype)
     elif labels is not None:
         _check_irrelevant(labels, num_irrelevant, features, ignore_index)
     if labels is not None:
         known = labels != ignore_index
         if bool(known.any()):
             logits = _head_logits(head, gradient_reversal(z, strength), num_irrelevant, head_parameters)
+            if prior is not None:
+                logits = logits + prior
             loss = loss + F.cross_entropy(logits[known].to(compute_dtype(logits)), labels[known], reduction="mean")
     if entropy_weight:
         params = head_parameters if head_parameters is not None else dict(head.named_parameters())
@@ -298,6 +305,15 @@ def adversarial_suppression(
         log_p = F.log_softmax(logits.to(compute_dtype(logits)), dim=1)
         loss = loss + entropy_weight * (log_p.exp() * log_p).sum(dim=1).mean()
     return loss
+
+
+def _log_prior(labels: Tensor, group: Tensor, num_irrelevant: int, dtype: torch.dtype) -> Tensor:
+    """Per sample, `log p̂(u = k | y)` from the batch's counts with add-½ smoothing, `(n, num_irrelevant)`."""
+    num_groups = int(group.max()) + 1
+    counts = torch.zeros(num_groups, num_irrelevant, dtype=dtype, device=labels.device)
+    counts.index_put_((group, labels), torch.ones_like(labels, dtype=dtype), accumulate=True)
+    smoothed = counts + 0.5
+    return torch.log(smoothed / smoothed.sum(dim=1, keepdim=True))[group]
 
 
 def _head_logits(head: nn.Module, z: Tensor, num_irrelevant: int, params: Mapping[str, Tensor] | None = None) -> Tensor:
