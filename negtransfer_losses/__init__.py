@@ -7,10 +7,11 @@
   `MultiTaskLoss`;
 - the math of every method as plain functions: `negtransfer_losses.functional`;
 - fused kernels and the backend choice: `negtransfer_losses.ops`;
+- where negative transfer lives (layer probes, CKA maps): `negtransfer_losses.diagnostics`;
 - every module's logged terms as floats: `collect_terms`.
 """
 
-from . import functional
+from . import diagnostics, functional, ops
 from .losses import (
     AntiTransferLoss,
     DistributionMatchingLoss,
@@ -39,5 +40,7 @@ __all__ = [
     "TaskRelatedness",
     "__version__",
     "collect_terms",
+    "diagnostics",
     "functional",
+    "ops",
 ]

@@ -50,7 +50,7 @@ def check_labels(
         invalid |= labels >= num_classes
     if checks_values() and bool(invalid.any()):
         value = int(labels[invalid][0])
-        valid = "negative" if num_classes is None else f"outside [0, {num_classes}) for {num_classes} {what}"
+        valid = f"{what} are ≥ 0" if num_classes is None else f"outside [0, {num_classes}) for {num_classes} {what}"
         raise ValueError(f"'{name}' holds {value}, {valid}; mark unknown labels with ignore_index={ignore_index}")
     return labels
 

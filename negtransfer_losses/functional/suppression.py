@@ -17,7 +17,6 @@ from .._labels import IGNORE_INDEX, check_labels
 from .._validation import (
     check_min_batch,
     check_tensor,
-    checks_values,
     compute_dtype,
     full_precision,
     zero_with_grad,
@@ -33,23 +32,9 @@ def check_task_labels(
 
     The conditional variants need no count of task classes: only which samples share a class.
     """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"'task_labels' must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"'task_labels' must hold integer class indices, got dtype {labels.dtype}")
-    if device is not None and labels.device != device:
-        raise ValueError(f"'task_labels' must be on the same device as the features ({device}), got {labels.device}")
-    if labels.shape != (batch,):
-        raise ValueError(
-            f"'task_labels' must have shape ({batch},) to match the batch of {batch}, got {tuple(labels.shape)}"
-        )
-    invalid = (labels < 0) & (labels != ignore_index)
-    if checks_values() and bool(invalid.any()):
-        raise ValueError(
-            f"'task_labels' holds {int(labels[invalid][0])}: task classes are ≥ 0; mark unknown task labels "
-            f"with ignore_index={ignore_index}"
-        )
-    return labels
+    return check_labels(
+        labels, None, batch, name="task_labels", what="task classes", ignore_index=ignore_index, device=device
+    )
 
 
 def _check_irrelevant(labels: object, num_irrelevant: int, features: Tensor, ignore_index: int) -> Tensor:

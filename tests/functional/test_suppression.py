@@ -243,7 +243,7 @@ def test_conditional_adversarial_hostile_inputs() -> None:
         ntf.adversarial_suppression(z, None, head, 3, task_labels=y)
     with pytest.raises(TypeError, match=r"'task_labels' must hold integer class indices"):
         ntf.adversarial_suppression(z, u, head, 3, task_labels=y.double())
-    with pytest.raises(ValueError, match=r"'task_labels' holds -1: task classes are ≥ 0; mark unknown"):
+    with pytest.raises(ValueError, match=r"'task_labels' holds -1, task classes are ≥ 0; mark unknown"):
         ntf.irrelevant_hsic(z, u, 3, task_labels=y.clamp(0) - 1)
     with pytest.raises(ValueError, match=r"'task_labels' must have shape \(24,\) to match the batch of 24"):
         ntf.irrelevant_cka(z, z, task_labels=y[:5])
