@@ -3,8 +3,9 @@ uses tensor cores exactly where it should: float16/bfloat16 operands and TF32 (w
 float32 in the exact mode (`input_precision="ieee"`) does not.
 
 The compile runs in a subprocess with `TRITON_INTERPRET=0` (`tests/ops/compile_kernels.py`): under the
-interpreter `triton.jit` gives no compilable function. Cold, it compiles about 80 kernels (minutes on two
-cores); Triton's cache (`~/.triton/cache`) makes later runs take seconds.
+interpreter `triton.jit` gives no compilable function. By default one specialization per kernel in
+bfloat16 and exact float32 (about 40 compiles, 80 s cold on two cores); `NEGTRANSFER_COMPILE_ALL=1`
+compiles all 216 (about 10 minutes cold). Triton's cache (`~/.triton/cache`) makes later runs take seconds.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ DOT_KERNELS = ("identity_reduce", "identity_grad_reduce", "identity_rows", "iden
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_every_specialization_compiles_for_sm80_and_sm90_with_tensor_cores_where_due() -> None:
+    # the whole set (216 compiles, ~10 minutes cold on two cores) with NEGTRANSFER_COMPILE_ALL=1; by default
+    # one specialization per kernel in bfloat16 and exact float32 (~40 compiles), so that CI stays short
     script = Path(__file__).with_name("compile_kernels.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=1800)
+    scope = [] if os.environ.get("NEGTRANSFER_COMPILE_ALL", "0") not in ("", "0") else ["--representative"]
+    done = subprocess.run([sys.executable, str(script), *scope], capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     report: dict[str, dict[str, bool]] = json.loads(done.stdout.strip().splitlines()[-1])
     assert {key.rsplit("@", 1)[1] for key in report} == {"sm_80", "sm_90"}
