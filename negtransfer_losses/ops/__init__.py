@@ -1,7 +1,8 @@
 """Fused GPU kernels (Triton) with the same contract as their `functional` twins, and the backend dispatcher.
 
 Every backend choice of the package is made here (`negtransfer_losses.ops.dispatch`): `backend="auto"`
-takes a fused kernel only where it beats the functional path, `"torch"` and `"triton"` force one, and the
+takes a fused kernel only where it beats the functional path by the cost rule of the kernels page
+(`fused_wins`; never for float64 or inside `torch.compile`), `"torch"` and `"triton"` force one, and the
 environment variable `NEGTRANSFER_BACKEND` replaces the default. Triton is imported only when a kernel
 runs; with `TRITON_INTERPRET=1` the kernels also run, slowly, on CPU tensors (how the tests check them).
 
