@@ -123,10 +123,8 @@ def main() -> None:
         f"test accuracy (stripes independent of the task): plain {accuracy(plain, x_test, y_test):.3f}, "
         f"anti-transfer {accuracy(with_at, x_test, y_test):.3f}"
     )
-    print(
-        "last anti-transfer terms:",
-        {layer: {k: round(v.item(), 4) for k, v in terms.items()} for layer, terms in penalty.last_terms.items()},
-    )
+    terms = ntl.collect_terms({"anti-transfer": penalty})
+    print("last anti-transfer terms:", {name: round(value, 4) for name, value in terms.items()})
 
 
 if __name__ == "__main__":

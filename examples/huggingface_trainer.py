@@ -185,6 +185,7 @@ def train_with_trainer(
             report_to="none",  # "tensorboard" / "wandb" receive the same logs, terms included
             remove_unused_columns=False,  # keep "irrelevant_labels": the model's forward does not take it
             disable_tqdm=True,
+            dataloader_pin_memory=False,  # pinning is for GPU training; on CPU it only warns
             seed=seed,
         )
         trainer = NegTransferTrainer(model=student, args=args, train_dataset=TokenData(256, seed), penalty=penalty)
