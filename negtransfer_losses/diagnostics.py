@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional.similarity import hsic_from_kernels
+from .functional.similarity import hsic_from_kernels, safe_ratio
 from .taps import FeatureTap, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,9 +260,7 @@ def layer_similarity(
         tap_b.remove()
     if cross is None or self_a is None or self_b is None:
         raise ValueError("layer_similarity needs at least one batch of 4 or more samples in 'inputs'")
-    den = self_a[:, None] * self_b[None, :]
-    positive = den > 0
-    matrix = torch.where(positive, cross / torch.where(positive, den, torch.ones_like(den)).sqrt(), 0.0)
+    matrix = safe_ratio(cross, self_a[:, None], self_b[None, :])
     return LayerSimilarity(matrix.cpu(), names_a, names_b)
 
 

@@ -350,9 +350,10 @@ class FrozenReference(nn.Module):
     `calls_per_pass`; its last output is returned, as `FeatureTap` does.
 
     A pass whose call counts differ from `calls_per_pass` raises `ValueError` naming the layer and the
-    counts, instead of answering with an earlier call's output: always with `stop_early=False` (the
-    whole pass runs), and with `stop_early=True` when a layer runs more often than declared before the
-    last requested layer has finished (extra calls after that point are never run, so never seen).
+    counts, instead of answering with an earlier call's output: always when the whole pass ran (with
+    `stop_early=False`, or when the stop never came because a layer ran less often than declared), and
+    with `stop_early=True` when a layer runs more often than declared before the last requested layer has
+    finished (extra calls after the stop are never run, so never seen).
 
     Args:
         model: the frozen network (bare or wrapped).
@@ -400,11 +401,12 @@ class FrozenReference(nn.Module):
         self._tap.attach()
         self._tap.clear()
         self._tap._stop_after = self.calls_per_pass if self.stop_early else None
+        whole_pass = True  # the forward ran to its end, so every count is final
         try:
             with torch.no_grad():
                 self.model(*args, **kwargs)
         except _StopForward:
-            pass
+            whole_pass = False
         except BaseException:
             self._tap.clear()  # do not keep a failed pass's features alive
             raise
@@ -414,8 +416,7 @@ class FrozenReference(nn.Module):
         wrong = {
             name: count
             for name, count in counts.items()
-            if count
-            and (count > self.calls_per_pass[name] or (not self.stop_early and count != self.calls_per_pass[name]))
+            if count and (count > self.calls_per_pass[name] or (whole_pass and count != self.calls_per_pass[name]))
         }
         if wrong:
             self._tap.clear()

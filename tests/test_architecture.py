@@ -163,7 +163,9 @@ def test_anti_transfer_options_that_do_not_apply_raise() -> None:
         ntl.AntiTransferLoss("gram", mul_exponent=0.01)
     with pytest.raises(ValueError, match=r"distance='cka' compares per-sample representations"):
         ntl.AntiTransferLoss("gram", "cka", gram_scope="batch")
-    assert ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.0).options.mul_exponent == 0.0
+    with pytest.raises(ValueError, match=r"'mul_exponent' must be > 0"):
+        ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.0)
+    assert ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.01).options.mul_exponent == 0.01
 
 
 def test_multilabel_targets_accept_integers_with_minus_one_and_booleans() -> None:

@@ -372,6 +372,9 @@ def test_frozen_reference_detects_call_counts_that_differ_from_the_declared_ones
         ntl.FrozenReference(SharedTwice(), "shared", stop_early=False)(x)
     with pytest.raises(ValueError, match=r"'shared' ran 2 time\(s\), expected 3"):
         ntl.FrozenReference(SharedTwice(), "shared", stop_early=False, calls_per_pass=3)(x)
+    two = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"'0' ran 1 time\(s\), expected 2"):  # the stop never came
+        ntl.FrozenReference(two, ["0", "1"], calls_per_pass={"0": 2})(x)
     with pytest.raises(ValueError, match=r"'calls_per_pass' names layer\(s\) \['other'\]"):
         ntl.FrozenReference(SharedTwice(), "shared", calls_per_pass={"other": 2})
     with pytest.raises(ValueError, match=r"'calls_per_pass' must be whole numbers ≥ 1, got 0"):

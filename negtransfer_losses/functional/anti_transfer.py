@@ -131,6 +131,8 @@ class AntiTransferOptions:
             )
         if aggregation == "mul":
             mul_exponent = DEFAULT_MUL_EXPONENT if mul_exponent is None else float(mul_exponent)
+            if not mul_exponent > 0:
+                raise ValueError(f"'mul_exponent' must be > 0 (0 makes every map 1), got {mul_exponent}")
         elif mul_exponent is not None:
             raise ValueError(
                 f"'mul_exponent' applies to aggregation='mul' only, got it with aggregation={aggregation!r}"
@@ -207,7 +209,9 @@ def anti_transfer(
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
             CKA and the mean over rows all depend on the batch; `negtransfer_losses.distributed`).
-        generator: draws the window of `"stochastic_pairwise"` (torch's default generator when None).
+        generator: draws the window of `"stochastic_pairwise"` (torch's default generator when None). With
+            `gather="global"` every rank draws its own window: seed every rank alike (as DDP scripts do)
+            so that all ranks compute the same loss.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -251,9 +255,6 @@ def compute_anti_transfer_terms(
     """
     check_anti_transfer_inputs(student, reference, options, layer)
     student, reference = gather_batch(student, options.gather), gather_batch(reference.detach(), options.gather)
-    if options.aggregation == "stochastic_pairwise":
-        window = stochastic_window(student.shape[1], student.shape[0], generator)
-        student, reference = student[:, window], reference[:, window]
     with full_precision(student, reference):
         # inputs stay in their dtype here: every computation below reduces in float32/64 itself, and the
         # fused kernels read fp16/bf16 directly (half the bytes of an upcast copy)
@@ -261,6 +262,9 @@ def compute_anti_transfer_terms(
         student, reference = guarded["student"], guarded["reference"]
         flat = student.detach().reshape(student.shape[0], -1)
         student_norm = torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(student, reference)).mean()
+        if options.aggregation == "stochastic_pairwise":  # after the norm: it watches every channel
+            window = stochastic_window(student.shape[1], student.shape[0], generator)
+            student, reference = student[:, window], reference[:, window]
         loss, similarity = _distance(student, reference, options, layer, row_cosines)
         return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), student_norm)
 

@@ -12,8 +12,9 @@ repeated `C_s` times: `C_s·C_r·N` values per sample. Every distance of those r
   `C_s·K_R`, and CKA ignores isotropic scale).
 
 `stochastic_pairwise` applies `pairwise` to a window of `q = C // B` consecutive channels (`q = 1` when
-`C < B`), its start drawn uniformly from `[0, C - q]` by torch's generator on each call: the same window
-for student and reference, so both need the same channel count. Two departures from the authors' code,
+`B = 1`, as in the authors' code, and when `C < B`), its start drawn uniformly from `[0, C - q]` by
+torch's generator on each call: the same window for student and reference, so both need the same channel
+count. Two departures from the authors' code,
 both at its edges: their start is drawn from `[0, C - q)` (the last window is never drawn), and for
 `C < B` their `q` is 0 (an empty window).
 """
@@ -53,11 +54,12 @@ def pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:
 
 
 def stochastic_window(channels: int, batch: int, generator: torch.Generator | None = None) -> slice:
-    """The window of `q = max(channels // batch, 1)` consecutive channels, start uniform in `[0, channels - q]`.
+    """The window of `q = channels // batch` consecutive channels (1 when `batch` is 1 or `channels < batch`),
+    its start uniform in `[0, channels - q]`.
 
     Drawn on the CPU from `generator` (torch's default generator when None), so `torch.manual_seed`
     makes it reproducible whatever the features' device.
     """
-    width = max(channels // batch, 1)
+    width = 1 if batch == 1 else max(channels // batch, 1)
     start = int(torch.randint(0, channels - width + 1, (), generator=generator))
     return slice(start, start + width)

@@ -37,7 +37,11 @@ class Purify(nn.Module):
     - Running means and which classes were seen are buffers, saved in the `state_dict`.
 
     **`conditional=True`** (the library's own) erases only what `u` says beyond the task label `y`: the
-    span of the within-class `u`-mean differences `μ_{k,y} - μ_y`, pooled over task classes. It keeps a
+    directions of the within-class `u`-mean differences `μ_{k,y} - μ_y`, summed over task classes with
+    weights `n_{y,k}` (column `k` of `C` below is `Σ_y n_{y,k} (μ_{k,y} - μ_y) / |E|`). **Limit:** a
+    direction whose `u`-effect has opposite signs in two task classes cancels in that sum and is not
+    erased; the erased space has rank ≤ `num_irrelevant - 1`, not the full span of every class's
+    differences. It keeps a
     running estimate of the pooled within-class cross-covariance
     `C = Σ_{i∈E} (z_i - z̄_{y_i})(e_{u_i} - ē_{y_i})ᵀ / |E|` (`(dim, num_irrelevant)`, `E` the samples whose
     `u` and `y` are known, in task classes holding at least two `u` values in the batch), updated like the

@@ -289,7 +289,7 @@ class TaskIrrelevantSuppression(nn.Module):
             else:
                 strength = self.current_strength()
                 value = self._adversarial(features, irrelevant_labels, task_labels, strength)
-                terms["strength"] = torch.tensor(strength)
+                terms["strength"] = torch.tensor(strength, device=value.device)
         value = zero_unless(finite, value)
         loss = self.weight * value
         self.last_terms = {"loss": loss.detach(), "value": value.detach(), **terms}

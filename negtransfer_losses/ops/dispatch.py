@@ -16,7 +16,7 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from .._validation import check_choice
+from .._validation import check_choice, checks_values
 
 Backend: TypeAlias = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -35,7 +35,7 @@ def interpreting() -> bool:
 
 def compiling() -> bool:
     """Whether `torch.compile` is tracing: inductor fuses the torch path itself, so `auto` takes it."""
-    return bool(torch.compiler.is_compiling())
+    return not checks_values()
 
 
 def check_backend(backend: object) -> Backend:

@@ -83,6 +83,8 @@ def test_stochastic_window_is_reproducible_under_a_seed_and_covers_every_start()
     torch.manual_seed(0)
     assert [stochastic_window(8, 3, None) for _ in range(50)] == first
     assert {w.start for w in first} == set(range(8 - 2 + 1))  # q = 8 // 3 = 2; the last start included
+    single = stochastic_window(8, 1, None)
+    assert single.stop - single.start == 1  # B = 1: the authors' q = 1
     narrow = stochastic_window(3, 8, None)
     assert narrow.stop - narrow.start == 1  # C < B: one channel (the authors' q = C // B would be 0)
 
