@@ -2,7 +2,9 @@
 
 Every loss module of the package keeps, after each call, `last_terms`: a flat `dict[str, Tensor]` of
 detached scalars that always holds `"loss"` (the module's weighted output) beside its own terms; terms of
-one layer are named `"{layer}/{term}"` and those of a submodule `"{submodule}/{term}"`.
+one layer are named `"{layer}/{term}"` and those of a submodule `"{submodule}/{term}"`. Only `"loss"` keys
+are weighted (the module's total, a layer's or a submodule's contribution); every other term is the raw,
+unweighted value its module documents (`"value"`, `"similarity"`, `"a_to_b"`, ...).
 `collect_terms` turns them into Python floats under one prefix per module, ready for
 `SummaryWriter.add_scalars`, `wandb.log`, Lightning's `self.log_dict` or Trainer's `self.log`.
 """
