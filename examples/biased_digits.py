@@ -474,7 +474,9 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     ax.set_xticks(range(len(correlations)), [f"{c:.0%}" for c in correlations])
     ax.set_xlabel("colour–digit correlation in training")
     ax.set_ylabel("test accuracy, random colours (%)")
-    ax.set_title("Biased digits: unbiased accuracy vs correlation (mean ± std over seeds; weights on validation)")
+    ax.set_title(
+        "Biased digits: unbiased accuracy vs correlation\n(mean ± std over seeds; weights chosen on validation)"
+    )
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
