@@ -15,7 +15,7 @@ Kernels:
   `DistributionMatchingLoss` and `MultiTaskLoss`.
 """
 
-from .anti_transfer import aggregated_row_cosines, anti_transfer, anti_transfer_terms, gram_row_cosines
+from .anti_transfer import aggregated_row_cosines, anti_transfer, anti_transfer_terms_for, gram_row_cosines
 from .dispatch import BACKENDS, Backend, interpreting, resolve_backend, triton_available
 from .distribution_matching import distribution_matching
 
@@ -24,7 +24,7 @@ __all__ = [
     "Backend",
     "aggregated_row_cosines",
     "anti_transfer",
-    "anti_transfer_terms",
+    "anti_transfer_terms_for",
     "distribution_matching",
     "gram_row_cosines",
     "interpreting",

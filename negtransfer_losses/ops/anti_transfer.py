@@ -78,41 +78,10 @@ def anti_transfer(
     generator: torch.Generator | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
-    """`functional.anti_transfer` with the backend choice (`negtransfer_losses.ops.dispatch`)."""
-    return anti_transfer_terms(
-        student,
-        reference,
-        aggregation,
-        distance,
-        gram_scope,
-        eps,
-        mul_exponent=mul_exponent,
-        nan_policy=nan_policy,
-        layer=layer,
-        gather=gather,
-        generator=generator,
-        backend=backend,
-    ).loss
-
-
-def anti_transfer_terms(
-    student: Tensor,
-    reference: Tensor,
-    aggregation: AntiTransferAggregation = "gram",
-    distance: Distance = "cos_squared",
-    gram_scope: GramScope | None = None,
-    eps: float = 1e-8,
-    *,
-    mul_exponent: float | None = None,
-    nan_policy: NanPolicy = "raise",
-    layer: str | None = None,
-    gather: Gather = "local",
-    generator: torch.Generator | None = None,
-    backend: Backend = "auto",
-) -> AntiTransferTerms:
-    """`functional.anti_transfer_terms` with the backend choice."""
+    """`functional.anti_transfer` with the backend choice (`negtransfer_losses.ops.dispatch`); the terms
+    beside the loss come from `anti_transfer_terms_for`, which takes the options resolved once."""
     options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
-    return anti_transfer_terms_for(student, reference, options, layer=layer, generator=generator, backend=backend)
+    return anti_transfer_terms_for(student, reference, options, layer=layer, generator=generator, backend=backend).loss
 
 
 def anti_transfer_terms_for(

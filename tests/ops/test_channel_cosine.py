@@ -147,10 +147,9 @@ def test_nan_propagates_like_torch(aggregation: str) -> None:
     # (the interpreter's numpy max keeps NaN either way, so this checks the contract, not the GPU flag)
     s, r = maps(3, 5, (4, 3), torch.float32)
     s[1, 2, 1, 1] = float("nan")
-    kwargs = {"nan_policy": "propagate"}
-    got = ops.anti_transfer_terms(s, r, aggregation, "cos", backend="triton", **kwargs)  # type: ignore[arg-type]
-    expected = ops.anti_transfer_terms(s, r, aggregation, "cos", backend="torch", **kwargs)  # type: ignore[arg-type]
-    assert torch.isnan(got.loss) and torch.isnan(expected.loss)
+    got = ops.anti_transfer(s, r, aggregation, "cos", nan_policy="propagate", backend="triton")  # type: ignore[arg-type]
+    expected = ops.anti_transfer(s, r, aggregation, "cos", nan_policy="propagate", backend="torch")  # type: ignore[arg-type]
+    assert torch.isnan(got) and torch.isnan(expected)
     cosines = ops.aggregated_row_cosines(s, r, aggregation, backend="triton")  # type: ignore[arg-type]
     assert torch.isnan(cosines[1]) and torch.isfinite(cosines[[0, 2]]).all()
     reference = ops.aggregated_row_cosines(s, r, aggregation, backend="torch")  # type: ignore[arg-type]
