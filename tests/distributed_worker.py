@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,21 +59,32 @@ def losses(gather: str, reference: Net) -> dict[str, Callable[[Tensor, Tensor, T
 
 
 def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_and_leave(rank, world, init_file, out_dir, ddp_results)
+
+
+def ddp_results(rank: int) -> dict[str, dict[str, Tensor]]:
+    x, y, u = full_batch()
+    start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    results: dict[str, dict[str, Tensor]] = {}
+    for name, loss_fn in losses("global", make_model(seed=1)).items():
+        model.zero_grad(set_to_none=True)
+        with ntl.FeatureTap(ddp, "body") as tap:
+            out = ddp(x[start:stop])
+        loss = loss_fn(tap.pop()["body"], x[start:stop], y[start:stop], u[start:stop])
+        (3.7 * loss + 0.0 * out.sum()).backward()  # a task loss would use the output; DDP expects it used
+        results[name] = {"loss": loss.detach(), **body_grads(model)}
+    return results
+
+
+def run_and_leave(
+    rank: int, world: int, init_file: str, out_dir: str, compute: Callable[[int], dict[str, Any]]
+) -> None:
+    """Join the gloo group, save `compute(rank)` as `rank{rank}.pt` in `out_dir`, meet at a barrier, leave."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x, y, u = full_batch()
-        start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        results: dict[str, dict[str, Tensor]] = {}
-        for name, loss_fn in losses("global", make_model(seed=1)).items():
-            model.zero_grad(set_to_none=True)
-            with ntl.FeatureTap(ddp, "body") as tap:
-                out = ddp(x[start:stop])
-            loss = loss_fn(tap.pop()["body"], x[start:stop], y[start:stop], u[start:stop])
-            (3.7 * loss + 0.0 * out.sum()).backward()  # a task loss would use the output; DDP expects it used
-            results[name] = {"loss": loss.detach(), **body_grads(model)}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(compute(rank), Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()

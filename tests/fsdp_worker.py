@@ -7,12 +7,11 @@ wrappers insert.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from distributed_worker import run_and_leave
 from torch import Tensor, nn
 
 import negtransfer_losses as ntl
@@ -133,32 +132,26 @@ def fsdp1_tap_check() -> dict[str, Any]:
 
 def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+    run_and_leave(rank, world, init_file, out_dir, fsdp_results)
 
-        mesh = init_device_mesh("cpu", (world,))
-        x, u = full_batch()
-        start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
-        model = shard(make_model(seed=0), mesh)
-        # stop_early=False: an early stop raises out of the root's forward, so FSDP2's post-forward hook of
-        # the root never runs and its state stays "in forward" (its reshard() then does nothing)
-        frozen = ntl.FrozenReference(shard(make_model(seed=1), mesh), list(LAYERS), stop_early=False)
-        results = train(model, frozen, x[start:stop], u[start:stop], "global")
-        results["sharded"] = parameter_types(model, frozen.model)
-        # the early stop still gives the right features, call after call
-        stopping = ntl.FrozenReference(shard(make_model(seed=1), mesh), list(LAYERS))
-        results["early_stop_reference"] = [stopping(x[start:stop]) for _ in range(2)]
-        results["fsdp1"] = fsdp1_tap_check()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without running destructors: gloo's teardown at process exit sometimes aborts a rank with
-    # "terminate called without an active exception" (see tests/distributed_worker.py). The results are
-    # saved and every rank has passed the barrier, so nothing is lost.
-    os._exit(0)
+
+def fsdp_results(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    x, u = full_batch()
+    start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    model = shard(make_model(seed=0), mesh)
+    # stop_early=False: an early stop raises out of the root's forward, so FSDP2's post-forward hook of
+    # the root never runs and its state stays "in forward" (its reshard() then does nothing)
+    frozen = ntl.FrozenReference(shard(make_model(seed=1), mesh), list(LAYERS), stop_early=False)
+    results = train(model, frozen, x[start:stop], u[start:stop], "global")
+    results["sharded"] = parameter_types(model, frozen.model)
+    # the early stop still gives the right features, call after call
+    stopping = ntl.FrozenReference(shard(make_model(seed=1), mesh), list(LAYERS))
+    results["early_stop_reference"] = [stopping(x[start:stop]) for _ in range(2)]
+    results["fsdp1"] = fsdp1_tap_check()
+    return results
 
 
 def single_process() -> dict[str, Any]:
