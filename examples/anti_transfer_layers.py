@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 
 import biased_digits as bd
+from study_results import write_study
 
 import negtransfer_losses as ntl
 from negtransfer_losses import diagnostics
@@ -254,11 +255,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
         },
         "runs": records,
     }
-    (args.out / "anti_transfer_layers.json").write_text(json.dumps(result, indent=1))
-    (args.out / "anti_transfer_layers.md").write_text(table + "\n")
+    write_study(args.out, "anti_transfer_layers", result, table, lambda path: plot_layers(rows, path, args.correlation))
     plot_diagnostics(found, args.out / "anti_transfer_diagnostics.png", args.correlation)
-    plot_layers(rows, args.out / "anti_transfer_layers.png", args.correlation)
-    print(f"wrote {args.out / 'anti_transfer_layers.json'}, .md, .png and anti_transfer_diagnostics.png")
     return rows
 
 

@@ -52,6 +52,9 @@ from tqdm import tqdm
 
 import negtransfer_losses as ntl
 
+sys.path.insert(0, str(Path(__file__).parent))
+from study_results import write_study
+
 PALETTE = torch.tensor(
     [
         [0.90, 0.10, 0.10],
@@ -502,10 +505,7 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
         "grid": {m: SWEEP_GRID[m] for m in methods if m in SWEEP_GRID},
         "summary": rows,
     }
-    (args.out / "biased_sweep.json").write_text(json.dumps(record, indent=1))
-    (args.out / "biased_sweep.md").write_text(table + "\n")
-    plot_sweep(rows, args.out / "biased_sweep.png")
-    print(f"wrote {args.out / 'biased_sweep.json'}, .md and .png")
+    write_study(args.out, "biased_sweep", record, table, lambda path: plot_sweep(rows, path))
     return rows
 
 

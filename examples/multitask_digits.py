@@ -27,6 +27,7 @@ import argparse
 import inspect
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import negtransfer_losses as ntl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study_results import write_study
 
 ATTRIBUTES = {
     "even": {0, 2, 4, 6, 8},
@@ -435,10 +439,7 @@ def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
         "summary": rows,
         "runs": records,
     }
-    (args.out / "multitask_sweep.json").write_text(json.dumps(record, indent=1))
-    (args.out / "multitask_sweep.md").write_text(table + "\n")
-    plot_sweep(rows, args.out / "multitask_sweep.png")
-    print(f"wrote {args.out / 'multitask_sweep.json'}, .md and .png")
+    write_study(args.out, "multitask_sweep", record, table, lambda path: plot_sweep(rows, path))
     return rows
 
 
