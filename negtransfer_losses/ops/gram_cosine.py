@@ -521,6 +521,24 @@ def _tile_columns(rows: int) -> int:
     return min(TILE_COLUMNS, max(16, int(triton.next_power_of_2(rows))))
 
 
+def _finalize(
+    partials: Tensor, exponents: Tensor, top: Tensor, dtype: torch.dtype, dot_dtype: Any, block: int, *, forward: bool
+) -> tuple[Tensor, Tensor]:
+    """Combine the row-chunk partials `(groups, splits, mats, padded, padded)` in chunk order into the N×N
+    matrices (`mats` = 3 forward, 2 backward), split hi + lo in the input dtype for 16-bit dots."""
+    groups, splits, mats, padded, _ = partials.shape
+    tiles = exponents.shape[2]
+    split = dot_dtype != tl.float32
+    parts = torch.empty(groups, mats, 1 + split, padded, padded, device=partials.device,
+                        dtype=dtype if split else torch.float32)  # fmt: skip
+    factors = torch.empty(groups, mats, tiles, tiles, device=partials.device, dtype=torch.float32)
+    _finalize_kernel[check_grid(groups * mats * tiles * tiles, "gram_row_cosines")](
+        partials, exponents, top, parts, factors, splits, tiles,
+        MATS=mats, FORWARD=forward, DOT_DTYPE=dot_dtype, SPLIT=split, BLOCK_N=block,
+    )  # fmt: skip
+    return parts, factors
+
+
 class GramRowCosines(torch.autograd.Function):
     """`(B·C,)` row cosines of the Gram matrices; saves its inputs, three scalars per row, and (identity
     kernel) the `N×N` matrices `P`, `A`, `Bᵣ` of each group as dot operands."""
@@ -549,13 +567,7 @@ class GramRowCosines(torch.autograd.Function):
                 w, u, partials, exponents, top, rows, dim, rows_per_split, splits, tiles,
                 DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
-            parts = torch.empty(groups, 3, 1 + split, padded, padded, device=w.device,
-                                dtype=w.dtype if split else torch.float32)  # fmt: skip
-            factors = torch.empty(groups, 3, tiles, tiles, device=w.device, dtype=torch.float32)
-            _finalize_kernel[check_grid(groups * 3 * tiles * tiles, "gram_row_cosines")](
-                partials, exponents, top, parts, factors, splits, tiles,
-                MATS=3, FORWARD=True, DOT_DTYPE=dot_dtype, SPLIT=split, BLOCK_N=block,
-            )  # fmt: skip
+            parts, factors = _finalize(partials, exponents, top, w.dtype, dot_dtype, block, forward=True)
             blocks = triton.cdiv(rows, BLOCK_ROWS)
             _identity_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
                 w, u, parts, factors, top, cosines, norms_s, norms_t, rows, dim, blocks, tiles, eps,
@@ -595,13 +607,7 @@ class GramRowCosines(torch.autograd.Function):
                 rows, dim, rows_per_split, splits, tiles, eps,
                 DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
             )  # fmt: skip
-            parts = torch.empty(groups, 2, 1 + split, padded, padded, device=w.device,
-                                dtype=w.dtype if split else torch.float32)  # fmt: skip
-            factors = torch.empty(groups, 2, tiles, tiles, device=w.device, dtype=torch.float32)
-            _finalize_kernel[check_grid(groups * 2 * tiles * tiles, "gram_row_cosines")](
-                partials, exponents, coef_top, parts, factors, splits, tiles,
-                MATS=2, FORWARD=False, DOT_DTYPE=dot_dtype, SPLIT=split, BLOCK_N=block,
-            )  # fmt: skip
+            parts, factors = _finalize(partials, exponents, coef_top, w.dtype, dot_dtype, block, forward=False)
             blocks = triton.cdiv(rows, BLOCK_ROWS)
             _identity_grad_rows_kernel[check_grid(groups * blocks, "gram_row_cosines")](
                 w, u, fwd_parts, fwd_factors, parts, factors, top, coef_top, grad, grad.stride(0), cosines, norms_s,
