@@ -95,17 +95,22 @@ def _scaled(x, factor, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tile(pid, tiles, splits, BLOCK_N: tl.constexpr):
+    """`(tile, row chunk, group, columns i, columns j)` of a program of the identity reductions: programs run over
+    groups × row chunks × (tiles × tiles) tiles of the N×N matrices."""
+    tile = pid % (tiles * tiles)
+    rest = pid // (tiles * tiles)
+    cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile, rest % splits, (rest // splits).to(tl.int64), cols_i, cols_j
+
+
+@triton.jit
 def _identity_reduce_kernel(w_ptr, u_ptr, part_ptr, exp_ptr, top_ptr, M, N, rows_per_split, splits, tiles,
                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Partial `P = WᵀU`, `A = WᵀW`, `Bᵣ = UᵀU` of one tile over one row chunk, at the program's own scale."""
-    pid = tl.program_id(0)
-    tile = pid % (tiles * tiles)
-    rest = pid // (tiles * tiles)
-    split = rest % splits
-    group = (rest // splits).to(tl.int64)
-    cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, split, group, cols_i, cols_j = _chunk_tile(tl.program_id(0), tiles, splits, BLOCK_N)
     mask_i, mask_j = cols_i < N, cols_j < N
     base = group * M * N
     acc_p = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
@@ -290,13 +295,7 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, grad_ptr, grad_stride, cos_ptr, n
     global input scale. `α`, `β` come from the saved cosines and norms; a first sweep over the chunk's rows
     finds their largest exponents `e_α`, `e_β` (≥ 0), and the dots take `α · 2^-e_α`, `β · 2^-e_β` (in
     [−1, 1]: 16-bit operands cannot overflow); the exponents go with the partial."""
-    pid = tl.program_id(0)
-    tile = pid % (tiles * tiles)
-    rest = pid // (tiles * tiles)
-    split = rest % splits
-    group = (rest // splits).to(tl.int64)
-    cols_i = (tile // tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_j = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, split, group, cols_i, cols_j = _chunk_tile(tl.program_id(0), tiles, splits, BLOCK_N)
     mask_i, mask_j = cols_i < N, cols_j < N
     f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
     start = split * rows_per_split
