@@ -14,7 +14,7 @@ from .anti_transfer import (
     AntiTransferTerms,
     Distance,
     anti_transfer,
-    anti_transfer_terms,
+    compute_anti_transfer_terms,
 )
 from .distribution_matching import (
     DIRECTIONS,
@@ -84,8 +84,8 @@ __all__ = [
     "aggregate_channels",
     "aggregated_row_cosines",
     "anti_transfer",
-    "anti_transfer_terms",
     "cka",
+    "compute_anti_transfer_terms",
     "cosine_rows",
     "distribution_matching",
     "erase",

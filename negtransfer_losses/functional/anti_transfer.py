@@ -220,25 +220,6 @@ def anti_transfer(
     return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator).loss
 
 
-def anti_transfer_terms(
-    student: Tensor,
-    reference: Tensor,
-    aggregation: AntiTransferAggregation = "gram",
-    distance: Distance = "cos_squared",
-    gram_scope: GramScope | None = None,
-    eps: float = 1e-8,
-    *,
-    mul_exponent: float | None = None,
-    nan_policy: NanPolicy = "raise",
-    layer: str | None = None,
-    gather: Gather = "local",
-    generator: torch.Generator | None = None,
-) -> AntiTransferTerms:
-    """`anti_transfer` with the raw similarity and the student's activation norm, in one computation."""
-    options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
-    return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator)
-
-
 def compute_anti_transfer_terms(
     student: Tensor,
     reference: Tensor,
@@ -248,7 +229,8 @@ def compute_anti_transfer_terms(
     generator: torch.Generator | None = None,
     row_cosines: RowCosines = torch_row_cosines,
 ) -> AntiTransferTerms:
-    """The terms of one layer for validated `options`: the one pass of input checks, then the math.
+    """`anti_transfer` with the raw similarity and the student's activation norm, for options validated once
+    (`AntiTransferOptions.resolve`): the one pass of input checks, then the math.
 
     `row_cosines` computes the cosines of the aggregations in `FUSED_ROW_AGGREGATIONS` (the torch path
     here; `negtransfer_losses.ops` passes its dispatcher).

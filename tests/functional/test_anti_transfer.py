@@ -204,7 +204,7 @@ def test_non_finite_input_raises_or_is_skipped(bad: float) -> None:
 
 def test_terms_report_similarity_and_student_norm() -> None:
     s, r = maps(3, 4, 5)
-    terms = ntf.anti_transfer_terms(s, r, "gram", "cos_squared")
+    terms = ntf.compute_anti_transfer_terms(s, r, ntf.AntiTransferOptions.resolve("gram", "cos_squared"))
     torch.testing.assert_close(terms.loss, terms.similarity**2)
     torch.testing.assert_close(terms.student_norm, s.reshape(3, -1).norm(dim=1).mean())
     assert not terms.similarity.requires_grad and not terms.student_norm.requires_grad
