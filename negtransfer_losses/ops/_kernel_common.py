@@ -53,6 +53,13 @@ def frexp_exponent(x_max):  # type: ignore[no-untyped-def]  # a Triton device fu
     return tl.where(field == 255, 0, tl.maximum(field - 126, 0))
 
 
+@triton.jit  # type: ignore[untyped-decorator]
+def program_block(pid, blocks, size, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]  # a Triton device function
+    """`(group, offsets, mask)` of a program of a grid over groups × `blocks` blocks of `BLOCK` of `size` items."""
+    offs = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
+    return (pid // blocks).to(tl.int64), offs, offs < size
+
+
 @triton.jit
 def pow2_neg(e):  # type: ignore[no-untyped-def]  # a Triton device function
     """`2^-e` as float32 for an int32 `0 ≤ e ≤ 254` (exactly; two factors keep each exponent field valid)."""

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._kernel_common import check_grid, frexp_exponent
+from ._kernel_common import check_grid, frexp_exponent, program_block
 
 AGGREGATION_CODES = {"sum": 0, "mean": 1, "max": 2}
 BLOCK_POSITIONS = 128
@@ -82,9 +82,7 @@ def _forward_kernel(
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    offs_n = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    b, offs_n, mask_n = program_block(pid, blocks, N, BLOCK_N)
     a, ties, top_s = _aggregate(s_ptr + b * stride_sb, stride_sc, offs_n, mask_n, C, AGG, BLOCK_C, BLOCK_N)
     c, _, top_r = _aggregate(r_ptr + b * stride_rb, stride_rc, offs_n, mask_n, C_R, AGG, BLOCK_C, BLOCK_N)
     out = b * N + offs_n
@@ -118,10 +116,7 @@ def _backward_kernel(
     C, N, blocks, stride_sb, stride_sc, stride_db, stride_dc, grad_stride, eps,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // blocks).to(tl.int64)
-    offs_n = (pid % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    b, offs_n, mask_n = program_block(tl.program_id(0), blocks, N, BLOCK_N)
     # per sample: cosine, |a|, |c| (global units), then the global scales 2^-E_s, 2^-E_r
     cosine = tl.load(stats_ptr + b * 3)
     norm_s = tl.load(stats_ptr + b * 3 + 1)

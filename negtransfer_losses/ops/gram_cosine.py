@@ -56,6 +56,7 @@ from ._kernel_common import (
     frexp_exponent,
     pow2_neg,
     pow2_signed,
+    program_block,
     unit_scale,
     widen_dot_operands,
 )
@@ -415,10 +416,7 @@ def _tile_pair(w_ptr, u_ptr, offs_i, offs_j, mask_i, mask_j, N, f_w, f_u,
 def _tile_forward_kernel(w_ptr, u_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_ptr, M, N, blocks, eps,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
-    group = (pid // blocks).to(tl.int64)
-    rows_i = (pid % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = rows_i < M
+    group, rows_i, mask_i = program_block(tl.program_id(0), blocks, M, BLOCK_I)
     base = group * M * N
     offs_i = base + rows_i.to(tl.int64) * N
     f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
@@ -448,10 +446,7 @@ def _tile_backward_kernel(w_ptr, u_ptr, scale_ptr, coef_ptr, dw_ptr, acc_ptr, M,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`∂L/∂W[I, :] = Σ_J (W + Wᵀ)[I, J] W[J, :]`; with one chunk of columns the result is written once,
     otherwise accumulated in the float32 `acc_ptr` rows this program owns, then written."""
-    pid = tl.program_id(0)
-    group = (pid // blocks).to(tl.int64)
-    rows_i = (pid % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask_i = rows_i < M
+    group, rows_i, mask_i = program_block(tl.program_id(0), blocks, M, BLOCK_I)
     base = group * M * N
     offs_i = base + rows_i.to(tl.int64) * N
     f_w, f_u = tl.load(scale_ptr), tl.load(scale_ptr + 1)
