@@ -238,9 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
     print("CKA student × colour network (rows: student):", found["cka"].matrix.tolist())  # type: ignore[attr-defined]
     rows = summary(records)
     table = markdown(rows)
-    print(f"\nAnti-transfer per layer, correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs")
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"Anti-transfer per layer, correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs"
     result = {
         "command": "python examples/anti_transfer_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "correlation": args.correlation,
@@ -255,7 +253,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
         },
         "runs": records,
     }
-    write_study(args.out, "anti_transfer_layers", result, table, lambda path: plot_layers(rows, path, args.correlation))
+    write_study(
+        args.out, "anti_transfer_layers", title, table, result, lambda path: plot_layers(rows, path, args.correlation)
+    )
     plot_diagnostics(found, args.out / "anti_transfer_diagnostics.png", args.correlation)
     return rows
 

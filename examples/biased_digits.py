@@ -496,8 +496,7 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
     )
     rows = sweep_summary(records, methods, args.correlations)
     table = sweep_markdown(rows)
-    print(f"\nCorrelation sweep: {args.seeds} seeds, {args.epochs} epochs, weights on validation; test accuracy %")
-    print(table)
+    title = f"Correlation sweep: {args.seeds} seeds, {args.epochs} epochs, weights on validation; test accuracy %"
     record = {
         "command": "python examples/biased_digits.py " + " ".join(args.argv),
         "seeds": args.seeds,
@@ -505,7 +504,7 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
         "grid": {m: SWEEP_GRID[m] for m in methods if m in SWEEP_GRID},
         "summary": rows,
     }
-    write_study(args.out, "biased_sweep", record, table, lambda path: plot_sweep(rows, path))
+    write_study(args.out, "biased_sweep", title, table, record, lambda path: plot_sweep(rows, path))
     return rows
 
 

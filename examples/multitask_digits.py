@@ -426,9 +426,7 @@ def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid)
     rows = sweep_summary(records)
     table = sweep_markdown(rows)
-    print(f"\nLabel-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test")
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"Label-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test"
     record = {
         "command": "python examples/multitask_digits.py --sweep " + " ".join(args.argv),
         "seeds": args.seeds,
@@ -439,7 +437,7 @@ def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
         "summary": rows,
         "runs": records,
     }
-    write_study(args.out, "multitask_sweep", record, table, lambda path: plot_sweep(rows, path))
+    write_study(args.out, "multitask_sweep", title, table, record, lambda path: plot_sweep(rows, path))
     return rows
 
 

@@ -362,12 +362,12 @@ class TaskIrrelevantSuppression(nn.Module):
             return
         if int(self.steps) >= self.check_head_after:
             self._head_watch, self._head_snapshot = False, None
-            warnings.warn(
+            advice = "torch.optim.Adam([*model.parameters(), *suppression.parameters()])"
+            message = (
                 f"the adversarial head's parameters have not changed in {int(self.steps)} training steps "
-                f"(between calls, where only your optimizer moves them): add them to the optimizer, e.g. "
-                f"torch.optim.Adam([*model.parameters(), *suppression.parameters()])",
-                stacklevel=5,
+                f"(between calls, where only your optimizer moves them): add them to the optimizer, e.g. {advice}"
             )
+            warnings.warn(message, stacklevel=5)
 
     def extra_repr(self) -> str:
         options = [f"method={self.method!r}"]

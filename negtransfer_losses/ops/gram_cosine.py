@@ -243,10 +243,7 @@ def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, factor_ptr, top_ptr, cos_ptr,
                           PRECISION: tl.constexpr, ONE_TILE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`<S_i, T_i> = w_iᵀ P u_i`, `|S_i|² = w_iᵀ A w_i`, `|T_i|² = u_iᵀ Bᵣ u_i` for one block of rows."""
-    pid = tl.program_id(0)
-    group = (pid // blocks).to(tl.int64)
-    rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < M
+    group, rows, mask_r = program_block(tl.program_id(0), blocks, M, BLOCK_R)
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
     f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
     padded = tiles * BLOCK_N
@@ -351,10 +348,7 @@ def _identity_grad_rows_kernel(w_ptr, u_ptr, fwd_parts_ptr, fwd_factor_ptr, part
                                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """`∂L/∂W[I] = α_I ⊙ (U_I Pᵀ) + U_I Q + β_I ⊙ (W_I A) + W_I R` (times the input scale), written once;
     `P`, `A` are the forward's operands (`Pᵀ` read transposed), `Q`, `R` the backward reduce's."""
-    pid = tl.program_id(0)
-    group = (pid // blocks).to(tl.int64)
-    rows = (pid % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < M
+    group, rows, mask_r = program_block(tl.program_id(0), blocks, M, BLOCK_R)
     offs_r = group * M * N + rows.to(tl.int64)[:, None] * N
     f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
     # Q, R were stored times 2^-(E_α + bound exponent): undo the E_α part here, the bound below
@@ -515,6 +509,18 @@ def _tile_columns(rows: int) -> int:
     return min(TILE_COLUMNS, max(16, int(triton.next_power_of_2(rows))))
 
 
+def _identity_buffers(w: Tensor, mats: int) -> tuple[int, int, int, int, Tensor, Tensor, Tensor]:
+    """The identity path's plan `(splits, rows per split, tiles, block)` and buffers for `mats` N×N matrices:
+    the two exponent maxima, the row-chunk partials, and each partial's exponents."""
+    groups, rows, dim = w.shape
+    splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
+    padded = tiles * block
+    top = torch.zeros(2, device=w.device, dtype=torch.int32)
+    partials = torch.empty(groups, splits, mats, padded, padded, device=w.device, dtype=torch.float32)
+    exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
+    return splits, rows_per_split, tiles, block, top, partials, exponents
+
+
 def _finalize(
     partials: Tensor, exponents: Tensor, top: Tensor, dtype: torch.dtype, dot_dtype: Any, block: int, *, forward: bool
 ) -> tuple[Tensor, Tensor]:
@@ -551,12 +557,8 @@ class GramRowCosines(torch.autograd.Function):
         norms_s, norms_t = torch.empty_like(cosines), torch.empty_like(cosines)
         dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
         if ctx.identity:
-            splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
-            padded = tiles * block
+            splits, rows_per_split, tiles, block, top, partials, exponents = _identity_buffers(w, 3)
             split = dot_dtype != tl.float32
-            top = torch.zeros(2, device=w.device, dtype=torch.int32)
-            partials = torch.empty(groups, splits, 3, padded, padded, device=w.device, dtype=torch.float32)
-            exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
             _identity_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
                 w, u, partials, exponents, top, rows, dim, rows_per_split, splits, tiles,
                 DOT_DTYPE=dot_dtype, PRECISION=precision, ONE_TILE=tiles == 1, BLOCK_R=BLOCK_ROWS, BLOCK_N=block,
@@ -590,12 +592,8 @@ class GramRowCosines(torch.autograd.Function):
         dot_dtype, precision = _dot_dtype(w.dtype), dot_precision(w.dtype)
         if ctx.identity:
             top, fwd_parts, fwd_factors = extra
-            splits, rows_per_split, tiles, block = identity_plan(groups, rows, dim)
-            padded = tiles * block
+            splits, rows_per_split, tiles, block, coef_top, partials, exponents = _identity_buffers(w, 2)
             split = dot_dtype != tl.float32
-            coef_top = torch.zeros(2, device=w.device, dtype=torch.int32)
-            partials = torch.empty(groups, splits, 2, padded, padded, device=w.device, dtype=torch.float32)
-            exponents = torch.empty(groups, splits, tiles, tiles, 2, device=w.device, dtype=torch.int32)
             _identity_grad_reduce_kernel[check_grid(groups * splits * tiles * tiles, "gram_row_cosines")](
                 w, u, grad, grad.stride(0), cosines, norms_s, norms_t, top, partials, exponents, coef_top,
                 rows, dim, rows_per_split, splits, tiles, eps,
