@@ -80,6 +80,7 @@ def anti_transfer(
 ) -> Tensor:
     """`functional.anti_transfer` with the backend choice (`negtransfer_losses.ops.dispatch`); the terms
     beside the loss come from `anti_transfer_terms_for`, which takes the options resolved once."""
+    check_backend(backend)
     options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
     return anti_transfer_terms_for(student, reference, options, layer=layer, generator=generator, backend=backend).loss
 
@@ -93,8 +94,7 @@ def anti_transfer_terms_for(
     generator: torch.Generator | None = None,
     backend: Backend = "auto",
 ) -> AntiTransferTerms:
-    """The terms for options validated once (what `AntiTransferLoss` calls on every step)."""
-    check_backend(backend)
+    """The terms for options validated once, `backend` included (what `AntiTransferLoss` calls on every step)."""
     return compute_anti_transfer_terms(
         student,
         reference,
