@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).parent))
 
 import biased_digits as bd
-from study_results import write_study
+from study_results import study_record, write_study
 
 import negtransfer_losses as ntl
 from negtransfer_losses import diagnostics
@@ -239,20 +239,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
     rows = summary(records)
     table = markdown(rows)
     title = f"Anti-transfer per layer, correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs"
-    result = {
-        "command": "python examples/anti_transfer_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "correlation": args.correlation,
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "grid": grid,
-        "summary": rows,
-        "diagnostics": {
-            "probes": found["probes"],
-            "cka_student_by_colour_network": found["cka"].matrix.tolist(),  # type: ignore[attr-defined]
-            "layers": LAYERS,
-        },
-        "runs": records,
+    diagnostics = {
+        "probes": found["probes"],
+        "cka_student_by_colour_network": found["cka"].matrix.tolist(),  # type: ignore[attr-defined]
+        "layers": LAYERS,
     }
+    result = study_record(
+        "anti_transfer_layers.py", argv, args, grid=grid, summary=rows, diagnostics=diagnostics, runs=records
+    )
     write_study(
         args.out, "anti_transfer_layers", title, table, result, lambda path: plot_layers(rows, path, args.correlation)
     )

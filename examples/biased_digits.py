@@ -53,7 +53,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import write_study
+from study_results import study_record, write_study
 
 PALETTE = torch.tensor(
     [
@@ -497,13 +497,8 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
     rows = sweep_summary(records, methods, args.correlations)
     table = sweep_markdown(rows)
     title = f"Correlation sweep: {args.seeds} seeds, {args.epochs} epochs, weights on validation; test accuracy %"
-    record = {
-        "command": "python examples/biased_digits.py " + " ".join(args.argv),
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "grid": {m: SWEEP_GRID[m] for m in methods if m in SWEEP_GRID},
-        "summary": rows,
-    }
+    grid = {m: SWEEP_GRID[m] for m in methods if m in SWEEP_GRID}
+    record = study_record("biased_digits.py", args.argv, args, grid=grid, summary=rows)
     write_study(args.out, "biased_sweep", title, table, record, lambda path: plot_sweep(rows, path))
     return rows
 
@@ -522,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--sweep", action="store_true", help="the correlation study (see above)")
     parser.add_argument("--correlations", type=float, nargs="+", default=CORRELATIONS, help="with --sweep")
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.argv = argv
     torch.set_num_threads(1 if args.sweep else min(2, torch.get_num_threads()))
     np.random.seed(0)
     if args.sweep:

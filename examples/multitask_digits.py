@@ -39,7 +39,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import write_study
+from study_results import study_record, write_study
 
 ATTRIBUTES = {
     "even": {0, 2, 4, 6, 8},
@@ -427,16 +427,7 @@ def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     rows = sweep_summary(records)
     table = sweep_markdown(rows)
     title = f"Label-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test"
-    record = {
-        "command": "python examples/multitask_digits.py --sweep " + " ".join(args.argv),
-        "seeds": args.seeds,
-        "steps": args.steps,
-        "grid": args.grid,
-        "label_noise": NOISE,
-        "attributes": args.attributes,
-        "summary": rows,
-        "runs": records,
-    }
+    record = study_record("multitask_digits.py", args.argv, args, label_noise=NOISE, summary=rows, runs=records)
     write_study(args.out, "multitask_sweep", title, table, record, lambda path: plot_sweep(rows, path))
     return rows
 
@@ -459,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     )
     parser.add_argument("--grid", type=float, nargs="+", default=SWEEP_GRID, help="with --sweep: coupling weights")
     args = parser.parse_args(argv)
-    args.argv = [a for a in (argv if argv is not None else __import__("sys").argv[1:]) if a != "--sweep"]
+    args.argv = argv
     torch.set_num_threads(1 if args.sweep else min(2, torch.get_num_threads()))
     if args.sweep:
         main_sweep(args)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def study_record(script: str, argv: list[str] | None, args: argparse.Namespace, **results: Any) -> dict[str, Any]:
+    """A study's JSON record: the command line that reproduces it (`argv`, or the process's own when None),
+    every option it ran with, then `results` (its grid, summary rows, raw runs)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    options = {name: str(v) if isinstance(v, Path) else v for name, v in vars(args).items() if name != "argv"}
+    return {"command": shlex.join(["python", f"examples/{script}", *given]), "options": options, **results}
 
 
 def write_study(

@@ -166,15 +166,9 @@ def onehot_kernel(labels: Tensor, num_classes: int) -> Tensor:
     return out
 
 
-def irrelevant_hsic(
-    z: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    kernel_name: str = "linear",
-    normalized: bool = False,
-    ignore_index: int = -100,
-) -> Tensor:
-    keep = [i for i in range(labels.shape[0]) if int(labels[i]) != ignore_index]
+def irrelevant_hsic(z: Tensor, labels: Tensor, num_classes: int, kernel_name: str, normalized: bool) -> Tensor:
+    """HSIC (unbiased) between `z` and the delta kernel of the known `labels` (-100 left out)."""
+    keep = [i for i in range(labels.shape[0]) if int(labels[i]) != -100]
     z_known = flat(z)[keep]
     k = kernel(z_known, kernel_name)
     l = onehot_kernel(labels[keep], num_classes)

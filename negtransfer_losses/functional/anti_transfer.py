@@ -100,8 +100,8 @@ class AntiTransferOptions:
     @classmethod
     def resolve(
         cls,
-        aggregation: AntiTransferAggregation = "gram",
-        distance: Distance = "cos_squared",
+        aggregation: AntiTransferAggregation,
+        distance: Distance,
         gram_scope: GramScope | None = None,
         eps: float = 1e-8,
         mul_exponent: float | None = None,

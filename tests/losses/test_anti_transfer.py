@@ -44,7 +44,7 @@ def test_last_terms_hold_detached_logging_scalars() -> None:
     assert set(terms) == {"loss"} | {f"{layer}/{t}" for layer in ("layer2", "layer3") for t in LAYER_TERMS}
     assert all(not v.requires_grad and v.dim() == 0 for v in terms.values())
     for name in ("layer2", "layer3"):
-        raw = ntf.compute_anti_transfer_terms(s[name], r[name], ntf.AntiTransferOptions.resolve())
+        raw = ntf.compute_anti_transfer_terms(s[name], r[name], ntf.AntiTransferOptions.resolve("gram", "cos_squared"))
         torch.testing.assert_close(terms[f"{name}/similarity"], raw.similarity)
         torch.testing.assert_close(terms[f"{name}/loss"], 3.0 * raw.loss.detach())
         torch.testing.assert_close(terms[f"{name}/student_norm"], raw.student_norm)
