@@ -18,13 +18,14 @@ Methods (all on the same CNN, the same data and seeds):
 
 Reported: test accuracy (random colours, so unbiased), mean ± std over seeds, and the colour
 linear-probe accuracy of the learned features (logistic regression fitted on validation features, scored
-on test; chance 10 %). Weights were chosen on the validation split (`--tune`), never on the test split.
+on test; chance 10 %). Every method runs at the library's defaults (`DEFAULTS`): nothing is tuned.
 
     python examples/biased_digits.py [--seeds 5] [--correlation 0.99] [--epochs 30] [--out results]
 
 `--sweep` runs the correlation study: every method at each of `--correlations` (0.90 0.95 0.98 0.99), each
-weight of `SWEEP_GRID` trained once per seed, the weight with the best mean validation accuracy kept per
-method and correlation, its test accuracy reported. Runs are cached in `--out`/biased_sweep_runs.json, so an
+weight of `SWEEP_GRID` (which holds the default) trained once per seed; per method and correlation it
+reports the test accuracy at the default weight beside that of the weight with the best mean validation
+accuracy (never the test split). Runs are cached in `--out`/biased_sweep_runs.json, so an
 interrupted or extended sweep (new methods, seeds) only trains what is missing.
 
     python examples/biased_digits.py --sweep [--seeds 3] [--out docs/img]
@@ -53,7 +54,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import study_record, write_study
+from study_results import SETTINGS, Record, runs_at, study_record, write_study
 
 PALETTE = torch.tensor(
     [
@@ -71,37 +72,25 @@ PALETTE = torch.tensor(
 )
 METHODS = ["plain", "anti_transfer", "hsic", "adversarial", "cka", "purify"]
 CONDITIONAL = ["hsic_conditional", "adversarial_conditional", "cka_conditional", "purify_conditional"]
-# chosen on the validation split by the correlation sweep at 99 % (docs/img/biased_sweep.json)
-WEIGHTS = {
+# the library's default setting of each method (weight 1; Purify's knob is its momentum): `make demo` runs these
+DEFAULTS = {
     "anti_transfer": 1.0,
     "hsic": 1.0,
     "adversarial": 1.0,
     "cka": 1.0,
-    "purify": 0.03,
-    "hsic_conditional": 1.0,
-    "adversarial_conditional": 1.0,
-    "cka_conditional": 3.0,
-    "purify_conditional": 0.003,
+    "purify": 0.01,
 }
-TUNING_GRID = {
-    "anti_transfer": [1.0, 10.0, 100.0],
-    "hsic": [1.0, 3.0, 10.0],
-    "adversarial": [0.03, 0.1, 0.3, 1.0],
-    "cka": [1.0, 3.0, 10.0],
-    "purify": [0.003, 0.01, 0.03],  # Purify's momentum
-}
+DEFAULTS |= {f"{m}_conditional": DEFAULTS[m] for m in ("hsic", "adversarial", "cka", "purify")}
 CORRELATIONS = [0.90, 0.95, 0.98, 0.99]
+# each grid holds the default, so the sweep reports the default beside the weight chosen on validation
 SWEEP_GRID = {
     "anti_transfer": [1.0, 10.0],
-    "hsic": [1.0, 3.0],
-    "adversarial": [0.1, 1.0],
+    "hsic": [1.0, 10.0],
+    "adversarial": [0.3, 1.0, 3.0],
     "cka": [1.0, 3.0],
-    "purify": [0.003, 0.03],
-    "hsic_conditional": [1.0, 3.0],
-    "adversarial_conditional": [0.1, 1.0],
-    "cka_conditional": [1.0, 3.0],
-    "purify_conditional": [0.003, 0.03],
+    "purify": [0.003, 0.01, 0.03],
 }
+SWEEP_GRID |= {f"{m}_conditional": SWEEP_GRID[m] for m in ("hsic", "adversarial", "cka", "purify")}
 
 
 @dataclass
@@ -223,8 +212,7 @@ def train_method(method: str, weight: float, train: Split, colour_net: Net, epoc
             return cka(z, irrelevant_features=reference(x)["fc"])
 
         return fit(model, train, train.digits, epochs, seed, cka_penalty)
-    # library defaults otherwise: hsic normalized (a ratio in [0, 1], so one weight suits any feature scale)
-    options: dict[str, object] = {"dim": 64} if base == "adversarial" else {"normalized": True}
+    options = {"dim": 64} if base == "adversarial" else {}
     suppression = ntl.TaskIrrelevantSuppression(
         base,  # type: ignore[arg-type]
         10,
@@ -303,7 +291,7 @@ def print_table(table: dict[str, dict[str, float]], weights: dict[str, float]) -
         weight = (
             "—"
             if method == "plain"
-            else (f"momentum {weights[method]}" if method == "purify" else str(weights[method]))
+            else (f"momentum {weights[method]}" if method.startswith("purify") else str(weights[method]))
         )
         print(
             f"| {method} | {weight} | {row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f} % | {delta} "
@@ -336,9 +324,6 @@ def plot(table: dict[str, dict[str, float]], path: Path, correlation: float) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-Record = dict[str, float | int | str]
 
 
 def run_sweep(
@@ -388,9 +373,12 @@ def run_sweep(
     return [r for r in records if int(r["epochs"]) == epochs and int(r["seed"]) < seeds]
 
 
-def sweep_summary(records: list[Record], methods: list[str], correlations: list[float]) -> list[Record]:
-    """Per correlation and method: the weight with the best mean validation accuracy over the seeds, then
-    its test accuracy, colour probe and gain over plain (paired by seed), mean ± std."""
+def sweep_summary(
+    records: list[Record], methods: list[str], correlations: list[float], weights: dict[str, float] | None = None
+) -> list[Record]:
+    """Per correlation and method: the runs at `weights` (setting "default"), or (None) at the weight with the
+    best mean validation accuracy over the seeds (setting "tuned"); their test accuracy, colour probe and
+    gain over plain (paired by seed), mean ± std."""
     rows: list[Record] = []
     for correlation in correlations:
         here = [r for r in records if float(r["correlation"]) == correlation]
@@ -400,10 +388,11 @@ def sweep_summary(records: list[Record], methods: list[str], correlations: list[
             for r in here:
                 if r["method"] == method:
                     by_weight.setdefault(float(r["weight"]), []).append(r)
-            if not by_weight:
-                continue
-            best = max(by_weight, key=lambda w: statistics.mean(float(r["val_accuracy"]) for r in by_weight[w]))
-            chosen[method] = sorted(by_weight[best], key=lambda r: int(r["seed"]))
+            if by_weight:
+                weight = None if weights is None else weights.get(method)
+                chosen[method] = runs_at(
+                    by_weight, lambda runs: statistics.mean(float(r["val_accuracy"]) for r in runs), weight
+                )
         plain = {int(r["seed"]): 100 * float(r["test_accuracy"]) for r in chosen.get("plain", [])}
         for method, runs in chosen.items():
             acc = [100 * float(r["test_accuracy"]) for r in runs]
@@ -411,6 +400,7 @@ def sweep_summary(records: list[Record], methods: list[str], correlations: list[
             gains = [a - plain[int(r["seed"])] for a, r in zip(acc, runs, strict=True) if int(r["seed"]) in plain]
             rows.append(
                 {
+                    "setting": "tuned" if weights is None else "default",
                     "correlation": correlation,
                     "method": method,
                     "weight": float(runs[0]["weight"]),
@@ -426,23 +416,27 @@ def sweep_summary(records: list[Record], methods: list[str], correlations: list[
 
 
 def sweep_markdown(rows: list[Record]) -> str:
+    """Methods by correlation, each cell at the default and with the weight tuned on validation side by side."""
     correlations = list(dict.fromkeys(float(r["correlation"]) for r in rows))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
     lines = [
-        "| method | " + " | ".join(f"{c:.0%}: accuracy (Δ vs plain) [weight]" for c in correlations) + " |",
-        "|---|" + "---|" * len(correlations),
+        "| method | " + " | ".join(f"{c:.0%} {setting}" for c in correlations for setting in SETTINGS) + " |",
+        "|---|" + "---|" * (len(correlations) * len(SETTINGS)),
     ]
     for method in methods:
         cells = []
         for c in correlations:
-            row = next((r for r in rows if r["method"] == method and float(r["correlation"]) == c), None)
-            if row is None:
-                cells.append("—")
-                continue
-            text = f"{row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f}"
-            if method != "plain":
-                text += f" ({row['gain_mean']:+.1f} ± {row['gain_std']:.1f}) [{row['weight']:g}]"
-            cells.append(text)
+            for setting in SETTINGS:
+                row = next(
+                    (r for r in rows if (r["setting"], r["method"], r["correlation"]) == (setting, method, c)), None
+                )
+                if row is None:
+                    cells.append("—")
+                elif method == "plain":
+                    cells.append(f"{row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f}")
+                else:
+                    shown = f" [{row['weight']:g}]" if setting == "tuned" else ""
+                    cells.append(f"{row['accuracy_mean']:.1f} ({row['gain_mean']:+.1f} ± {row['gain_std']:.1f}){shown}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -455,32 +449,32 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
 
     correlations = list(dict.fromkeys(float(r["correlation"]) for r in rows))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, method in enumerate(methods):
-        rs = [
-            next((r for r in rows if r["method"] == method and float(r["correlation"]) == c), None)
-            for c in correlations
-        ]
-        xs = [j + (i - (len(methods) - 1) / 2) * 0.04 for j, r in enumerate(rs) if r is not None]
-        present = [r for r in rs if r is not None]
-        ax.errorbar(
-            xs,
-            [float(r["accuracy_mean"]) for r in present],
-            yerr=[float(r["accuracy_std"]) for r in present],
-            marker="o",
-            capsize=3,
-            label=method,
-            color="k" if method == "plain" else None,
-            linestyle="--" if method.endswith("_conditional") else "-",
-            linewidth=2 if method == "plain" else 1.2,
-        )
-    ax.set_xticks(range(len(correlations)), [f"{c:.0%}" for c in correlations])
-    ax.set_xlabel("colour–digit correlation in training")
-    ax.set_ylabel("test accuracy, random colours (%)")
-    ax.set_title(
-        "Biased digits: unbiased accuracy vs correlation\n(mean ± std over seeds; weights chosen on validation)"
-    )
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(14, 4.8), sharey=True)
+    for ax, (setting, says) in zip(axes, SETTINGS.items(), strict=True):
+        for i, method in enumerate(methods):
+            rs = [
+                next((r for r in rows if (r["setting"], r["method"], r["correlation"]) == (setting, method, c)), None)
+                for c in correlations
+            ]
+            xs = [j + (i - (len(methods) - 1) / 2) * 0.04 for j, r in enumerate(rs) if r is not None]
+            present = [r for r in rs if r is not None]
+            ax.errorbar(
+                xs,
+                [float(r["accuracy_mean"]) for r in present],
+                yerr=[float(r["accuracy_std"]) for r in present],
+                marker="o",
+                capsize=3,
+                label=method,
+                color="k" if method == "plain" else None,
+                linestyle="--" if method.endswith("_conditional") else "-",
+                linewidth=2 if method == "plain" else 1.2,
+            )
+        ax.set_xticks(range(len(correlations)), [f"{c:.0%}" for c in correlations])
+        ax.set_xlabel("colour–digit correlation in training")
+        ax.set_title(says)
+    axes[0].set_ylabel("test accuracy, random colours (%)")
+    axes[-1].legend(fontsize=8, ncol=2)
+    fig.suptitle("Biased digits: unbiased accuracy vs correlation (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -488,15 +482,15 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
 
 def main_sweep(args: argparse.Namespace) -> list[Record]:
     methods = list(args.methods)
-    if args.methods == METHODS:
-        methods += CONDITIONAL
     args.out.mkdir(parents=True, exist_ok=True)
     records = run_sweep(
         methods, args.seeds, args.correlations, args.epochs, SWEEP_GRID, args.out / "biased_sweep_runs.json"
     )
-    rows = sweep_summary(records, methods, args.correlations)
+    rows = sweep_summary(records, methods, args.correlations, DEFAULTS) + sweep_summary(
+        records, methods, args.correlations
+    )
     table = sweep_markdown(rows)
-    title = f"Correlation sweep: {args.seeds} seeds, {args.epochs} epochs, weights on validation; test accuracy %"
+    title = f"Correlation sweep: {args.seeds} seeds, {args.epochs} epochs; test accuracy %, defaults and tuned"
     grid = {m: SWEEP_GRID[m] for m in methods if m in SWEEP_GRID}
     record = study_record("biased_digits.py", args.argv, args, grid=grid, summary=rows)
     write_study(args.out, "biased_sweep", title, table, record, lambda path: plot_sweep(rows, path))
@@ -508,12 +502,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--correlation", type=float, default=0.99)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + CONDITIONAL)
+    parser.add_argument("--methods", nargs="+", default=METHODS + CONDITIONAL, choices=METHODS + CONDITIONAL)
     parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--tune", action="store_true", help="grid-search the weights on the validation split")
-    parser.add_argument(
-        "--grid", type=float, nargs="+", help="with --tune: the values to try instead of the default grid"
-    )
     parser.add_argument("--sweep", action="store_true", help="the correlation study (see above)")
     parser.add_argument("--correlations", type=float, nargs="+", default=CORRELATIONS, help="with --sweep")
     args = parser.parse_args(argv)
@@ -524,25 +514,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         main_sweep(args)
         return {}
 
-    if args.tune:
-        for method in [m for m in args.methods if m in TUNING_GRID]:
-            for value in args.grid or TUNING_GRID[method]:
-                res = summary(run([method], args.seeds, args.correlation, args.epochs, {method: value}, "val"))
-                print(
-                    f"{method} {value}: validation accuracy {res[method]['accuracy_mean']:.1f} ± "
-                    f"{res[method]['accuracy_std']:.1f} %"
-                )
-        return {}
-
-    table = summary(run(args.methods, args.seeds, args.correlation, args.epochs, WEIGHTS))
+    table = summary(run(args.methods, args.seeds, args.correlation, args.epochs, DEFAULTS))
     print(f"\nBiased digits: correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs; mean ± std")
-    print_table(table, WEIGHTS)
+    print_table(table, DEFAULTS)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "correlation": args.correlation,
         "seeds": args.seeds,
         "epochs": args.epochs,
-        "weights": WEIGHTS,
+        "weights": DEFAULTS,
         "results": table,
     }
     (args.out / "biased_digits.json").write_text(json.dumps(record, indent=2))

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import study_record, write_study
+from study_results import SETTINGS, Record, runs_at, study_record, write_study
 
 ATTRIBUTES = {
     "even": {0, 2, 4, 6, 8},
@@ -287,6 +287,7 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
 RATIOS = [(30, 1000), (100, 100), (1000, 30)]
 SWEEP_CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both"]
 SWEEP_GRID = [0.3, 1.0, 3.0]
+DEFAULT_WEIGHT = 1.0  # the library's default of every coupling weight
 TASKS = (("digit", "digit_accuracy", "single A"), ("attributes", "attribute_accuracy", "single B"))
 
 
@@ -298,17 +299,18 @@ def run_sweep(
     configs: list[str] = SWEEP_CONFIGS,
     grid: list[float] = SWEEP_GRID,
     detach_target: bool = False,
-) -> list[dict[str, float | int | str]]:
+) -> list[Record]:
     """One record per (ratio, config, weight, seed): validation and test accuracies of the same model."""
     prior = prior_relatedness(NOISE, attributes)
+    grid = sorted({*grid, DEFAULT_WEIGHT})  # the default always runs, to stand beside the tuned weight
     jobs = [(r, c, w) for r in ratios for c in configs for w in (grid if c.startswith("+") else [0.0])]
-    records: list[dict[str, float | int | str]] = []
+    records: list[Record] = []
     with tqdm(total=seeds * len(jobs), desc="label-ratio sweep", unit="run") as bar:
         for seed in range(seeds):
             data = {r: make_data(seed, attributes, *r) for r in ratios}
             for ratio, config, weight in jobs:
                 model = train(config, data[ratio], prior, steps, seed, weight, detach_target)
-                record: dict[str, float | int | str] = {
+                record: Record = {
                     "num_a": ratio[0],
                     "num_b": ratio[1],
                     "config": config,
@@ -323,28 +325,29 @@ def run_sweep(
     return records
 
 
-def sweep_summary(records: list[dict[str, float | int | str]]) -> list[dict[str, float | int | str]]:
-    """Per ratio and config: the weight with the best validation mean (of both tasks, over seeds), then
-    the test accuracy of each task and its gain over the task's single-task model (paired by seed)."""
-    rows: list[dict[str, float | int | str]] = []
+def sweep_summary(records: list[Record], weight: float | None = None) -> list[Record]:
+    """Per ratio and config: the runs at `weight` (setting "default"), or (None) at the weight with the best
+    validation mean (of both tasks, over seeds; setting "tuned"), then the test accuracy of each task and
+    its gain over the task's single-task model (paired by seed)."""
+    rows: list[Record] = []
     ratios = list(dict.fromkeys((int(r["num_a"]), int(r["num_b"])) for r in records))
     for num_a, num_b in ratios:
         at_ratio = [r for r in records if r["num_a"] == num_a and r["num_b"] == num_b]
-        chosen: dict[str, list[dict[str, float | int | str]]] = {}
+        chosen: dict[str, list[Record]] = {}
         for config in dict.fromkeys(str(r["config"]) for r in at_ratio):
-            by_weight: dict[float, list[dict[str, float | int | str]]] = {}
+            by_weight: dict[float, list[Record]] = {}
             for r in at_ratio:
                 if r["config"] == config:
                     by_weight.setdefault(float(r["weight"]), []).append(r)
 
-            def validation(runs: list[dict[str, float | int | str]], config: str = config) -> float:
+            def validation(runs: list[Record], config: str = config) -> float:
                 keys = [f"val_{k}" for _, k, single in TASKS if single != config]
                 return statistics.mean(float(r[k]) for r in runs for k in keys)
 
-            best = max(by_weight, key=lambda w: validation(by_weight[w]))
-            chosen[config] = sorted(by_weight[best], key=lambda r: int(r["seed"]))
+            chosen[config] = runs_at(by_weight, validation, weight)
         for config, runs in chosen.items():
-            row: dict[str, float | int | str] = {
+            row: Record = {
+                "setting": "tuned" if weight is None else "default",
                 "num_a": num_a,
                 "num_b": num_b,
                 "config": config,
@@ -365,27 +368,31 @@ def sweep_summary(records: list[dict[str, float | int | str]]) -> list[dict[str,
     return rows
 
 
-def sweep_markdown(rows: list[dict[str, float | int | str]]) -> str:
-    lines = [
-        "| digit / attribute labels | model | λ (validation) | digit accuracy | gain vs single A "
-        "| attribute accuracy | gain vs single B |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        cells = [f"{row['num_a']} / {row['num_b']}", str(row["config"])]
-        cells.append(f"{row['weight']:g}" if str(row["config"]).startswith("+") else "—")
+def sweep_markdown(rows: list[Record]) -> str:
+    """Per ratio and model, each task's accuracy (gain over its single-task model) at the default λ and with λ
+    tuned on validation, side by side."""
+    header = " | ".join(f"{task} {setting}" for task, _, _ in TASKS for setting in SETTINGS)
+    lines = [f"| digit / attribute labels | model | {header} |", "|---|---|" + "---|" * 2 * len(SETTINGS)]
+    for default in (r for r in rows if r["setting"] == "default"):
+        key = (default["num_a"], default["num_b"], default["config"])
+        tuned = next(r for r in rows if r["setting"] == "tuned" and (r["num_a"], r["num_b"], r["config"]) == key)
+        cells = [f"{default['num_a']} / {default['num_b']}", str(default["config"])]
         for task, _, single in TASKS:
-            if f"{task}_mean" not in row:
-                cells += ["—", "—"]
-                continue
-            cells.append(f"{row[f'{task}_mean']:.1f} ± {row[f'{task}_std']:.1f}")
-            gain = f"{row[f'{task}_gain_mean']:+.1f} ± {row[f'{task}_gain_std']:.1f}"
-            cells.append("—" if row["config"] == single else gain)
+            for row in (default, tuned):
+                if f"{task}_mean" not in row:
+                    cells.append("—")
+                    continue
+                text = f"{row[f'{task}_mean']:.1f} ± {row[f'{task}_std']:.1f}"
+                if row["config"] != single and not str(row["config"]).startswith("single"):
+                    text += f" ({row[f'{task}_gain_mean']:+.1f})"
+                if row is tuned and str(row["config"]).startswith("+"):
+                    text += f" [λ {row['weight']:g}]"
+                cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict[str, float | int | str]], path: Path) -> None:
+def plot_sweep(rows: list[Record], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,34 +404,45 @@ def plot_sweep(rows: list[dict[str, float | int | str]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (task, _, single) in zip(axes, TASKS, strict=True):
         for i, config in enumerate(configs):
-            rs = [
-                next(r for r in rows if (r["num_a"], r["num_b"]) == ratio and r["config"] == config) for ratio in ratios
-            ]
-            xs = [j + (i - (len(configs) - 1) / 2) * 0.06 for j in range(len(ratios))]
-            ax.errorbar(
-                xs,
-                [float(r[f"{task}_gain_mean"]) for r in rs],
-                yerr=[float(r[f"{task}_gain_std"]) for r in rs],
-                marker="o",
-                capsize=3,
-                label=config,
-                linestyle="--" if config == "multi-task" else "-",
-            )
+            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":")):
+                rs = [
+                    next(
+                        r
+                        for r in rows
+                        if (r["setting"], r["num_a"], r["num_b"], r["config"]) == (setting, *ratio, config)
+                    )
+                    for ratio in ratios
+                ]
+                xs = [j + (i - (len(configs) - 1) / 2) * 0.1 + shift for j in range(len(ratios))]
+                ax.errorbar(
+                    xs,
+                    [float(r[f"{task}_gain_mean"]) for r in rs],
+                    yerr=[float(r[f"{task}_gain_std"]) for r in rs],
+                    marker="o" if setting == "default" else "s",
+                    fillstyle="full" if setting == "default" else "none",
+                    capsize=3,
+                    color=f"C{i}",
+                    label=config if setting == "default" else f"{config}, λ tuned",
+                    linestyle=style,
+                )
         ax.axhline(0, color="k", linewidth=1)
         ax.set_xticks(range(len(ratios)), labels)
         ax.set_xlabel("training labels: digit / attribute")
         ax.set_title(f"{task}: test gain over {single} (points)")
     axes[0].set_ylabel("accuracy gain, percentage points")
     axes[1].legend(loc="best", fontsize=8)
-    fig.suptitle("Multi-task digits: gain over each task's single-task model vs label ratio (mean ± std over seeds)")
+    fig.suptitle(
+        "Multi-task digits: gain over each task's single-task model vs label ratio (mean ± std over seeds; "
+        "solid: λ = 1, dotted: λ tuned)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main_sweep(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
+def main_sweep(args: argparse.Namespace) -> list[Record]:
     records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid)
-    rows = sweep_summary(records)
+    rows = sweep_summary(records, DEFAULT_WEIGHT) + sweep_summary(records)
     table = sweep_markdown(rows)
     title = f"Label-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test"
     record = study_record("multitask_digits.py", args.argv, args, label_noise=NOISE, summary=rows, runs=records)

@@ -19,6 +19,22 @@ def study_record(script: str, argv: list[str] | None, args: argparse.Namespace, 
     return {"command": shlex.join(["python", f"examples/{script}", *given]), "options": options, **results}
 
 
+Record = dict[str, Any]
+SETTINGS = {"default": "at the library's default weight", "tuned": "weight chosen on validation"}
+
+
+def runs_at(
+    by_weight: dict[float, list[Record]], validation: Callable[[list[Record]], float], weight: float | None
+) -> list[Record]:
+    """One configuration's runs (one per seed, sorted by seed) at `weight`, or, when `weight` is None, at the
+    weight whose runs score best by `validation`. A baseline, run at one weight only, gives that one."""
+    if weight is None or len(by_weight) == 1:
+        weight = max(by_weight, key=lambda w: validation(by_weight[w]))
+    elif weight not in by_weight:
+        raise KeyError(f"no runs at weight {weight:g}; the grid held {sorted(by_weight)}")
+    return sorted(by_weight[weight], key=lambda r: int(r["seed"]))
+
+
 def write_study(
     out: Path, stem: str, title: str, table: str, record: dict[str, Any], plot: Callable[[Path], None]
 ) -> None:

@@ -106,9 +106,7 @@ def train(
     model = Model(purify)
     suppression: ntl.TaskIrrelevantSuppression | None = None
     if base == "hsic":
-        suppression = ntl.TaskIrrelevantSuppression(
-            "hsic", NUM_CLASSES, weight=weight, normalized=True, conditional=conditional
-        )
+        suppression = ntl.TaskIrrelevantSuppression("hsic", NUM_CLASSES, weight=weight, conditional=conditional)
     elif base == "adversarial":
         suppression = ntl.TaskIrrelevantSuppression(
             "adversarial",

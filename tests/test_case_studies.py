@@ -25,14 +25,16 @@ def test_multitask_sweep_writes_one_row_per_ratio_and_config(tmp_path: Path) -> 
     mt.main([*argv, "--out", str(tmp_path)])
     record = json.loads((tmp_path / "multitask_sweep.json").read_text())
     rows = record["summary"]
-    assert [(r["num_a"], r["config"]) for r in rows] == [(n, c) for n in (30, 100) for c in mt.SWEEP_CONFIGS]
-    # every (ratio, config, weight, seed) trained once: baselines once, couplings once per weight
-    assert len(record["runs"]) == 2 * 2 * (3 + 3 * 2)
+    expected = [(s, n, c) for s in ("default", "tuned") for n in (30, 100) for c in mt.SWEEP_CONFIGS]
+    assert [(r["setting"], r["num_a"], r["config"]) for r in rows] == expected
+    # every (ratio, config, weight, seed) trained once: baselines once, couplings once per weight, the
+    # default weight (1) added to the grid
+    assert len(record["runs"]) == 2 * 2 * (3 + 3 * 3)
     for row in rows:
         if row["config"] == "single A":
             assert row["digit_gain_mean"] == 0.0 and "attributes_mean" not in row
         if row["config"].startswith("+"):
-            assert row["weight"] in (0.5, 2.0)
+            assert row["weight"] == 1.0 if row["setting"] == "default" else row["weight"] in (0.5, 1.0, 2.0)
     assert (tmp_path / "multitask_sweep.png").stat().st_size > 0
     assert "| 30 / 100 | + matching |" in (tmp_path / "multitask_sweep.md").read_text()
 
@@ -89,7 +91,12 @@ def test_biased_sweep_runs_every_method_and_resumes_from_its_cache(tmp_path: Pat
     runs = json.loads(cache.read_text())
     assert len(runs) == 1 + sum(len(bd.SWEEP_GRID[m]) for m in methods[1:])
     rows = json.loads((tmp_path / "biased_sweep.json").read_text())["summary"]
-    assert {(r["correlation"], r["method"]) for r in rows} == {(c, m) for c in (0.99,) for m in methods}
+    assert sorted((r["setting"], r["method"]) for r in rows) == sorted(
+        (s, m) for s in ("default", "tuned") for m in methods
+    )
+    assert all(
+        r["weight"] == bd.DEFAULTS[r["method"]] for r in rows if r["setting"] == "default" and r["method"] != "plain"
+    )
     assert all(r["gain_mean"] == 0.0 for r in rows if r["method"] == "plain")
     # a second call finds every run in the cache and trains nothing
     before = cache.stat().st_mtime_ns
@@ -117,9 +124,14 @@ def test_biased_sweep_selects_the_weight_on_validation_not_test() -> None:
     records += [run("cka", 1.0, s, 0.5, 0.3) for s in range(2)]  # best on validation
     records += [run("cka", 3.0, s, 0.4, 0.6) for s in range(2)]  # best on test
     rows = {r["method"]: r for r in bd.sweep_summary(records, ["plain", "cka"], [0.99])}
-    assert rows["cka"]["weight"] == 1.0
+    assert rows["cka"]["weight"] == 1.0 and rows["cka"]["setting"] == "tuned"
     assert rows["cka"]["accuracy_mean"] == pytest.approx(30.0)
     assert rows["cka"]["gain_mean"] == pytest.approx(5.0)  # paired: (30 - 20 + 30 - 30) / 2
+    # at a fixed (default) weight the validation split plays no part
+    fixed = {r["method"]: r for r in bd.sweep_summary(records, ["plain", "cka"], [0.99], {"cka": 3.0})}
+    assert fixed["cka"]["setting"] == "default" and fixed["cka"]["accuracy_mean"] == pytest.approx(60.0)
+    with pytest.raises(KeyError, match="no runs at weight 10"):
+        bd.sweep_summary(records, ["cka"], [0.99], {"cka": 10.0})
 
 
 def test_anti_transfer_layers_study_runs_with_its_diagnostics(tmp_path: Path) -> None:

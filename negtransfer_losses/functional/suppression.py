@@ -24,6 +24,9 @@ from .._validation import (
 from ..distributed import Gather, gather_batch
 from .similarity import Kernel, cka, hsic_from_kernels, kernel_alignment, kernel_matrix
 
+# λ of the adversary's gradient reversal unless given (functional and module alike)
+DEFAULT_STRENGTH = 0.3
+
 
 def check_task_labels(
     labels: object, batch: int, *, ignore_index: int = IGNORE_INDEX, device: torch.device | None = None
@@ -228,7 +231,7 @@ def adversarial_suppression(
     labels: Tensor | None,
     head: nn.Module,
     num_irrelevant: int,
-    strength: float = 1.0,
+    strength: float = DEFAULT_STRENGTH,
     entropy_weight: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
     *,
@@ -255,7 +258,9 @@ def adversarial_suppression(
         features: `(B, ...)`, flattened to `(B, D)` for the head.
         labels: `(B,)` or None (entropy term only; not allowed in the conditional form).
         head: maps `(B, D)` to `(B, num_irrelevant)` logits.
-        strength: λ of the gradient reversal.
+        strength: λ of the gradient reversal. The default, 0.3, is the library's choice: at λ = 1 the
+            conditional adversary lost 28 points of unbiased accuracy on the biased-digits case study at
+            95 % correlation, at 0.3 it gained 9–23 points at every correlation (docs/case-studies.md).
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
         head_parameters: values to call `head` with instead of its own parameters (`torch.func.functional_call`),
             e.g. a reparametrization of them.

@@ -16,7 +16,7 @@ from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel
-from ..functional.suppression import adversarial_suppression, irrelevant_cka, irrelevant_hsic
+from ..functional.suppression import DEFAULT_STRENGTH, adversarial_suppression, irrelevant_cka, irrelevant_hsic
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
 SUPPRESSION_METHODS: tuple[SuppressionMethod, ...] = ("adversarial", "hsic", "cka")
@@ -40,7 +40,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 _DEFAULTS: dict[str, dict[str, object]] = {
     "adversarial": {
-        "strength": 1.0,
+        "strength": DEFAULT_STRENGTH,
         "warmup_steps": 0,
         "entropy_weight": 0.0,
         "head_lr_multiplier": 10.0,
@@ -87,7 +87,7 @@ class TaskIrrelevantSuppression(nn.Module):
     `y` or `u` are left out; a task class with a single `u` value in the batch contributes nothing.
 
     Every option applies to some methods only: giving one that the chosen method does not use raises a
-    `ValueError` (`None` means "the method's default"). Defaults: adversarial `strength=1`,
+    `ValueError` (`None` means "the method's default"). Defaults: adversarial `strength=0.3`,
     `warmup_steps=0`, `entropy_weight=0`, `head_lr_multiplier=10`, `head_steps=10`, `head_lr=3e-3`,
     `check_head_after=100`; hsic
     `kernel="linear"`, `normalized=False`, `unbiased=True`; cka `kernel="linear"`, `unbiased=False`;
