@@ -404,7 +404,7 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (task, _, single) in zip(axes, TASKS, strict=True):
         for i, config in enumerate(configs):
-            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":")):
+            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":"))[: 2 if "+" in config else 1]:
                 rs = [
                     next(
                         r
