@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 
@@ -92,6 +93,20 @@ def test_adversarial_head_is_a_parameter_and_reverses_the_gradient() -> None:
     ce = nn.functional.cross_entropy(loss.head(z2), u)
     (ce_grad,) = torch.autograd.grad(ce, z2)
     torch.testing.assert_close(z.grad, -0.5 * ce_grad)
+
+
+def test_default_strength_is_one_value_for_the_module_and_the_function() -> None:
+    z, u = batch()
+    z.requires_grad_(True)
+    module = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, head_lr_multiplier=1.0, head_steps=0)
+    function_default = inspect.signature(ntf.adversarial_suppression).parameters["strength"].default
+    assert module.strength == function_default == 0.3
+    module(z, u).backward()
+    assert module.last_terms["strength"].item() == pytest.approx(0.3)
+    z2 = z.detach().clone().requires_grad_(True)
+    assert module.head is not None
+    (ce_grad,) = torch.autograd.grad(nn.functional.cross_entropy(module.head(z2), u), z2)
+    torch.testing.assert_close(z.grad, -0.3 * ce_grad)
 
 
 def test_warmup_schedule_rises_from_zero_to_strength() -> None:
