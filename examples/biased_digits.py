@@ -81,6 +81,8 @@ DEFAULTS = {
     "purify": 0.01,
 }
 DEFAULTS |= {f"{m}_conditional": DEFAULTS[m] for m in ("hsic", "adversarial", "cka", "purify")}
+# runs cached under an older version (another default setting of some method) are never reused
+RUNS_VERSION = 2
 CORRELATIONS = [0.90, 0.95, 0.98, 0.99]
 # each grid holds the default, so the sweep reports the default beside the weight chosen on validation
 SWEEP_GRID = {
@@ -334,19 +336,24 @@ def run_sweep(
     grid: dict[str, list[float]],
     cache: Path,
 ) -> list[Record]:
-    """Train every (correlation, method, weight, seed) not yet in `cache`; validation and test accuracy of each."""
+    """Train every (correlation, method, weight, seed) not yet in `cache` at this `RUNS_VERSION`; return the
+    runs of this call's seeds, epochs and grid (validation and test accuracy, colour probe of each)."""
     records: list[Record] = json.loads(cache.read_text()) if cache.exists() else []
+
+    def weights(method: str) -> list[float]:
+        return grid.get(method, [0.0]) if method != "plain" else [0.0]
 
     def key(r: Record) -> tuple[float, str, float, int, int]:
         return (float(r["correlation"]), str(r["method"]), float(r["weight"]), int(r["seed"]), int(r["epochs"]))
 
-    done = {key(r) for r in records}
+    current = [r for r in records if r.get("version") == RUNS_VERSION]
+    done = {key(r) for r in current}
     jobs = [
         (seed, c, m, w)
         for seed in range(seeds)
         for c in correlations
         for m in methods
-        for w in (grid.get(m, [0.0]) if m != "plain" else [0.0])
+        for w in weights(m)
         if (c, m, w, seed, epochs) not in done
     ]
     colour_nets: dict[int, Net] = {}
@@ -356,21 +363,26 @@ def run_sweep(
             if seed not in colour_nets:  # the colour network's data do not depend on the correlation
                 colour_nets[seed] = colour_network(colour_data, epochs, seed)
             model = train_method(method, weight, train, colour_nets[seed], epochs, seed)
-            records.append(
-                {
-                    "correlation": correlation,
-                    "method": method,
-                    "weight": weight,
-                    "seed": seed,
-                    "epochs": epochs,
-                    "val_accuracy": accuracy(model, val),
-                    "test_accuracy": accuracy(model, test),
-                    "colour_probe": colour_probe(model, val, test),
-                }
-            )
+            run = {
+                "version": RUNS_VERSION,
+                "correlation": correlation,
+                "method": method,
+                "weight": weight,
+                "seed": seed,
+                "epochs": epochs,
+                "val_accuracy": accuracy(model, val),
+                "test_accuracy": accuracy(model, test),
+                "colour_probe": colour_probe(model, val, test),
+            }
+            records.append(run)
+            current.append(run)
             cache.write_text(json.dumps(records, indent=0))
             bar.update()
-    return [r for r in records if int(r["epochs"]) == epochs and int(r["seed"]) < seeds]
+    return [
+        r
+        for r in current
+        if int(r["epochs"]) == epochs and int(r["seed"]) < seeds and float(r["weight"]) in weights(str(r["method"]))
+    ]
 
 
 def sweep_summary(

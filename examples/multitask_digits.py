@@ -302,7 +302,6 @@ def run_sweep(
 ) -> list[Record]:
     """One record per (ratio, config, weight, seed): validation and test accuracies of the same model."""
     prior = prior_relatedness(NOISE, attributes)
-    grid = sorted({*grid, DEFAULT_WEIGHT})  # the default always runs, to stand beside the tuned weight
     jobs = [(r, c, w) for r in ratios for c in configs for w in (grid if c.startswith("+") else [0.0])]
     records: list[Record] = []
     with tqdm(total=seeds * len(jobs), desc="label-ratio sweep", unit="run") as bar:
@@ -344,7 +343,7 @@ def sweep_summary(records: list[Record], weight: float | None = None) -> list[Re
                 keys = [f"val_{k}" for _, k, single in TASKS if single != config]
                 return statistics.mean(float(r[k]) for r in runs for k in keys)
 
-            chosen[config] = runs_at(by_weight, validation, weight)
+            chosen[config] = runs_at(by_weight, validation, weight if config.startswith("+") else None)
         for config, runs in chosen.items():
             row: Record = {
                 "setting": "tuned" if weight is None else "default",
@@ -441,6 +440,7 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
 
 
 def main_sweep(args: argparse.Namespace) -> list[Record]:
+    args.grid = sorted({*args.grid, DEFAULT_WEIGHT})  # the default always runs, to stand beside the tuned λ
     records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid)
     rows = sweep_summary(records, DEFAULT_WEIGHT) + sweep_summary(records)
     table = sweep_markdown(rows)

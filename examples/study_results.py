@@ -27,8 +27,8 @@ def runs_at(
     by_weight: dict[float, list[Record]], validation: Callable[[list[Record]], float], weight: float | None
 ) -> list[Record]:
     """One configuration's runs (one per seed, sorted by seed) at `weight`, or, when `weight` is None, at the
-    weight whose runs score best by `validation`. A baseline, run at one weight only, gives that one."""
-    if weight is None or len(by_weight) == 1:
+    weight whose runs score best by `validation` (a baseline, run at one weight only, gives that one)."""
+    if weight is None:
         weight = max(by_weight, key=lambda w: validation(by_weight[w]))
     elif weight not in by_weight:
         raise KeyError(f"no runs at weight {weight:g}; the grid held {sorted(by_weight)}")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+import negtransfer_losses as ntl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -145,3 +148,65 @@ def test_anti_transfer_layers_study_runs_with_its_diagnostics(tmp_path: Path) ->
     cka = record["diagnostics"]["cka_student_by_colour_network"]
     assert len(cka) == len(cka[0]) == len(at.LAYERS)
     assert (tmp_path / "anti_transfer_diagnostics.png").exists() and (tmp_path / "anti_transfer_layers.png").exists()
+
+
+def test_the_studies_defaults_are_the_librarys_and_every_sweep_grid_holds_them() -> None:
+    bd, mt = example("biased_digits"), example("multitask_digits")
+
+    def default(module: object, name: str) -> object:
+        return inspect.signature(module).parameters[name].default  # type: ignore[arg-type]
+
+    for method, value in bd.DEFAULTS.items():
+        if method.startswith("purify"):
+            assert value == default(ntl.Purify, "momentum")
+        elif method == "anti_transfer":
+            assert value == default(ntl.AntiTransferLoss, "weight")
+        else:
+            assert value == default(ntl.TaskIrrelevantSuppression, "weight")
+        assert value in bd.SWEEP_GRID[method], method
+    for name in ("matching_weight", "co_annotation_weight"):
+        assert default(ntl.MultiTaskLoss, name) == mt.DEFAULT_WEIGHT
+
+
+def test_runs_at_takes_the_fixed_weight_the_validation_best_or_a_baselines_only_one() -> None:
+    from study_results import runs_at
+
+    def runs(weight: float, score: float) -> list[dict[str, float]]:
+        return [{"weight": weight, "seed": s, "score": score} for s in (1, 0)]
+
+    by_weight = {1.0: runs(1.0, 0.2), 3.0: runs(3.0, 0.9)}
+
+    def mean(rs: list[dict[str, float]]) -> float:
+        return sum(r["score"] for r in rs) / len(rs)
+
+    assert [r["weight"] for r in runs_at(by_weight, mean, None)] == [3.0, 3.0]
+    assert [(r["weight"], r["seed"]) for r in runs_at(by_weight, mean, 1.0)] == [(1.0, 0), (1.0, 1)]
+    assert [r["weight"] for r in runs_at({0.0: runs(0.0, 0.5)}, mean, None)] == [0.0, 0.0]
+    with pytest.raises(KeyError, match=r"no runs at weight 0\.5"):
+        runs_at(by_weight, mean, 0.5)
+
+
+def test_biased_sweep_never_reuses_runs_cached_under_an_older_version(tmp_path: Path) -> None:
+    bd = example("biased_digits")
+    stale = {"correlation": 0.99, "method": "plain", "weight": 0.0, "seed": 0, "epochs": 1}
+    stale |= {"val_accuracy": 1.0, "test_accuracy": 1.0, "colour_probe": 0.0}  # no version: an older library's
+    (tmp_path / "biased_sweep_runs.json").write_text(json.dumps([stale]))
+    bd.main(
+        [
+            "--sweep",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--correlations",
+            "0.99",
+            "--methods",
+            "plain",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    runs = json.loads((tmp_path / "biased_sweep_runs.json").read_text())
+    assert len(runs) == 2 and runs[0] == stale and runs[1]["version"] == bd.RUNS_VERSION
+    rows = json.loads((tmp_path / "biased_sweep.json").read_text())["summary"]
+    assert all(r["accuracy_mean"] == 100 * runs[1]["test_accuracy"] for r in rows)
