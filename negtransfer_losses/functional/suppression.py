@@ -259,9 +259,9 @@ def adversarial_suppression(
         labels: `(B,)` or None (entropy term only; not allowed in the conditional form).
         head: maps `(B, D)` to `(B, num_irrelevant)` logits.
         strength: λ of the gradient reversal. The default, 0.3, is the library's choice: at an effective
-            0.9 (weight 3 × strength 0.3) the module's conditional adversary lost 22–36 points of unbiased accuracy on the biased-digits
-            case study at 90–95 % correlation, at 0.3 it gained 8–18 points at every correlation
-            (docs/task-irrelevant-labels.md).
+            0.9 (weight 3 × strength 0.3) the module's conditional adversary lost 22–36 points of
+            unbiased accuracy on the biased-digits case study at 90–95 % correlation, at 0.3 it gained
+            8–18 points at every correlation (docs/task-irrelevant-labels.md).
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
         head_parameters: values to call `head` with instead of its own parameters (`torch.func.functional_call`),
             e.g. a reparametrization of them.
