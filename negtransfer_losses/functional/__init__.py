@@ -5,6 +5,7 @@ Runs on every device; the fused kernels in `negtransfer_losses.ops` are tested a
 
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy
+from .adversarial import adversarial_suppression, gradient_reversal
 from .aggregation import AGGREGATIONS, Aggregation, aggregate_channels, aggregated_row_cosines
 from .anti_transfer import (
     ANTI_TRANSFER_AGGREGATIONS,
@@ -32,6 +33,7 @@ from .distribution_matching import (
     masked_cross_entropy,
     soft_co_annotation,
 )
+from .erasure import erase, erasure_basis
 from .pairwise import pairwise_row_cosines
 from .similarity import (
     GRAM_SCOPES,
@@ -47,14 +49,7 @@ from .similarity import (
     kernel_matrix,
     linear_cka,
 )
-from .suppression import (
-    adversarial_suppression,
-    erase,
-    erasure_basis,
-    gradient_reversal,
-    irrelevant_cka,
-    irrelevant_hsic,
-)
+from .suppression import irrelevant_cka, irrelevant_hsic
 
 __all__ = [
     "AGGREGATIONS",

@@ -7,13 +7,8 @@ from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX, check_labels
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
-from ..functional.suppression import (
-    check_task_labels,
-    column_basis,
-    erase,
-    erasure_basis,
-    within_class_cross_covariance,
-)
+from ..functional._groups import check_task_labels
+from ..functional.erasure import column_basis, erase, erasure_basis, within_class_cross_covariance
 
 
 class Purify(nn.Module):

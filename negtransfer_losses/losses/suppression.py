@@ -16,7 +16,8 @@ from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel
-from ..functional.suppression import DEFAULT_STRENGTH, adversarial_suppression, irrelevant_cka, irrelevant_hsic
+from ..functional.adversarial import DEFAULT_STRENGTH, adversarial_suppression
+from ..functional.suppression import irrelevant_cka, irrelevant_hsic
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
 SUPPRESSION_METHODS: tuple[SuppressionMethod, ...] = ("adversarial", "hsic", "cka")

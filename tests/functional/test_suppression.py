@@ -265,7 +265,7 @@ def test_conditional_cka_matches_oracle(unbiased: bool) -> None:
 
 
 def test_within_class_cross_covariance_matches_oracle() -> None:
-    from negtransfer_losses.functional.suppression import within_class_cross_covariance
+    from negtransfer_losses.functional.erasure import within_class_cross_covariance
 
     z, u, y = conditional_data()
     value, count = within_class_cross_covariance(z, u, y, 3)

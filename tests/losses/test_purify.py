@@ -159,7 +159,7 @@ def test_conditional_running_estimate_weights_batches_by_eligible_samples() -> N
     a, b = slice(0, 20), slice(20, 40)
     purify(z[a].double(), u[a], task_labels=y[a])
     purify(z[b].double(), u[b], task_labels=y[b])
-    from negtransfer_losses.functional.suppression import within_class_cross_covariance
+    from negtransfer_losses.functional.erasure import within_class_cross_covariance
 
     sa, na = within_class_cross_covariance(z[a].double(), u[a], y[a], 3)
     sb, nb = within_class_cross_covariance(z[b].double(), u[b], y[b], 3)

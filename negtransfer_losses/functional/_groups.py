@@ -1,0 +1,104 @@
+"""Which samples share a task class, computed without leaving the device: the grouping of every conditional estimate.
+
+Only fixed shapes: no `unique`, `nonzero`, boolean indexing or host reads. A batch's grouping is the `(n, n)`
+boolean matrix `classmates[i, j]` ("sample `j` counts in the class statistics of sample `i`"), so every
+per-class statistic is one matrix product over the batch, which `torch.compile` traces as one graph and a GPU
+runs without waiting for the host. The conditional variants need no count of task classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._labels import IGNORE_INDEX, check_labels
+
+
+def check_task_labels(
+    labels: object, batch: int, *, ignore_index: int = IGNORE_INDEX, device: torch.device | None = None
+) -> Tensor:
+    """Raise unless `labels` is an integer tensor `(batch,)` of task classes (`≥ 0`) or `ignore_index`."""
+    return check_labels(
+        labels, None, batch, name="task_labels", what="task classes", ignore_index=ignore_index, device=device
+    )
+
+
+def check_irrelevant_labels(
+    labels: object, num_irrelevant: int, features: Tensor, *, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Raise unless `labels` is `(B,)` integers in `[0, num_irrelevant)` or `ignore_index`, on the features' device."""
+    return check_labels(
+        labels,
+        num_irrelevant,
+        features.shape[0],
+        name="irrelevant_labels",
+        what="irrelevant classes",
+        ignore_index=ignore_index,
+        device=features.device,
+    )
+
+
+def classmates_of(task_labels: Tensor, members: Tensor) -> Tensor:
+    """`(n, n)` booleans: `[i, j]` is True when sample `j` is a member and has the task class of sample `i`.
+
+    Args:
+        task_labels: `(n,)` integer task classes.
+        members: `(n,)` booleans, the samples that enter the class statistics.
+
+    Returns:
+        `(n, n)` booleans (a row of a non-member still lists the members of its class).
+    """
+    return (task_labels[:, None] == task_labels[None, :]) & members[None, :]
+
+
+def one_hot_known(labels: Tensor, num_classes: int, known: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(n, num_classes)` one-hot rows of `labels`, zero rows where `known` is False (any value there)."""
+    rows = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).to(dtype)
+    return rows * known[:, None].to(dtype)
+
+
+def within_class_groups(
+    labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """`(eligible, classmates)`: which samples enter a conditional estimate, and who shares their class.
+
+    A sample is eligible when its `u` and `y` are both known and its task class holds at least two distinct known
+    `u` values in the batch (a class with a single `u` value says nothing about `u` beyond `y`). Eligibility is a
+    property of the class, so `classmates[i, j]` (`j` eligible and in `i`'s class) lists for every eligible `i`
+    exactly the eligible members of its class.
+
+    Args:
+        labels: `(n,)` irrelevant labels `u` in `[0, num_irrelevant)` or `ignore_index`.
+        task_labels: `(n,)` task classes `y` (`≥ 0`) or `ignore_index`.
+        num_irrelevant: number of irrelevant classes.
+        ignore_index: the label of unknown samples.
+
+    Returns:
+        `eligible` `(n,)` booleans and `classmates` `(n, n)` booleans.
+    """
+    known = (labels != ignore_index) & (task_labels != ignore_index)
+    classmates = classmates_of(task_labels, known)
+    counts = classmates.to(torch.float32) @ one_hot_known(labels, num_irrelevant, known, torch.float32)
+    eligible = known & ((counts > 0).sum(dim=1) >= 2)
+    return eligible, classmates & eligible[None, :]
+
+
+def centre_within_groups(x: Tensor, classmates: Tensor, members: Tensor) -> Tensor:
+    """`x_i - mean{x_j : classmates[i, j]}` for the member rows of `(n, D)` `x`; zero rows for the others.
+
+    Rows outside `members` never reach the result, even when they hold NaN or inf.
+    """
+    inside = members[:, None]
+    x = torch.where(inside, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    weights = classmates.to(x.dtype)
+    means = (weights @ x) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return torch.where(inside, x - means, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def within_class_log_prior(labels: Tensor, classmates: Tensor, num_irrelevant: int, dtype: torch.dtype) -> Tensor:
+    """Per sample, `log p̂(u = k | y) = log((n_{y,k} + ½) / (n_y + K/2))` over its classmates, `(n, num_irrelevant)`."""
+    members = classmates.any(dim=0)
+    counts = classmates.to(dtype) @ one_hot_known(labels, num_irrelevant, members, dtype)
+    smoothed = counts + 0.5
+    return torch.log(smoothed / smoothed.sum(dim=1, keepdim=True))
