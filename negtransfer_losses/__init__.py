@@ -3,6 +3,7 @@
 - feature taps for any model: `FeatureTap`, `FrozenReference`;
 - anti-transfer: `AntiTransferLoss`;
 - suppression of task-irrelevant factors: `TaskIrrelevantSuppression`, `Purify`;
+- batches that hold every (task class, irrelevant factor) group: `GroupBalancedBatchSampler`;
 - multi-task distribution matching: `TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`,
   `MultiTaskLoss`;
 - the math of every method as plain functions: `negtransfer_losses.functional`;
@@ -21,6 +22,7 @@ from .losses import (
     TaskIrrelevantSuppression,
 )
 from .relatedness import TaskRelatedness
+from .sampling import GroupBalancedBatchSampler
 from .taps import FeatureTap, FrozenReference, MissingFeaturesError, StaleFeaturesError
 from .terms import collect_terms
 
@@ -31,6 +33,7 @@ __all__ = [
     "DistributionMatchingLoss",
     "FeatureTap",
     "FrozenReference",
+    "GroupBalancedBatchSampler",
     "MissingFeaturesError",
     "MultiTaskLoss",
     "Purify",
