@@ -9,10 +9,12 @@
 - the math of every method as plain functions: `negtransfer_losses.functional`;
 - fused kernels and the backend choice: `negtransfer_losses.ops`;
 - where negative transfer lives (layer probes, CKA maps): `negtransfer_losses.diagnostics`;
-- every module's logged terms as floats: `collect_terms`.
+- every module's logged terms as floats: `collect_terms`;
+- the input checks' errors that a GPU reports late, raised now: `raise_pending_errors`.
 """
 
 from . import diagnostics, functional, ops
+from ._validation import raise_pending_errors
 from .losses import (
     AntiTransferLoss,
     DistributionMatchingLoss,
@@ -46,4 +48,5 @@ __all__ = [
     "diagnostics",
     "functional",
     "ops",
+    "raise_pending_errors",
 ]

@@ -1,10 +1,22 @@
-"""Input checks shared by every public function: messages name the argument, the shapes and what is valid."""
+"""Input checks shared by every public function: messages name the argument, the shapes and what is valid.
+
+Checks that read tensor values (NaN/inf, label ranges) go through `raise_if_invalid`, which never makes the
+host wait for the device: on the CPU it reads the values at once and raises at once; on a GPU (any device
+but the CPU) it copies the few values it needs into pinned host memory without blocking, records an event,
+and raises the error at the first check call after the device has finished that work (at the latest after
+`MAX_PENDING_CHECKS` more checks, or when `raise_pending_errors` is called). While `torch.compile` traces
+or a CUDA graph is being captured, such checks are skipped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal, TypeAlias
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeAlias
 
 import torch
 from torch import Tensor
@@ -82,34 +94,207 @@ def checks_values() -> bool:
     return not (is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
 
 
+def reads_values(device: torch.device) -> bool:
+    """Whether a value check on `device` runs now: not while `torch.compile` traces, nor during CUDA-graph capture.
+
+    A captured graph replays device work only, so a check recorded during capture would never be read.
+    """
+    if not checks_values():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value checks that never block: read at once on the CPU, later (without waiting) on other devices.
+
+MAX_PENDING_CHECKS = 8
+"""How many deferred checks may wait for their device; one more makes the oldest be waited for and read."""
+
+
+class DeviceEvent(Protocol):
+    """What the deferred checks need of an event (`torch.cuda.Event`, `torch.Event`)."""
+
+    def record(self) -> None: ...
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
+def defers_checks(device: torch.device) -> bool:
+    """Whether value checks on `device` are read later, without waiting: every device but the CPU.
+
+    On the CPU the values are in host memory already, so a check reads them at once and raises at once.
+    Tests replace this predicate (and `new_event`) to run the deferred path on CPU tensors.
+    """
+    return device.type != "cpu"
+
+
+def new_event(device: torch.device) -> DeviceEvent | None:
+    """An unrecorded event of `device`'s current stream, or None where the device has none (then checks block)."""
+    if device.type == "cuda":
+        return torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event_type = getattr(torch, "Event", None)  # torch >= 2.4: events of any accelerator
+    if event_type is None:
+        return None
+    try:
+        event: DeviceEvent = event_type(device=device)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return event
+
+
+@dataclass
+class _PendingCheck:
+    event: DeviceEvent
+    host: Tensor  # the check's values, copied (without blocking) into host memory
+    message: Callable[[list[Any]], str | None]
+    device: torch.device
+    issued: int  # the check call that issued it
+
+
+_pending: deque[_PendingCheck] = deque()
+_pending_lock = threading.Lock()
+_check_calls = 0
+
+
+def raise_if_invalid(values: Tensor, message: Callable[[list[Any]], str | None]) -> None:
+    """Raise `ValueError(message(values))` unless the message is None, without making the host wait.
+
+    Args:
+        values: a small 1-D tensor computed on the inputs' device by fixed-shape operations (a flag, and
+            what the message needs, such as the first invalid label).
+        message: builds the error message from the values as a Python list, or returns None when they
+            are valid. It must capture no tensor (only names, shapes and options).
+
+    Raises:
+        ValueError: at once on the CPU (or a device without events); elsewhere from a later check, as in
+            the module's docstring. Errors of earlier checks that have become readable are raised first.
+    """
+    device = values.device
+    if device.type == "meta" or not reads_values(device):
+        return
+    poll_pending_checks()
+    if not defers_checks(device) or (event := new_event(device)) is None:
+        _raise_messages([message(values.cpu().tolist())])
+        return
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda")
+    host.copy_(values, non_blocking=True)
+    event.record()
+    with _pending_lock:
+        _pending.append(_PendingCheck(event, host, message, device, _check_calls))
+        overdue = [_pending.popleft() for _ in range(len(_pending) - MAX_PENDING_CHECKS)]
+    for check in overdue:
+        check.event.synchronize()  # normally complete long ago: a few steps have been queued since
+    _raise_messages([_late_message(check) for check in overdue])
+
+
+def poll_pending_checks() -> None:
+    """Raise the errors of deferred checks whose device work has completed; wait for none.
+
+    Every value check calls it first, so an error surfaces at the first check after the device has
+    finished the failing step.
+
+    Raises:
+        ValueError: naming every failed check that has become readable, oldest first.
+    """
+    global _check_calls
+    with _pending_lock:
+        _check_calls += 1
+        if not _pending:
+            return
+        done = [check for check in _pending if check.event.query()]
+        for check in done:
+            _pending.remove(check)
+    _raise_messages([_late_message(check) for check in done])
+
+
+def raise_pending_errors() -> None:
+    """Wait for every deferred value check and raise the errors they found (for the end of an epoch, or tests).
+
+    On a GPU, checks of the inputs (NaN/inf with `nan_policy="raise"`, label ranges) read their result
+    without making the host wait, so their error is raised by a later check call. Call this where a training
+    loop ends, or where it must know that every step so far had valid inputs. It waits for the device work
+    of the pending checks only (usually complete). Do not call it during CUDA-graph capture.
+
+    Raises:
+        ValueError: naming every failed check that had not been raised yet, oldest first.
+    """
+    with _pending_lock:
+        waiting = list(_pending)
+        _pending.clear()
+    for check in waiting:
+        check.event.synchronize()
+    _raise_messages([_late_message(check) for check in waiting])
+
+
+def _late_message(check: _PendingCheck) -> str | None:
+    message = check.message(check.host.tolist())
+    if message is None:
+        return None
+    later = _check_calls - check.issued
+    return (
+        f"{message} [found on {check.device} by a check {later} check call(s) before this one: checks on "
+        f"{check.device.type} read their result without waiting; see raise_pending_errors]"
+    )
+
+
+def _raise_messages(messages: Sequence[str | None]) -> None:
+    failed = [message for message in messages if message is not None]
+    if failed:
+        raise ValueError("\n".join(failed))
+
+
 def guard_finite(
     tensors: Mapping[str, Tensor], nan_policy: NanPolicy, *, layer: str | None = None
 ) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Apply a NaN/inf policy to a loss's inputs before it computes.
+    """Apply a NaN/inf policy to a loss's inputs before it computes, without a device synchronization.
 
-    - `"raise"`: `ValueError` naming the inputs with NaN or inf (skipped while `torch.compile` traces);
+    - `"raise"`: `ValueError` naming the inputs with NaN or inf, their layer and shapes: at once on the CPU,
+      from a later check on other devices (see `raise_if_invalid`); skipped while `torch.compile` traces
+      and during CUDA-graph capture;
     - `"skip"`: non-finite inputs are replaced by zeros and the returned flag (a 0-d bool tensor, no device
       synchronization) is False; pass it to `zero_unless` so the batch gives a zero loss and zero gradient;
     - `"propagate"`: no check.
 
+    Args:
+        tensors: the inputs by argument name (all on one device).
+        nan_policy: `"raise"`, `"skip"` or `"propagate"`.
+        layer: the layer the inputs belong to, for messages.
+
     Returns:
         the (possibly zeroed) inputs and the flag, or None when no masking is needed.
+
+    Raises:
+        ValueError: for an unknown policy, inputs on several devices, or non-finite inputs (`"raise"`).
     """
     check_choice(nan_policy, "nan_policy", NAN_POLICIES)
-    if nan_policy == "propagate" or (nan_policy == "raise" and not checks_values()):
+    if not tensors:
+        return {}, None
+    device = next(iter(tensors.values())).device
+    if nan_policy != "raise" and reads_values(device):
+        poll_pending_checks()  # every check call reports the earlier checks' errors that are readable
+    if nan_policy == "propagate" or (nan_policy == "raise" and not reads_values(device)):
         return dict(tensors), None
     check_same_device(tensors, layer=layer)
-    flags = {name: torch.isfinite(t).all() for name, t in tensors.items()}
-    finite = torch.stack(list(flags.values())).all()
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
     if nan_policy == "raise":
-        if not bool(finite):  # one device synchronization; per input only to name the culprits
-            bad = [name for name, flag in flags.items() if not bool(flag)]
-            raise ValueError(
-                f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
-                f"to give such a batch zero loss, or nan_policy='propagate' to skip the check"
-            )
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise_if_invalid(flags, functools.partial(_non_finite_message, shapes, layer))
         return dict(tensors), None
+    finite = flags.all()
     return {name: torch.where(finite, t, torch.zeros_like(t)) for name, t in tensors.items()}, finite
+
+
+def _non_finite_message(shapes: Mapping[str, tuple[int, ...]], layer: str | None, finite: list[bool]) -> str | None:
+    bad = [name for name, ok in zip(shapes, finite, strict=True) if not ok]
+    if not bad:
+        return None
+    listed = ", ".join(f"{describe(name, layer)} {shape}" for name, shape in shapes.items())
+    return (
+        f"{' and '.join(describe(n, layer) for n in bad)} contain NaN or inf; pass nan_policy='skip' "
+        f"to give such a batch zero loss, or nan_policy='propagate' to skip the check (inputs: {listed})"
+    )
 
 
 def zero_unless(finite: Tensor | None, value: Tensor) -> Tensor:

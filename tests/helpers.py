@@ -1,12 +1,17 @@
-"""Helpers shared by the tests: value-and-gradient comparison against an oracle."""
+"""Helpers shared by the tests: value-and-gradient comparison against an oracle, counting host-device syncs."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from negtransfer_losses import _validation
 
 # Every loss is multiplied by this before backward(): a backward pass that forgets to multiply by
 # grad_output goes unnoticed when grad_output is 1.
@@ -38,3 +43,89 @@ def assert_matches_oracle(
 
 # Counts of tests/test_hostile.py's cases: tried, finite, clear error (printed at the end of the run).
 HOSTILE_CASES: Counter[str] = Counter()
+
+
+class FakeEvent:
+    """A device event whose completion the test decides (`done`); `synchronize()` completes it."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+        self.recorded = False
+
+    def record(self) -> None:
+        self.recorded = True
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+@contextmanager
+def checks_deferred_on_cpu(*, complete: bool = True) -> Iterator[list[FakeEvent]]:
+    """Run the value checks on CPU tensors as they run on a GPU: copied without blocking, read later.
+
+    Every check records a `FakeEvent`, complete at once (`complete=True`) or when the test sets `done`;
+    the events are yielded in the order they were recorded. Pending checks are dropped on exit.
+    """
+    events: list[FakeEvent] = []
+
+    def new_event(device: torch.device) -> FakeEvent:
+        events.append(FakeEvent(complete))
+        return events[-1]
+
+    saved = (_validation.defers_checks, _validation.new_event)
+    _validation.defers_checks = lambda device: True  # type: ignore[assignment]
+    _validation.new_event = new_event  # type: ignore[assignment]
+    try:
+        yield events
+    finally:
+        _validation.defers_checks, _validation.new_event = saved  # type: ignore[assignment]
+        _validation._pending.clear()
+
+
+# Ops that make the host wait for the device: reading a value, or an output whose shape depends on values.
+SYNC_OPS = {
+    torch.ops.aten._local_scalar_dense.default: "_local_scalar_dense (.item(), bool(t), int(t), if t: ...)",
+    torch.ops.aten.nonzero.default: "nonzero (data-dependent shape)",
+    torch.ops.aten.masked_select.default: "masked_select (data-dependent shape)",
+    torch.ops.aten._unique2.default: "unique (data-dependent shape)",
+    torch.ops.aten.unique_dim.default: "unique (data-dependent shape)",
+    torch.ops.aten.unique_consecutive.default: "unique_consecutive (data-dependent shape)",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops in `SYNC_OPS` (and indexing with a boolean mask) that run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func in SYNC_OPS:
+            self.counts[SYNC_OPS[func]] += 1
+        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
+            indices = args[1] if len(args) > 1 else []
+            if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in indices):
+                self.counts["boolean-mask indexing x[mask] (data-dependent shape)"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_syncs(step: Callable[[], object]) -> SyncCounter:
+    """The host-device syncs one call of `step` makes, with the value checks deferred as on a GPU.
+
+    Counts `aten._local_scalar_dense` (what `.item()`, `bool(t)`, `int(t)` run) and the ops whose output
+    shape depends on values (`nonzero`, `unique`, `masked_select`, `x[mask]`): each makes a CUDA host wait.
+    Call `step` once before (a warm-up), so that first-call work (caches, lazy buffers) is not counted.
+    """
+    with checks_deferred_on_cpu(), SyncCounter() as counter:
+        step()
+    return counter

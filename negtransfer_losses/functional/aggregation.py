@@ -6,12 +6,13 @@ summaries that do not depend on channel order.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor, checks_values, compute_dtype, describe, full_precision
+from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision, raise_if_invalid
 from .similarity import cosine_rows
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
@@ -61,13 +62,20 @@ def aggregate_channels(
             return x.sum(dim=1, keepdim=True)
         if aggregation == "max":
             return x.amax(dim=1, keepdim=True)
-        if checks_values() and bool((x < 0).any()):
-            raise ValueError(
-                f"aggregation='mul' needs a non-negative feature map, but {describe(name, layer)} "
-                f"(shape {tuple(x.shape)}) has minimum {x.min().item():.4g}; tap the layer after its "
-                f"ReLU or use aggregation='mean'"
-            )
+        if x.numel():  # read on the host without a sync (later on a GPU): see raise_if_invalid
+            sign = torch.stack([(x < 0).any().to(x.dtype), x.amin()])
+            raise_if_invalid(sign, functools.partial(_negative_map_message, describe(name, layer), tuple(x.shape)))
         return torch.exp(mul_exponent * torch.log(x + offset).sum(dim=1, keepdim=True))
+
+
+def _negative_map_message(described: str, shape: tuple[int, ...], sign: list[float]) -> str | None:
+    negative, minimum = sign
+    if not negative:
+        return None
+    return (
+        f"aggregation='mul' needs a non-negative feature map, but {described} (shape {shape}) has minimum "
+        f"{minimum:.4g}; tap the layer after its ReLU or use aggregation='mean'"
+    )
 
 
 ROW_AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "sum", "max")

@@ -1,0 +1,161 @@
+"""Value checks that never block: at once on the CPU, read later (without a sync) where reading would wait.
+
+The deferred path runs on CPU tensors here through `checks_deferred_on_cpu`, which makes the CPU defer its
+checks and hands out fake events whose completion the test controls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SyncCounter, checks_deferred_on_cpu
+
+import negtransfer_losses as ntl
+from negtransfer_losses import _validation
+from negtransfer_losses._labels import check_labels, multilabel_targets
+from negtransfer_losses._validation import MAX_PENDING_CHECKS, guard_finite
+
+NAN_MESSAGE = r"'student' \(layer 'layer3'\) contain NaN or inf; pass nan_policy='skip'"
+
+
+def features(nan: bool = False) -> dict[str, torch.Tensor]:
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    if nan:
+        x[1, 2, 0, 1] = float("nan")
+    return {"layer3": x}
+
+
+def reference() -> dict[str, torch.Tensor]:
+    return {"layer3": torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1))}
+
+
+def good_check() -> None:
+    guard_finite({"x": torch.ones(3)}, "raise")
+
+
+def test_cpu_raises_at_once_naming_the_argument_layer_and_shapes() -> None:
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    with pytest.raises(ValueError, match=NAN_MESSAGE) as raised:
+        loss(features(nan=True), reference())
+    assert "'student' (layer 'layer3') (4, 3, 2, 2)" in str(raised.value)
+    assert "found on" not in str(raised.value)  # not a late report
+    assert not _validation._pending
+
+
+def test_nothing_raises_while_the_device_has_not_finished_the_bad_step() -> None:
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    with checks_deferred_on_cpu(complete=False) as events:
+        loss(features(nan=True), reference())  # the bad step
+        for _ in range(3):
+            loss(features(), reference())
+        assert len(events) == 4
+        assert all(event.recorded for event in events)
+        assert len(_validation._pending) == 4
+
+
+def test_the_error_arrives_at_the_first_check_after_the_device_finished() -> None:
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    with checks_deferred_on_cpu(complete=False) as events:
+        loss(features(nan=True), reference())
+        loss(features(), reference())
+        events[0].done = True
+        with pytest.raises(ValueError, match=NAN_MESSAGE) as raised:
+            good_check()  # any check reports it, not only the same module's
+        assert "found on cpu by a check 2 check call(s) before this one" in str(raised.value)
+        assert len(_validation._pending) == 1  # the good step's check is still waiting, and passes
+        events[1].done = True
+        good_check()
+        assert len(_validation._pending) == 1  # only the last good check
+
+
+def test_the_bound_forces_the_error_within_max_pending_checks_calls() -> None:
+    with checks_deferred_on_cpu(complete=False) as events:
+        guard_finite({"logits_a": torch.tensor([float("inf")])}, "raise")
+        for call in range(1, MAX_PENDING_CHECKS + 1):
+            if call < MAX_PENDING_CHECKS:
+                good_check()
+                continue
+            with pytest.raises(ValueError, match=r"'logits_a' contain NaN or inf"):
+                good_check()
+        assert events[0].done  # the oldest check was waited for
+        assert not any(event.done for event in events[1:])
+        assert len(_validation._pending) == MAX_PENDING_CHECKS
+
+
+def test_raise_pending_errors_waits_and_raises_every_failure_once() -> None:
+    with checks_deferred_on_cpu(complete=False) as events:
+        check_labels(torch.tensor([0, 7, -100, 2]), 3, 4, name="irrelevant_labels", what="irrelevant classes")
+        guard_finite({"features": torch.tensor([[1.0, float("nan")]])}, "raise", layer="fc")
+        good_check()
+        with pytest.raises(ValueError) as raised:
+            ntl.raise_pending_errors()
+        message = str(raised.value)
+        assert "'irrelevant_labels' holds 7, outside [0, 3) for 3 irrelevant classes" in message
+        assert "labels of shape (4,)" in message
+        assert "'features' (layer 'fc') contain NaN or inf" in message
+        assert message.index("irrelevant_labels") < message.index("'features'")  # oldest first
+        assert all(event.done for event in events)
+        ntl.raise_pending_errors()  # nothing left: raised once
+
+
+def test_valid_inputs_never_raise_and_leave_nothing_behind() -> None:
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    with checks_deferred_on_cpu() as events:
+        for _ in range(2 * MAX_PENDING_CHECKS):
+            loss(features(), reference())
+        assert len(events) == 2 * MAX_PENDING_CHECKS
+        ntl.raise_pending_errors()
+        assert not _validation._pending
+
+
+def test_the_deferred_path_makes_no_host_read() -> None:
+    loss = ntl.AntiTransferLoss("mean", "cos")
+    with checks_deferred_on_cpu(complete=False), SyncCounter() as counter:
+        loss(features(nan=True), reference())
+        check_labels(torch.tensor([0, 5]), 3, 2, name="labels_a")
+        multilabel_targets(torch.tensor([[0.0, 2.0]]), (1, 2), torch.float32, name="labels_b")
+        for _ in range(3):
+            loss(features(), reference())
+    assert counter.total == 0, dict(counter.counts)
+
+
+def test_label_and_target_messages_name_the_first_bad_value() -> None:
+    with checks_deferred_on_cpu() as events:
+        check_labels(torch.tensor([1, -100, -3, 9]), 4, 4, name="labels_a", what="classes of task A")
+        assert events
+        with pytest.raises(ValueError, match=r"'labels_a' holds -3, outside \[0, 4\) for 4 classes of task A"):
+            good_check()
+        multilabel_targets(torch.tensor([[0.5, -1.0], [1.5, 3.0]]), (2, 2), torch.float32, name="targets")
+        with pytest.raises(ValueError, match=r"annotated entries of 'targets' must lie in \[0, 1\], got 1.5"):
+            ntl.raise_pending_errors()
+
+
+def test_the_checks_at_once_on_cpu_give_the_same_messages() -> None:
+    with pytest.raises(ValueError, match=r"'labels_a' holds -3, outside \[0, 4\) for 4 classes of task A"):
+        check_labels(torch.tensor([1, -100, -3, 9]), 4, 4, name="labels_a", what="classes of task A")
+    with pytest.raises(ValueError, match=r"annotated entries of 'targets' must lie in \[0, 1\], got 1.5"):
+        multilabel_targets(torch.tensor([[0.5, -1.0], [1.5, 3.0]]), (2, 2), torch.float32, name="targets")
+    check_labels(torch.tensor([], dtype=torch.long), 3, 0, name="labels")  # an empty batch has nothing to read
+
+
+def test_skip_policy_stays_on_the_device() -> None:
+    x = torch.tensor([1.0, float("nan")])
+    with checks_deferred_on_cpu() as events, SyncCounter() as counter:
+        guarded, finite = guard_finite({"x": x}, "skip")
+    assert not events and counter.total == 0
+    assert finite is not None and not finite.item()
+    assert torch.equal(guarded["x"], torch.zeros(2))
+
+
+def test_checks_are_skipped_while_compiling() -> None:
+    def step(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_labels(labels, 3, 2, name="labels")
+        guarded, _ = guard_finite({"x": x}, "raise")
+        return guarded["x"].sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    with checks_deferred_on_cpu() as events:
+        value = compiled(torch.tensor([1.0, float("nan")]), torch.tensor([0, 9]))
+        assert not events
+    assert value.isnan()
