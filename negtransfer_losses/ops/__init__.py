@@ -1,10 +1,11 @@
 """Fused GPU kernels (Triton) with the same contract as their `functional` twins, and the backend dispatcher.
 
-Every backend choice of the package is made here (`negtransfer_losses.ops.dispatch`): `backend="auto"`
-takes a fused kernel only where it beats the functional path by the cost rule of the kernels page
-(`fused_wins`; never for float64 or inside `torch.compile`), `"torch"` and `"triton"` force one, and the
-environment variable `NEGTRANSFER_BACKEND` replaces the default. Triton is imported only when a kernel
-runs; with `TRITON_INTERPRET=1` the kernels also run, slowly, on CPU tensors (how the tests check them).
+Every backend choice of the package is made here (`negtransfer_losses.ops.dispatch.choose`): `backend="auto"`
+takes a fused kernel only where, measured once per input key on the user's device, it agrees with the exact
+result and is faster than the functional path (candidates come from the cost rule `fused_wins`: CUDA, never
+float64 or inside `torch.compile`); `"torch"` and `"triton"` force one, and the environment variable
+`NEGTRANSFER_BACKEND` replaces the default. Triton is imported only when a kernel runs; with
+`TRITON_INTERPRET=1` the kernels also run, slowly, on CPU tensors (how the tests check them).
 
 Kernels:
 - row cosines of Gram matrices (both scopes) without forming them (`gram_row_cosines`), used by
@@ -16,15 +17,17 @@ Kernels:
 """
 
 from .anti_transfer import aggregated_row_cosines, anti_transfer, anti_transfer_terms_for, gram_row_cosines
-from .dispatch import BACKENDS, Backend, interpreting, resolve_backend, triton_available
+from .dispatch import BACKENDS, Backend, KernelRejectedWarning, choose, interpreting, resolve_backend, triton_available
 from .distribution_matching import distribution_matching
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "KernelRejectedWarning",
     "aggregated_row_cosines",
     "anti_transfer",
     "anti_transfer_terms_for",
+    "choose",
     "distribution_matching",
     "gram_row_cosines",
     "interpreting",

@@ -20,7 +20,7 @@ from ..functional.anti_transfer import (
     torch_row_cosines,
 )
 from ..functional.similarity import GramScope, check_gram_pair
-from .dispatch import Backend, check_backend, resolve_backend
+from .dispatch import Backend, check_backend, choose
 
 
 def gram_row_cosines(
@@ -44,23 +44,32 @@ def aggregated_row_cosines(
 def dispatched_row_cosines(
     student: Tensor, reference: Tensor, options: AntiTransferOptions, *, backend: Backend
 ) -> Tensor:
-    """The row cosines of `options.aggregation` (in `gram`, `mean`, `sum`, `max`) by the backend that wins."""
-    if options.aggregation == "gram":
-        assert options.gram_scope is not None
-        if resolve_backend(backend, f"gram_row_cosines/{options.gram_scope}", student, reference) == "triton":
+    """The row cosines of `options.aggregation` (in `gram`, `mean`, `sum`, `max`) by the path `choose` takes."""
+    aggregation, scope, eps = options.aggregation, options.gram_scope, options.eps
+
+    def torch_path(s: Tensor, r: Tensor) -> Tensor:
+        return torch_row_cosines(s, r, options)
+
+    def kernel_path(s: Tensor, r: Tensor) -> Tensor:
+        if aggregation == "gram":
             from .gram_cosine import GramRowCosines
 
-            cosines: Tensor = GramRowCosines.apply(student, reference, options.gram_scope, options.eps)  # type: ignore[no-untyped-call]
+            cosines: Tensor = GramRowCosines.apply(s, r, scope, eps)  # type: ignore[no-untyped-call]
             return cosines
-    elif (
-        options.aggregation in ROW_AGGREGATIONS
-        and resolve_backend(backend, "aggregated_row_cosines", student, reference) == "triton"
-    ):
         from .channel_cosine import AggregatedRowCosines
 
-        cosines = AggregatedRowCosines.apply(student, reference, options.aggregation, options.eps)  # type: ignore[no-untyped-call]
+        cosines = AggregatedRowCosines.apply(s, r, aggregation, eps)  # type: ignore[no-untyped-call]
         return cosines
-    return torch_row_cosines(student, reference, options)
+
+    if aggregation == "gram":
+        op = f"gram_row_cosines/{scope}"
+    elif aggregation in ROW_AGGREGATIONS:
+        op = f"aggregated_row_cosines/{aggregation}"
+    else:
+        return torch_path(student, reference)
+    paths = {"torch": torch_path, "triton": kernel_path}
+    chosen = choose(op, backend, (student, reference), torch_path=torch_path, kernel_path=kernel_path)
+    return paths[chosen](student, reference)
 
 
 def anti_transfer(

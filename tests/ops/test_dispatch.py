@@ -1,17 +1,33 @@
-"""The cost rule of `backend="auto"` (`ops.dispatch.fused_wins`, docs/kernels.md), on shapes only: meta
-tensors, so the paper's sizes and larger cost no memory."""
+"""How `backend="auto"` decides (`ops.dispatch`): the prior on shapes only (meta tensors, so the paper's sizes
+cost no memory), then the measurement, on CPU tensors through Triton's interpreter with an injected timer,
+and injected wrong, slow and failing kernels."""
 
 from __future__ import annotations
 
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
+import negtransfer_losses.functional as ntf
+from negtransfer_losses import ops
 from negtransfer_losses.ops import dispatch
-from negtransfer_losses.ops.dispatch import fused_wins
+from negtransfer_losses.ops.dispatch import KernelRejectedWarning, fused_wins
+
+pytest.importorskip("triton", reason="the kernels need Triton: pip install 'negtransfer-losses[triton]'")
 
 
 def maps(*shape: int, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(shape, dtype=dtype, device="meta"), torch.empty(shape, dtype=dtype, device="meta")
+
+
+# --- the prior (the cost rule): which inputs are worth measuring ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -20,7 +36,7 @@ def maps(*shape: int, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor
         ((30, 512, 8, 8), torch.bfloat16, "batch", True),  # the paper's setting: identity kernel, tensor cores
         ((30, 512, 8, 8), torch.float16, "batch", True),
         ((30, 512, 8, 8), torch.float32, "batch", True),  # launch-bound: 8 launches against about 64
-        ((64, 256, 28, 28), torch.float32, "batch", False),  # m N² = 10¹⁰: same float32 arithmetic, unmeasured
+        ((64, 256, 28, 28), torch.float32, "batch", False),  # m N² = 10¹⁰: same float32 arithmetic
         ((64, 256, 28, 28), torch.bfloat16, "batch", True),  # N = 784 < m = 16,384
         ((64, 256, 28, 28), torch.bfloat16, "sample", False),  # N ≥ m: the tile kernel does more arithmetic
         ((64, 512, 4, 4), torch.bfloat16, "sample", True),  # N = 16 < m = 512, per sample
@@ -43,8 +59,9 @@ def test_gram_rule(shape: tuple[int, ...], dtype: torch.dtype, scope: str, expec
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_channel_rule(shape: tuple[int, ...], expected: bool, dtype: torch.dtype) -> None:
-    assert fused_wins("aggregated_row_cosines", *maps(*shape, dtype=dtype)) is expected
+@pytest.mark.parametrize("op", ["aggregated_row_cosines", "aggregated_row_cosines/max"])
+def test_channel_rule(shape: tuple[int, ...], expected: bool, dtype: torch.dtype, op: str) -> None:
+    assert fused_wins(op, *maps(*shape, dtype=dtype)) is expected
 
 
 def test_distribution_matching_rule() -> None:
@@ -52,19 +69,262 @@ def test_distribution_matching_rule() -> None:
         return torch.empty(n, k, device="meta"), torch.empty(n, m, device="meta")
 
     assert fused_wins("distribution_matching", *heads(256, 7, 17))
-    assert fused_wins("distribution_matching", *heads(65_536, 7, 17))
+    assert fused_wins("distribution_matching/kl", *heads(65_536, 7, 17))
     assert not fused_wins("distribution_matching", *heads(256, 1000, 300))  # the tile would spill
     assert not fused_wins("unknown_op", *heads(256, 7, 17)) and not fused_wins("distribution_matching")
 
 
-def test_auto_takes_torch_off_cuda_inside_compile_and_for_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_candidates_are_cuda_tensors_of_a_fused_dtype_outside_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     big = torch.empty(30, 512, 8, 8, dtype=torch.bfloat16, device="meta")
     monkeypatch.delenv("NEGTRANSFER_BACKEND", raising=False)
-    assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "torch"  # not CUDA
+    assert not dispatch.is_candidate("gram_row_cosines/batch", (big, big))  # not CUDA
+    assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "torch"
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "triton"
-    wide = big.double()
-    assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", wide, wide) == "torch"
-    monkeypatch.setattr(dispatch, "compiling", lambda: True)
+    assert dispatch.is_candidate("gram_row_cosines/batch", (big, big))
+    # a candidate without a decision yet: resolve_backend (which never measures) answers torch
+    monkeypatch.setattr(dispatch, "capturing", lambda tensors: False)
     assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "torch"
+    wide = big.double()
+    assert not dispatch.is_candidate("gram_row_cosines/batch", (wide, wide))
+    monkeypatch.setattr(dispatch, "compiling", lambda: True)
+    assert not dispatch.is_candidate("gram_row_cosines/batch", (big, big))
+
+
+# --- the measurement ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """The injected timer's answers (milliseconds by path) and the paths it timed, in order."""
+
+    timings: dict[str, float] = field(default_factory=lambda: {"torch": 1.0, "triton": 0.5})
+    timed: list[str] = field(default_factory=list)
+
+    def timer(self, run: Any, *, path: str, device: torch.device) -> float:
+        assert device.type == "cpu"
+        run()
+        self.timed.append(path)
+        return self.timings[path]
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> Iterator[Measured]:
+    """`auto` measuring CPU tensors in Triton's interpreter with an injected timer; decisions start empty."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("NEGTRANSFER_BACKEND", raising=False)
+    monkeypatch.delenv(dispatch.CACHE_VARIABLE, raising=False)
+    state = Measured()
+    monkeypatch.setattr(dispatch.settings, "cpu_candidates", True)
+    monkeypatch.setattr(dispatch.settings, "prior", lambda op, *tensors: True)
+    monkeypatch.setattr(dispatch.settings, "timer", state.timer)
+    dispatch.forget_decisions()
+    yield state
+    dispatch.forget_decisions()
+
+
+def student_and_reference(*shape: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, generator=g)
+    return s.requires_grad_(True), 0.5 * s.detach() + torch.randn(*shape, generator=g)
+
+
+def channel_cosines(s: Tensor, r: Tensor, backend: str = "auto") -> Tensor:
+    return ops.aggregated_row_cosines(s, r, aggregation="mean", backend=backend)  # type: ignore[arg-type]
+
+
+def test_a_faster_correct_kernel_is_kept_and_the_decision_is_made_once(measured: Measured) -> None:
+    s, r = student_and_reference(3, 4, 5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelRejectedWarning)
+        first = channel_cosines(s, r)
+        again = channel_cosines(s, r)
+    assert measured.timed == ["triton", "torch"]  # one measurement for the key
+    (decision,) = dispatch.decisions().values()
+    assert decision.backend == "triton" and "kernel 0.5 ms, torch 1 ms" in decision.reason
+    assert dispatch.resolve_backend("auto", "aggregated_row_cosines/mean", s, r) == "triton"
+    kernel = channel_cosines(s, r, backend="triton")
+    assert torch.equal(first, kernel) and torch.equal(again, kernel)  # the kernel ran
+    torch.testing.assert_close(first, ntf.aggregated_row_cosines(s, r, aggregation="mean"), rtol=1e-5, atol=1e-6)
+
+
+def test_keys_are_op_dtype_shape_bucket_and_gradients(measured: Measured) -> None:
+    s, r = student_and_reference(3, 4, 5, 6)
+    channel_cosines(s, r)
+    channel_cosines(*student_and_reference(3, 3, 7, 5, seed=1))  # the same bucket (4, 4, 8, 8): no measurement
+    assert len(measured.timed) == 2
+    channel_cosines(*student_and_reference(3, 4, 9, 6))  # another bucket
+    with torch.no_grad():
+        channel_cosines(s, r)  # no gradient needed: another key
+    ops.aggregated_row_cosines(s, r, aggregation="max")  # another op variant
+    channel_cosines(s.detach().half().requires_grad_(True), r.half())  # another dtype
+    assert len(measured.timed) == 2 * 5 and len(dispatch.decisions()) == 5
+    keys = sorted(dispatch.decisions())
+    assert any("[4x4x8x8 4x4x8x8] grad" in k for k in keys) and any("no-grad" in k for k in keys)
+
+
+class _WrongValue(torch.autograd.Function):
+    """The torch path's cosines, 1 % off: a kernel whose value is wrong."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, r: Tensor, aggregation: str, eps: float) -> Tensor:
+        with torch.enable_grad():
+            leaf = s.detach().requires_grad_(True)
+            out = ntf.aggregated_row_cosines(leaf, r, aggregation=aggregation, eps=eps)  # type: ignore[arg-type]
+        ctx.save_for_backward(leaf, out)
+        return out.detach() * 1.01
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        leaf, out = ctx.saved_tensors
+        (g,) = torch.autograd.grad(out, leaf, grad)
+        return g * 1.01, None, None, None
+
+
+class _WrongGradient(_WrongValue):
+    """The right value, but a backward that forgets to multiply by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, r: Tensor, aggregation: str, eps: float) -> Tensor:
+        return _WrongValue.forward(ctx, s, r, aggregation, eps) / 1.01
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        leaf, out = ctx.saved_tensors
+        (g,) = torch.autograd.grad(out, leaf, torch.ones_like(grad))
+        return g, None, None, None
+
+
+@pytest.mark.parametrize("wrong", [_WrongValue, _WrongGradient], ids=["value", "gradient"])
+def test_a_wrong_kernel_is_never_kept_however_fast(
+    measured: Measured, monkeypatch: pytest.MonkeyPatch, wrong: type[torch.autograd.Function]
+) -> None:
+    from negtransfer_losses.ops import channel_cosine
+
+    monkeypatch.setattr(channel_cosine, "AggregatedRowCosines", wrong)
+    measured.timings["triton"] = 0.01
+    s, r = student_and_reference(3, 4, 5, 6)
+    with pytest.warns(KernelRejectedWarning) as caught:
+        value = channel_cosines(s, r)
+    (message,) = [str(w.message) for w in caught]
+    assert "aggregated_row_cosines/mean (float32, shape (3, 4, 5, 6), (3, 4, 5, 6))" in message
+    assert "differs from the exact result by up to" in message and "rtol 1e-05, atol 1e-06" in message
+    assert measured.timed == []  # refused before any timing
+    assert torch.equal(value, channel_cosines(s, r, backend="torch"))  # the torch path ran
+    assert dispatch.resolve_backend("auto", "aggregated_row_cosines/mean", s, r) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelRejectedWarning)  # one warning per key: no second one
+        channel_cosines(s, r)
+
+
+def test_a_slower_kernel_is_never_kept(measured: Measured) -> None:
+    measured.timings.update(torch=1.0, triton=0.97)  # faster, but not by the 0.95 margin
+    s, r = student_and_reference(3, 4, 5, 6)
+    with pytest.warns(KernelRejectedWarning, match=r"not faster by the margin 0\.95 \(kernel 0\.97 ms, torch 1 ms"):
+        value = channel_cosines(s, r)
+    assert measured.timed == ["triton", "torch"]
+    assert torch.equal(value, channel_cosines(s, r, backend="torch"))
+
+
+def test_a_kernel_that_raises_is_not_kept(measured: Measured, monkeypatch: pytest.MonkeyPatch) -> None:
+    from negtransfer_losses.ops import channel_cosine
+
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Any) -> Tensor:
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(channel_cosine, "AggregatedRowCosines", Broken)
+    s, r = student_and_reference(3, 4, 5, 6)
+    with pytest.warns(KernelRejectedWarning, match=r"float32, shape .*the kernel raised RuntimeError: PassManager"):
+        value = channel_cosines(s, r)
+    assert measured.timed == []
+    assert torch.equal(value, channel_cosines(s, r, backend="torch"))
+
+
+def test_gram_kernel_is_measured_on_its_own_key(measured: Measured) -> None:
+    s, r = student_and_reference(2, 6, 3)
+    value = ops.gram_row_cosines(s, r, gram_scope="batch")
+    assert measured.timed == ["triton", "torch"]
+    (key,) = dispatch.decisions()
+    assert key.startswith("gram_row_cosines/batch float32,float32 cpu [2x8x4 2x8x4] grad")
+    assert torch.equal(value, ops.gram_row_cosines(s, r, gram_scope="batch", backend="triton"))
+
+
+def test_choose_keeps_a_kernel_that_rounds_like_the_torch_path(measured: Measured) -> None:
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(3), requires_grad=True)
+
+    def torch_path(t: Tensor) -> Tensor:
+        return (t * t).sum(dim=1)
+
+    def rounded(t: Tensor) -> Tensor:  # the same sum in another order
+        return (t * t).flip(1).cumsum(dim=1)[:, -1]
+
+    def off(t: Tensor) -> Tensor:
+        return torch_path(t) * (1 + 1e-4)
+
+    assert dispatch.choose("squares/rounded", "auto", (x,), torch_path=torch_path, kernel_path=rounded) == "triton"
+    with pytest.warns(KernelRejectedWarning, match=r"squares/off \(float32, shape \(64, 33\)\)"):
+        assert dispatch.choose("squares/off", "auto", (x,), torch_path=torch_path, kernel_path=off) == "torch"
+
+
+def test_nothing_is_measured_inside_torch_compile(measured: Measured) -> None:
+    s, r = student_and_reference(3, 4, 5, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: channel_cosines(a, b).square().sum(), backend="aot_eager", fullgraph=True)
+    value = compiled(s, r)
+    assert measured.timed == [] and dispatch.decisions() == {}
+    torch.testing.assert_close(value, channel_cosines(s, r, backend="torch").square().sum())
+
+
+def test_nothing_is_measured_with_a_forced_backend(measured: Measured, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, r = student_and_reference(3, 4, 5, 6)
+    channel_cosines(s, r, backend="torch")
+    channel_cosines(s, r, backend="triton")
+    monkeypatch.setenv("NEGTRANSFER_BACKEND", "torch")
+    channel_cosines(s, r)
+    monkeypatch.setenv("NEGTRANSFER_BACKEND", "triton")
+    assert torch.equal(channel_cosines(s, r), channel_cosines(s, r, backend="triton"))
+    assert measured.timed == [] and dispatch.decisions() == {}
+
+
+def test_cuda_graph_capture_never_measures_but_keeps_a_decision(
+    measured: Measured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, r = student_and_reference(3, 4, 5, 6)
+    monkeypatch.setattr(dispatch, "capturing", lambda tensors: True)
+    assert dispatch.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == "torch"
+    assert measured.timed == [] and dispatch.decisions() == {}
+    monkeypatch.setattr(dispatch, "capturing", lambda tensors: False)
+    channel_cosines(s, r)  # measured outside the capture: the kernel wins
+    monkeypatch.setattr(dispatch, "capturing", lambda tensors: True)
+    assert dispatch.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == "triton"
+    assert len(measured.timed) == 2
+
+
+def test_decisions_persist_in_the_opt_in_disk_cache(
+    measured: Measured, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = tmp_path / "dispatch.json"
+    monkeypatch.setenv(dispatch.CACHE_VARIABLE, str(cache))
+    s, r = student_and_reference(3, 4, 5, 6)
+    channel_cosines(s, r)
+    assert len(measured.timed) == 2
+    stored = json.loads(cache.read_text())
+    (entry,) = stored
+    fingerprint = json.loads(entry)[0]
+    assert fingerprint.startswith("cpu|negtransfer-losses ") and "|torch " in fingerprint and "|triton " in fingerprint
+    assert stored[entry]["backend"] == "triton"
+    dispatch.forget_decisions()  # a new process: read from the file, not measured again
+    channel_cosines(s, r)
+    assert len(measured.timed) == 2
+    (decision,) = dispatch.decisions().values()
+    assert decision.backend == "triton" and str(cache) in decision.reason
+
+
+def test_time_path_takes_the_median_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(dispatch.settings, "warmup", 2)
+    monkeypatch.setattr(dispatch.settings, "repeats", 3)
+    milliseconds = dispatch.time_path(lambda: calls.append(1), path="torch", device=torch.device("cpu"))
+    assert len(calls) == 5 and 0 <= milliseconds < 100
