@@ -2,9 +2,15 @@
 
 Used by `Purify` (docs/task-irrelevant-labels.md): cf. INLP (Ravfogel et al. 2020), LEACE (Belrose et al. 2023);
 the conditional form (within task classes) is the library's own.
+
+Every function here runs without leaving the device and with fixed shapes: the erased space is given by a
+`(D, K)` matrix `Q` whose `Q Qᵀ` is the orthogonal projector (no data-dependent rank), computed by matrix
+products only (no SVD or eigensolver, which on a GPU read an error flag back to the host).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -19,28 +25,96 @@ from ._groups import (
     within_class_groups,
 )
 
+MIN_RTOL = 1e-12
+"""The smallest `rtol` accepted: below it float64 rounding (about `1e-16` of the largest singular value) competes."""
 
-def erasure_basis(class_means: Tensor, rtol: float = 1e-6) -> Tensor:
-    """Orthonormal basis `Q (D, r)` of `span{μ_k - μ̄}` for class means `(K, D)`; `r ≤ K - 1`.
+POWER_STEPS = 8
+"""Power iterations that estimate the largest singular value, the scale `rtol` is relative to."""
 
-    Directions whose singular value is below `rtol` times the largest are dropped (equal means give
-    `r = 0`). Any weighting of `μ̄` spans the same space.
+
+def erasure_basis(class_means: Tensor, *, rtol: float = 1e-6) -> Tensor:
+    """`Q (D, K)` with `Q Qᵀ` the orthogonal projector onto `span{μ_k − μ̄}`, for class means `(K, D)`.
+
+    The span of the mean differences has rank `r ≤ K − 1`; `Q = U_r V_rᵀ` is the polar factor of the
+    differences `(μ_k − μ̄)_k` restricted to their singular directions above `rtol ×` the largest (see
+    `column_basis`). Equal means give `Q = 0`. Any weighting of `μ̄` spans the same space.
+
+    Args:
+        class_means: `(K, D)` class means (a map per class is flattened to `D`).
+        rtol: singular values below `rtol ×` the largest are not erased (a soft cut, see `column_basis`).
+
+    Returns:
+        `(D, K)` float64 `Q`, for `erase`.
+
+    Raises:
+        TypeError: `class_means` is not a floating-point tensor.
+        ValueError: `class_means` has fewer than 2 dimensions, or `rtol` is outside `[1e-12, 1)`.
     """
     check_tensor(class_means, "class_means", min_dim=2)
-    differences = class_means - class_means.mean(dim=0, keepdim=True)
-    return column_basis(differences.T, rtol)
+    means = class_means.reshape(class_means.shape[0], -1).to(torch.float64)
+    differences = means - means.mean(dim=0, keepdim=True)
+    return column_basis(differences.T, rtol=rtol)
 
 
-def column_basis(matrix: Tensor, rtol: float = 1e-6) -> Tensor:
-    """Orthonormal basis `(D, r)` of the column space of a `(D, K)` matrix (singular values ≥ `rtol × largest`).
+def column_basis(matrix: Tensor, *, rtol: float = 1e-6) -> Tensor:
+    """`Q (D, K)` with `Q Qᵀ` the orthogonal projector onto the column space of a `(D, K)` matrix `M`.
 
-    A zero matrix gives `r = 0`.
+    With `M = U Σ Vᵀ`, `Q = U f(Σ/s) Vᵀ` where `s ≈ σ_max` and `f` is `n` steps of the Newton–Schulz map
+    `x ↦ 1.5 x − 0.5 x³` (Higham 2008, §8.3), computed as `X ← X (1.5 I − 0.5 XᵀX)` from `X = M / s` (over the
+    smaller of the two Gram matrices): `f` sends every singular value to 1 or leaves it near 0, so `Q = U_r V_rᵀ`,
+    the polar factor of `M` on its singular directions above `rtol × σ_max`. The cut is soft: `n` is the first
+    step count at which `f(rtol)² ≥ ½`, so a direction at `σ = rtol · σ_max` is half erased, one at
+    `10 · rtol · σ_max` or above fully (to `1e-12`), one at `rtol · σ_max / 10` to about 1 %, and a null direction
+    (`σ ≈ 1e-16 σ_max` in float64) not at all. Matrix products only, in float64: no host synchronization and
+    no data-dependent shape (an SVD or eigensolver reads an error flag back to the host on a GPU). `s` is the
+    larger of the power-iteration estimate of `σ_max` and `‖M‖_F / 1.5`, so every `σ / s` lies in the map's
+    basin `(0, √3)`. A zero matrix gives `Q = 0`.
+
+    Args:
+        matrix: `(D, K)`.
+        rtol: singular values below `rtol ×` the largest are not erased, in `[1e-12, 1)`.
+
+    Returns:
+        `(D, K)` float64 `Q`; `Q Qᵀ` is the projector (idempotent to rounding), `Q`'s columns are not orthonormal.
+
+    Raises:
+        TypeError: `matrix` is not a floating-point tensor.
+        ValueError: `matrix` is not 2-D, or `rtol` is outside `[1e-12, 1)`.
     """
     check_tensor(matrix, "matrix", min_dim=2)
-    u, singular, _ = torch.linalg.svd(matrix, full_matrices=False)
-    keep = (singular > rtol * singular.max()) & (singular > 0)
-    basis: Tensor = u[:, keep]
-    return basis
+    if matrix.dim() != 2:
+        raise ValueError(f"'matrix' must be 2-D (D, K), got shape {tuple(matrix.shape)}")
+    steps = newton_schulz_steps(rtol)
+    with full_precision(matrix):
+        x = matrix.to(torch.float64)
+        tall = x.shape[0] >= x.shape[1]  # iterate over the smaller Gram matrix
+        gram = x.T @ x if tall else x @ x.T
+        # power iteration from the column of largest norm: its Rayleigh quotient only grows (gram is PSD)
+        v = gram.index_select(1, gram.diagonal().argmax().reshape(1))
+        for _ in range(POWER_STEPS):
+            v = gram @ v
+            v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(torch.float64).tiny)
+        largest = (v.T @ gram @ v).reshape(()).clamp_min(0.0).sqrt()
+        scale = torch.maximum(largest, torch.linalg.matrix_norm(x) / 1.5)
+        x = x / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.eye(gram.shape[0], dtype=x.dtype, device=x.device)
+        for _ in range(steps):
+            x = x @ (1.5 * eye - 0.5 * (x.T @ x)) if tall else (1.5 * eye - 0.5 * (x @ x.T)) @ x
+        return x
+
+
+def newton_schulz_steps(rtol: float) -> int:
+    """Steps of `x ↦ 1.5 x − 0.5 x³` after which `x = rtol` has reached `x² ≥ ½` (the cut of `column_basis`).
+
+    Raises:
+        ValueError: `rtol` is outside `[1e-12, 1)`.
+    """
+    if not (isinstance(rtol, (int, float)) and MIN_RTOL <= rtol < 1.0 and math.isfinite(rtol)):
+        raise ValueError(f"'rtol' must be in [{MIN_RTOL:g}, 1), got {rtol!r}")
+    x, steps = float(rtol), 0
+    while x * x < 0.5:
+        x, steps = 1.5 * x - 0.5 * x**3, steps + 1
+    return steps
 
 
 def within_class_cross_covariance(
@@ -48,14 +122,30 @@ def within_class_cross_covariance(
     labels: Tensor,
     task_labels: Tensor,
     num_irrelevant: int,
+    *,
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, Tensor]:
     """`(S, n)`: the pooled within-class cross-covariance sum of `z` and `onehot(u)`, and its sample count.
 
-    `S = Σ_{i ∈ E} (z_i - z̄_{y_i}) (e_{u_i} - ē_{y_i})ᵀ`, `(D, K)`, over the eligible samples `E` of
-    `within_class_groups`, with class means taken over `E` (the library's own). Its column space is
-    `span{μ_{k,y} - μ_y}`, the within-class `u`-mean differences pooled over classes: what `Purify(conditional=True)`
-    erases. Computed without gradient, in float32 (float64 for float64 input).
+    `S = Σ_{i ∈ E} (z_i − z̄_{y_i}) (e_{u_i} − ē_{y_i})ᵀ`, `(D, K)`, over the eligible samples `E` of
+    `within_class_groups` (known `u` and `y`, in a task class holding at least two `u` values in the batch),
+    with class means taken over `E` (the library's own). Its column space is `span{μ_{k,y} − μ_y}`, the
+    within-class `u`-mean differences pooled over classes: what `Purify(conditional=True)` erases. Computed
+    without gradient and without a host synchronization, in float32 (float64 for float64 input).
+
+    Args:
+        features: `(n, ...)` features, flattened to `(n, D)`.
+        labels: `(n,)` irrelevant labels `u` in `[0, num_irrelevant)` or `ignore_index`.
+        task_labels: `(n,)` task classes `y` (`≥ 0`) or `ignore_index`.
+        num_irrelevant: number of irrelevant classes `K`.
+        ignore_index: the label of unknown samples.
+
+    Returns:
+        `S` `(D, K)` and `n = |E|`, a 0-d int64 tensor (both zero when no sample is eligible).
+
+    Raises:
+        TypeError: `features` is not a floating-point tensor, or the labels are not integer tensors.
+        ValueError: labels of the wrong shape or outside their range.
     """
     check_tensor(features, "features")
     check_irrelevant_labels(labels, num_irrelevant, features, ignore_index=ignore_index)
@@ -66,22 +156,32 @@ def within_class_cross_covariance(
         z = features.detach().reshape(features.shape[0], -1).to(dtype)
         onehot = one_hot_known(labels, num_irrelevant, eligible, dtype)
         z_centred = centre_within_groups(z, classmates, eligible)
-        return z_centred.T @ centre_within_groups(onehot, classmates, eligible), int(eligible.sum())
+        return z_centred.T @ centre_within_groups(onehot, classmates, eligible), eligible.sum()
 
 
 def erase(features: Tensor, basis: Tensor) -> Tensor:
-    """`z - z P` with `P = Q Qᵀ` the orthogonal projector onto the basis (no gradient through `Q`).
+    """`z − z Q Qᵀ`: the features with the projection onto the erased space removed (no gradient through `Q`).
+
+    `Q Qᵀ` must be an orthogonal projector: `Q` with orthonormal columns (zero columns allowed), or the
+    partial isometry of `column_basis` / `erasure_basis`.
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)` and returned in its own shape and dtype.
-        basis: `(D, r)` orthonormal columns.
+        basis: `(D, r)` `Q`.
+
+    Returns:
+        The erased features, shaped and typed like `features` (computed in float32, float64 for float64 input).
+
+    Raises:
+        TypeError: `features` is not a floating-point tensor.
+        ValueError: `basis` is not `(D, r)` for the features' `D` values per sample.
     """
     check_tensor(features, "features")
     z = features.reshape(features.shape[0], -1)
-    if basis.shape[0] != z.shape[1]:
+    if basis.dim() != 2 or basis.shape[0] != z.shape[1]:
         raise ValueError(
             f"'features' have {z.shape[1]} values per sample (shape {tuple(features.shape)}) but the erasure "
-            f"basis is for dimension {basis.shape[0]}"
+            f"basis has shape {tuple(basis.shape)}, not ({z.shape[1]}, r)"
         )
     with full_precision(features):
         dtype = compute_dtype(features)

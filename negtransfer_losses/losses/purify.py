@@ -2,72 +2,90 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX, check_labels
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
 from ..functional._groups import check_task_labels
-from ..functional.erasure import column_basis, erase, erasure_basis, within_class_cross_covariance
+from ..functional.erasure import (
+    column_basis,
+    erase,
+    erasure_basis,
+    newton_schulz_steps,
+    within_class_cross_covariance,
+)
 
 
 class Purify(nn.Module):
-    """Project out of the features the span of the irrelevant classes' mean differences.
+    """Project out of the features the span of the irrelevant classes' mean differences: `z − z Q Qᵀ`.
 
     Keeps running (EMA) estimates of the class-conditional means `μ_k` of the features for each value `k`
-    of the irrelevant labels `u`; the output is `z - z P` with `P` the orthogonal projector onto
-    `span{μ_k - μ̄}` (no gradient through `P`). After it, no linear probe separates the `u`-classes by
+    of the irrelevant labels `u`; the output is `z − z P` with `P = Q Qᵀ` the orthogonal projector onto
+    `span{μ_k − μ̄}` (no gradient through `P`). After it, no linear probe separates the `u`-classes by
     their means (cf. INLP, Ravfogel et al. 2020; LEACE, Belrose et al. 2023, which also matches
     covariances). A transform, not a penalty: place it before the task head.
 
     - Training mode with labels: the batch's class means update the running means,
-      `μ_k ← (1 - w_k) μ_k + w_k · mean(z | u = k)` with `w_k = max(1 / n_k, momentum)`, `n_k` the number of
-      batches that held class `k` so far: a plain average at first, an EMA once `n_k > 1 / momentum`.
+      `μ_k ← (1 − w_k) μ_k + w_k · mean(z | u = k)` with `w_k = max(1 / n_k, momentum)`, `n_k` the number of
+      batches that held class `k` so far: a plain average at first, an EMA once `n_k > 1 / momentum`; then
+      `Q` is recomputed from the new means (`functional.erasure.erasure_basis`) and cached.
     - A small momentum matters: a batch's class means fluctuate along the features' high-variance
       directions, which are usually the task's, and erasing those fluctuations erases the task. On the
       synthetic benchmark (docs/task-irrelevant-labels.md) momentum 0.1 cost 23 points of task accuracy,
       0.01 none.
-    - **Identity until every class has been seen once.** `ready` says whether it has.
-    - Eval mode, or no labels: no update; deterministic.
-    - Running means and which classes were seen are buffers, saved in the `state_dict`.
+    - **Identity until every class has been seen once.** `ready` (a 0-d bool tensor) says whether it has.
+    - Eval mode, or no labels: no update; the cached `Q` is used; deterministic.
+    - Running means and which classes were seen are buffers, saved in the `state_dict`; `Q` is recomputed
+      from them when a state dict is loaded.
+    - A training step makes no host–device synchronization and traces into one graph under
+      `torch.compile(fullgraph=True)`: updates are masked, fixed-shape computations, and `Q` comes from
+      matrix products only (see `column_basis`).
 
     **`conditional=True`** (the library's own) erases only what `u` says beyond the task label `y`: the
-    directions of the within-class `u`-mean differences `μ_{k,y} - μ_y`, summed over task classes with
-    weights `n_{y,k}` (column `k` of `C` below is `Σ_y n_{y,k} (μ_{k,y} - μ_y) / |E|`). **Limit:** a
+    directions of the within-class `u`-mean differences `μ_{k,y} − μ_y`, summed over task classes with
+    weights `n_{y,k}` (column `k` of `C` below is `Σ_y n_{y,k} (μ_{k,y} − μ_y) / |E|`). **Limit:** a
     direction whose `u`-effect has opposite signs in two task classes cancels in that sum and is not
-    erased; the erased space has rank ≤ `num_irrelevant - 1`, not the full span of every class's
-    differences. It keeps a
-    running estimate of the pooled within-class cross-covariance
-    `C = Σ_{i∈E} (z_i - z̄_{y_i})(e_{u_i} - ē_{y_i})ᵀ / |E|` (`(dim, num_irrelevant)`, `E` the samples whose
+    erased; the erased space has rank ≤ `num_irrelevant − 1`, not the full span of every class's
+    differences. It keeps a running estimate of the pooled within-class cross-covariance
+    `C = Σ_{i∈E} (z_i − z̄_{y_i})(e_{u_i} − ē_{y_i})ᵀ / |E|` (`(dim, num_irrelevant)`, `E` the samples whose
     `u` and `y` are known, in task classes holding at least two `u` values in the batch), updated like the
-    means (`C ← (1 - w) C + w C_batch`, `w = max(1 / t, momentum)`, `t` the batches that had eligible samples,
+    means (`C ← (1 − w) C + w C_batch`, `w = max(1 / t, momentum)`, `t` the batches that had eligible samples,
     each batch's sum and count averaged separately), and erases the column space of `C` (rank ≤
-    `num_irrelevant - 1`). Training calls take `purify(z, u, task_labels=y)`; eval needs no labels. It is
+    `num_irrelevant − 1`). Training calls take `purify(z, u, task_labels=y)`; eval needs no labels. It is
     the identity until one batch had eligible samples.
 
     Args:
         num_irrelevant: number of irrelevant classes `K_u`.
         dim: features per sample (after flattening); `(B, dim)` or maps `(B, *shape)` with `prod(shape) = dim`.
-        momentum: EMA weight of a new batch.
+        momentum: EMA weight of a new batch, in `(0, 1]`.
         conditional: erase the within-task-class differences only (needs `task_labels` in training).
         ignore_index: the label of unknown samples (`u` and `y`).
-        rtol: directions with singular value below `rtol × largest` are not erased.
+        rtol: directions with singular value below `rtol ×` the largest are not erased, in `[1e-12, 1)`; the
+            cut is soft within a decade of it (`functional.erasure.column_basis`).
         nan_policy: a training batch with NaN/inf features `"raise"`s, is left out of the running means
             (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them). The output is the
             erased input either way (NaN stays NaN).
+
+    Raises:
+        ValueError: `num_irrelevant < 2`, `dim < 1`, `momentum` outside `(0, 1]`, `rtol` outside `[1e-12, 1)`
+            or an unknown `nan_policy`.
     """
 
     class_means: Tensor
     batches_seen: Tensor
     cross_covariance_sum: Tensor
     cross_covariance_count: Tensor
+    projection: Tensor
 
     def __init__(
         self,
         num_irrelevant: int,
         dim: int,
-        momentum: float = 0.01,
         *,
+        momentum: float = 0.01,
         conditional: bool = False,
         ignore_index: int = IGNORE_INDEX,
         rtol: float = 1e-6,
@@ -80,6 +98,7 @@ class Purify(nn.Module):
             raise ValueError(f"'dim' must be ≥ 1, got {dim}")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"'momentum' must be in (0, 1], got {momentum}")
+        newton_schulz_steps(rtol)  # validates rtol
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         self.nan_policy: NanPolicy = nan_policy
         self.num_irrelevant = num_irrelevant
@@ -95,27 +114,48 @@ class Purify(nn.Module):
         else:
             self.register_buffer("class_means", torch.zeros(num_irrelevant, dim))
             self.register_buffer("batches_seen", torch.zeros(num_irrelevant, dtype=torch.long))
+        # the cached Q of `erase` (zero until ready): derived from the statistics, recomputed on load
+        self.register_buffer("projection", torch.zeros(dim, num_irrelevant), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)  # type: ignore[no-untyped-call]
 
     @property
-    def ready(self) -> bool:
-        """Whether the output can differ from the input: every class seen (conditional: one eligible batch)."""
-        return bool((self.batches_seen > 0).all())
+    def ready(self) -> Tensor:
+        """0-d bool tensor: whether the output can differ from the input (every class seen; conditional: one
+        batch with eligible samples). Read it with `bool(...)` outside the training step (that waits for the device)."""
+        ready: Tensor = torch.all(self.batches_seen > 0)
+        return ready
 
     def basis(self) -> Tensor:
-        """The erased directions, an orthonormal `(dim, r)` basis (`r = 0` until `ready`)."""
-        if self.conditional:
-            if not self.ready:
-                return self.cross_covariance_sum.new_zeros(self.dim, 0)
-            covariance = self.cross_covariance_sum.double() / float(self.cross_covariance_count)
-            return column_basis(covariance, self.rtol).to(self.cross_covariance_sum.dtype)
-        if not self.ready:
-            return self.class_means.new_zeros(self.dim, 0)
-        return erasure_basis(self.class_means.double(), self.rtol).to(self.class_means.dtype)
+        """The erased directions as an orthonormal `(dim, r)` basis (`r = 0` until `ready`), for inspection.
+
+        Its shape depends on the data, so it reads the device (a host synchronization): not for the training
+        step, which uses the cached `(dim, num_irrelevant)` matrix `projection` (`Q` with `Q Qᵀ` the projector).
+        """
+        u, singular, _ = torch.linalg.svd(self.projection.detach().double(), full_matrices=False)
+        basis: Tensor = u[:, singular > 0.5].to(self.projection.dtype)
+        return basis
 
     def forward(
         self, features: Tensor, irrelevant_labels: Tensor | None = None, *, task_labels: Tensor | None = None
     ) -> Tensor:
-        """The features with the irrelevant classes' mean differences projected out, in their own shape."""
+        """The features with the irrelevant classes' mean differences projected out.
+
+        Args:
+            features: `(B, dim)` or maps `(B, *shape)` with `dim` values per sample.
+            irrelevant_labels: `(B,)` labels `u` in `[0, num_irrelevant)` or `ignore_index`; in training
+                mode they update the running statistics (none: no update).
+            task_labels: `(B,)` task classes `y` or `ignore_index`; required with `irrelevant_labels` in
+                training when `conditional=True`, refused otherwise.
+
+        Returns:
+            `features − features Q Qᵀ` in the features' shape and dtype; `features` itself until `ready`.
+
+        Raises:
+            TypeError: `features` is not a floating-point tensor, or labels are not integer tensors.
+            ValueError: `features` do not hold `dim` values per sample, labels of the wrong shape, device or
+                range, `task_labels` given to an unconditional `Purify` or missing for a conditional one in
+                training, or NaN/inf features in training with `nan_policy="raise"`.
+        """
         check_tensor(features, "features")
         check_min_batch(features.shape[0], 1, what="Purify", name="features")
         flat = features.reshape(features.shape[0], -1)
@@ -145,43 +185,71 @@ class Purify(nn.Module):
                 check_task_labels(
                     task_labels, features.shape[0], ignore_index=self.ignore_index, device=features.device
                 )
-            _, finite = guard_finite({"features": flat}, self.nan_policy)
-            if finite is None or bool(finite):
-                if self.conditional:
-                    assert task_labels is not None
-                    self._update_conditional(flat.detach(), irrelevant_labels, task_labels)
-                else:
-                    self._update(flat.detach(), irrelevant_labels)
-        if not self.ready:
-            return features
-        return erase(features, self.basis())
+            guarded, finite = guard_finite({"features": flat.detach()}, self.nan_policy)
+            z = guarded["features"]
+            if self.conditional:
+                assert task_labels is not None
+                self._update_conditional(z, irrelevant_labels, task_labels, finite)
+            else:
+                self._update(z, irrelevant_labels, finite)
+            self._refresh_projection()
+        erased = erase(features, self.projection)
+        return torch.where(self.ready, erased, features)
 
     @torch.no_grad()
-    def _update(self, z: Tensor, labels: Tensor) -> None:
-        known = labels != self.ignore_index
-        z, labels = z[known].to(self.class_means.dtype), labels[known]
-        if labels.numel() == 0:
-            return
-        sums = torch.zeros_like(self.class_means).index_add_(0, labels, z)
-        counts = torch.bincount(labels, minlength=self.num_irrelevant)
+    def _update(self, z: Tensor, labels: Tensor, finite: Tensor | None) -> None:
+        """`μ_k ← (1 − w_k) μ_k + w_k · mean(z | u = k)` for the classes present (and a finite batch)."""
+        dtype = self.class_means.dtype
+        classes = torch.arange(self.num_irrelevant, device=labels.device)
+        members = (labels[:, None] == classes[None, :]).to(dtype)  # (n, K); ignore_index matches no class
+        counts = members.sum(dim=0)
         present = counts > 0
-        batch_means = sums[present] / counts[present, None].to(sums.dtype)
-        self.batches_seen += present.long()
-        weight = (1.0 / self.batches_seen[present].to(sums.dtype)).clamp_min(self.momentum)[:, None]
-        self.class_means[present] = (1.0 - weight) * self.class_means[present] + weight * batch_means
+        if finite is not None:
+            present = present & finite
+        known = (labels != self.ignore_index)[:, None]
+        z = torch.where(known, z.to(dtype), torch.zeros((), dtype=dtype, device=z.device))  # unknown rows: no NaN
+        batch_means = (members.T @ z) / counts.clamp_min(1.0)[:, None]
+        seen = self.batches_seen + present.long()
+        weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)[:, None]
+        updated = (1.0 - weight) * self.class_means + weight * batch_means
+        self.class_means.copy_(torch.where(present[:, None], updated, self.class_means))
+        self.batches_seen.copy_(seen)
 
     @torch.no_grad()
-    def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor) -> None:
-        batch_sum, count = within_class_cross_covariance(z, labels, task_labels, self.num_irrelevant, self.ignore_index)
-        if count == 0:
-            return
-        self.batches_seen += 1
-        weight = max(1.0 / int(self.batches_seen), self.momentum)
-        self.cross_covariance_sum.mul_(1.0 - weight).add_(weight * batch_sum.to(self.cross_covariance_sum.dtype))
-        self.cross_covariance_count.mul_(1.0 - weight).add_(weight * count)
+    def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
+        """`C ← (1 − w) C + w C_batch` (sum and count apart) when the batch has eligible samples (and is finite)."""
+        batch_sum, count = within_class_cross_covariance(
+            z, labels, task_labels, self.num_irrelevant, ignore_index=self.ignore_index
+        )
+        dtype = self.cross_covariance_sum.dtype
+        update = count > 0
+        if finite is not None:
+            update = update & finite
+        seen = self.batches_seen + update.long()
+        weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)
+        new_sum = (1.0 - weight) * self.cross_covariance_sum + weight * batch_sum.to(dtype)
+        new_count = (1.0 - weight) * self.cross_covariance_count + weight * count.to(dtype)
+        self.cross_covariance_sum.copy_(torch.where(update, new_sum, self.cross_covariance_sum))
+        self.cross_covariance_count.copy_(torch.where(update, new_count, self.cross_covariance_count))
+        self.batches_seen.copy_(seen)
+
+    @torch.no_grad()
+    def _refresh_projection(self) -> None:
+        """Recompute the cached `Q` from the running statistics (zero until `ready`)."""
+        if self.conditional:
+            q = column_basis(self.cross_covariance_sum, rtol=self.rtol)  # C's count only scales it
+        else:
+            q = erasure_basis(self.class_means, rtol=self.rtol)
+        q = torch.where(self.ready, q, torch.zeros((), dtype=q.dtype, device=q.device))
+        self.projection.copy_(q.to(self.projection.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"num_irrelevant={self.num_irrelevant}, dim={self.dim}, momentum={self.momentum}, "
-            f"conditional={self.conditional}, ready={self.ready}"
+            f"conditional={self.conditional}, ready={bool(self.ready)}"
         )
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    assert isinstance(module, Purify)
+    module._refresh_projection()
