@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision, raise_if_invalid
-from .similarity import cosine_rows
+from .similarity import cosine_rows, scale_to_unit_range
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
@@ -99,7 +99,9 @@ def aggregated_row_cosines(
     """Per-sample cosine of the channel-aggregated maps: the reference for the fused kernel.
 
     `s_b = <a_b, c_b> / (max(|a_b|, eps) · max(|c_b|, eps))` with `a_b = A(S_b)`, `c_b = A(R_b)` flattened over
-    the spatial dims, `A` in `"mean"`, `"sum"`, `"max"`. The reference side gets no gradient.
+    the spatial dims, `A` in `"mean"`, `"sum"`, `"max"`. Both maps are first scaled by
+    `similarity.unit_scale` (exact; float32 maps near 1e30 give finite cosines), and the norms are floored
+    at `eps` in those units, as the fused kernel does. The reference side gets no gradient.
 
     Args:
         student: `(B, C, *spatial)` with at least one spatial dimension.
@@ -118,6 +120,7 @@ def aggregated_row_cosines_unchecked(
     student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float
 ) -> Tensor:
     """`aggregated_row_cosines` for inputs already checked by `check_row_aggregation_pair`."""
-    a = aggregate_channels(student, aggregation, name="student")
-    c = aggregate_channels(reference, aggregation, name="reference")
-    return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)
+    with full_precision(student, reference):
+        a = aggregate_channels(scale_to_unit_range(student), aggregation, name="student")
+        c = aggregate_channels(scale_to_unit_range(reference), aggregation, name="reference")
+        return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)

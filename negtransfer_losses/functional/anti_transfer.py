@@ -40,7 +40,6 @@ from .similarity import (
     gram,
     gram_row_cosines_unchecked,
     linear_cka,
-    scale_to_unit_range,
 )
 
 AntiTransferAggregation: TypeAlias = Literal[
@@ -154,10 +153,9 @@ RowCosines: TypeAlias = Callable[[Tensor, Tensor, AntiTransferOptions], Tensor]
 def torch_row_cosines(student: Tensor, reference: Tensor, options: AntiTransferOptions) -> Tensor:
     """The row cosines of the aggregations in `FUSED_ROW_AGGREGATIONS`, in plain PyTorch (checked inputs).
 
-    Both inputs are scaled by a power of two to a maximum magnitude < 2 first (cosines do not depend on
-    it), so float32 features of magnitude 1e30 give finite cosines.
+    Both inputs are scaled by `similarity.unit_scale` inside (cosines do not depend on it), so float32
+    features of magnitude 1e30 give finite cosines.
     """
-    student, reference = scale_to_unit_range(student), scale_to_unit_range(reference)
     if options.aggregation == "gram":
         assert options.gram_scope is not None
         return gram_row_cosines_unchecked(student, reference, options.gram_scope, options.eps)
@@ -302,8 +300,7 @@ def _row_cosines(
         return row_cosines(student, reference, options)
     dtype = compute_dtype(student, reference)
     if options.aggregation in ("pairwise", "stochastic_pairwise"):
-        s, r = scale_to_unit_range(student.to(dtype)), scale_to_unit_range(reference.to(dtype))
-        return pairwise_row_cosines(s, r, options.eps)
+        return pairwise_row_cosines(student.to(dtype), reference.to(dtype), options.eps)
     a = _aggregate(student, "student", options, layer)
     b = _aggregate(reference, "reference", options, layer)
     if a.dim() == 2:  # (B, D): no spatial extent, each sample's vector is a row

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .similarity import scale_to_unit_range
+
 
 def _channels_by_length(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
@@ -39,7 +41,11 @@ def pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, 
 
 
 def pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
-    """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, `(B,)`, never materializing `a_b`."""
+    """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, `(B,)`, never materializing `a_b`.
+
+    Both maps are first scaled by `similarity.unit_scale` (exact; float32 maps near 1e30 give finite
+    cosines), and the norms are floored at `eps` in those units, as for the Gram and aggregated rows."""
+    student, reference = scale_to_unit_range(student), scale_to_unit_range(reference)
     dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
     floor = eps * eps  # floored before the root: a zero row gives s = 0 with a finite gradient
     return dot / (sq_a.clamp_min(floor).sqrt() * sq_b.clamp_min(floor).sqrt())

@@ -69,12 +69,36 @@ def _row_power_of_two(x: Tensor) -> Tensor:
     return torch.exp2(exponent.to(x.dtype))
 
 
+def unit_scale(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The package's one scale convention: `2^-e` with `e ≥ 0` the exponent of `max|x|` (`2^e > max|x| ≥ 2^(e-1)`,
+    as `torch.frexp` gives it), so `x · 2^-e` has magnitude < 1; 1 for inputs already below 1, for NaN/inf
+    maxima and for empty `x`.
+
+    A 0-d tensor of `dtype` (default: `x`'s compute dtype) on `x`'s device, detached, built from its exponent
+    bits (exact on every device, also `2^-128` for float32 maps near float32's largest value); no host
+    synchronization. The fused kernels scale by the same power of two without a pass of their own (each
+    program finds the exponent of what it loads; `ops._kernel_common.frexp_exponent`), so cosines floored at
+    `eps` mean the same on both paths.
+    """
+    dtype = compute_dtype(x) if dtype is None else dtype
+    if x.numel() == 0:
+        return torch.ones((), dtype=dtype, device=x.device)
+    exponent = torch.frexp(x.detach().abs().amax().to(dtype)).exponent.clamp_min(0)
+    wide = dtype == torch.float64
+    bias, shift = (1023, 52) if wide else (127, 23)
+    exponent = exponent.to(torch.int64 if wide else torch.int32)
+    half = exponent // 2  # two factors, each a normal number: 2^-e itself may be subnormal
+    low = ((bias - half) << shift).view(torch.float64 if wide else torch.float32)
+    high = ((bias - (exponent - half)) << shift).view(torch.float64 if wide else torch.float32)
+    return (low * high).to(dtype)
+
+
 def scale_to_unit_range(x: Tensor) -> Tensor:
-    """`x / 2^e` with `2^e > max|x| / 2` (at least 1), detached: exact, and homogeneous measures (cosines of
-    rows, of Gram rows, of channel sums) do not change, while squares of float32 values near 1e30 stop
-    overflowing."""
-    exponent = (torch.frexp(x.detach().abs().amax()).exponent - 1).clamp_min(0)
-    return x / torch.exp2(exponent.to(x.dtype))
+    """`x · unit_scale(x)` in the compute dtype (float32, or float64 for float64 input): exact, so homogeneous
+    measures (cosines of rows, of Gram rows, of channel sums) do not change, while squares of float32 values
+    near 1e30 stop overflowing. The gradient flows through `x`; the scale is a constant."""
+    x = x.to(compute_dtype(x))
+    return x * unit_scale(x)
 
 
 def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:
@@ -107,8 +131,9 @@ def gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope =
     With `W = reshape(student, [m, N])` (`m = B·C` for `"batch"`, `m = C` per sample for `"sample"`) and
     `U` likewise for the reference, row `i` of `G = W Wᵀ` is `W w_i`, so `<G_s[i], G_r[i]> = w_iᵀ (Wᵀ U) u_i`
     and `|G_s[i]|² = w_iᵀ (Wᵀ W) w_i`: `N×N` products instead of `m×m` Gram matrices whenever `N < m` (the
-    authors' B=30, C=512, 8×8 case: 64×64 instead of 15360×15360). Norms are floored at `eps` as in
-    `cosine_rows`. The reference side gets no gradient.
+    authors' B=30, C=512, 8×8 case: 64×64 instead of 15360×15360). Both inputs are first scaled by
+    `unit_scale` (exact; float32 maps near 1e30 give finite cosines), and the row norms are floored at `eps`
+    in those units, as the fused kernel does. The reference side gets no gradient.
 
     Args:
         student: `(B, C, *spatial)`.
@@ -128,8 +153,8 @@ def gram_row_cosines_unchecked(student: Tensor, reference: Tensor, gram_scope: G
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
         batch, channels = student.shape[0], student.shape[1]
-        w = student.to(dtype).reshape(batch, channels, -1)
-        u = reference.to(dtype).reshape(batch, channels, -1)
+        w = scale_to_unit_range(student.to(dtype)).reshape(batch, channels, -1)
+        u = scale_to_unit_range(reference.to(dtype)).reshape(batch, channels, -1)
         if gram_scope == "batch":
             w, u = w.reshape(1, batch * channels, -1), u.reshape(1, batch * channels, -1)
         rows, length = w.shape[1], w.shape[2]

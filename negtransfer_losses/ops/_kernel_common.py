@@ -7,8 +7,9 @@ Imported only when a kernel runs (it imports Triton).
   torch's own matmuls do), otherwise `input_precision="ieee"` (exact float32 FMA). Triton's CPU
   interpreter multiplies bfloat16 dot operands as raw 16-bit integers (Triton 3.9), so under
   `TRITON_INTERPRET=1` bfloat16 tiles are widened to float32 before the dot; compiled kernels keep them.
-- Scaling: `x / 2^e` with `2^e ≥ max|x|` (at least 1), the exponent read from the float's bits (exact, as
-  `functional.similarity.scale_to_unit_range`), so float32 inputs near 1e30 give finite squares.
+- Scaling: `x · 2^-e` with `2^e > max|x| ≥ 2^(e-1)`, `e ≥ 0` (`functional.similarity.unit_scale`, the
+  package's one convention), the exponent read from the float's bits (exact), so float32 inputs near 1e30
+  give finite squares and `eps` floors norms in the same units on both paths.
 - Grids: every kernel launches a one-dimensional grid (CUDA allows 2³¹ − 1 programs along x, 65,535 along
   y and z); `check_grid` raises before a launch that would exceed it.
 """
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..functional.similarity import unit_scale as _unit_scale
 from .dispatch import interpreting
 
 MAX_GRID_X = 2**31 - 1
@@ -79,7 +81,5 @@ def pow2_signed(e):  # type: ignore[no-untyped-def]  # a Triton device function
 
 
 def unit_scale(x: torch.Tensor) -> torch.Tensor:
-    """`2^-e` (float32, 0-d, on `x`'s device) with `2^e ≥ max|x|` (at least 1): what dividing by
-    `scale_to_unit_range`'s power of two multiplies by; no host synchronization."""
-    exponent = torch.frexp(x.detach().abs().amax().float()).exponent.clamp(0, 254)
-    return torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent)
+    """`functional.similarity.unit_scale` in float32: the one scale convention, for the tile kernel's inputs."""
+    return _unit_scale(x, torch.float32)
