@@ -16,6 +16,7 @@
 from . import diagnostics, functional, ops
 from ._validation import raise_pending_errors
 from .losses import (
+    AdversarialSuppression,
     AntiTransferLoss,
     DistributionMatchingLoss,
     MultiTaskLoss,
@@ -31,6 +32,7 @@ from .terms import collect_terms
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdversarialSuppression",
     "AntiTransferLoss",
     "DistributionMatchingLoss",
     "FeatureTap",

@@ -1,11 +1,13 @@
 """The `nn.Module` losses users construct: thin holders of configuration over `functional`."""
 
+from .adversarial import AdversarialSuppression
 from .anti_transfer import AntiTransferLoss
 from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
 from .purify import Purify
 from .suppression import TaskIrrelevantSuppression
 
 __all__ = [
+    "AdversarialSuppression",
     "AntiTransferLoss",
     "DistributionMatchingLoss",
     "MultiTaskLoss",
