@@ -125,8 +125,8 @@ def test_last_terms_have_one_layout() -> None:
     logged = ntl.collect_terms({"mt": calls[-1][0], "at": calls[0][0]}, prefix="train/")
     assert {
         "train/mt/loss",
-        "train/mt/matching/a_to_b",
-        "train/mt/co_annotation/a",
+        "train/mt/matching/a_to_b/loss",
+        "train/mt/co_annotation/a/value",
         "train/at/features/similarity",
     } <= set(logged)
     assert all(isinstance(v, float) for v in logged.values())
@@ -140,7 +140,7 @@ def test_collect_terms_walks_a_model_and_skips_what_a_parent_reports() -> None:
     container.coupling(torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, -100, 0]), torch.ones(4, 2))
     container.anti(torch.randn(3, 4), torch.randn(3, 4))
     logged = ntl.collect_terms(container)
-    assert "coupling/matching/a_to_b" in logged and "anti/features/loss" in logged
+    assert "coupling/matching/a_to_b/loss" in logged and "anti/features/loss" in logged
     assert not any(key.startswith("coupling.matching") for key in logged)  # reported once, by its parent
     with pytest.raises(TypeError, match=r"has no 'last_terms'"):
         ntl.collect_terms({"lin": torch.nn.Linear(2, 2)})

@@ -160,7 +160,7 @@ def relatedness(draw: st.DrawFn) -> ntl.TaskRelatedness:
         r = (r + 1e-3) / (r + 1e-3).sum(1, keepdim=True)
     else:
         r = r.round() if draw(st.booleans()) else r  # hard 0/1 tables too
-    return ntl.TaskRelatedness(r, kind)  # type: ignore[arg-type]
+    return ntl.TaskRelatedness(r, kind=kind)  # type: ignore[arg-type]
 
 
 @settings(max_examples=150)

@@ -59,13 +59,13 @@ def test_estimate_laplace_smoothing_by_hand() -> None:
 def test_from_table_with_names() -> None:
     table = {"happy": {"AU6": 0.5, "AU12": 1.0}, "neutral": {}}
     r = ntl.TaskRelatedness.from_table(
-        table, 2, 3, class_names=["neutral", "happy"], attribute_names=["AU1", "AU6", "AU12"]
+        table, num_a=2, num_b=3, class_names=["neutral", "happy"], attribute_names=["AU1", "AU6", "AU12"]
     )
     torch.testing.assert_close(r.matrix, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 1.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"unknown attribute 'AU99'"):
-        ntl.TaskRelatedness.from_table({0: {"AU99": 1.0}}, 2, 3, attribute_names=["AU1", "AU6", "AU12"])
+        ntl.TaskRelatedness.from_table({0: {"AU99": 1.0}}, num_a=2, num_b=3, attribute_names=["AU1", "AU6", "AU12"])
     with pytest.raises(ValueError, match=r"class index 5 is outside \[0, 2\)"):
-        ntl.TaskRelatedness.from_table({5: {0: 1.0}}, 2, 3)
+        ntl.TaskRelatedness.from_table({5: {0: 1.0}}, num_a=2, num_b=3)
 
 
 def test_validation_errors() -> None:
@@ -82,12 +82,12 @@ def test_validation_errors() -> None:
     with pytest.raises(ValueError, match=r"'kind' must be one of"):
         ntl.TaskRelatedness([[0.5]], kind="ordinal")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"must be 0 or 1 where known"):
-        ntl.TaskRelatedness.estimate(torch.tensor([0, 1]), torch.tensor([[0.5], [1.0]]), 2, 1)
+        ntl.TaskRelatedness.estimate(torch.tensor([0, 1]), torch.tensor([[0.5], [1.0]]), num_a=2, num_b=1)
 
 
 def test_serialization_round_trip() -> None:
     a, b = sample("multilabel", n=500)
-    r = ntl.TaskRelatedness.estimate(a, b, 4, 3)
+    r = ntl.TaskRelatedness.estimate(a, b, num_a=4, num_b=3)
     again = ntl.TaskRelatedness.from_dict(json.loads(json.dumps(r.to_dict())))
     torch.testing.assert_close(again.matrix, r.matrix)
     torch.testing.assert_close(again.prior, r.prior)
@@ -126,3 +126,20 @@ def test_cli_rejects_unknown_columns(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("a,b\n0,1\n")
     with pytest.raises(SystemExit, match=r"column\(s\) \['c'\] not in"):
         main([str(tmp_path / "labels.csv"), "--task-a", "a", "--task-b", "c"])
+
+
+def test_options_are_keyword_only() -> None:
+    import inspect
+
+    for function, positional in (
+        (ntl.TaskRelatedness, ["matrix"]),
+        (ntl.TaskRelatedness.from_table, ["table"]),
+        (ntl.TaskRelatedness.estimate, ["labels_a", "labels_b"]),
+    ):
+        parameters = inspect.signature(function).parameters.values()
+        assert [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY] == positional
+        assert all(section in (function.__doc__ or "") for section in ("Args:", "Raises:")), function
+    with pytest.raises(TypeError, match=r"positional argument"):
+        ntl.TaskRelatedness([[0.5]], "multiclass")  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"positional argument"):
+        ntl.TaskRelatedness.estimate(torch.tensor([0]), torch.tensor([[1.0]]), 1, 1)  # type: ignore[misc]

@@ -1,56 +1,102 @@
-"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (docs: Methods §3)."""
+"""Multi-task losses coupling two tasks through a `TaskRelatedness` matrix (docs: Methods §3).
+
+`last_terms`, after each call (the package's one layout): `"loss"` is what the module returned; each
+`"{part}/loss"` is that part's weighted contribution to it, so the parts at one level add up to their
+parent (`"{part}/{sub}/loss"` add up to `"{part}/loss"`); `"{part}/value"` is the part's unweighted value.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
+from .._validation import (
+    NAN_POLICIES,
+    NanPolicy,
+    check_choice,
+    compute_dtype,
+    full_precision,
+    guard_finite,
+    zero_unless,
+)
 from ..functional.distribution_matching import (
     DIRECTIONS,
     EPS,
-    INVERSIONS,
     Direction,
     Divergence,
     Inversion,
     TaskKind,
-    check_matching_options,
-    masked_binary_cross_entropy,
-    masked_cross_entropy,
-    soft_co_annotation,
+    _check_heads,
+    _co_annotation_unchecked,
+    _masked_binary_cross_entropy,
+    _masked_cross_entropy,
+    _MatchingOptions,
+    _mean_over,
+    _soft_categorical_divergence,
+    _task_labels,
 )
 from ..ops.dispatch import Backend, check_backend
 from ..ops.distribution_matching import matching_terms
 from ..relatedness import TaskRelatedness
 
 
+def _parts(weight: float, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`{"{part}/loss": weight · value, "{part}/value": value}` (detached) for logging."""
+    terms: dict[str, Tensor] = {}
+    for part, value in values.items():
+        terms[f"{part}/loss"] = (weight * value).detach()
+        terms[f"{part}/value"] = value.detach()
+    return terms
+
+
 class _Coupled(nn.Module):
-    """Holds `R` and `π` as buffers (moved by `.to()`, saved in the `state_dict`) and the task kind."""
+    """Holds `R` and `π` as buffers (moved by `.to()`, saved in the `state_dict`), the task kind, the
+    matching options (resolved once) and the NaN policy."""
 
     matrix: Tensor
     prior: Tensor
 
-    def __init__(self, relatedness: TaskRelatedness, inversion: Inversion, nan_policy: NanPolicy = "raise") -> None:
+    def __init__(self, relatedness: TaskRelatedness, options: _MatchingOptions, nan_policy: NanPolicy) -> None:
         super().__init__()
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
-        self.nan_policy: NanPolicy = nan_policy
-        if not isinstance(relatedness, TaskRelatedness):
-            raise TypeError(f"'relatedness' must be a TaskRelatedness, got {type(relatedness).__name__}")
-        check_choice(inversion, "inversion", INVERSIONS)
-        if inversion == "product" and not bool((relatedness.matrix > 0).any()):
+        if options.inversion == "product" and not bool((relatedness.matrix > 0).any()):
             raise ValueError("inversion='product' needs at least one class of task A with a non-zero row in R")
-        self.kind: TaskKind = relatedness.kind
-        self.inversion: Inversion = inversion
+        self.nan_policy: NanPolicy = nan_policy
+        self._options = options
         self.register_buffer("matrix", relatedness.matrix.float())
         self.register_buffer("prior", relatedness.prior.float())
         self.last_terms: dict[str, Tensor] = {}
 
+    @property
+    def kind(self) -> TaskKind:
+        """Task B's kind, from the `TaskRelatedness`."""
+        return self._options.kind
+
+    @property
+    def inversion(self) -> Inversion:
+        """How B→A inverts `R`: `"bayes"` or `"product"`."""
+        return self._options.inversion
+
+    @property
+    def eps(self) -> float:
+        """The clamp of probabilities inside logarithms."""
+        return self._options.eps
+
     def _guard(self, logits_a: Tensor, logits_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         guarded, finite = guard_finite({"logits_a": logits_a, "logits_b": logits_b}, self.nan_policy)
         return guarded["logits_a"], guarded["logits_b"], finite
+
+
+def _relatedness(relatedness: object) -> TaskRelatedness:
+    if not isinstance(relatedness, TaskRelatedness):
+        raise TypeError(
+            f"'relatedness' must be a TaskRelatedness, got {type(relatedness).__name__}; build one with "
+            f"TaskRelatedness(matrix, kind=..., prior=...), .from_table or .estimate"
+        )
+    return relatedness
 
 
 class DistributionMatchingLoss(_Coupled):
@@ -58,14 +104,31 @@ class DistributionMatchingLoss(_Coupled):
 
     On every sample, labelled or not: `q_B = p_A R` for A→B, and `q_A` from `p_B` by naive Bayes
     (`inversion="bayes"`, the library's own) or the papers' product form (`"product"`) for B→A. Each term
-    is a mean over samples (and attributes for a multilabel B). `divergence="kl"` is zero when the tasks
-    agree; `"ce"` is the papers' cross-entropy form. Gradients reach both heads unless
-    `detach_target=True`. After each call `last_terms` holds `"loss"` (weighted) and `"a_to_b"`, `"b_to_a"`
-    (unweighted) for the directions computed. `backend` picks the
-    fused Triton kernel (multilabel B, Bayes inversion) or the functional path; see `negtransfer_losses.ops`.
-    Non-finite logits follow `nan_policy` (`"raise"`, `"skip"`, `"propagate"`).
+    is a mean over samples (and attributes for a multilabel B), as in
+    `negtransfer_losses.functional.distribution_matching`. `divergence="kl"` is zero when the tasks
+    agree; `"ce"` is the papers' cross-entropy form. Gradients reach both heads unless `detach_target=True`.
 
-    Forward: `(logits_a (N, K), logits_b (N, M))` → scalar.
+    After each call `last_terms` holds `"loss"` (the output), and for each direction computed
+    `"{direction}/loss"` (its weighted contribution: they add up to `"loss"`) and `"{direction}/value"`
+    (unweighted), `direction` in `"a_to_b"`, `"b_to_a"`.
+
+    Args:
+        relatedness: the `TaskRelatedness` (`R`, `π` and task B's kind); kept as buffers `matrix`, `prior`.
+        weight: the coupling's weight `λ_DM`.
+        directions: which terms: `"a_to_b"`, `"b_to_a"` or both.
+        inversion: `"bayes"` or `"product"`.
+        divergence: `"kl"` or `"ce"`.
+        detach_target: treat the inferred distributions as constants.
+        eps: the clamp of probabilities inside logarithms (and of `R` in `"bayes"`).
+        nan_policy: non-finite logits `"raise"` a `ValueError`, `"skip"` the batch (zero loss, zero
+            gradient), or `"propagate"`.
+        backend: `"auto"`, `"torch"` or `"triton"`: the fused kernel (multilabel B, Bayes inversion) or the
+            functional path; see `negtransfer_losses.ops`.
+
+    Raises:
+        TypeError: `relatedness` is not a `TaskRelatedness`.
+        ValueError: an option is not one of its choices, `directions` is empty, or `inversion="product"`
+            with no non-zero row in `R`.
     """
 
     def __init__(
@@ -81,42 +144,60 @@ class DistributionMatchingLoss(_Coupled):
         nan_policy: NanPolicy = "raise",
         backend: Backend = "auto",
     ) -> None:
-        super().__init__(relatedness, inversion, nan_policy)
+        relatedness = _relatedness(relatedness)
+        options = _MatchingOptions.resolve(
+            kind=relatedness.kind,
+            directions=directions,
+            inversion=inversion,
+            divergence=divergence,
+            detach_target=detach_target,
+            eps=eps,
+        )
+        super().__init__(relatedness, options, nan_policy)
         self.backend: Backend = check_backend(backend)
-        directions = tuple(directions)
-        if not directions:
-            raise ValueError("'directions' is empty: give 'a_to_b', 'b_to_a' or both")
-        check_matching_options(self.kind, directions, inversion, divergence)
-        self.directions: tuple[Direction, ...] = directions
-        self.divergence: Divergence = divergence
-        self.detach_target = detach_target
         self.weight = float(weight)
-        self.eps = eps
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        """The terms computed: `"a_to_b"`, `"b_to_a"` or both."""
+        return self._options.directions
+
+    @property
+    def divergence(self) -> Divergence:
+        """`"kl"` or `"ce"`."""
+        return self._options.divergence
+
+    @property
+    def detach_target(self) -> bool:
+        """Whether the inferred distributions are constants."""
+        return self._options.detach_target
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        """The weighted matching loss.
+
+        Args:
+            logits_a: `(N, K)` task A's logits.
+            logits_b: `(N, M)` task B's logits.
+
+        Returns:
+            a scalar, float32 (float64 for float64 logits).
+
+        Raises:
+            TypeError: the logits are not floating-point tensors.
+            ValueError: the shapes do not fit `R`, or the logits hold NaN/inf with `nan_policy="raise"`.
+        """
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        terms = matching_terms(
-            logits_a,
-            logits_b,
-            self.matrix,
-            self.prior,
-            self.kind,
-            self.directions,
-            self.inversion,
-            self.divergence,
-            self.detach_target,
-            self.eps,
-            self.backend,
-        )
-        terms = {name: zero_unless(finite, value) for name, value in terms.items()}
-        loss = self.weight * sum(terms.values(), torch.zeros((), device=logits_a.device))
-        self.last_terms = {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+        terms = matching_terms(logits_a, logits_b, self.matrix, self.prior, self._options, backend=self.backend)
+        values: dict[str, Tensor] = {name: zero_unless(finite, value) for name, value in terms.items()}
+        loss = self.weight * sum(values.values(), torch.zeros((), device=logits_a.device))
+        self.last_terms = {"loss": loss.detach(), **_parts(self.weight, values)}
         return loss
 
     def extra_repr(self) -> str:
+        o = self._options
         return (
-            f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, directions={self.directions}, "
-            f"inversion={self.inversion!r}, divergence={self.divergence!r}, detach_target={self.detach_target}, "
+            f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={o.kind!r}, directions={o.directions}, "
+            f"inversion={o.inversion!r}, divergence={o.divergence!r}, detach_target={o.detach_target}, "
             f"weight={self.weight}"
         )
 
@@ -125,9 +206,22 @@ class SoftCoAnnotationLoss(_Coupled):
     """`weight · (L_CA_A + L_CA_B)`: soft labels, from `R`, for the task a sample is not annotated for.
 
     An A-only sample with `a = k` gets task-B target `R[k, :]`; a B-only sample gets the task-A target
-    inferred from its B labels (`inversion`). Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar,
-    with labels as in `negtransfer_losses.functional.distribution_matching`. After each call `last_terms`
-    holds `"loss"` (weighted), `"a"` and `"b"` (unweighted).
+    inferred from its B labels (`inversion`), as in `negtransfer_losses.functional.soft_co_annotation`.
+
+    After each call `last_terms` holds `"loss"` (the output), `"a/loss"`, `"b/loss"` (each term's weighted
+    contribution: they add up to `"loss"`) and `"a/value"`, `"b/value"` (unweighted).
+
+    Args:
+        relatedness: the `TaskRelatedness` (`R`, `π` and task B's kind); kept as buffers `matrix`, `prior`.
+        weight: the term's weight `λ_CA`.
+        inversion: `"bayes"` or `"product"`: how a B-only sample's labels give its task-A target.
+        ignore_index: the label of samples whose class is unknown.
+        eps: the clamp of probabilities inside logarithms.
+        nan_policy: non-finite logits `"raise"`, `"skip"` the batch, or `"propagate"`.
+
+    Raises:
+        TypeError: `relatedness` is not a `TaskRelatedness`.
+        ValueError: an option is not one of its choices, or `inversion="product"` with no non-zero row in `R`.
     """
 
     def __init__(
@@ -137,46 +231,83 @@ class SoftCoAnnotationLoss(_Coupled):
         weight: float = 1.0,
         inversion: Inversion = "bayes",
         ignore_index: int = IGNORE_INDEX,
+        eps: float = EPS,
         nan_policy: NanPolicy = "raise",
     ) -> None:
-        super().__init__(relatedness, inversion, nan_policy)
+        relatedness = _relatedness(relatedness)
+        options = _MatchingOptions.resolve(kind=relatedness.kind, inversion=inversion, eps=eps)
+        super().__init__(relatedness, options, nan_policy)
         self.weight = float(weight)
         self.ignore_index = ignore_index
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
+        """The weighted co-annotation loss.
+
+        Args:
+            logits_a: `(N, K)` task A's logits.
+            logits_b: `(N, M)` task B's logits.
+            labels_a: `(N,)` integers, `ignore_index` where unknown.
+            labels_b: `(N, M)` multilabel entries (NaN or -1 where unknown) or `(N,)` multiclass labels.
+
+        Returns:
+            a scalar, float32 (float64 for float64 logits).
+
+        Raises:
+            TypeError: an input has the wrong type.
+            ValueError: a shape does not fit `R`, a label is out of range, or the logits hold NaN/inf with
+                `nan_policy="raise"`.
+        """
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        terms = soft_co_annotation(
-            logits_a,
-            logits_b,
-            labels_a,
-            labels_b,
-            self.matrix,
-            self.prior,
-            self.kind,
-            self.inversion,
-            self.ignore_index,
-        )
-        terms = {name: zero_unless(finite, value) for name, value in terms.items()}
-        loss = self.weight * (terms["a"] + terms["b"])
-        self.last_terms = {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
+        _check_heads(logits_a, logits_b, self.matrix)
+        labels = _task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
+        terms = _co_annotation_unchecked(logits_a, logits_b, labels, self.matrix, self.prior, self._options)
+        values = {name: zero_unless(finite, value) for name, value in terms.items()}
+        loss = self.weight * (values["a"] + values["b"])
+        self.last_terms = {"loss": loss.detach(), **_parts(self.weight, values)}
         return loss
 
     def extra_repr(self) -> str:
-        return f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, inversion={self.inversion!r}"
+        return (
+            f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={self.kind!r}, "
+            f"inversion={self.inversion!r}, weight={self.weight}"
+        )
 
 
-class MultiTaskLoss(nn.Module):
+class MultiTaskLoss(_Coupled):
     """`weight · (λ_A L_A + λ_B L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B))` for two partially labelled tasks.
 
     `L_A`: cross-entropy over samples with a known A label; `L_B`: BCE over annotated B entries with
-    FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass). The λ are
-    `supervised_a_weight`, `supervised_b_weight`, `matching_weight` and `co_annotation_weight` (all 1);
-    set one to 0 to drop its term (0 for both couplings gives plain multi-task learning with masked
-    losses). After each call `last_terms` holds `"loss"` (the total), `"supervised_a"`, `"supervised_b"`
-    (unweighted), and the submodules' terms as `"matching/…"` and `"co_annotation/…"`. `nan_policy` and
-    `backend` as in `DistributionMatchingLoss`.
+    FaceBehaviorNet's per-sample normalization (multilabel) or cross-entropy (multiclass); `L_AB`, `L_BA`
+    as in `DistributionMatchingLoss`; `L_CA_A`, `L_CA_B` as in `SoftCoAnnotationLoss`. Each label tensor is
+    checked once per call. Set a `λ` to 0 to drop its term (0 for both couplings gives plain multi-task
+    learning with masked losses).
 
-    Forward: `(logits_a, logits_b, labels_a, labels_b)` → scalar.
+    After each call `last_terms` holds `"loss"` (the output) and, for each part computed,
+    `"{part}/loss"` (its weighted contribution: the parts add up to `"loss"`) and `"{part}/value"`
+    (unweighted), `part` in `"supervised_a"`, `"supervised_b"`, `"matching"`, `"co_annotation"`; the
+    couplings' own terms follow, as `"matching/a_to_b/loss"` (weighted contribution to the output: they
+    add up to `"matching/loss"`), `"matching/a_to_b/value"`, ..., `"co_annotation/a/loss"`, ....
+
+    Args:
+        relatedness: the `TaskRelatedness` (`R`, `π` and task B's kind); kept as buffers `matrix`, `prior`.
+        weight: the whole loss's weight.
+        matching_weight: `λ_DM`.
+        co_annotation_weight: `λ_CA`.
+        supervised_a_weight: `λ_A`.
+        supervised_b_weight: `λ_B`.
+        directions: the matching terms: `"a_to_b"`, `"b_to_a"` or both.
+        inversion: `"bayes"` or `"product"` (matching and co-annotation).
+        divergence: `"kl"` or `"ce"` (matching).
+        detach_target: treat the inferred distributions of the matching terms as constants.
+        eps: the clamp of probabilities inside logarithms.
+        ignore_index: the label of samples whose class is unknown.
+        nan_policy: non-finite logits `"raise"`, `"skip"` the batch, or `"propagate"`.
+        backend: `"auto"`, `"torch"` or `"triton"` for the matching terms; see `negtransfer_losses.ops`.
+
+    Raises:
+        TypeError: `relatedness` is not a `TaskRelatedness`.
+        ValueError: an option is not one of its choices, `directions` is empty, or `inversion="product"`
+            with no non-zero row in `R`.
     """
 
     def __init__(
@@ -188,17 +319,26 @@ class MultiTaskLoss(nn.Module):
         co_annotation_weight: float = 1.0,
         supervised_a_weight: float = 1.0,
         supervised_b_weight: float = 1.0,
+        directions: Sequence[Direction] = DIRECTIONS,
         inversion: Inversion = "bayes",
         divergence: Divergence = "kl",
         detach_target: bool = False,
+        eps: float = EPS,
         ignore_index: int = IGNORE_INDEX,
         nan_policy: NanPolicy = "raise",
         backend: Backend = "auto",
     ) -> None:
-        super().__init__()
-        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
-        self.nan_policy: NanPolicy = nan_policy
-        self.kind: TaskKind = relatedness.kind
+        relatedness = _relatedness(relatedness)
+        options = _MatchingOptions.resolve(
+            kind=relatedness.kind,
+            directions=directions,
+            inversion=inversion,
+            divergence=divergence,
+            detach_target=detach_target,
+            eps=eps,
+        )
+        super().__init__(relatedness, options, nan_policy)
+        self.backend: Backend = check_backend(backend)
         self.weight = float(weight)
         self.term_weights = {
             "supervised_a": float(supervised_a_weight),
@@ -207,42 +347,82 @@ class MultiTaskLoss(nn.Module):
             "co_annotation": float(co_annotation_weight),
         }
         self.ignore_index = ignore_index
-        # the NaN guard runs once, in forward; the parts see guarded logits
-        self.matching = DistributionMatchingLoss(
-            relatedness,
-            inversion=inversion,
-            divergence=divergence,
-            detach_target=detach_target,
-            nan_policy="propagate",
-            backend=backend,
-        )
-        self.co_annotation = SoftCoAnnotationLoss(
-            relatedness, inversion=inversion, ignore_index=ignore_index, nan_policy="propagate"
-        )
-        self.last_terms: dict[str, Tensor] = {}
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        """The matching terms computed: `"a_to_b"`, `"b_to_a"` or both."""
+        return self._options.directions
+
+    @property
+    def divergence(self) -> Divergence:
+        """`"kl"` or `"ce"`."""
+        return self._options.divergence
+
+    @property
+    def detach_target(self) -> bool:
+        """Whether the matching terms' inferred distributions are constants."""
+        return self._options.detach_target
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
-        guarded, finite = guard_finite({"logits_a": logits_a, "logits_b": logits_b}, self.nan_policy)
-        logits_a, logits_b = guarded["logits_a"], guarded["logits_b"]
-        w = self.term_weights
-        supervised_a = masked_cross_entropy(logits_a, labels_a, self.ignore_index)
-        if self.kind == "multilabel":
-            supervised_b = masked_binary_cross_entropy(logits_b, labels_b)
-        else:
-            supervised_b = masked_cross_entropy(logits_b, labels_b, self.ignore_index)
-        total = w["supervised_a"] * supervised_a + w["supervised_b"] * supervised_b
-        terms = {"supervised_a": supervised_a, "supervised_b": supervised_b}
-        if w["matching"]:
-            total = total + w["matching"] * self.matching(logits_a, logits_b)
-            terms.update({f"matching/{k}": v for k, v in self.matching.last_terms.items()})
-        if w["co_annotation"]:
-            total = total + w["co_annotation"] * self.co_annotation(logits_a, logits_b, labels_a, labels_b)
-            terms.update({f"co_annotation/{k}": v for k, v in self.co_annotation.last_terms.items()})
-        total = zero_unless(finite, self.weight * total)
-        terms = {name: zero_unless(finite, value).detach() for name, value in terms.items()}
-        self.last_terms = {"loss": total.detach(), **terms}
+        """The weighted multi-task loss.
+
+        Args:
+            logits_a: `(N, K)` task A's logits.
+            logits_b: `(N, M)` task B's logits.
+            labels_a: `(N,)` integers, `ignore_index` where unknown.
+            labels_b: `(N, M)` multilabel entries (NaN or -1 where unknown) or `(N,)` multiclass labels.
+
+        Returns:
+            a scalar, float32 (float64 for float64 logits).
+
+        Raises:
+            TypeError: an input has the wrong type.
+            ValueError: a shape does not fit `R`, a label is out of range, or the logits hold NaN/inf with
+                `nan_policy="raise"`.
+        """
+        logits_a, logits_b, finite = self._guard(logits_a, logits_b)
+        _check_heads(logits_a, logits_b, self.matrix)
+        labels = _task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
+        parts: dict[str, Tensor] = {}  # each part's unweighted value
+        nested: dict[str, Mapping[str, Tensor]] = {}  # the couplings' unweighted terms
+        with full_precision(logits_a, logits_b):
+            dtype = compute_dtype(logits_a, logits_b)
+            z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
+            parts["supervised_a"] = _masked_cross_entropy(z_a, labels.a, labels.known_a)
+            if self.kind == "multilabel":
+                parts["supervised_b"] = _masked_binary_cross_entropy(z_b, labels.b.to(dtype), labels.known_b)
+            else:  # one-hot targets: the cross-entropy of the known class
+                per_sample = _soft_categorical_divergence(z_b, labels.b.to(dtype), "ce", self.eps)
+                parts["supervised_b"] = _mean_over(per_sample, labels.known_b.any(dim=1))
+        if self.term_weights["matching"]:
+            matching = matching_terms(logits_a, logits_b, self.matrix, self.prior, self._options, backend=self.backend)
+            nested["matching"] = {direction: value for direction, value in matching.items()}
+        if self.term_weights["co_annotation"]:
+            nested["co_annotation"] = _co_annotation_unchecked(
+                logits_a, logits_b, labels, self.matrix, self.prior, self._options
+            )
+        for name, terms in nested.items():
+            parts[name] = sum(terms.values(), torch.zeros((), device=logits_a.device))
+        parts = {name: zero_unless(finite, value) for name, value in parts.items()}
+        total = sum(
+            (self.weight * self.term_weights[name] * value for name, value in parts.items()),
+            torch.zeros((), device=logits_a.device),
+        )
+        logged = {"loss": total.detach()}
+        for name, value in parts.items():
+            scale = self.weight * self.term_weights[name]
+            logged.update(_parts(scale, {name: value}))
+            if name in nested:
+                sub = {key: zero_unless(finite, value) for key, value in nested[name].items()}
+                logged.update({f"{name}/{key}": term for key, term in _parts(scale, sub).items()})
+        self.last_terms = logged
         return total
 
     def extra_repr(self) -> str:
+        o = self._options
         weights = ", ".join(f"{name}_weight={value}" for name, value in self.term_weights.items())
-        return f"weight={self.weight}, {weights}"
+        return (
+            f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={o.kind!r}, weight={self.weight}, {weights}, "
+            f"directions={o.directions}, inversion={o.inversion!r}, divergence={o.divergence!r}, "
+            f"detach_target={o.detach_target}"
+        )

@@ -3,6 +3,8 @@ fused kernel per pass for a multilabel task B and the Bayes inversion where the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from ..functional.distribution_matching import (
@@ -12,59 +14,83 @@ from ..functional.distribution_matching import (
     Divergence,
     Inversion,
     TaskKind,
-    check_matching_options,
-    check_matching_tensors,
-    distribution_matching_unchecked,
+    _check_matching_tensors,
+    _matching_terms_unchecked,
+    _MatchingOptions,
 )
-from .dispatch import Backend, resolve_backend
+from .dispatch import Backend, check_backend, resolve_backend
 
 
 def distribution_matching(
     logits_a: Tensor,
     logits_b: Tensor,
-    matrix: Tensor,
+    relatedness: Tensor,
+    *,
     prior: Tensor | None = None,
     kind: TaskKind = "multilabel",
-    directions: tuple[Direction, ...] = DIRECTIONS,
+    directions: Sequence[Direction] = DIRECTIONS,
     inversion: Inversion = "bayes",
     divergence: Divergence = "kl",
     detach_target: bool = False,
     eps: float = EPS,
     backend: Backend = "auto",
 ) -> dict[Direction, Tensor]:
-    """`functional.distribution_matching`; one fused kernel per pass for a multilabel task B with the Bayes
-    inversion on the Triton backend (other configurations take the functional path)."""
-    check_matching_options(kind, directions, inversion, divergence)
-    return matching_terms(
-        logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps, backend
+    """`negtransfer_losses.functional.distribution_matching` with a choice of backend.
+
+    A multilabel task B with the Bayes inversion runs as one fused Triton kernel per pass where the
+    backend takes it; every other configuration takes the functional path.
+
+    Args:
+        logits_a: `(N, K)` task A's logits.
+        logits_b: `(N, M)` task B's logits.
+        relatedness: `R`, `(K, M)`.
+        prior: `π`, `(K,)`; uniform when None.
+        kind: `"multilabel"` or `"multiclass"` task B.
+        directions: `"a_to_b"`, `"b_to_a"` or both.
+        inversion: `"bayes"` or `"product"`.
+        divergence: `"kl"` or `"ce"`.
+        detach_target: treat the inferred distributions as constants.
+        eps: the clamp of probabilities inside logarithms (and of `R` in `"bayes"`).
+        backend: `"auto"`, `"torch"` or `"triton"` (see `negtransfer_losses.ops`).
+
+    Returns:
+        `{direction: scalar}` for the directions asked for, float32 (float64 for float64 logits).
+
+    Raises:
+        TypeError: an input has the wrong type.
+        ValueError: an option is not one of its choices, a shape does not match, or `backend="triton"`
+            cannot run here.
+    """
+    options = _MatchingOptions.resolve(
+        kind=kind,
+        directions=directions,
+        inversion=inversion,
+        divergence=divergence,
+        detach_target=detach_target,
+        eps=eps,
     )
+    return matching_terms(logits_a, logits_b, relatedness, prior, options, backend=check_backend(backend))
 
 
 def matching_terms(
     logits_a: Tensor,
     logits_b: Tensor,
-    matrix: Tensor,
+    relatedness: Tensor,
     prior: Tensor | None,
-    kind: TaskKind,
-    directions: tuple[Direction, ...],
-    inversion: Inversion,
-    divergence: Divergence,
-    detach_target: bool,
-    eps: float,
+    options: _MatchingOptions,
+    *,
     backend: Backend,
 ) -> dict[Direction, Tensor]:
-    """`distribution_matching` for options already checked by `check_matching_options` (what
-    `DistributionMatchingLoss` calls on every step): the tensors are checked, once."""
-    prior = check_matching_tensors(logits_a, logits_b, matrix, prior)
-    fused = kind == "multilabel" and inversion == "bayes"
+    """`distribution_matching` for options resolved once (`_MatchingOptions.resolve`; what the modules call on
+    every step): the tensors are checked, once, then one backend computes the terms."""
+    prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    fused = options.kind == "multilabel" and options.inversion == "bayes"
     if not fused or resolve_backend(backend, "distribution_matching", logits_a, logits_b) == "torch":
-        return distribution_matching_unchecked(
-            logits_a, logits_b, matrix, prior, kind, directions, inversion, divergence, detach_target, eps
-        )
+        return _matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
     from .fused_distribution_matching import FusedDistributionMatching
 
     per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
-        logits_a, logits_b, matrix, prior, divergence == "kl", detach_target, eps
+        logits_a, logits_b, relatedness, prior, options.divergence == "kl", options.detach_target, options.eps
     )
     means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
-    return {direction: means[DIRECTIONS.index(direction)] for direction in directions}
+    return {direction: means[DIRECTIONS.index(direction)] for direction in options.directions}

@@ -56,6 +56,17 @@ def _natural(value: str) -> tuple[int, float | str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Estimate `R` from a CSV of co-annotated labels, print it, and save it as JSON and a heatmap if asked.
+
+    Args:
+        argv: the command line without the program name (`sys.argv[1:]` when None).
+
+    Returns:
+        the exit status, 0.
+
+    Raises:
+        SystemExit: bad arguments, a column missing from the CSV, or `--heatmap` without matplotlib.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m negtransfer_losses.relatedness",
         description="Estimate a task-relatedness matrix R[k, m] from a CSV of co-annotated labels. Empty cells "
@@ -79,7 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     labels_a, labels_b, class_names, attribute_names = _read_csv(args.csv, args.task_a, args.task_b, args.kind)
     relatedness = TaskRelatedness.estimate(
-        labels_a, labels_b, len(class_names), len(attribute_names), args.kind, args.smoothing
+        labels_a,
+        labels_b,
+        num_a=len(class_names),
+        num_b=len(attribute_names),
+        kind=args.kind,
+        smoothing=args.smoothing,
     )
     print(
         f"{len(labels_a)} rows; task A '{args.task_a}' ({len(class_names)} classes), task B "

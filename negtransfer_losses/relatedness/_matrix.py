@@ -20,19 +20,28 @@ class TaskRelatedness:
     - `kind="multilabel"`: `R[k, m] = P(b_m = 1 | a = k)`; rows need not sum to 1.
     - `kind="multiclass"`: `R[k, m] = P(b = m | a = k)`; rows sum to 1.
 
-    `prior` is task A's class prior `π` (uniform when None). `support[k]`, when the matrix was estimated,
-    is the number of co-annotated samples behind row `k`.
-
     Build it from prior knowledge with `from_table`, or from co-annotated samples with `estimate`.
-    Serialize with `to_dict` / `from_dict` (JSON-compatible).
+    Serialize with `to_dict` / `from_dict` (JSON-compatible). The loss modules take it as `relatedness`;
+    the functions of `negtransfer_losses.functional` take its parts: `relatedness=r.matrix`,
+    `prior=r.prior`, `kind=r.kind`.
+
+    Args:
+        matrix: `R`, `(K, M)` probabilities (stored as float64 in `.matrix`).
+        kind: `"multilabel"` or `"multiclass"` task B.
+        prior: task A's class prior `π`, `(K,)`, non-negative, summing to 1; uniform when None.
+        support: `(K,)`, the number of co-annotated samples behind each row (set by `estimate`).
+
+    Raises:
+        ValueError: `kind` is not one of its choices, `matrix` is not `(K, M)` or holds values outside
+            [0, 1], a multiclass row does not sum to 1, or `prior` has the wrong shape or does not sum to 1.
     """
 
     def __init__(
         self,
         matrix: Tensor | Sequence[Sequence[float]],
+        *,
         kind: TaskKind = "multilabel",
         prior: Tensor | Sequence[float] | None = None,
-        *,
         support: Tensor | None = None,
     ) -> None:
         if kind not in TASK_KINDS:
@@ -69,41 +78,61 @@ class TaskRelatedness:
 
     @property
     def num_a(self) -> int:
+        """K, the number of task A's classes (rows of `R`)."""
         return int(self.matrix.shape[0])
 
     @property
     def num_b(self) -> int:
+        """M, the number of task B's attributes or classes (columns of `R`)."""
         return int(self.matrix.shape[1])
 
     @classmethod
     def from_table(
         cls,
         table: Mapping[Any, Mapping[Any, float]],
+        *,
         num_a: int,
         num_b: int,
         kind: TaskKind = "multilabel",
         prior: Tensor | Sequence[float] | None = None,
-        *,
         class_names: Sequence[str] | None = None,
         attribute_names: Sequence[str] | None = None,
     ) -> TaskRelatedness:
         """From a prototype table `{class: {attribute: weight}}`; entries not listed are 0.
 
-        Classes and attributes are indices, or names listed in `class_names` / `attribute_names`
-        (e.g. Du et al. 2014's table of the action units each basic expression activates).
+        E.g. Du et al. 2014's table of the action units each basic expression activates, weighted by the
+        proportion of subjects.
+
+        Args:
+            table: `{class: {attribute: weight}}`; classes and attributes are indices, or names listed in
+                `class_names` / `attribute_names`.
+            num_a: K, the number of task A's classes.
+            num_b: M, the number of task B's attributes or classes.
+            kind: `"multilabel"` or `"multiclass"` task B.
+            prior: task A's class prior `π`, `(K,)`; uniform when None.
+            class_names: the names of task A's classes, in index order.
+            attribute_names: the names of task B's attributes or classes, in index order.
+
+        Returns:
+            the `TaskRelatedness`.
+
+        Raises:
+            ValueError: a name is unknown, an index out of range, or the resulting matrix invalid (as in
+                the constructor).
         """
         r = torch.zeros(num_a, num_b, dtype=torch.float64)
         for cls_key, row in table.items():
             k = _index(cls_key, num_a, class_names, "class")
             for attr_key, weight in row.items():
                 r[k, _index(attr_key, num_b, attribute_names, "attribute")] = float(weight)
-        return cls(r, kind, prior)
+        return cls(r, kind=kind, prior=prior)
 
     @classmethod
     def estimate(
         cls,
         labels_a: Tensor,
         labels_b: Tensor,
+        *,
         num_a: int,
         num_b: int,
         kind: TaskKind = "multilabel",
@@ -120,7 +149,22 @@ class TaskRelatedness:
         of samples with `a = k` and at least one known B entry.
 
         Args:
-            labels_a: `(N,)` integers; labels_b: `(N, M)` multilabel values or `(N,)` multiclass integers.
+            labels_a: `(N,)` integers in `[0, K)`, or `ignore_index` where unknown.
+            labels_b: `(N, M)` multilabel values (0 or 1; NaN or -1 where unknown) or `(N,)` multiclass
+                integers in `[0, M)` (or `ignore_index`).
+            num_a: K, the number of task A's classes.
+            num_b: M, the number of task B's attributes or classes.
+            kind: `"multilabel"` or `"multiclass"` task B.
+            smoothing: Laplace's `α` ≥ 0.
+            ignore_index: the label of samples whose class is unknown.
+
+        Returns:
+            the `TaskRelatedness`, with `support` set.
+
+        Raises:
+            TypeError: a label tensor has the wrong type.
+            ValueError: `smoothing` < 0, `kind` is not one of its choices, a label is out of range or has the
+                wrong shape, or `smoothing=0` leaves a row with no co-annotated sample.
         """
         if smoothing < 0:
             raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
@@ -155,10 +199,14 @@ class TaskRelatedness:
         prior = (class_counts + smoothing) / (class_counts.sum() + num_a * smoothing)
         if not bool(torch.isfinite(prior).all()):
             prior = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
-        return cls(r, kind, prior, support=support)
+        return cls(r, kind=kind, prior=prior, support=support)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible dict: `matrix`, `kind`, `prior`, and `support` when known."""
+        """A JSON-compatible dict: `matrix`, `kind`, `prior`, and `support` when known.
+
+        Returns:
+            the dict that `from_dict` reads back.
+        """
         out: dict[str, Any] = {"matrix": self.matrix.tolist(), "kind": self.kind, "prior": self.prior.tolist()}
         if self.support is not None:
             out["support"] = self.support.tolist()
@@ -166,18 +214,38 @@ class TaskRelatedness:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskRelatedness:
+        """The `TaskRelatedness` that `to_dict` (or the CLI's `--output`) wrote.
+
+        Args:
+            data: a mapping with `matrix`, and optionally `kind`, `prior` and `support`.
+
+        Returns:
+            the `TaskRelatedness`.
+
+        Raises:
+            KeyError: `data` has no `matrix`.
+            ValueError: as the constructor.
+        """
         support = data.get("support")
         return cls(
             data["matrix"],
-            data.get("kind", "multilabel"),
-            data.get("prior"),
+            kind=data.get("kind", "multilabel"),
+            prior=data.get("prior"),
             support=None if support is None else torch.as_tensor(support, dtype=torch.float64),
         )
 
     def format_table(
         self, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None
     ) -> str:
-        """The matrix as a readable text table, with the prior and support columns."""
+        """The matrix as a readable text table, with the prior and support columns.
+
+        Args:
+            class_names: row labels (task A's classes); indices when None.
+            attribute_names: column labels (task B's attributes or classes); indices when None.
+
+        Returns:
+            the table, one line per class of task A under a header line.
+        """
         rows = [class_names[k] if class_names else str(k) for k in range(self.num_a)]
         cols = [attribute_names[m] if attribute_names else str(m) for m in range(self.num_b)]
         width = max(6, *(len(c) for c in cols))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import assert_matches_oracle, value_and_grads
 
+import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
 
 NAN = math.nan
@@ -45,7 +46,7 @@ def test_a_to_b_matches_oracle(kind: str, divergence: str, detach: bool) -> None
     za, zb = logits(6, 4, 3)
     assert_matches_oracle(
         lambda a, b: ntf.distribution_matching(
-            a, b, r, prior, kind, ("a_to_b",), divergence=divergence, detach_target=detach
+            a, b, r, prior=prior, kind=kind, directions=("a_to_b",), divergence=divergence, detach_target=detach
         )["a_to_b"],  # type: ignore[arg-type]
         lambda a, b: oracles.dm_a_to_b(a, b, r, kind, divergence, detach),
         za,
@@ -61,9 +62,17 @@ def test_b_to_a_matches_oracle(kind: str, inversion: str, divergence: str, detac
     r, prior = relatedness(kind)
     za, zb = logits(6, 4, 3, seed=2)
     assert_matches_oracle(
-        lambda a, b: ntf.distribution_matching(a, b, r, prior, kind, ("b_to_a",), inversion, divergence, detach)[
-            "b_to_a"
-        ],  # type: ignore[arg-type]
+        lambda a, b: ntf.distribution_matching(
+            a,
+            b,
+            r,
+            prior=prior,
+            kind=kind,  # type: ignore[arg-type]
+            directions=("b_to_a",),
+            inversion=inversion,  # type: ignore[arg-type]
+            divergence=divergence,  # type: ignore[arg-type]
+            detach_target=detach,
+        )["b_to_a"],
         lambda a, b: oracles.dm_b_to_a(a, b, r, prior, kind, inversion, divergence, detach),
         za,
         zb,
@@ -78,19 +87,21 @@ def test_kl_is_zero_when_the_tasks_agree(kind: str) -> None:
     za, _ = logits(5, 4, 3)
     q_b = torch.softmax(za, 1) @ r
     zb = torch.logit(q_b) if kind == "multilabel" else torch.log(q_b)
-    value = ntf.distribution_matching(za, zb, r, prior, kind, ("a_to_b",), divergence="kl")["a_to_b"]  # type: ignore[arg-type]
+    value = ntf.distribution_matching(za, zb, r, prior=prior, kind=kind, directions=("a_to_b",))["a_to_b"]  # type: ignore[arg-type]
     assert abs(value.item()) < 1e-12
-    ce = ntf.distribution_matching(za, zb, r, prior, kind, ("a_to_b",), divergence="ce")["a_to_b"]  # type: ignore[arg-type]
+    ce = ntf.distribution_matching(za, zb, r, prior=prior, kind=kind, directions=("a_to_b",), divergence="ce")[  # type: ignore[arg-type]
+        "a_to_b"
+    ]
     assert ce.item() > 0.1  # the cross-entropy form keeps the target's entropy
 
 
 def test_neutral_class_is_likely_exactly_when_no_attribute_is_active() -> None:
     r, _prior = relatedness("multilabel")
     uniform = torch.full((4,), 0.25, dtype=torch.float64)
-    off = ntf.infer_a_from_b(torch.full((1, 3), 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
-    on = ntf.infer_a_from_b(torch.full((1, 3), 1 - 1e-9, dtype=torch.float64), r, uniform, "multilabel", "bayes")
+    off = ntf.infer_a_from_b(torch.full((1, 3), 1e-9, dtype=torch.float64), r, prior=uniform)
+    on = ntf.infer_a_from_b(torch.full((1, 3), 1 - 1e-9, dtype=torch.float64), r, prior=uniform)
     assert off.argmax().item() == 0 and on[0, 0].item() < 1e-3
-    product = ntf.infer_a_from_b(torch.full((1, 3), 0.5, dtype=torch.float64), r, uniform, "multilabel", "product")
+    product = ntf.infer_a_from_b(torch.full((1, 3), 0.5, dtype=torch.float64), r, inversion="product")
     assert product[0, 0].item() == 0.0  # the product form cannot express the neutral class
     torch.testing.assert_close(product.sum(), torch.tensor(1.0, dtype=torch.float64))
 
@@ -109,7 +120,7 @@ def test_soft_co_annotation_matches_oracle(kind: str, inversion: str) -> None:
         lb = torch.tensor([-100, 2, -100, 0, 1, -100, -100])
 
     def ours(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        terms = ntf.soft_co_annotation(a, b, la, lb, r, prior, kind, inversion)  # type: ignore[arg-type]
+        terms = ntf.soft_co_annotation(a, b, la, lb, r, prior=prior, kind=kind, inversion=inversion)  # type: ignore[arg-type]
         return terms["a"] + 10 * terms["b"]
 
     def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,7 +157,7 @@ def test_no_labels_for_a_task_gives_zero_loss_and_gradient() -> None:
         value, (grad,) = value_and_grads(fn, x)
         assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
     value, grads = value_and_grads(
-        lambda a, b: sum(ntf.soft_co_annotation(a, b, no_a, no_b, r, prior).values()), za, zb
+        lambda a, b: sum(ntf.soft_co_annotation(a, b, no_a, no_b, r, prior=prior).values()), za, zb
     )
     assert value.item() == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
@@ -159,14 +170,22 @@ def test_extreme_logits_stay_finite(dtype: torch.dtype, kind: str, inversion: st
     za = torch.tensor([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, 1e4]], dtype=dtype, requires_grad=True)
     zb = torch.tensor([[1e4, -1e4, 1e4], [-1e4, -1e4, -1e4]], dtype=dtype, requires_grad=True)
     for divergence in ("kl", "ce"):
-        terms = ntf.distribution_matching(za, zb, r, prior, kind, inversion=inversion, divergence=divergence)  # type: ignore[arg-type]
+        terms = ntf.distribution_matching(
+            za,
+            zb,
+            r,
+            prior=prior,
+            kind=kind,  # type: ignore[arg-type]
+            inversion=inversion,  # type: ignore[arg-type]
+            divergence=divergence,  # type: ignore[arg-type]
+        )
         total = sum(terms.values())
         assert total.dtype == torch.float32 and torch.isfinite(total)
         grads = torch.autograd.grad(total, [za, zb])
         assert all(torch.isfinite(g).all() for g in grads)
     la = torch.tensor([0, -100])
     lb = torch.tensor([[NAN] * 3, [1.0, 0.0, 1.0]]) if kind == "multilabel" else torch.tensor([-100, 2])
-    co = sum(ntf.soft_co_annotation(za, zb, la, lb, r, prior, kind, inversion).values())  # type: ignore[arg-type]
+    co = sum(ntf.soft_co_annotation(za, zb, la, lb, r, prior=prior, kind=kind, inversion=inversion).values())  # type: ignore[arg-type]
     assert torch.isfinite(co) and all(torch.isfinite(g).all() for g in torch.autograd.grad(co, [za, zb]))
 
 
@@ -184,7 +203,7 @@ def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
         if inversion == "product" and not bool((r > 0).any()):
             continue
         value, grads = value_and_grads(
-            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior, kind, inversion=inversion).values()),
+            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior=prior, kind=kind, inversion=inversion).values()),
             za,
             zb,  # type: ignore[arg-type]
         )
@@ -197,16 +216,93 @@ def test_shape_and_option_errors() -> None:
     with pytest.raises(
         ValueError, match=r"'logits_a' must be \(N, 4\) for a relatedness matrix of shape \(4, 3\), got \(5, 3\)"
     ):
-        ntf.distribution_matching(zb, zb, r, prior)
+        ntf.distribution_matching(zb, zb, r, prior=prior)
     with pytest.raises(ValueError, match=r"'logits_b' must be \(N, 3\)"):
-        ntf.distribution_matching(za, za, r, prior)
+        ntf.distribution_matching(za, za, r, prior=prior)
     with pytest.raises(ValueError, match=r"same batch size"):
-        ntf.distribution_matching(za, zb[:4], r, prior)
+        ntf.distribution_matching(za, zb[:4], r, prior=prior)
     with pytest.raises(ValueError, match=r"'divergence' must be one of 'kl', 'ce'"):
-        ntf.distribution_matching(za, zb, r, prior, divergence="js")  # type: ignore[arg-type]
+        ntf.distribution_matching(za, zb, r, prior=prior, divergence="js")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'labels' holds 4, outside \[0, 4\)"):
         ntf.masked_cross_entropy(za, torch.tensor([0, 1, 2, 3, 4]))
     with pytest.raises(ValueError, match=r"annotated entries of 'targets' must lie in \[0, 1\]"):
         ntf.masked_binary_cross_entropy(zb, torch.full((5, 3), 2.0))
     with pytest.raises(ValueError, match=r"'labels_b' must have shape \(5, 3\)"):
-        ntf.soft_co_annotation(za, zb, torch.zeros(5, dtype=torch.long), torch.zeros(5, 2), r, prior)
+        ntf.soft_co_annotation(za, zb, torch.zeros(5, dtype=torch.long), torch.zeros(5, 2), r, prior=prior)
+
+
+# --- one calling convention: tensors positional, options keyword-only ------------------------------------
+
+PUBLIC = [
+    ntf.distribution_matching,
+    ntf.soft_co_annotation,
+    ntf.infer_a_from_b,
+    ntf.infer_b_from_a,
+    ntf.masked_cross_entropy,
+    ntf.masked_binary_cross_entropy,
+]
+
+
+@pytest.mark.parametrize("function", PUBLIC, ids=lambda f: f.__name__)
+def test_tensors_are_positional_and_options_keyword_only(function: object) -> None:
+    import inspect
+
+    for name, parameter in inspect.signature(function).parameters.items():  # type: ignore[arg-type]
+        positional = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        assert positional == (parameter.default is inspect.Parameter.empty), f"{name} of {function}"
+        assert name not in ("matrix",), "R is 'relatedness' everywhere"
+    docstring = function.__doc__ or ""
+    assert all(section in docstring for section in ("Args:", "Returns:", "Raises:")), function
+
+
+def test_options_passed_by_position_are_refused() -> None:
+    r, prior = relatedness("multilabel")
+    za, zb = logits(3, 4, 3)
+    with pytest.raises(TypeError, match=r"positional argument"):
+        ntf.distribution_matching(za, zb, r, prior)  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"positional argument"):
+        ntf.masked_cross_entropy(za, torch.zeros(3, dtype=torch.long), -1)  # type: ignore[misc]
+
+
+def test_errors_name_the_arguments_of_the_function_raising_them() -> None:
+    r, prior = relatedness("multilabel")
+    za, zb = logits(5, 4, 3)
+    with pytest.raises(ValueError, match=r"'relatedness' must be a \(K, M\) matrix with K, M ≥ 1, got shape \(12,\)"):
+        ntf.distribution_matching(za, zb, r.reshape(-1))
+    with pytest.raises(TypeError, match=r"for a TaskRelatedness r pass r.matrix, prior=r.prior, kind=r.kind"):
+        ntf.distribution_matching(za, zb, ntl.TaskRelatedness(r))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'prior' must have shape \(4,\) to match the rows of 'relatedness'"):
+        ntf.distribution_matching(za, zb, r, prior=prior[:3])
+    with pytest.raises(ValueError, match=r"'directions' is empty"):
+        ntf.distribution_matching(za, zb, r, directions=())
+    with pytest.raises(TypeError, match=r"'directions' must be a sequence of directions, e.g. \('a_to_b',\)"):
+        ntf.distribution_matching(za, zb, r, directions="a_to_b")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'eps' must lie in \(0, 0.5\)"):
+        ntf.soft_co_annotation(za, zb, torch.zeros(5, dtype=torch.long), torch.zeros(5, 3), r, eps=0.0)
+    with pytest.raises(ValueError, match=r"'probs_b' must be \(N, 3\) for 'relatedness' of shape \(4, 3\)"):
+        ntf.infer_a_from_b(torch.rand(5, 4), r)
+    with pytest.raises(ValueError, match=r"'probs_a' must be \(N, 4\)"):
+        ntf.infer_b_from_a(torch.rand(5, 3), r)
+    with pytest.raises(ValueError, match=r"'labels_b' holds 3, outside \[0, 3\) for 3 classes of task B"):
+        rows = r + 0.1
+        ntf.soft_co_annotation(
+            za,
+            zb,
+            torch.zeros(5, dtype=torch.long),
+            torch.tensor([0, 1, 2, 3, -100]),
+            rows / rows.sum(1, keepdim=True),
+            kind="multiclass",
+        )
+
+
+def test_default_prior_is_uniform_and_directions_are_deduplicated() -> None:
+    r, _ = relatedness("multilabel")
+    za, zb = logits(4, 4, 3)
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    default = ntf.distribution_matching(za, zb, r, directions=("b_to_a", "b_to_a"))
+    given = ntf.distribution_matching(za, zb, r, prior=uniform, directions=("b_to_a",))
+    assert list(default) == ["b_to_a"]
+    torch.testing.assert_close(default["b_to_a"], given["b_to_a"], rtol=0, atol=0)
+    assert default["b_to_a"].item() == pytest.approx(
+        oracles.dm_b_to_a(za, zb, r, uniform, "multilabel", "bayes", "kl", False).item(), rel=1e-9
+    )
