@@ -24,7 +24,6 @@ validation split (mean of the two tasks' validation accuracies over the seeds), 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -125,16 +124,15 @@ def multitask_loss(
     supervised_b: float,
     detach_target: bool = False,
 ) -> ntl.MultiTaskLoss:
-    """`MultiTaskLoss` with every term's weight given by keyword, under the old or the new spelling."""
-    names = inspect.signature(ntl.MultiTaskLoss).parameters
-    new = "matching_weight" in names
-    weights = {
-        "matching_weight" if new else "distribution_matching": matching,
-        "co_annotation_weight" if new else "co_annotation": co_annotation,
-        "supervised_a_weight" if "supervised_a_weight" in names else "supervised_a": supervised_a,
-        "supervised_b_weight" if "supervised_b_weight" in names else "supervised_b": supervised_b,
-    }
-    return ntl.MultiTaskLoss(relatedness, detach_target=detach_target, **weights)  # type: ignore[arg-type]
+    """`MultiTaskLoss` with every term's weight given by keyword."""
+    return ntl.MultiTaskLoss(
+        relatedness,
+        matching_weight=matching,
+        co_annotation_weight=co_annotation,
+        supervised_a_weight=supervised_a,
+        supervised_b_weight=supervised_b,
+        detach_target=detach_target,
+    )
 
 
 class TwoHeads(nn.Module):
