@@ -81,8 +81,25 @@ def matching_terms(
     *,
     backend: Backend,
 ) -> dict[Direction, Tensor]:
-    """`distribution_matching` for options resolved once (`_MatchingOptions.resolve`; what the modules call on
-    every step): the tensors are checked, once, then one backend computes the terms."""
+    """`distribution_matching` for options resolved once: what the modules call on every step.
+
+    The tensors are checked once, then one backend computes the terms.
+
+    Args:
+        logits_a: `(N, K)` task A's logits.
+        logits_b: `(N, M)` task B's logits.
+        relatedness: `R`, `(K, M)`.
+        prior: `π`, `(K,)`; uniform when None.
+        options: from `_MatchingOptions.resolve` (kind, directions, inversion, divergence, detach_target, eps).
+        backend: a checked backend (`check_backend`).
+
+    Returns:
+        `{direction: scalar}` for `options.directions`.
+
+    Raises:
+        TypeError: an input has the wrong type.
+        ValueError: a shape does not match, or `backend="triton"` cannot run here.
+    """
     prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
     fused = options.kind == "multilabel" and options.inversion == "bayes"
     if not fused or resolve_backend(backend, "distribution_matching", logits_a, logits_b) == "torch":
