@@ -66,6 +66,16 @@ def test_from_table_with_names() -> None:
         ntl.TaskRelatedness.from_table({0: {"AU99": 1.0}}, num_a=2, num_b=3, attribute_names=["AU1", "AU6", "AU12"])
     with pytest.raises(ValueError, match=r"class index 5 is outside \[0, 2\)"):
         ntl.TaskRelatedness.from_table({5: {0: 1.0}}, num_a=2, num_b=3)
+    with pytest.raises(
+        ValueError, match=r"'table' weights are probabilities .* class 'happy', attribute 'AU6' has 1.5"
+    ):
+        ntl.TaskRelatedness.from_table(
+            {"happy": {"AU6": 1.5}},
+            num_a=2,
+            num_b=3,
+            class_names=["neutral", "happy"],
+            attribute_names=["AU1", "AU6", "AU12"],
+        )
 
 
 def test_validation_errors() -> None:

@@ -117,13 +117,18 @@ class TaskRelatedness:
             the `TaskRelatedness`.
 
         Raises:
-            ValueError: a name is unknown, an index out of range, or the resulting matrix invalid (as in
-                the constructor).
+            ValueError: a name is unknown, an index out of range, a weight outside [0, 1], a multiclass row
+                that does not sum to 1, or an invalid `prior`.
         """
         r = torch.zeros(num_a, num_b, dtype=torch.float64)
         for cls_key, row in table.items():
             k = _index(cls_key, num_a, class_names, "class")
             for attr_key, weight in row.items():
+                if not 0 <= float(weight) <= 1:
+                    raise ValueError(
+                        f"'table' weights are probabilities and must lie in [0, 1]; class {cls_key!r}, attribute "
+                        f"{attr_key!r} has {weight}"
+                    )
                 r[k, _index(attr_key, num_b, attribute_names, "attribute")] = float(weight)
         return cls(r, kind=kind, prior=prior)
 
