@@ -18,7 +18,9 @@ from ._validation import raise_pending_errors
 from .losses import (
     AdversarialSuppression,
     AntiTransferLoss,
+    CKASuppression,
     DistributionMatchingLoss,
+    HSICSuppression,
     MultiTaskLoss,
     Purify,
     SoftCoAnnotationLoss,
@@ -34,10 +36,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdversarialSuppression",
     "AntiTransferLoss",
+    "CKASuppression",
     "DistributionMatchingLoss",
     "FeatureTap",
     "FrozenReference",
     "GroupBalancedBatchSampler",
+    "HSICSuppression",
     "MissingFeaturesError",
     "MultiTaskLoss",
     "Purify",

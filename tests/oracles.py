@@ -353,8 +353,8 @@ def co_annotation(
 
 
 def _eligible_classes(u: Tensor, y: Tensor, minimum: int, ignore_index: int = -100) -> dict[int, list[int]]:
-    """Task class → indices of its samples with u and y known, for classes with ≥ minimum such samples and
-    at least two distinct u values among them."""
+    """The one eligibility rule of the conditional forms: task class → indices of its samples with u and y
+    known, for classes with ≥ minimum such samples and at least two distinct u values among them."""
     members: dict[int, list[int]] = {}
     for i in range(u.shape[0]):
         if int(u[i]) != ignore_index and int(y[i]) != ignore_index:
@@ -414,11 +414,13 @@ def conditional_adversarial_ce(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, 
     return cross_entropy(zc @ weight.double().T + bias.double() + prior, u[idx])
 
 
-def conditional_cka(z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100) -> Tensor:
+def conditional_cka(
+    z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100, kernel_name: str = "linear"
+) -> Tensor:
     """CKA of the two sides centred within task class, over the samples whose task label is known."""
     idx = [i for i in range(y.shape[0]) if int(y[i]) != ignore_index]
     classes = [int(y[i]) for i in idx]
-    return cka(_centre_by_class(flat(z)[idx], classes), _centre_by_class(flat(r)[idx], classes), "linear", unbiased)
+    return cka(_centre_by_class(flat(z)[idx], classes), _centre_by_class(flat(r)[idx], classes), kernel_name, unbiased)
 
 
 def within_class_cross_covariance(z: Tensor, u: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, int]:

@@ -9,7 +9,6 @@ runs without waiting for the host. The conditional variants need no count of tas
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._labels import IGNORE_INDEX, check_labels
@@ -53,26 +52,38 @@ def classmates_of(task_labels: Tensor, members: Tensor) -> Tensor:
 
 
 def one_hot_known(labels: Tensor, num_classes: int, known: Tensor, dtype: torch.dtype) -> Tensor:
-    """`(n, num_classes)` one-hot rows of `labels`, zero rows where `known` is False (any value there)."""
-    rows = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).to(dtype)
-    return rows * known[:, None].to(dtype)
+    """`(n, num_classes)` one-hot rows of `labels`, zero rows where `known` is False (any value there).
+
+    A comparison with `arange(num_classes)`, not `F.one_hot`, which reads the labels' range on the host.
+    """
+    classes = torch.arange(num_classes, device=labels.device)
+    return ((labels[:, None] == classes[None, :]) & known[:, None]).to(dtype)
 
 
 def within_class_groups(
-    labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int = IGNORE_INDEX
+    labels: Tensor,
+    task_labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    min_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """`(eligible, classmates)`: which samples enter a conditional estimate, and who shares their class.
 
-    A sample is eligible when its `u` and `y` are both known and its task class holds at least two distinct known
-    `u` values in the batch (a class with a single `u` value says nothing about `u` beyond `y`). Eligibility is a
-    property of the class, so `classmates[i, j]` (`j` eligible and in `i`'s class) lists for every eligible `i`
-    exactly the eligible members of its class.
+    The one eligibility rule of every conditional estimate: a sample is eligible when its `u` and `y` are both
+    known and its task class holds, among the samples whose `u` and `y` are known, at least `min_size` samples
+    and at least two distinct `u` values (a class with a single `u` value says nothing about `u` beyond `y`).
+    `min_size` is what the estimator needs of a class: 4 for the unbiased HSIC, 2 for the biased one, 1 (no
+    further condition: two distinct values are two samples) for the adversary and the erasure. Eligibility is
+    a property of the class, so `classmates[i, j]` (`j` eligible and in `i`'s class) lists for every eligible
+    `i` exactly the eligible members of its class.
 
     Args:
         labels: `(n,)` irrelevant labels `u` in `[0, num_irrelevant)` or `ignore_index`.
         task_labels: `(n,)` task classes `y` (`≥ 0`) or `ignore_index`.
         num_irrelevant: number of irrelevant classes.
         ignore_index: the label of unknown samples.
+        min_size: the fewest samples with known `u` and `y` an eligible class holds.
 
     Returns:
         `eligible` `(n,)` booleans and `classmates` `(n, n)` booleans.
@@ -80,7 +91,7 @@ def within_class_groups(
     known = (labels != ignore_index) & (task_labels != ignore_index)
     classmates = classmates_of(task_labels, known)
     counts = classmates.to(torch.float32) @ one_hot_known(labels, num_irrelevant, known, torch.float32)
-    eligible = known & ((counts > 0).sum(dim=1) >= 2)
+    eligible = known & ((counts > 0).sum(dim=1) >= 2) & (counts.sum(dim=1) >= min_size)
     return eligible, classmates & eligible[None, :]
 
 

@@ -4,12 +4,14 @@ from .adversarial import AdversarialSuppression
 from .anti_transfer import AntiTransferLoss
 from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
 from .purify import Purify
-from .suppression import TaskIrrelevantSuppression
+from .suppression import CKASuppression, HSICSuppression, TaskIrrelevantSuppression
 
 __all__ = [
     "AdversarialSuppression",
     "AntiTransferLoss",
+    "CKASuppression",
     "DistributionMatchingLoss",
+    "HSICSuppression",
     "MultiTaskLoss",
     "Purify",
     "SoftCoAnnotationLoss",

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
-from ..functional.similarity import KERNELS, Kernel
 from ..functional.adversarial import DEFAULT_STRENGTH, adversarial_suppression
-from ..functional.suppression import irrelevant_cka, irrelevant_hsic
+from ..functional.similarity import KERNELS, Kernel
+from ..functional.suppression import check_kernel, irrelevant_cka, irrelevant_hsic
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
 SUPPRESSION_METHODS: tuple[SuppressionMethod, ...] = ("adversarial", "hsic", "cka")
@@ -52,6 +52,255 @@ _DEFAULTS: dict[str, dict[str, object]] = {
     "hsic": {"kernel": "linear", "normalized": False, "unbiased": True, "gather": "local"},
     "cka": {"kernel": "linear", "unbiased": False, "gather": "local"},
 }
+
+
+class HSICSuppression(nn.Module):
+    """`weight · HSIC(z, onehot(u))`: a penalty on what the features `z` say about irrelevant labels `u`.
+
+    `HSIC(K_z, L_u)` between a linear (or RBF) kernel on the features and the delta kernel on `u`,
+    `L_u[i, j] = [u_i = u_j]`, over the samples whose `u` is known: Song et al.'s unbiased estimator `HSIC_1`
+    by default (at least 4 known labels), the biased `HSIC_0 = tr(K H L H) / (n-1)²` with `unbiased=False`
+    (at least 2); `normalized=True` gives the CKA-style ratio `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))`
+    in about [0, 1]. No adversary, no parameters (ReBias, Bahng et al. ICML 2020, uses HSIC this way against
+    a biased network). Not claimed to be the exact mechanism of the TIRTL / PurifiedLearning papers (Li et
+    al.), which was not published: see docs/task-irrelevant-labels.md.
+
+    **`conditional=True`** (the library's own) removes only what `u` says beyond the task label `y`, passed
+    as `task_labels=`: `Σ_c n_c · HSIC(K_z[E_c], L_u[E_c]) / Σ_c n_c`, the within-class values weighted by
+    class size, over the task classes `c` that hold at least as many samples with known `u` and `y` as the
+    estimator needs and at least two distinct `u` values (`E_c` those samples, `n_c = |E_c|`).
+
+    Labels equal to `ignore_index` are unknown; fewer known samples than the estimator needs (or no eligible
+    class) give a zero loss with a zero gradient. Features `(B, D)` or maps (flattened). A training step
+    makes no host-device synchronization and compiles as one graph.
+
+    Args:
+        num_irrelevant: number of irrelevant classes `K_u` (labels in `[0, num_irrelevant)`).
+        weight: the factor of the penalty.
+        conditional: the within-task-class form (forward then needs `task_labels`).
+        kernel: the kernel on the features, `"linear"` or `"rbf"`.
+        sigma: the RBF bandwidth (only with `kernel="rbf"`); None takes the median distance between rows.
+        normalized: the CKA-style ratio instead of HSIC.
+        unbiased: the unbiased estimator (True) or the biased one.
+        gather: `"global"` computes it on every rank's batch concatenated (DDP); `"local"` on this rank's.
+        ignore_index: the label of samples whose class is unknown (`u` and `y`).
+        nan_policy: non-finite features raise a `ValueError` (`"raise"`), give a zero loss (`"skip"`), or
+            pass through (`"propagate"`).
+
+    Raises:
+        ValueError: for a `num_irrelevant` below 1, an unknown `kernel`, `gather` or `nan_policy`, or a
+            `sigma` without `kernel="rbf"` or not positive.
+    """
+
+    def __init__(
+        self,
+        num_irrelevant: int,
+        *,
+        weight: float = 1.0,
+        conditional: bool = False,
+        kernel: Kernel = "linear",
+        sigma: float | None = None,
+        normalized: bool = False,
+        unbiased: bool = True,
+        gather: Gather = "local",
+        ignore_index: int = IGNORE_INDEX,
+        nan_policy: NanPolicy = "raise",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_irrelevant, bool) or not isinstance(num_irrelevant, int) or num_irrelevant < 1:
+            raise ValueError(
+                f"'num_irrelevant' must be the number of irrelevant classes (an int ≥ 1), got {num_irrelevant!r}"
+            )
+        _check_options(kernel, sigma, gather, nan_policy)
+        self.num_irrelevant = num_irrelevant
+        self.weight = float(weight)
+        self.conditional = bool(conditional)
+        self.kernel: Kernel = kernel
+        self.sigma = sigma
+        self.normalized = bool(normalized)
+        self.unbiased = bool(unbiased)
+        self.gather: Gather = gather
+        self.ignore_index = ignore_index
+        self.nan_policy: NanPolicy = nan_policy
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, features: Tensor, irrelevant_labels: Tensor, *, task_labels: Tensor | None = None) -> Tensor:
+        """The weighted penalty.
+
+        Args:
+            features: `(B, ...)`, flattened to `(B, D)`.
+            irrelevant_labels: `(B,)` integers in `[0, num_irrelevant)` or `ignore_index`.
+            task_labels: `(B,)` task classes (`ignore_index` for unknown); required with `conditional=True`,
+                refused otherwise.
+
+        Returns:
+            a scalar tensor; `last_terms` then holds `"loss"` (it) and `"value"` (the unweighted HSIC).
+
+        Raises:
+            ValueError: for missing or unexpected `task_labels`, labels outside their range, non-finite
+                features (`nan_policy="raise"`), or a batch smaller than the estimator needs.
+            TypeError: for non-floating features or non-integer labels.
+        """
+        _check_task_labels_given(
+            self.conditional, task_labels, "suppression(features, irrelevant_labels, task_labels=y)"
+        )
+        guarded, finite = guard_finite({"features": features}, self.nan_policy)
+        value = irrelevant_hsic(
+            guarded["features"],
+            irrelevant_labels,
+            self.num_irrelevant,
+            kernel=self.kernel,
+            normalized=self.normalized,
+            sigma=self.sigma,
+            unbiased=self.unbiased,
+            gather=self.gather,
+            ignore_index=self.ignore_index,
+            task_labels=task_labels,
+        )
+        value = zero_unless(finite, value)
+        loss = self.weight * value
+        self.last_terms = {"loss": loss.detach(), "value": value.detach()}
+        return loss
+
+    def extra_repr(self) -> str:
+        options = [
+            f"num_irrelevant={self.num_irrelevant}",
+            f"weight={self.weight}",
+            f"conditional={self.conditional}",
+            f"kernel={self.kernel!r}",
+            f"normalized={self.normalized}",
+            f"unbiased={self.unbiased}",
+        ]
+        return ", ".join(options + _optional_repr(self.sigma, self.gather, self.ignore_index, self.nan_policy))
+
+
+class CKASuppression(nn.Module):
+    """`weight · CKA(z, r)`: a penalty on the similarity of the features `z` to a frozen irrelevant network's `r`.
+
+    `CKA(Z, R) = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019) between the features
+    and the features `r` of a network trained on the irrelevant factor, on the same batch; linear kernels
+    and the biased estimator by default (`unbiased=True`: the unbiased HSIC; `kernel="rbf"`: RBF kernels,
+    bandwidth `sigma` or the median heuristic). It needs no labels; `r` is detached and may differ in width.
+    Constant features give 0. Not claimed to be the exact mechanism of the TIRTL / PurifiedLearning papers
+    (Li et al.), which was not published: see docs/task-irrelevant-labels.md.
+
+    **`conditional=True`** (the library's own) compares only the within-class variation of the two
+    networks: both sides are centred within each task class (`task_labels=`) over the samples whose task
+    label is known, `CKA(Z - M_y Z, R - M_y R)` with `M_y` the within-class averaging matrix. Fewer known
+    samples than the estimator needs (2 biased, 4 unbiased) give a zero loss with a zero gradient.
+
+    A training step makes no host-device synchronization and compiles as one graph.
+
+    Args:
+        weight: the factor of the penalty.
+        conditional: the within-task-class form (forward then needs `task_labels`).
+        kernel: `"linear"` or `"rbf"`, the same on both sides.
+        sigma: the RBF bandwidth (only with `kernel="rbf"`); None takes the median distance, per side.
+        unbiased: the unbiased HSIC (a batch of at least 4) instead of the biased one (at least 2).
+        gather: `"global"` computes it on every rank's batch concatenated (DDP); `"local"` on this rank's.
+        ignore_index: the task label of samples whose class is unknown.
+        nan_policy: non-finite inputs raise a `ValueError` (`"raise"`), give a zero loss (`"skip"`), or pass
+            through (`"propagate"`).
+
+    Raises:
+        ValueError: for an unknown `kernel`, `gather` or `nan_policy`, or a `sigma` without `kernel="rbf"` or
+            not positive.
+    """
+
+    def __init__(
+        self,
+        *,
+        weight: float = 1.0,
+        conditional: bool = False,
+        kernel: Kernel = "linear",
+        sigma: float | None = None,
+        unbiased: bool = False,
+        gather: Gather = "local",
+        ignore_index: int = IGNORE_INDEX,
+        nan_policy: NanPolicy = "raise",
+    ) -> None:
+        super().__init__()
+        _check_options(kernel, sigma, gather, nan_policy)
+        self.weight = float(weight)
+        self.conditional = bool(conditional)
+        self.kernel: Kernel = kernel
+        self.sigma = sigma
+        self.unbiased = bool(unbiased)
+        self.gather: Gather = gather
+        self.ignore_index = ignore_index
+        self.nan_policy: NanPolicy = nan_policy
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, features: Tensor, irrelevant_features: Tensor, *, task_labels: Tensor | None = None) -> Tensor:
+        """The weighted penalty.
+
+        Args:
+            features: `(B, ...)`, flattened to `(B, D)`.
+            irrelevant_features: `(B, ...)`, flattened to `(B, D')`: the frozen irrelevant network's features.
+            task_labels: `(B,)` task classes (`ignore_index` for unknown); required with `conditional=True`,
+                refused otherwise.
+
+        Returns:
+            a scalar tensor; `last_terms` then holds `"loss"` (it) and `"value"` (the unweighted CKA).
+
+        Raises:
+            ValueError: for missing or unexpected `task_labels`, batches of different sizes, non-finite inputs
+                (`nan_policy="raise"`), or a batch smaller than the estimator needs.
+            TypeError: for non-floating features or non-integer task labels.
+        """
+        _check_task_labels_given(
+            self.conditional, task_labels, "suppression(features, irrelevant_features, task_labels=y)"
+        )
+        guarded, finite = guard_finite(
+            {"features": features, "irrelevant_features": irrelevant_features}, self.nan_policy
+        )
+        value = irrelevant_cka(
+            guarded["features"],
+            guarded["irrelevant_features"],
+            kernel=self.kernel,
+            sigma=self.sigma,
+            unbiased=self.unbiased,
+            gather=self.gather,
+            ignore_index=self.ignore_index,
+            task_labels=task_labels,
+        )
+        value = zero_unless(finite, value)
+        loss = self.weight * value
+        self.last_terms = {"loss": loss.detach(), "value": value.detach()}
+        return loss
+
+    def extra_repr(self) -> str:
+        options = [
+            f"weight={self.weight}",
+            f"conditional={self.conditional}",
+            f"kernel={self.kernel!r}",
+            f"unbiased={self.unbiased}",
+        ]
+        return ", ".join(options + _optional_repr(self.sigma, self.gather, self.ignore_index, self.nan_policy))
+
+
+def _check_options(kernel: str, sigma: float | None, gather: str, nan_policy: str) -> None:
+    check_choice(kernel, "kernel", KERNELS)
+    check_choice(gather, "gather", GATHERS)
+    check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+    if sigma is not None and kernel != "rbf":
+        raise ValueError(f"'sigma' is the RBF bandwidth: it needs kernel='rbf', got kernel={kernel!r}")
+    check_kernel(kernel, sigma)
+
+
+def _check_task_labels_given(conditional: bool, task_labels: Tensor | None, call: str) -> None:
+    if conditional and task_labels is None:
+        raise ValueError(f"conditional=True needs 'task_labels' (the task classes): call it as {call}")
+    if not conditional and task_labels is not None:
+        raise ValueError("'task_labels' are used only with conditional=True; construct the module with it")
+
+
+def _optional_repr(sigma: float | None, gather: str, ignore_index: int, nan_policy: str) -> list[str]:
+    """The options shown only where they differ from their defaults."""
+    shown = [] if sigma is None else [f"sigma={sigma}"]
+    shown += [] if gather == "local" else [f"gather={gather!r}"]
+    shown += [] if ignore_index == IGNORE_INDEX else [f"ignore_index={ignore_index}"]
+    return shown + ([] if nan_policy == "raise" else [f"nan_policy={nan_policy!r}"])
 
 
 class TaskIrrelevantSuppression(nn.Module):
@@ -279,11 +528,11 @@ class TaskIrrelevantSuppression(nn.Module):
                     features,
                     irrelevant_labels,
                     self.num_irrelevant,
-                    self.kernel,
-                    self.normalized,
-                    self.sigma,
-                    self.ignore_index,
-                    self.gather,
+                    kernel=self.kernel,
+                    normalized=self.normalized,
+                    sigma=self.sigma,
+                    ignore_index=self.ignore_index,
+                    gather=self.gather,
                     unbiased=self.unbiased,
                     task_labels=task_labels,
                 )

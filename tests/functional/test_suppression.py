@@ -1,14 +1,14 @@
-"""Suppression functions against float64 oracles of METHODS.md §2."""
+"""The HSIC and CKA suppression functions against float64 oracles (docs: Methods §2, task-irrelevant labels)."""
 
 from __future__ import annotations
 
 import oracles
 import pytest
 import torch
-from helpers import GRAD_SCALE, assert_matches_oracle, value_and_grads
-from torch import nn
+from helpers import assert_matches_oracle, count_syncs, value_and_grads
 
 import negtransfer_losses.functional as ntf
+from negtransfer_losses.functional._groups import within_class_groups
 
 
 def data(n: int = 10, d: int = 4, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,9 +20,11 @@ def data(n: int = 10, d: int = 4, k: int = 3, seed: int = 0) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_irrelevant_hsic_matches_oracle_over_known_labels(kernel: str, normalized: bool) -> None:
+@pytest.mark.parametrize("unknown", [[1, 5, 6], [1, 5]], ids=["36-pairs", "45-pairs"])
+def test_irrelevant_hsic_matches_oracle_over_known_labels(kernel: str, normalized: bool, unknown: list[int]) -> None:
+    """Unknown rows left out; the RBF median over an even and an odd number of pairs."""
     z, u = data(12)
-    u[[1, 5, 6]] = -100
+    u[unknown] = -100
     assert_matches_oracle(
         lambda f: ntf.irrelevant_hsic(f, u, 3, kernel=kernel, normalized=normalized),  # type: ignore[arg-type]
         lambda f: oracles.irrelevant_hsic(f, u, 3, kernel, normalized),
@@ -71,6 +73,27 @@ def test_hostile_labels_and_batches() -> None:
         ntf.irrelevant_hsic(z, u[:7], 3)
 
 
+def test_unknown_rows_never_reach_the_value_or_the_gradient() -> None:
+    z, u = data(12)
+    u[[1, 5]] = -100
+    poisoned = z.clone()
+    poisoned[[1, 5]] = torch.tensor([float("nan"), float("inf"), 1e30, -1e30], dtype=torch.float64)
+    for kernel in ("linear", "rbf"):
+        value, (grad,) = value_and_grads(lambda f, k=kernel: ntf.irrelevant_hsic(f, u, 3, kernel=k), poisoned)
+        expected, (expected_grad,) = value_and_grads(lambda f, k=kernel: ntf.irrelevant_hsic(f, u, 3, kernel=k), z)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=0.0)
+        assert torch.equal(grad[[1, 5]], torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_options_are_keyword_only() -> None:
+    z, u = data(8)
+    with pytest.raises(TypeError, match=r"positional"):
+        ntf.irrelevant_hsic(z, u, 3, "rbf")  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"positional"):
+        ntf.irrelevant_cka(z, z, True)  # type: ignore[misc]
+
+
 def test_irrelevant_cka_is_linear_cka_with_the_reference_detached() -> None:
     z, _ = data(9, 4)
     ref = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
@@ -80,63 +103,6 @@ def test_irrelevant_cka_is_linear_cka_with_the_reference_detached() -> None:
     z.requires_grad_(True)
     ntf.irrelevant_cka(z, ref).backward()
     assert ref.grad is None
-
-
-def test_gradient_reversal_flips_and_scales_the_gradient() -> None:
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    y = ntf.gradient_reversal(x, 0.25)
-    torch.testing.assert_close(y, x)
-    (grad,) = torch.autograd.grad(GRAD_SCALE * (y * y).sum(), x)
-    torch.testing.assert_close(grad, -0.25 * GRAD_SCALE * 2 * x.detach())
-
-
-@pytest.mark.parametrize("strength", [1.0, 0.3])
-@pytest.mark.parametrize("entropy_weight", [0.0, 0.5])
-def test_adversarial_loss_value_and_gradient_signs(strength: float, entropy_weight: float) -> None:
-    z, u = data(10, 4)
-    u[2] = -100
-    head = nn.Linear(4, 3).double()
-    z = z.requires_grad_(True)
-    loss = ntf.adversarial_suppression(z, u, head, 3, strength=strength, entropy_weight=entropy_weight)
-    grads = torch.autograd.grad(GRAD_SCALE * loss, [z, head.weight])
-
-    z_ref = z.detach().clone().requires_grad_(True)
-    w_ref = head.weight.detach().clone().requires_grad_(True)
-    ce = oracles.cross_entropy(z_ref @ w_ref.T + head.bias.detach(), u)
-    entropy = oracles.mean_p_log_p(z_ref @ w_ref.T.detach() + head.bias.detach())
-    torch.testing.assert_close(loss.detach(), (ce + entropy_weight * entropy).detach())
-    ce_grad_z, ce_grad_w = torch.autograd.grad(GRAD_SCALE * ce, [z_ref, w_ref])
-    (ent_grad_z,) = (
-        torch.autograd.grad(GRAD_SCALE * entropy_weight * entropy, [z_ref]) if entropy_weight else (0 * z_ref,)
-    )
-    # the head learns to predict u; the features get the reversed gradient (and the entropy term's)
-    torch.testing.assert_close(grads[1], ce_grad_w)
-    torch.testing.assert_close(grads[0], -strength * ce_grad_z + ent_grad_z)
-
-
-def test_adversarial_with_no_known_label_is_zero() -> None:
-    z, _ = data(6)
-    head = nn.Linear(4, 3).double()
-    value, (grad,) = value_and_grads(lambda f: ntf.adversarial_suppression(f, torch.full((6,), -100), head, 3), z)
-    assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
-
-
-def test_adversarial_head_of_wrong_shape_is_a_clear_error() -> None:
-    z, u = data(6)
-    with pytest.raises(ValueError, match=r"must map features of shape \(6, 4\) to logits \(6, 3\), got \(6, 5\)"):
-        ntf.adversarial_suppression(z, u, nn.Linear(4, 5).double(), 3)
-
-
-def test_erasure_removes_mean_differences_and_keeps_orthogonal_directions() -> None:
-    means = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
-    basis = ntf.erasure_basis(means)
-    assert basis.shape == (4, 2)
-    torch.testing.assert_close(basis.T @ basis, torch.eye(2, dtype=torch.float64))
-    out = ntf.erase(means, basis)
-    torch.testing.assert_close(out - out.mean(0), torch.zeros_like(out))
-    z = torch.tensor([[0.3, -1.0, 5.0, 7.0]], dtype=torch.float64)
-    torch.testing.assert_close(ntf.erase(z, basis)[0, 2:], z[0, 2:])
-    assert ntf.erasure_basis(torch.ones(3, 4)).shape == (4, 0)
 
 
 # --- conditional forms (docs/task-irrelevant-labels.md, "Conditional suppression") -----------------------
@@ -165,8 +131,8 @@ def test_conditional_hsic_matches_oracle(kernel: str, normalized: bool, unbiased
             f,
             u,
             3,
-            kernel,  # type: ignore[arg-type]
-            normalized,
+            kernel=kernel,  # type: ignore[arg-type]
+            normalized=normalized,
             unbiased=unbiased,
             task_labels=y,
         ),
@@ -212,68 +178,20 @@ def test_conditional_hsic_hostile_inputs_give_zero_with_zero_gradient(case: str)
         assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.3])
-def test_conditional_adversarial_matches_oracle(strength: float) -> None:
-    z, u, y = conditional_data()
-    head = nn.Linear(4, 3).double()
-    z = z.requires_grad_(True)
-    loss = ntf.adversarial_suppression(z, u, head, 3, strength=strength, task_labels=y)
-    grads = torch.autograd.grad(GRAD_SCALE * loss, [z, head.weight, head.bias])
-    z_ref = z.detach().clone().requires_grad_(True)
-    w_ref = head.weight.detach().clone().requires_grad_(True)
-    b_ref = head.bias.detach().clone().requires_grad_(True)
-    ce = oracles.conditional_adversarial_ce(z_ref, u, y, w_ref, b_ref)
-    torch.testing.assert_close(loss.detach(), ce.detach(), rtol=1e-10, atol=1e-12)
-    gz, gw, gb = torch.autograd.grad(GRAD_SCALE * ce, [z_ref, w_ref, b_ref])
-    torch.testing.assert_close(grads[1], gw)
-    torch.testing.assert_close(grads[2], gb)
-    torch.testing.assert_close(grads[0], -strength * gz)  # the features get the reversed gradient
-    assert torch.equal(grads[0][y == 2], torch.zeros_like(grads[0][y == 2]))  # single-u class: no gradient
-
-
-def test_conditional_adversarial_hostile_inputs() -> None:
-    z, u, y = conditional_data()
-    head = nn.Linear(4, 3).double()
-    for labels, tasks in ((u, torch.full_like(y, -100)), (y.clamp(0), y), (torch.full_like(u, -100), y)):
-        value, (grad,) = value_and_grads(
-            lambda f, a=labels, b=tasks: ntf.adversarial_suppression(f, a, head, 3, task_labels=b), z
-        )
-        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
-    with pytest.raises(ValueError, match=r"needs 'irrelevant_labels' as well as 'task_labels'"):
-        ntf.adversarial_suppression(z, None, head, 3, task_labels=y)
-    with pytest.raises(TypeError, match=r"'task_labels' must hold integer class indices"):
-        ntf.adversarial_suppression(z, u, head, 3, task_labels=y.double())
-    with pytest.raises(ValueError, match=r"'task_labels' holds -1, task classes are ≥ 0; mark unknown"):
-        ntf.irrelevant_hsic(z, u, 3, task_labels=y.clamp(0) - 1)
-    with pytest.raises(ValueError, match=r"'task_labels' must have shape \(24,\) to match the batch of 24"):
-        ntf.irrelevant_cka(z, z, task_labels=y[:5])
-
-
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_conditional_cka_matches_oracle(unbiased: bool) -> None:
+def test_conditional_cka_matches_oracle(kernel: str, unbiased: bool) -> None:
     z, _, y = conditional_data()
     g = torch.Generator().manual_seed(5)
     r = torch.randn(24, 6, generator=g, dtype=torch.float64) + z[:, :1]
     assert_matches_oracle(
-        lambda f: ntf.irrelevant_cka(f, r, unbiased=unbiased, task_labels=y),
-        lambda f: oracles.conditional_cka(f, r, y, unbiased),
+        lambda f: ntf.irrelevant_cka(f, r, kernel=kernel, unbiased=unbiased, task_labels=y),  # type: ignore[arg-type]
+        lambda f: oracles.conditional_cka(f, r, y, unbiased, kernel_name=kernel),
         z,
         rtol=1e-8,
     )
     value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_cka(f, r, task_labels=torch.full_like(y, -100)), z)
     assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
-
-
-def test_within_class_cross_covariance_matches_oracle() -> None:
-    from negtransfer_losses.functional.erasure import within_class_cross_covariance
-
-    z, u, y = conditional_data()
-    value, count = within_class_cross_covariance(z, u, y, 3)
-    expected, expected_count = oracles.within_class_cross_covariance(z, u, y, 3)
-    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
-    assert count == expected_count
-    empty, none = within_class_cross_covariance(z, y.clamp(0), y, 3)
-    assert none == 0 and torch.equal(empty, torch.zeros(4, 3, dtype=torch.float64))
 
 
 def test_biased_hsic_reaches_the_math() -> None:
@@ -283,3 +201,87 @@ def test_biased_hsic_reaches_the_math() -> None:
         biased, oracles.hsic_biased(oracles.linear_kernel(z), oracles.onehot_kernel(u, 3)), rtol=1e-10, atol=1e-12
     )
     assert not torch.isclose(biased, ntf.irrelevant_hsic(z, u, 3))
+
+
+def test_hostile_task_labels_and_batches() -> None:
+    z, u, y = conditional_data()
+    with pytest.raises(ValueError, match=r"'task_labels' holds -1, task classes are ≥ 0; mark unknown"):
+        ntf.irrelevant_hsic(z, u, 3, task_labels=y.clamp(0) - 1)
+    with pytest.raises(ValueError, match=r"'task_labels' must have shape \(24,\) to match the batch of 24"):
+        ntf.irrelevant_cka(z, z, task_labels=y[:5])
+    with pytest.raises(
+        ValueError, match=r"'features' and 'irrelevant_features' must have the same batch size: got shapes \(24, 4\)"
+    ):
+        ntf.irrelevant_cka(z, z[:20])
+    with pytest.raises(ValueError, match=r"unbiased CKA needs at least 4 samples in 'features', got a batch of 3"):
+        ntf.irrelevant_cka(z[:3], z[:3], unbiased=True, task_labels=y[:3])
+    with pytest.raises(ValueError, match=r"'sigma' must be a positive bandwidth or None"):
+        ntf.irrelevant_hsic(z, u, 3, kernel="rbf", sigma=0.0)
+    with pytest.raises(ValueError, match=r"'kernel' must be one of 'linear', 'rbf'; got 'cosine'"):
+        ntf.irrelevant_cka(z, z, kernel="cosine")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("min_size", [1, 2, 4, 7])
+def test_within_class_groups_is_the_documented_rule(min_size: int) -> None:
+    """Eligible: u and y known, in a task class with ≥ min_size such samples and ≥ 2 distinct u values."""
+    _, u, y = conditional_data()
+    u[[1, 16]] = 1  # class 1 gets a third u value
+    eligible, classmates = within_class_groups(u, y, 3, min_size=min_size)
+    expected = oracles._eligible_classes(u, y, min_size)
+    members = sorted(i for idx in expected.values() for i in idx)
+    assert eligible.nonzero().flatten().tolist() == members
+    for idx in expected.values():
+        for i in idx:
+            assert classmates[i].nonzero().flatten().tolist() == idx
+
+
+@pytest.mark.parametrize("sigma", [None, 0.8])
+def test_conditional_rbf_bandwidth_is_the_median_of_each_class(sigma: float | None) -> None:
+    """Each class's bandwidth is torch.quantile(·, 0.5) of its pair distances, or sigma."""
+    z, u, y = conditional_data()
+    value = ntf.irrelevant_hsic(z, u, 3, kernel="rbf", sigma=sigma, task_labels=y)
+    eligible, _ = within_class_groups(u, y, 3, min_size=4)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for c in y[eligible].unique().tolist():
+        idx = (eligible & (y == c)).nonzero().flatten()
+        k = ntf.kernel_matrix(z[idx], kernel="rbf", sigma=sigma)
+        l = oracles.onehot_kernel(u[idx], 3)
+        total, count = total + len(idx) * ntf.hsic_from_kernels(k, l, unbiased=True), count + len(idx)
+    torch.testing.assert_close(value, total / count, rtol=1e-12, atol=1e-15)
+
+
+def fixed_shape_cases() -> list[tuple[str, object]]:
+    _, u, y = conditional_data()
+    r = torch.randn(24, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return [
+        ("hsic", lambda f: ntf.irrelevant_hsic(f, u, 3)),
+        ("hsic-conditional", lambda f: ntf.irrelevant_hsic(f, u, 3, task_labels=y)),
+        (
+            "hsic-rbf-normalized-biased",
+            lambda f: ntf.irrelevant_hsic(f, u, 3, kernel="rbf", normalized=True, unbiased=False),
+        ),
+        ("hsic-rbf-conditional", lambda f: ntf.irrelevant_hsic(f, u, 3, kernel="rbf", task_labels=y)),
+        ("cka", lambda f: ntf.irrelevant_cka(f, r)),
+        ("cka-conditional", lambda f: ntf.irrelevant_cka(f, r, task_labels=y)),
+        (
+            "cka-rbf-conditional-unbiased",
+            lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", unbiased=True, task_labels=y),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("name", "fn"), fixed_shape_cases(), ids=[name for name, _ in fixed_shape_cases()])
+def test_no_host_device_sync_and_one_graph(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    """Fixed shapes only: no host read, and forward and backward trace as one graph with the same values."""
+    z, _, _ = conditional_data()
+    expected, expected_grads = value_and_grads(fn, z)
+    leaf = z.clone().requires_grad_(True)
+    syncs = count_syncs(lambda: fn(leaf).backward())
+    assert syncs.total == 0, dict(syncs.counts)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(z)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    torch._dynamo.reset()
+    value, grads = value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), z)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-10, atol=1e-12)
