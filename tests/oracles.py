@@ -414,6 +414,16 @@ def conditional_adversarial_ce(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, 
     return cross_entropy(zc @ weight.double().T + bias.double() + prior, u[idx])
 
 
+def conditional_adversarial_entropy(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """mean Σ p log p of a linear head on the features centred within task class, over the eligible samples."""
+    eligible = _eligible_classes(u, y, 1)
+    idx = sorted(i for members in eligible.values() for i in members)
+    if not idx:
+        return 0.0 * flat(z).sum()
+    zc = _centre_by_class(flat(z)[idx], [int(y[i]) for i in idx])
+    return mean_p_log_p(zc @ weight.double().T + bias.double())
+
+
 def conditional_cka(
     z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100, kernel_name: str = "linear"
 ) -> Tensor:
@@ -439,3 +449,17 @@ def within_class_cross_covariance(z: Tensor, u: Tensor, y: Tensor, num_classes: 
     for row in range(len(idx)):
         out += torch.outer(zc[row], ec[row])
     return out, len(idx)
+
+
+def column_projector(matrix: Tensor, rtol: float = 1e-6) -> Tensor:
+    """`U_r U_rᵀ`: the orthogonal projector onto the left singular vectors of `matrix` (D, K) whose singular value
+    is above `rtol ×` the largest (numpy's SVD, float64)."""
+    u, singular, _ = np.linalg.svd(matrix.detach().double().numpy(), full_matrices=False)
+    kept = u[:, (singular > rtol * singular.max()) & (singular > 0)] if singular.size else u[:, :0]
+    return torch.from_numpy(kept @ kept.T)
+
+
+def erasure_projector(class_means: Tensor, rtol: float = 1e-6) -> Tensor:
+    """The projector onto `span{μ_k − μ̄}` of class means `(K, D)`: what `Purify` erases."""
+    means = class_means.detach().double()
+    return column_projector((means - means.mean(dim=0, keepdim=True)).T, rtol)

@@ -14,7 +14,7 @@ from ..functional.erasure import (
     column_basis,
     erase,
     erasure_basis,
-    newton_schulz_steps,
+    newton_schulz_cut,
     within_class_cross_covariance,
 )
 
@@ -63,8 +63,8 @@ class Purify(nn.Module):
         momentum: EMA weight of a new batch, in `(0, 1]`.
         conditional: erase the within-task-class differences only (needs `task_labels` in training).
         ignore_index: the label of unknown samples (`u` and `y`).
-        rtol: directions with singular value below `rtol ×` the largest are not erased, in `[1e-12, 1)`; the
-            cut is soft within a decade of it (`functional.erasure.column_basis`).
+        rtol: directions with singular value at or below `rtol ×` the largest are not erased, in `[1e-12, 1)`
+            (`functional.erasure.column_basis`).
         nan_policy: a training batch with NaN/inf features `"raise"`s, is left out of the running means
             (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them). The output is the
             erased input either way (NaN stays NaN).
@@ -98,7 +98,7 @@ class Purify(nn.Module):
             raise ValueError(f"'dim' must be ≥ 1, got {dim}")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"'momentum' must be in (0, 1], got {momentum}")
-        newton_schulz_steps(rtol)  # validates rtol
+        newton_schulz_cut(rtol)  # validates rtol
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         self.nan_policy: NanPolicy = nan_policy
         self.num_irrelevant = num_irrelevant
