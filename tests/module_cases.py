@@ -235,3 +235,31 @@ def _multi_task_weighted() -> Case:
         supervised_b_weight=0.8,
     )
     return Case(module, _two_heads(), lambda loss, net: loss(net["logits_a"](), net["logits_b"](), labels_a, labels_b))
+
+
+# The adversary: irrelevant labels u (3 classes), task labels y (2 classes); its head's initial values fixed.
+
+
+def _adversary(**options: bool) -> ntl.AdversarialSuppression:
+    module = ntl.AdversarialSuppression(3, dim=8, **options)
+    generator = torch.Generator().manual_seed(50)
+    with torch.no_grad():
+        for p in module.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) / 8**0.5)
+    return module
+
+
+@case("AdversarialSuppression")
+def _adversarial() -> Case:
+    u = labels(3, seed=51)
+    return Case(_adversary(), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u))
+
+
+@case("AdversarialSuppression, conditional")
+def _adversarial_conditional() -> Case:
+    u, y = labels(3, seed=52), labels(2, seed=53)
+    return Case(
+        _adversary(conditional=True),
+        Network(features=(B, 8)),
+        lambda loss, net: loss(net["features"](), u, task_labels=y),
+    )

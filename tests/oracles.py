@@ -414,6 +414,16 @@ def conditional_adversarial_ce(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, 
     return cross_entropy(zc @ weight.double().T + bias.double() + prior, u[idx])
 
 
+def conditional_adversarial_entropy(z: Tensor, u: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """mean Σ p log p of a linear head on the features centred within task class, over the eligible samples."""
+    eligible = _eligible_classes(u, y, 1)
+    idx = sorted(i for members in eligible.values() for i in members)
+    if not idx:
+        return 0.0 * flat(z).sum()
+    zc = _centre_by_class(flat(z)[idx], [int(y[i]) for i in idx])
+    return mean_p_log_p(zc @ weight.double().T + bias.double())
+
+
 def conditional_cka(
     z: Tensor, r: Tensor, y: Tensor, unbiased: bool = False, ignore_index: int = -100, kernel_name: str = "linear"
 ) -> Tensor:

@@ -83,8 +83,9 @@ class AdversarialBatch(NamedTuple):
     """A batch as the adversary's head sees it: checked and laid out once, for the loss and the head's own steps.
 
     Attributes:
-        features: `(B, D)` what the head is shown: the flattened features, their rows with unknown `u` set to
-            zero, or (conditional) centred within their task class, zero outside the eligible samples.
+        features: `(B, D)` what the head is shown: the flattened features, or (conditional) the features
+            centred within their task class, zero outside the eligible samples. The cross-entropy shows the
+            head zeros in the rows of weight 0, so that NaN or inf there never reaches it.
         labels: `(B,)` the irrelevant labels with unknown ones replaced by 0 (their weight is 0), or None.
         weights: `(B,)` 1 for the samples the cross-entropy averages over (known `u`; conditional: eligible),
             0 for the others; None when there are no labels.
@@ -141,9 +142,7 @@ def adversarial_batch(
         return AdversarialBatch(z, None, None, None, ones)
     check_irrelevant_labels(irrelevant_labels, num_irrelevant, features, ignore_index=ignore_index)
     known = irrelevant_labels != ignore_index
-    # rows of unknown u never reach the cross-entropy, even when they hold NaN or inf
-    shown = torch.where(known[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
-    return AdversarialBatch(shown, _known_or_zero(irrelevant_labels, known), known.to(ones.dtype), None, ones)
+    return AdversarialBatch(z, _known_or_zero(irrelevant_labels, known), known.to(ones.dtype), None, ones)
 
 
 def adversarial_cross_entropy(
@@ -174,6 +173,8 @@ def adversarial_cross_entropy(
     z = batch.features
     if batch.labels is None or batch.weights is None:
         return zero_with_grad(z)
+    # rows of weight 0 never reach the cross-entropy, even when they hold NaN or inf
+    z = torch.where(batch.weights[:, None] > 0, z, torch.zeros((), dtype=z.dtype, device=z.device))
     logits = _head_logits(
         gradient_reversal(z, strength), head=head, num_irrelevant=num_irrelevant, params=head_parameters
     )
