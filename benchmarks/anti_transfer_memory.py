@@ -26,8 +26,8 @@ def measure(
 
     def loss(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if materialized:  # the definition: both Gram matrices in memory
-            return ntf.cosine_rows(ntf.gram(s, scope), ntf.gram(r, scope)).abs().mean().square()
-        return ntf.anti_transfer(s, r, "gram", "cos_squared", scope)
+            return ntf.cosine_rows(ntf.gram(s, gram_scope=scope), ntf.gram(r, gram_scope=scope)).abs().mean().square()
+        return ntf.anti_transfer(s, r, aggregation="gram", distance="cos_squared", gram_scope=scope)
 
     s = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
     r = torch.randn(batch, channels, height, width, device=device)

@@ -62,9 +62,9 @@ def _at(aggregation: str, scope: str | None, backend: str) -> Callable[..., Tens
     return lambda s, r: ops.anti_transfer(
         s,
         r,
-        aggregation,
-        "cos_squared",
-        scope,
+        aggregation=aggregation,
+        distance="cos_squared",
+        gram_scope=scope,
         nan_policy="propagate",
         backend=backend,  # type: ignore[arg-type]
     )
@@ -91,10 +91,13 @@ def _heads(n: int, k: int, m: int) -> Callable[[torch.device, torch.dtype], tupl
 
 
 def _family(name: str, shape: str, dims: tuple[int, int, int, int], aggregation: str, scope: str | None) -> Family:
-    if aggregation == "gram":
-        fused = lambda s, r: ops.gram_row_cosines(s, r, scope, backend="triton").abs().mean().square()  # type: ignore[arg-type]  # noqa: E731
-    else:
-        fused = lambda s, r: ops.aggregated_row_cosines(s, r, aggregation, backend="triton").abs().mean().square()  # type: ignore[arg-type]  # noqa: E731
+    def fused(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if aggregation == "gram":
+            cosines = ops.gram_row_cosines(s, r, gram_scope=scope, backend="triton")  # type: ignore[arg-type]
+        else:
+            cosines = ops.aggregated_row_cosines(s, r, aggregation=aggregation, backend="triton")  # type: ignore[arg-type]
+        return cosines.abs().mean().square()
+
     return Family(name, shape, _maps(*dims), _at(aggregation, scope, "torch"), fused, _at(aggregation, scope, "auto"),
                   _map_bytes(*dims))  # fmt: skip
 

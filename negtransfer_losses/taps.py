@@ -11,7 +11,9 @@ import difflib
 import fnmatch
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
 
@@ -39,6 +41,13 @@ class MissingFeaturesError(RuntimeError):
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass once every requested layer has run."""
+
+
+@dataclass
+class ForwardRun:
+    """What `FeatureTap.stop_forward_after` yields: `stopped` tells whether the forward pass was ended early."""
+
+    stopped: bool = False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -307,8 +316,51 @@ class FeatureTap:
         """With `on_repeat="all"`: whether every layer has run as often as `calls_needed` says."""
         return all(len(self._current[name]) >= needed for name, needed in calls_needed.items())
 
-    def _call_counts(self) -> dict[str, int]:
+    def call_counts(self) -> dict[str, int]:
+        """`{layer: outputs stored}` since the last `pop()` or `clear()`: with `on_repeat="all"`, how often each
+        layer has run (with `"last"`, at most 1)."""
         return {name: len(values) for name, values in self._current.items()}
+
+    @contextmanager
+    def stop_forward_after(self, calls: Mapping[str, int] | None) -> Iterator[ForwardRun]:
+        """Within the block, end the model's forward pass as soon as every layer in `calls` has run that often.
+
+        The capture hook of the last layer needed raises an exception that ends the forward pass; this
+        context manager catches it (nothing else does) and sets `stopped` on what it yields, so the code
+        after the model call in the block is skipped. Counts are those of `call_counts()` (use
+        `on_repeat="all"` for layers run several times per pass). `calls=None` stops nothing.
+
+        ```python
+        with torch.no_grad(), tap.stop_forward_after({"layer2": 1}) as run:
+            model(x)               # runs up to the end of layer2 only
+        run.stopped                # True when the pass ended early
+        ```
+
+        Args:
+            calls: `{layer: calls}` for tapped layers, or None.
+
+        Yields:
+            a `ForwardRun` whose `stopped` is True after the block if the forward pass was ended early.
+
+        Raises:
+            ValueError: `calls` names a layer that is not tapped, or a count below 1.
+        """
+        if calls is not None:
+            unknown = sorted(set(calls) - set(self._modules))
+            bad = {name: n for name, n in calls.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+            if unknown or bad:
+                raise ValueError(
+                    f"stop_forward_after: {f'untapped layer(s) {unknown}' if unknown else f'counts {bad} below 1'}; "
+                    f"the tapped layers are {list(self._modules)}"
+                )
+        run = ForwardRun()
+        self._stop_after = calls
+        try:
+            yield run
+        except _StopForward:
+            run.stopped = True
+        finally:
+            self._stop_after = None
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
@@ -400,19 +452,14 @@ class FrozenReference(nn.Module):
         self.model.eval()
         self._tap.attach()
         self._tap.clear()
-        self._tap._stop_after = self.calls_per_pass if self.stop_early else None
-        whole_pass = True  # the forward ran to its end, so every count is final
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._tap.stop_forward_after(self.calls_per_pass if self.stop_early else None) as run:
                 self.model(*args, **kwargs)
-        except _StopForward:
-            whole_pass = False
         except BaseException:
             self._tap.clear()  # do not keep a failed pass's features alive
             raise
-        finally:
-            self._tap._stop_after = None
-        counts = self._tap._call_counts()
+        whole_pass = not run.stopped  # the forward ran to its end, so every count is final
+        counts = self._tap.call_counts()
         wrong = {
             name: count
             for name, count in counts.items()

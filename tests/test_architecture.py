@@ -205,8 +205,10 @@ def test_cosines_of_float32_features_of_magnitude_1e30_are_finite(aggregation: s
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(3, 4, 5, 2, generator=g) * 1e30).requires_grad_(True)
     r = torch.randn(3, 4, 5, 2, generator=g) * 1e30
-    loss = ntf.anti_transfer(s, r, aggregation, "cos_squared")  # type: ignore[arg-type]
+    loss = ntf.anti_transfer(s, r, aggregation=aggregation, distance="cos_squared")  # type: ignore[arg-type]
     loss.backward()
-    expected = ntf.anti_transfer(s.detach().double() / 1e30, r.double() / 1e30, aggregation, "cos_squared")  # type: ignore[arg-type]
+    expected = ntf.anti_transfer(
+        s.detach().double() / 1e30, r.double() / 1e30, aggregation=aggregation, distance="cos_squared"
+    )  # type: ignore[arg-type]
     assert s.grad is not None and torch.isfinite(s.grad).all()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)

@@ -315,7 +315,11 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("unknown aggregation", lambda: ntl.AntiTransferLoss("median"), "'aggregation' must be one of"),  # type: ignore[arg-type]
         ("unknown gather", lambda: ntl.AntiTransferLoss(gather="world"), "'gather' must be one of"),  # type: ignore[arg-type]
         ("unknown nan_policy", lambda: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
-        ("negative map for mul", lambda: ntf.anti_transfer(-x[:, :, None], x[:, :, None], "mul"), "non-negative"),
+        (
+            "negative map for mul",
+            lambda: ntf.anti_transfer(-x[:, :, None], x[:, :, None], aggregation="mul"),
+            "non-negative",
+        ),
         ("head dims", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)(x, u), r"\(6, 4\)"),
         (
             "logits mismatch R",

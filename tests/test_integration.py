@@ -30,7 +30,11 @@ FULLGRAPH = [
     ("linear_cka", lambda a, b: ntf.linear_cka(a, b), (X, Y)),
     ("cka unbiased", lambda a, b: ntf.cka(a, b, unbiased=True), (X, Y)),
     ("anti_transfer gram", lambda a, b: ntf.anti_transfer(a, b), (S, R)),
-    ("anti_transfer mean cos skip", lambda a, b: ntf.anti_transfer(a, b, "mean", "cos", nan_policy="skip"), (S, R)),
+    (
+        "anti_transfer mean cos skip",
+        lambda a, b: ntf.anti_transfer(a, b, aggregation="mean", distance="cos", nan_policy="skip"),
+        (S, R),
+    ),
     ("distribution_matching", lambda a, b: sum(ntf.distribution_matching(a, b, REL).values()), (ZA, ZB)),
     ("masked losses", lambda a, b: ntf.masked_cross_entropy(a, LA) + ntf.masked_binary_cross_entropy(b, LB), (ZA, ZB)),
 ]

@@ -392,3 +392,46 @@ def test_frozen_reference_never_runs_a_failing_head_past_the_deepest_layer() -> 
     torch.testing.assert_close(ref["1"], torch.relu(model[0](x)))
     with pytest.raises(RuntimeError, match="the head must not run"):
         ntl.FrozenReference(model, "1", stop_early=False)(torch.randn(2, 3))
+
+
+def test_stop_forward_after_is_the_public_way_to_end_a_pass_early() -> None:
+    net = Net()
+    net.layer2.add_module("counter", Counting())
+    x = x_batch()
+    with ntl.FeatureTap(net, ["stem", "layer1"], on_repeat="all", detach=True) as tap:
+        with torch.no_grad(), tap.stop_forward_after({"layer1": 1}) as run:
+            net(x)
+            pytest.fail("the block goes on after the model call only when the pass ran to its end")
+        assert run.stopped and tap.call_counts() == {"stem": 1, "layer1": 1} and net.layer2.counter.calls == 0
+        tap.clear()
+        with tap.stop_forward_after(None) as whole:
+            net(x)
+        assert not whole.stopped and net.layer2.counter.calls == 1
+        tap.clear()
+        net(x)  # the stop is disarmed after the block
+        assert net.layer2.counter.calls == 2
+        with (
+            pytest.raises(ValueError, match=r"untapped layer\(s\) \['layer2'\]"),
+            tap.stop_forward_after({"layer2": 1}),
+        ):
+            pass
+        with pytest.raises(ValueError, match=r"counts \{'stem': 0\} below 1"), tap.stop_forward_after({"stem": 0}):
+            pass
+
+
+def test_frozen_reference_uses_only_the_taps_public_interface() -> None:
+    import ast
+    import inspect
+
+    from negtransfer_losses.taps import FrozenReference
+
+    tree = ast.parse(inspect.getsource(FrozenReference).strip())
+    private = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "_tap"
+        and node.attr.startswith("_")
+    }
+    assert private == set(), f"FrozenReference reaches into the tap's private members {private}"

@@ -11,11 +11,9 @@ from .anti_transfer import (
     ANTI_TRANSFER_AGGREGATIONS,
     DISTANCES,
     AntiTransferAggregation,
-    AntiTransferOptions,
     AntiTransferTerms,
     Distance,
     anti_transfer,
-    compute_anti_transfer_terms,
 )
 from .distribution_matching import (
     DIRECTIONS,
@@ -46,6 +44,7 @@ from .similarity import (
     gram_row_cosines,
     hsic,
     hsic_from_kernels,
+    kernel_alignment,
     kernel_matrix,
     linear_cka,
 )
@@ -65,7 +64,6 @@ __all__ = [
     "TASK_KINDS",
     "Aggregation",
     "AntiTransferAggregation",
-    "AntiTransferOptions",
     "AntiTransferTerms",
     "Direction",
     "Distance",
@@ -80,7 +78,6 @@ __all__ = [
     "aggregated_row_cosines",
     "anti_transfer",
     "cka",
-    "compute_anti_transfer_terms",
     "cosine_rows",
     "distribution_matching",
     "erase",
@@ -94,6 +91,7 @@ __all__ = [
     "infer_b_from_a",
     "irrelevant_cka",
     "irrelevant_hsic",
+    "kernel_alignment",
     "kernel_matrix",
     "linear_cka",
     "masked_binary_cross_entropy",

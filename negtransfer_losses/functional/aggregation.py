@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision, raise_if_invalid
-from .similarity import cosine_rows, scale_to_unit_range
+from .similarity import _cosine_rows, scale_to_unit_range
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
@@ -21,11 +21,16 @@ AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
 MUL_OFFSET = 1e-10
 
 
+__all__ = ["AGGREGATIONS", "Aggregation", "aggregate_channels", "aggregated_row_cosines"]
+
+DEFAULT_MUL_EXPONENT = 0.001
+
+
 def aggregate_channels(
     x: Tensor,
-    aggregation: Aggregation = "mean",
     *,
-    mul_exponent: float = 0.001,
+    aggregation: Aggregation = "mean",
+    mul_exponent: float = DEFAULT_MUL_EXPONENT,
     name: str = "x",
     layer: str | None = None,
 ) -> Tensor:
@@ -48,9 +53,26 @@ def aggregate_channels(
 
     Returns:
         float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor.
+        ValueError: `x` has fewer than 2 dimensions, `aggregation` is not a valid choice, or `"mul"` meets a
+            negative value (on a GPU: at a later check, without a device synchronization).
     """
     check_tensor(x, name, layer=layer, min_dim=2)
     check_choice(aggregation, "aggregation", AGGREGATIONS)
+    return _aggregate_channels(x, aggregation, mul_exponent=mul_exponent, name=name, layer=layer)
+
+
+def _aggregate_channels(
+    x: Tensor,
+    aggregation: Aggregation,
+    *,
+    mul_exponent: float = DEFAULT_MUL_EXPONENT,
+    name: str = "x",
+    layer: str | None = None,
+) -> Tensor:
+    """`aggregate_channels` of a checked input (`name` and `layer` still name it in the `"mul"` sign check)."""
     with full_precision(x):
         offset = max(MUL_OFFSET, torch.finfo(x.dtype).tiny)
         x = x.to(compute_dtype(x))
@@ -81,8 +103,8 @@ def _negative_map_message(described: str, shape: tuple[int, ...], sign: list[flo
 ROW_AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "sum", "max")
 
 
-def check_row_aggregation_pair(student: Tensor, reference: Tensor, aggregation: str) -> None:
-    """The checks of `aggregated_row_cosines`, shared with its fused twin: same batch and spatial size."""
+def _check_row_aggregation_pair(student: Tensor, reference: Tensor, aggregation: str) -> None:
+    """The checks of `aggregated_row_cosines`, shared with its `ops` twin: same batch and spatial size."""
     check_choice(aggregation, "aggregation", ROW_AGGREGATIONS)
     check_tensor(student, "student", min_dim=2)
     check_tensor(reference, "reference", min_dim=2)
@@ -94,7 +116,7 @@ def check_row_aggregation_pair(student: Tensor, reference: Tensor, aggregation: 
 
 
 def aggregated_row_cosines(
-    student: Tensor, reference: Tensor, aggregation: Aggregation = "mean", eps: float = 1e-8
+    student: Tensor, reference: Tensor, *, aggregation: Aggregation = "mean", eps: float = 1e-8
 ) -> Tensor:
     """Per-sample cosine of the channel-aggregated maps: the reference for the fused kernel.
 
@@ -111,16 +133,19 @@ def aggregated_row_cosines(
 
     Returns:
         `(B,)`, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: `aggregation` is not one of the three, or the batch or spatial sizes differ.
     """
-    check_row_aggregation_pair(student, reference, aggregation)
-    return aggregated_row_cosines_unchecked(student, reference.detach(), aggregation, eps)
+    _check_row_aggregation_pair(student, reference, aggregation)
+    return _aggregated_row_cosines(student, reference.detach(), aggregation, eps)
 
 
-def aggregated_row_cosines_unchecked(
-    student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float
-) -> Tensor:
-    """`aggregated_row_cosines` for inputs already checked by `check_row_aggregation_pair`."""
+def _aggregated_row_cosines(student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float) -> Tensor:
+    """`aggregated_row_cosines` of inputs checked by `_check_row_aggregation_pair` (the torch path of the
+    fused kernel)."""
     with full_precision(student, reference):
-        a = aggregate_channels(scale_to_unit_range(student), aggregation, name="student")
-        c = aggregate_channels(scale_to_unit_range(reference), aggregation, name="reference")
-        return cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)
+        a = _aggregate_channels(scale_to_unit_range(student), aggregation)
+        c = _aggregate_channels(scale_to_unit_range(reference), aggregation)
+        return _cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)

@@ -3,14 +3,14 @@
 `L_AT = d(A(S), A(R))` for the student's map `S` and the frozen reference's map `R` at one layer, with
 an aggregation `A` and a distance `d` (docs: Methods §1).
 
-Plain PyTorch. `negtransfer_losses.ops.anti_transfer` has the same contract and runs the row cosines of
-the `gram`, `mean`, `sum` and `max` aggregations as fused kernels where they win; both share
-`compute_anti_transfer_terms`, which takes the row-cosine implementation as an argument.
+Plain PyTorch. A call runs in two stages that other layers may also call apart: `prepare_anti_transfer`
+(the one pass of input checks, the gather, the NaN policy, the student's norm, the stochastic window) and
+`finish_anti_transfer` (the distance), which takes the row cosines `s_i` ready-made when given them, so
+that `negtransfer_losses.ops` can compute those by another implementation without this module knowing of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeAlias
 
@@ -31,16 +31,18 @@ from .._validation import (
     zero_unless,
 )
 from ..distributed import GATHERS, Gather, gather_batch
-from .aggregation import AGGREGATIONS, aggregate_channels, aggregated_row_cosines_unchecked
-from .pairwise import pairwise_mse, pairwise_row_cosines, stochastic_window
-from .similarity import (
-    GRAM_SCOPES,
-    GramScope,
-    cosine_rows,
-    gram,
-    gram_row_cosines_unchecked,
-    linear_cka,
-)
+from .aggregation import AGGREGATIONS, DEFAULT_MUL_EXPONENT, _aggregate_channels, _aggregated_row_cosines
+from .pairwise import _pairwise_mse, _pairwise_row_cosines, stochastic_window
+from .similarity import GRAM_SCOPES, GramScope, _cosine_rows, _gram, _gram_row_cosines, _linear_cka
+
+__all__ = [
+    "ANTI_TRANSFER_AGGREGATIONS",
+    "DISTANCES",
+    "AntiTransferAggregation",
+    "AntiTransferTerms",
+    "Distance",
+    "anti_transfer",
+]
 
 AntiTransferAggregation: TypeAlias = Literal[
     "none", "mean", "sum", "max", "mul", "gram", "pairwise", "stochastic_pairwise"
@@ -54,14 +56,13 @@ ANTI_TRANSFER_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = (
     "stochastic_pairwise",
 )
 DISTANCES: tuple[Distance, ...] = ("cos_squared", "cos", "mse_sigmoid", "cka")
-# aggregations whose row cosines have a fused kernel (`negtransfer_losses.ops`)
-FUSED_ROW_AGGREGATIONS: tuple[AntiTransferAggregation, ...] = ("gram", "mean", "sum", "max")
+# distances computed from the cosines `s_i` of matching rows
+COSINE_DISTANCES: tuple[Distance, ...] = ("cos_squared", "cos")
 # aggregations that leave one number per sample and spatial position: meaningless on (B, D) features
 _SPATIAL_ONLY: tuple[AntiTransferAggregation, ...] = ("mean", "sum", "max", "mul", "pairwise", "stochastic_pairwise")
 
 # The authors' Gram scale, 1 / (B·C·N) / 0.001: it cancels in every cosine and matters only for `mse_sigmoid`.
 GRAM_MSE_SCALE = 1e3
-DEFAULT_MUL_EXPONENT = 0.001
 
 
 class AntiTransferTerms(NamedTuple):
@@ -147,29 +148,29 @@ class AntiTransferOptions:
         )
 
 
-RowCosines: TypeAlias = Callable[[Tensor, Tensor, AntiTransferOptions], Tensor]
+class PreparedPair(NamedTuple):
+    """One layer's inputs after `prepare_anti_transfer`: checked, gathered, guarded and windowed.
 
-
-def torch_row_cosines(student: Tensor, reference: Tensor, options: AntiTransferOptions) -> Tensor:
-    """The row cosines of the aggregations in `FUSED_ROW_AGGREGATIONS`, in plain PyTorch (checked inputs).
-
-    Both inputs are scaled by `similarity.unit_scale` inside (cosines do not depend on it), so float32
-    features of magnitude 1e30 give finite cosines.
+    - `student`, `reference`: in their own dtype (every computation reduces in float32/64 itself, and a fused
+      kernel reads float16/bfloat16 directly); the reference is detached;
+    - `finite`: the `nan_policy="skip"` flag of `guard_finite` (None when no masking is needed);
+    - `student_norm`: the mean L2 norm of a student sample's features (over every channel), detached.
     """
-    if options.aggregation == "gram":
-        assert options.gram_scope is not None
-        return gram_row_cosines_unchecked(student, reference, options.gram_scope, options.eps)
-    return aggregated_row_cosines_unchecked(student, reference, options.aggregation, options.eps)  # type: ignore[arg-type]
+
+    student: Tensor
+    reference: Tensor
+    finite: Tensor | None
+    student_norm: Tensor
 
 
 def anti_transfer(
     student: Tensor,
     reference: Tensor,
+    *,
     aggregation: AntiTransferAggregation = "gram",
     distance: Distance = "cos_squared",
     gram_scope: GramScope | None = None,
     eps: float = 1e-8,
-    *,
     mul_exponent: float | None = None,
     nan_policy: NanPolicy = "raise",
     layer: str | None = None,
@@ -195,14 +196,21 @@ def anti_transfer(
     - `"cka"`: linear CKA between `A(S)` and `A(R)` flattened to `(B, ·)`; the two maps may differ in
       channels and spatial size.
 
+    For `gram`, `mean`, `sum`, `max` and the pairwise aggregations both maps are first scaled by
+    `similarity.unit_scale` (exact; float32 features near 1e30 give finite cosines), and `eps` floors the
+    norms in those units.
+
     Args:
         student: `(B, C, *sp)` or `(B, D)` features of the trained network.
         reference: the frozen network's features at the matching layer; never receives gradient.
+        aggregation: `A`, one of the above.
+        distance: `d`, one of the above.
         gram_scope: `"batch"` or `"sample"`, for `aggregation="gram"` only; None takes `"batch"`, or
             `"sample"` for `distance="cka"`.
+        eps: floor of the row norms in the cosine distances.
         mul_exponent: `p` of the `"mul"` aggregation (for it only; None takes 0.001).
         nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
-            (zero loss, zero gradient), or `"propagate"` (no check; avoids a device synchronization).
+            (zero loss, zero gradient), or `"propagate"` (no check).
             Under `torch.compile`, `"raise"` cannot read the data and behaves as `"propagate"`.
         layer: the layer's name, for error messages.
         gather: `"global"` computes the loss on every rank's batch concatenated (the batch-scope Gram,
@@ -213,6 +221,11 @@ def anti_transfer(
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: an option or a combination of options is not valid, the shapes do not suit the options
+            (naming the layer and the shapes), or an input holds NaN or inf with `nan_policy="raise"`.
     """
     options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
     return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator).loss
@@ -225,55 +238,82 @@ def compute_anti_transfer_terms(
     *,
     layer: str | None = None,
     generator: torch.Generator | None = None,
-    row_cosines: RowCosines = torch_row_cosines,
 ) -> AntiTransferTerms:
     """`anti_transfer` with the raw similarity and the student's activation norm, for options validated once
-    (`AntiTransferOptions.resolve`): the one pass of input checks, then the math.
+    (`AntiTransferOptions.resolve`): `prepare_anti_transfer`, then `finish_anti_transfer`."""
+    prepared = prepare_anti_transfer(student, reference, options, layer=layer, generator=generator)
+    return finish_anti_transfer(prepared, options, layer=layer)
 
-    `row_cosines` computes the cosines of the aggregations in `FUSED_ROW_AGGREGATIONS` (the torch path
-    here; `negtransfer_losses.ops` passes its dispatcher).
-    """
-    check_anti_transfer_inputs(student, reference, options, layer)
+
+def prepare_anti_transfer(
+    student: Tensor,
+    reference: Tensor,
+    options: AntiTransferOptions,
+    *,
+    layer: str | None = None,
+    generator: torch.Generator | None = None,
+) -> PreparedPair:
+    """The one pass of input checks, then the gather, the NaN policy, the student's norm and (for
+    `stochastic_pairwise`) the channel window: what every path of the distance starts from."""
+    _check_anti_transfer_inputs(student, reference, options, layer)
     student, reference = gather_batch(student, options.gather), gather_batch(reference.detach(), options.gather)
     with full_precision(student, reference):
-        # inputs stay in their dtype here: every computation below reduces in float32/64 itself, and the
-        # fused kernels read fp16/bf16 directly (half the bytes of an upcast copy)
         guarded, finite = guard_finite({"student": student, "reference": reference}, options.nan_policy, layer=layer)
         student, reference = guarded["student"], guarded["reference"]
         flat = student.detach().reshape(student.shape[0], -1)
         student_norm = torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(student, reference)).mean()
-        if options.aggregation == "stochastic_pairwise":  # after the norm: it watches every channel
-            window = stochastic_window(student.shape[1], student.shape[0], generator)
-            student, reference = student[:, window], reference[:, window]
-        loss, similarity = _distance(student, reference, options, layer, row_cosines)
-        return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), student_norm)
+    if options.aggregation == "stochastic_pairwise":  # after the norm: it watches every channel
+        window = stochastic_window(student.shape[1], student.shape[0], generator)
+        student, reference = student[:, window], reference[:, window]
+    return PreparedPair(student, reference, finite, student_norm)
+
+
+def finish_anti_transfer(
+    prepared: PreparedPair, options: AntiTransferOptions, *, layer: str | None = None, row_cosines: Tensor | None = None
+) -> AntiTransferTerms:
+    """The distance of prepared inputs, as `AntiTransferTerms`.
+
+    `row_cosines`, for the cosine distances only, are the cosines `s_i` of the matching rows computed
+    elsewhere (`negtransfer_losses.ops` runs them by the backend it chooses); when None they are computed
+    here. Every path reduces in float32 (float64) whatever the inputs' dtype.
+    """
+    student, reference = prepared.student, prepared.reference
+    with full_precision(student, reference):
+        if options.distance in COSINE_DISTANCES:
+            cosines = _row_cosines(student, reference, options, layer) if row_cosines is None else row_cosines
+            similarity = cosines.abs().mean()
+            loss = similarity.square() if options.distance == "cos_squared" else similarity
+        else:
+            if row_cosines is not None:
+                raise ValueError(f"row cosines apply to the cosine distances only, not distance={options.distance!r}")
+            loss, similarity = _distance(student, reference, options, layer)
+    finite = prepared.finite
+    return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), prepared.student_norm)
 
 
 def _distance(
-    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None, row_cosines: RowCosines
+    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None
 ) -> tuple[Tensor, Tensor]:
-    """`(loss, raw similarity)`; every path reduces in float32 (float64) whatever the inputs' dtype."""
+    """`(loss, raw similarity)` of the CKA and MSE distances."""
     aggregation, distance = options.aggregation, options.distance
-    if distance in ("cos", "cos_squared"):
-        cosines = _row_cosines(student, reference, options, layer, row_cosines)
-        mean_abs_cos = cosines.abs().mean()
-        return (mean_abs_cos.square() if distance == "cos_squared" else mean_abs_cos), mean_abs_cos
     dtype = compute_dtype(student, reference)
+    if distance == "cka":
+        check_min_batch(student.shape[0], 2, what="distance='cka'", name="student")
     if aggregation in ("pairwise", "stochastic_pairwise"):
         s, r = student.to(dtype), reference.to(dtype)
         if distance == "cka":  # the pairwise rows' Gram matrices are multiples of the flattened maps'
-            similarity = linear_cka(s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1))
+            similarity = _linear_cka(s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1), False)
             return similarity, similarity
-        mse = pairwise_mse(s, r)
+        mse = _pairwise_mse(s, r)
         return -torch.sigmoid(mse), mse
     if aggregation == "gram":
         assert options.gram_scope is not None
-        a, b = gram(student, options.gram_scope), gram(reference, options.gram_scope)
+        a, b = _gram(student, options.gram_scope), _gram(reference, options.gram_scope)
     else:
         a = _aggregate(student, "student", options, layer)
         b = _aggregate(reference, "reference", options, layer)
     if distance == "cka":
-        similarity = linear_cka(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+        similarity = _linear_cka(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), False)
         return similarity, similarity
     if aggregation == "gram":  # mse_sigmoid on the Gram matrices: the authors' scale
         scale = GRAM_MSE_SCALE / student.numel()
@@ -283,7 +323,7 @@ def _distance(
 
 
 def _aggregate(x: Tensor, name: str, options: AntiTransferOptions, layer: str | None) -> Tensor:
-    return aggregate_channels(
+    return _aggregate_channels(
         x,
         options.aggregation,  # type: ignore[arg-type]
         mul_exponent=options.mul_exponent,
@@ -292,23 +332,24 @@ def _aggregate(x: Tensor, name: str, options: AntiTransferOptions, layer: str | 
     )
 
 
-def _row_cosines(
-    student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None, row_cosines: RowCosines
-) -> Tensor:
+def _row_cosines(student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None) -> Tensor:
     """The cosines `s_i` of matching rows: of the Gram matrices, pairwise rows, or `(b, c')` slices of `A(·)`."""
-    if options.aggregation in FUSED_ROW_AGGREGATIONS:  # 2-D features with mean/sum/max were rejected earlier
-        return row_cosines(student, reference, options)
-    dtype = compute_dtype(student, reference)
-    if options.aggregation in ("pairwise", "stochastic_pairwise"):
-        return pairwise_row_cosines(student.to(dtype), reference.to(dtype), options.eps)
+    aggregation = options.aggregation
+    if aggregation == "gram":
+        assert options.gram_scope is not None
+        return _gram_row_cosines(student, reference, options.gram_scope, options.eps)
+    if aggregation in ("mean", "sum", "max"):  # 2-D features were rejected by the checks
+        return _aggregated_row_cosines(student, reference, aggregation, options.eps)
+    if aggregation in ("pairwise", "stochastic_pairwise"):
+        return _pairwise_row_cosines(student, reference, options.eps)
     a = _aggregate(student, "student", options, layer)
     b = _aggregate(reference, "reference", options, layer)
     if a.dim() == 2:  # (B, D): no spatial extent, each sample's vector is a row
-        return cosine_rows(a, b, options.eps)
-    return cosine_rows(a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1), options.eps)
+        return _cosine_rows(a, b, options.eps)
+    return _cosine_rows(a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1), options.eps)
 
 
-def check_anti_transfer_inputs(
+def _check_anti_transfer_inputs(
     student: Tensor, reference: Tensor, options: AntiTransferOptions, layer: str | None = None
 ) -> None:
     """Raise naming the layer and the shapes unless `student` and `reference` suit `options`."""

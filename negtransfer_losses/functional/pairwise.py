@@ -24,14 +24,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validation import check_tensor, compute_dtype, full_precision
 from .similarity import scale_to_unit_range
+
+__all__ = ["pairwise_row_cosines"]
 
 
 def _channels_by_length(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`(<a_b, b_b>, |a_b|², |b_b|²)` per sample, each `(B,)`, in the inputs' dtype."""
     s, r = _channels_by_length(student), _channels_by_length(reference)
     dot = (s.sum(dim=1) * r.sum(dim=1)).sum(dim=1)
@@ -40,20 +43,47 @@ def pairwise_dot_and_norms(student: Tensor, reference: Tensor) -> tuple[Tensor, 
     return dot, sq_a, sq_b
 
 
-def pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
-    """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, `(B,)`, never materializing `a_b`.
+def pairwise_row_cosines(student: Tensor, reference: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, never materializing `a_b`.
 
     Both maps are first scaled by `similarity.unit_scale` (exact; float32 maps near 1e30 give finite
-    cosines), and the norms are floored at `eps` in those units, as for the Gram and aggregated rows."""
-    student, reference = scale_to_unit_range(student), scale_to_unit_range(reference)
-    dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
-    floor = eps * eps  # floored before the root: a zero row gives s = 0 with a finite gradient
-    return dot / (sq_a.clamp_min(floor).sqrt() * sq_b.clamp_min(floor).sqrt())
+    cosines), and the norms are floored at `eps` in those units, as for the Gram and aggregated rows.
+
+    Args:
+        student: `(B, C_s, *spatial)`.
+        reference: `(B, C_r, *spatial)`: the same batch and spatial size; the channel counts may differ.
+        eps: floor of each norm.
+
+    Returns:
+        `(B,)`, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: an input has fewer than 2 dimensions, or the batch or spatial sizes differ.
+    """
+    check_tensor(student, "student", min_dim=2)
+    check_tensor(reference, "reference", min_dim=2)
+    if student.shape[0] != reference.shape[0] or student.shape[2:] != reference.shape[2:]:
+        raise ValueError(
+            f"'student' and 'reference' must agree in batch and spatial size, got {tuple(student.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    return _pairwise_row_cosines(student, reference.detach(), eps)
 
 
-def pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:
+def _pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float) -> Tensor:
+    """`pairwise_row_cosines` of checked inputs."""
+    with full_precision(student, reference):
+        dtype = compute_dtype(student, reference)
+        student, reference = scale_to_unit_range(student.to(dtype)), scale_to_unit_range(reference.to(dtype))
+        dot, sq_a, sq_b = _pairwise_dot_and_norms(student, reference)
+        floor = eps * eps  # floored before the root: a zero row gives s = 0 with a finite gradient
+        return dot / (sq_a.clamp_min(floor).sqrt() * sq_b.clamp_min(floor).sqrt())
+
+
+def _pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:
     """`mean((a - b)²)` over every sample's `C_s·C_r·N` values: `(|a_b|² + |b_b|² - 2<a_b, b_b>) / (C_s C_r N)`."""
-    dot, sq_a, sq_b = pairwise_dot_and_norms(student, reference)
+    dot, sq_a, sq_b = _pairwise_dot_and_norms(student, reference)
     s = _channels_by_length(student)
     size = s.shape[1] * reference.shape[1] * s.shape[2]
     return ((sq_a + sq_b - 2.0 * dot) / size).mean().clamp_min(0.0)

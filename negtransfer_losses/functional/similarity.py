@@ -2,6 +2,10 @@
 
 Inputs of shape `(n, ...)` are flattened to `(n, d)`. Everything is computed in float32, or in float64
 when an input is float64, with autocast disabled, whatever the input dtype.
+
+Tensors are positional, every option keyword-only. Each public function checks its inputs once and calls a
+private core (`_cosine_rows`, `_gram`, `_gram_row_cosines`, `_kernel_matrix`, `_hsic_from_kernels`,
+`_kernel_alignment`, `_cka`, `_linear_cka`) that takes checked inputs: what the package's own callers use.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import torch
 from torch import Tensor
 
 from .._validation import (
-    as_batch_matrix,
     check_choice,
     check_min_batch,
     check_same_batch,
@@ -23,6 +26,22 @@ from .._validation import (
 )
 from ..distributed import Gather, gather_batch
 
+__all__ = [
+    "GRAM_SCOPES",
+    "KERNELS",
+    "GramScope",
+    "Kernel",
+    "cka",
+    "cosine_rows",
+    "gram",
+    "gram_row_cosines",
+    "hsic",
+    "hsic_from_kernels",
+    "kernel_alignment",
+    "kernel_matrix",
+    "linear_cka",
+]
+
 Kernel: TypeAlias = Literal["linear", "rbf"]
 GramScope: TypeAlias = Literal["sample", "batch"]
 
@@ -30,7 +49,12 @@ KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
 GRAM_SCOPES: tuple[GramScope, ...] = ("sample", "batch")
 
 
-def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+def _flat(x: Tensor) -> Tensor:
+    """`(n, ...)` as `(n, d)` in the compute dtype (float32, or float64 for float64 input)."""
+    return x.to(compute_dtype(x)).reshape(x.shape[0], -1)
+
+
+def cosine_rows(a: Tensor, b: Tensor, *, eps: float = 1e-8) -> Tensor:
     """Cosine similarity of matching rows, with each norm floored at `eps`.
 
     `s_i = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`, so a zero row gives `s_i = 0`.
@@ -42,15 +66,23 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
     Returns:
         `(n,)` in float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `a` or `b` is not a floating-point tensor.
+        ValueError: `a` and `b` differ in shape, or have no dimension.
     """
     check_tensor(a, "a")
     check_tensor(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"'a' and 'b' must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _cosine_rows(a, b, eps)
+
+
+def _cosine_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """`cosine_rows` of checked inputs."""
     with full_precision(a, b):
         dtype = compute_dtype(a, b)
-        a2 = as_batch_matrix(a.to(dtype), "a")
-        b2 = as_batch_matrix(b.to(dtype), "b")
+        a2, b2 = a.to(dtype).reshape(a.shape[0], -1), b.to(dtype).reshape(b.shape[0], -1)
         # each row scaled by a power of two (exact) to magnitude < 2, the floor scaled with it: the same
         # cosine, and no overflow of |a|² for rows of magnitude up to float's largest
         scale_a, scale_b = _row_power_of_two(a2), _row_power_of_two(b2)
@@ -64,7 +96,8 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 def _row_power_of_two(x: Tensor) -> Tensor:
     """Per row of `(n, d)`, a power of two `2^e > max|x| / 2` (at least 1), detached: dividing by it is exact.
 
-    (`max|x| / 2`, not `max|x|`: the power above float32's largest value is not a float32.)"""
+    (`max|x| / 2`, not `max|x|`: the power above float32's largest value is not a float32.) The floor `eps`
+    is divided by the same power, so this per-row scale changes nothing but the range of the squares."""
     exponent = (torch.frexp(x.detach().abs().amax(dim=1)).exponent - 1).clamp_min(0)
     return torch.exp2(exponent.to(x.dtype))
 
@@ -101,7 +134,7 @@ def scale_to_unit_range(x: Tensor) -> Tensor:
     return x * unit_scale(x)
 
 
-def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:
+def gram(x: Tensor, *, gram_scope: GramScope = "sample") -> Tensor:
     """Gram matrices of channel activations.
 
     With `V = reshape(x, [B, C, N])`, `N = prod(spatial)` (`N = 1` for `(B, C)` input):
@@ -113,9 +146,21 @@ def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:
     Args:
         x: `(B, C, *spatial)`.
         gram_scope: `"sample"` or `"batch"`.
+
+    Returns:
+        float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor.
+        ValueError: `x` has fewer than 2 dimensions, or `gram_scope` is not a valid choice.
     """
     check_tensor(x, "x", min_dim=2)
     check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
+    return _gram(x, gram_scope)
+
+
+def _gram(x: Tensor, gram_scope: GramScope) -> Tensor:
+    """`gram` of a checked input."""
     with full_precision(x):
         v = x.to(compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
         if gram_scope == "sample":
@@ -124,9 +169,10 @@ def gram(x: Tensor, gram_scope: GramScope = "sample") -> Tensor:
         return w @ w.T
 
 
-def gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope = "batch", eps: float = 1e-8) -> Tensor:
-    """`cosine_rows` of the rows of `gram(student, gram_scope)` and `gram(reference, gram_scope)`, without
-    forming them when cheaper.
+def gram_row_cosines(
+    student: Tensor, reference: Tensor, *, gram_scope: GramScope = "batch", eps: float = 1e-8
+) -> Tensor:
+    """`cosine_rows` of the rows of `gram(student)` and `gram(reference)`, without forming them when cheaper.
 
     With `W = reshape(student, [m, N])` (`m = B·C` for `"batch"`, `m = C` per sample for `"sample"`) and
     `U` likewise for the reference, row `i` of `G = W Wᵀ` is `W w_i`, so `<G_s[i], G_r[i]> = w_iᵀ (Wᵀ U) u_i`
@@ -142,14 +188,18 @@ def gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope =
         eps: floor of each row norm.
 
     Returns:
-        `(B·C,)` cosines, sample-major for `"sample"`.
+        `(B·C,)` cosines, sample-major for `"sample"`; float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: the shapes differ or have fewer than 2 dimensions, or `gram_scope` is not a valid choice.
     """
-    check_gram_pair(student, reference, gram_scope)
-    return gram_row_cosines_unchecked(student, reference.detach(), gram_scope, eps)
+    _check_gram_pair(student, reference, gram_scope)
+    return _gram_row_cosines(student, reference.detach(), gram_scope, eps)
 
 
-def gram_row_cosines_unchecked(student: Tensor, reference: Tensor, gram_scope: GramScope, eps: float) -> Tensor:
-    """`gram_row_cosines` for inputs already checked by `check_gram_pair` (the one check of a call)."""
+def _gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps: float) -> Tensor:
+    """`gram_row_cosines` of inputs checked by `_check_gram_pair` (the torch path of the fused kernel)."""
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
         batch, channels = student.shape[0], student.shape[1]
@@ -160,7 +210,7 @@ def gram_row_cosines_unchecked(student: Tensor, reference: Tensor, gram_scope: G
         rows, length = w.shape[1], w.shape[2]
         if length >= rows:
             gram_s, gram_r = w @ w.transpose(1, 2), u @ u.transpose(1, 2)
-            return cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), eps)
+            return _cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), eps)
         wt, ut = w.transpose(1, 2), u.transpose(1, 2)
         dot = ((w @ (wt @ u)) * u).sum(dim=2)
         sq_norm_s = ((w @ (wt @ w)) * w).sum(dim=2)
@@ -169,8 +219,8 @@ def gram_row_cosines_unchecked(student: Tensor, reference: Tensor, gram_scope: G
         return (dot / (sq_norm_s.clamp_min(floor).sqrt() * sq_norm_r.clamp_min(floor).sqrt())).reshape(-1)
 
 
-def check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None:
-    """The checks of `gram_row_cosines`, shared with its fused twin: two `(B, C, ...)` maps of one shape."""
+def _check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None:
+    """The checks of `gram_row_cosines`, shared with its `ops` twin: two `(B, C, ...)` maps of one shape."""
     check_tensor(student, "student", min_dim=2)
     check_tensor(reference, "reference", min_dim=2)
     check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
@@ -181,7 +231,13 @@ def check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None
         )
 
 
-def kernel_matrix(x: Tensor, kernel: Kernel = "linear", sigma: float | None = None) -> Tensor:
+def _check_kernel(kernel: object, sigma: float | None, names: tuple[str, str] = ("kernel", "sigma")) -> None:
+    check_choice(kernel, names[0], KERNELS)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"'{names[1]}' must be a positive bandwidth or None (median heuristic), got {sigma}")
+
+
+def kernel_matrix(x: Tensor, *, kernel: Kernel = "linear", sigma: float | None = None) -> Tensor:
     """Kernel matrix of the rows of `x`.
 
     - `"linear"`: `K = X Xᵀ`;
@@ -190,15 +246,25 @@ def kernel_matrix(x: Tensor, kernel: Kernel = "linear", sigma: float | None = No
 
     Args:
         x: `(n, ...)`, flattened to `(n, d)`.
+        kernel: `"linear"` or `"rbf"`.
+        sigma: the RBF bandwidth; None takes the median heuristic.
 
     Returns:
         `(n, n)` in float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor.
+        ValueError: `kernel` is not a valid choice, or `sigma` is not positive.
     """
-    check_choice(kernel, "kernel", KERNELS)
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"'sigma' must be a positive bandwidth or None (median heuristic), got {sigma}")
+    check_tensor(x, "x")
+    _check_kernel(kernel, sigma)
+    return _kernel_matrix(x, kernel, sigma)
+
+
+def _kernel_matrix(x: Tensor, kernel: Kernel, sigma: float | None) -> Tensor:
+    """`kernel_matrix` of a checked input (options checked too)."""
     with full_precision(x):
-        x2 = as_batch_matrix(x, "x")
+        x2 = _flat(x)
         if kernel == "linear":
             return x2 @ x2.T
         return _rbf_kernel(x2, sigma)
@@ -222,16 +288,8 @@ def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
     return torch.exp(-sq_dist / (2.0 * bandwidth * bandwidth))
 
 
-def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:
-    """HSIC of two `(n, n)` kernel matrices.
-
-    - biased: `HSIC_0 = tr(K H L H) / (n-1)²`, `H = I - 11ᵀ/n`; needs n ≥ 2;
-    - unbiased (Song et al. 2012): with `K̃, L̃` the kernels with a zero diagonal,
-      `HSIC_1 = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - (2/(n-2)) 1ᵀK̃L̃1] / (n(n-3))`; needs n ≥ 4.
-
-    Returns:
-        a scalar tensor.
-    """
+def _check_kernels(k: Tensor, l: Tensor, unbiased: bool) -> None:
+    """Two square kernel matrices of one size, enough samples for the estimator."""
     check_tensor(k, "k", min_dim=2)
     check_tensor(l, "l", min_dim=2)
     n = k.shape[0]
@@ -242,6 +300,34 @@ def hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:
                 f"{tuple(k.shape)} and {tuple(l.shape)} ('{name}' is off)"
             )
     check_min_batch(n, 4 if unbiased else 2, what=f"{'unbiased' if unbiased else 'biased'} HSIC", name="k")
+
+
+def hsic_from_kernels(k: Tensor, l: Tensor, *, unbiased: bool = True) -> Tensor:
+    """HSIC of two `(n, n)` kernel matrices.
+
+    - biased: `HSIC_0 = tr(K H L H) / (n-1)²`, `H = I - 11ᵀ/n`; needs n ≥ 2;
+    - unbiased (Song et al. 2012): with `K̃, L̃` the kernels with a zero diagonal,
+      `HSIC_1 = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - (2/(n-2)) 1ᵀK̃L̃1] / (n(n-3))`; needs n ≥ 4.
+
+    Args:
+        k: `(n, n)`.
+        l: `(n, n)`.
+        unbiased: the unbiased estimator instead of the biased one.
+
+    Returns:
+        a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `k` or `l` is not a floating-point tensor.
+        ValueError: the matrices are not square of one size, or too small for the estimator.
+    """
+    _check_kernels(k, l, unbiased)
+    return _hsic_from_kernels(k, l, unbiased)
+
+
+def _hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
+    """`hsic_from_kernels` of checked kernels."""
+    n = k.shape[0]
     with full_precision(k, l):
         dtype = compute_dtype(k, l)
         k, l = k.to(dtype), l.to(dtype)
@@ -263,10 +349,10 @@ def _double_centre(k: Tensor) -> Tensor:
 def hsic(
     x: Tensor,
     y: Tensor,
+    *,
     kernel: Kernel = "linear",
     unbiased: bool = True,
     sigma: float | None = None,
-    *,
     kernel_y: Kernel | None = None,
     sigma_y: float | None = None,
     gather: Gather = "local",
@@ -279,24 +365,32 @@ def hsic(
         kernel: kernel on `x` (and on `y` unless `kernel_y` is given): `"linear"` or `"rbf"`.
         unbiased: Song et al.'s unbiased estimator (n ≥ 4) instead of the biased one (n ≥ 2).
         sigma: RBF bandwidth for `x` (and `y` unless `sigma_y` is given); None = median heuristic.
+        kernel_y: kernel on `y` when it differs from `kernel`.
+        sigma_y: RBF bandwidth for `y` when it differs from `sigma`.
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
-        a scalar tensor.
+        a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` or `y` is not a floating-point tensor.
+        ValueError: an option is not valid, the batch sizes differ, or the batch is too small.
     """
+    kernel_y = kernel if kernel_y is None else kernel_y
+    sigma_y = sigma if sigma_y is None else sigma_y
+    _check_kernel(kernel, sigma)
+    _check_kernel(kernel_y, sigma_y, ("kernel_y", "sigma_y"))
     x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC")
-    k = kernel_matrix(x, kernel, sigma)
-    l = kernel_matrix(y, kernel if kernel_y is None else kernel_y, sigma if sigma_y is None else sigma_y)
-    return hsic_from_kernels(k, l, unbiased=unbiased)
+    return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
 
 
 def cka(
     x: Tensor,
     y: Tensor,
+    *,
     kernel: Kernel = "linear",
     unbiased: bool = False,
     sigma: float | None = None,
-    *,
     gather: Gather = "local",
 ) -> Tensor:
     """Centred kernel alignment: `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019).
@@ -309,36 +403,63 @@ def cka(
         y: `(n, ...)`, flattened to `(n, q)`.
         kernel: `"linear"` or `"rbf"` (the same on both sides; `sigma` None = median heuristic per side).
         unbiased: use the unbiased HSIC (n ≥ 4).
+        sigma: the RBF bandwidth of both sides; None takes the median heuristic.
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
-        a scalar tensor.
+        a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` or `y` is not a floating-point tensor.
+        ValueError: an option is not valid, the batch sizes differ, or the batch is too small.
     """
-    check_choice(kernel, "kernel", KERNELS)
+    _check_kernel(kernel, sigma)
     x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} CKA")
+    return _cka(x, y, kernel, unbiased, sigma)
+
+
+def _cka(x: Tensor, y: Tensor, kernel: Kernel, unbiased: bool, sigma: float | None) -> Tensor:
+    """`cka` of a checked pair (`_paired_batch`)."""
     with full_precision(x, y):
-        x2, y2 = as_batch_matrix(x, "x"), as_batch_matrix(y, "y")
+        x2, y2 = _flat(x), _flat(y)
         if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
             x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
-        k, l = kernel_matrix(x2, kernel, sigma), kernel_matrix(y2, kernel, sigma)
-        return kernel_alignment(k, l, unbiased)
+        return _kernel_alignment(_kernel_matrix(x2, kernel, sigma), _kernel_matrix(y2, kernel, sigma), unbiased)
 
 
-def kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
+def kernel_alignment(k: Tensor, l: Tensor, *, unbiased: bool) -> Tensor:
     """`HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` for `(n, n)` kernels, 0 where a side is constant.
 
     A self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`) counts as zero: a
     constant kernel's self-HSIC is exactly 0 in exact arithmetic, but not in floating point.
+
+    Args:
+        k: `(n, n)`.
+        l: `(n, n)`.
+        unbiased: use the unbiased HSIC (n ≥ 4) instead of the biased one (n ≥ 2).
+
+    Returns:
+        a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `k` or `l` is not a floating-point tensor.
+        ValueError: the matrices are not square of one size, or too small for the estimator.
     """
-    self_k, self_l = hsic_from_kernels(k, k, unbiased), hsic_from_kernels(l, l, unbiased)
+    _check_kernels(k, l, unbiased)
+    return _kernel_alignment(k, l, unbiased)
+
+
+def _kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
+    """`kernel_alignment` of checked kernels."""
+    self_k, self_l = _hsic_from_kernels(k, k, unbiased), _hsic_from_kernels(l, l, unbiased)
     eps = 64 * torch.finfo(self_k.dtype).eps
     varies = (self_k > eps * k.detach().square().mean()) & (self_l > eps * l.detach().square().mean())
     return safe_ratio(
-        hsic_from_kernels(k, l, unbiased), torch.where(varies, self_k, 0.0), torch.where(varies, self_l, 0.0)
+        _hsic_from_kernels(k, l, unbiased), torch.where(varies, self_k, 0.0), torch.where(varies, self_l, 0.0)
     )
 
 
-def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, *, gather: Gather = "local") -> Tensor:
+def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False, gather: Gather = "local") -> Tensor:
     """Linear CKA: `‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)` with column-centred `Xᶜ, Yᶜ` (biased form).
 
     Computed in feature space or through the `(n, n)` Gram matrices, whichever is cheaper; both
@@ -352,15 +473,25 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False, *, gather: Gather =
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
 
     Returns:
-        a scalar tensor.
+        a scalar tensor, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: `x` or `y` is not a floating-point tensor.
+        ValueError: the batch sizes differ, or the batch is too small.
     """
+    what = f"{'unbiased' if unbiased else 'biased'} CKA"
+    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, what)
+    return _linear_cka(x, y, unbiased)
+
+
+def _linear_cka(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
+    """`linear_cka` of a checked pair (same batch, large enough for the estimator)."""
     if unbiased:
-        return cka(x, y, kernel="linear", unbiased=True, gather=gather)
-    x, y = _paired_batch(x, y, gather, 2, "biased CKA")
-    n = x.shape[0]
+        return _cka(x, y, "linear", True, None)
+    n, dtype = x.shape[0], compute_dtype(x, y)
     with full_precision(x, y):
-        xc = _centred_unit_scale(as_batch_matrix(x, "x"))
-        yc = _centred_unit_scale(as_batch_matrix(y, "y"))
+        xc = _centred_unit_scale(x.to(dtype).reshape(n, -1))
+        yc = _centred_unit_scale(y.to(dtype).reshape(n, -1))
         p, q = xc.shape[1], yc.shape[1]
         if p * q + p * p + q * q <= n * (p + q + n):
             cross = (yc.T @ xc).square().sum()

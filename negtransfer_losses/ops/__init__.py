@@ -16,7 +16,7 @@ Kernels:
   `DistributionMatchingLoss` and `MultiTaskLoss`.
 """
 
-from .anti_transfer import aggregated_row_cosines, anti_transfer, anti_transfer_terms_for, gram_row_cosines
+from .anti_transfer import aggregated_row_cosines, anti_transfer, gram_row_cosines
 from .dispatch import BACKENDS, Backend, KernelRejectedWarning, choose, interpreting, resolve_backend, triton_available
 from .distribution_matching import distribution_matching
 
@@ -26,7 +26,6 @@ __all__ = [
     "KernelRejectedWarning",
     "aggregated_row_cosines",
     "anti_transfer",
-    "anti_transfer_terms_for",
     "choose",
     "distribution_matching",
     "gram_row_cosines",

@@ -18,7 +18,7 @@ from ..functional.distribution_matching import (
     _matching_terms_unchecked,
     _MatchingOptions,
 )
-from .dispatch import Backend, check_backend, resolve_backend
+from .dispatch import Backend, check_backend, choose
 
 
 def distribution_matching(
@@ -100,14 +100,22 @@ def matching_terms(
         TypeError: an input has the wrong type.
         ValueError: a shape does not match, or `backend="triton"` cannot run here.
     """
-    prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
-    fused = options.kind == "multilabel" and options.inversion == "bayes"
-    if not fused or resolve_backend(backend, "distribution_matching", logits_a, logits_b) == "torch":
-        return _matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
-    from .fused_distribution_matching import FusedDistributionMatching
+    checked_prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    if options.kind != "multilabel" or options.inversion != "bayes":  # no kernel for these
+        return _matching_terms_unchecked(logits_a, logits_b, relatedness, checked_prior, options)
 
-    per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
-        logits_a, logits_b, relatedness, prior, options.divergence == "kl", options.detach_target, options.eps
-    )
-    means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
-    return {direction: means[DIRECTIONS.index(direction)] for direction in options.directions}
+    def torch_path(a: Tensor, b: Tensor) -> dict[Direction, Tensor]:
+        return _matching_terms_unchecked(a, b, relatedness, checked_prior, options)
+
+    def kernel_path(a: Tensor, b: Tensor) -> dict[Direction, Tensor]:
+        from .fused_distribution_matching import FusedDistributionMatching
+
+        per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
+            a, b, relatedness, checked_prior, options.divergence == "kl", options.detach_target, options.eps
+        )
+        means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
+        return {direction: means[DIRECTIONS.index(direction)] for direction in options.directions}
+
+    op = f"distribution_matching/{options.divergence}{'/detached' if options.detach_target else ''}"
+    chosen = choose(op, backend, (logits_a, logits_b), torch_path=torch_path, kernel_path=kernel_path)
+    return (kernel_path if chosen == "triton" else torch_path)(logits_a, logits_b)

@@ -8,6 +8,7 @@ import torch
 from helpers import GRAD_SCALE, assert_matches_oracle, value_and_grads
 
 import negtransfer_losses.functional as ntf
+from negtransfer_losses.functional.anti_transfer import AntiTransferOptions, compute_anti_transfer_terms
 
 CHANNEL_AGGREGATIONS = ["none", "mean", "sum", "max", "mul"]
 DISTANCES = ["cos_squared", "cos", "mse_sigmoid", "cka"]
@@ -49,9 +50,9 @@ def test_reference_side_gets_no_gradient(distance: str) -> None:
 def test_gram_scopes_equal_the_naive_definitions_to_1e_10() -> None:
     s, r = maps(3, 5, 4, 3, seed=4)
     for scope, naive in (("batch", oracles.gram_batch), ("sample", oracles.gram_sample)):
-        torch.testing.assert_close(ntf.gram(s, scope), naive(s), rtol=0, atol=1e-10)  # type: ignore[arg-type]
+        torch.testing.assert_close(ntf.gram(s, gram_scope=scope), naive(s), rtol=0, atol=1e-10)  # type: ignore[arg-type]
         torch.testing.assert_close(
-            ntf.anti_transfer(s, r, "gram", "cos", scope),  # type: ignore[arg-type]
+            ntf.anti_transfer(s, r, aggregation="gram", distance="cos", gram_scope=scope),  # type: ignore[arg-type]
             oracles.anti_transfer(s, r, "gram", "cos", scope),
             rtol=0,
             atol=1e-10,
@@ -61,7 +62,10 @@ def test_gram_scopes_equal_the_naive_definitions_to_1e_10() -> None:
 def test_max_ties_split_the_gradient_evenly_every_time() -> None:
     s = torch.tensor([[[2.0, 1.0], [2.0, 0.5], [0.0, 1.0]]], dtype=torch.float64)  # channels 0, 1 tie at [0]
     r = torch.tensor([[[1.0, 3.0], [0.5, 1.0], [2.0, 0.0]]], dtype=torch.float64)
-    grads = [value_and_grads(lambda a, b: ntf.anti_transfer(a, b, "max", "cos"), s, r)[1][0] for _ in range(3)]
+    grads = [
+        value_and_grads(lambda a, b: ntf.anti_transfer(a, b, aggregation="max", distance="cos"), s, r)[1][0]
+        for _ in range(3)
+    ]
     assert all(torch.equal(grads[0], g) for g in grads)
     assert grads[0][0, 0, 0] == grads[0][0, 1, 0] != 0
     _, expected = value_and_grads(lambda a, b: oracles.anti_transfer(a, b, "max", "cos", "batch"), s, r)
@@ -74,14 +78,16 @@ def test_max_ties_split_the_gradient_evenly_every_time() -> None:
 @pytest.mark.parametrize(("aggregation", "distance", "scope"), [c for c in CASES if c[1] != "cka"])
 def test_batch_of_one(aggregation: str, distance: str, scope: str | None) -> None:
     s, r = maps(1, 3, 4, positive=True)
-    value, grads = value_and_grads(lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope), s, r)  # type: ignore[arg-type]
+    value, grads = value_and_grads(
+        lambda a, b: ntf.anti_transfer(a, b, aggregation=aggregation, distance=distance, gram_scope=scope), s, r
+    )  # type: ignore[arg-type]
     assert torch.isfinite(value) and torch.isfinite(grads[0]).all()
 
 
 def test_cka_on_a_batch_of_one_is_a_clear_error() -> None:
     s, r = maps(1, 3, 4)
     with pytest.raises(ValueError, match="needs at least 2 samples"):
-        ntf.anti_transfer(s, r, "none", "cka")
+        ntf.anti_transfer(s, r, aggregation="none", distance="cka")
 
 
 @pytest.mark.parametrize(("aggregation", "distance", "scope"), CASES)
@@ -90,7 +96,7 @@ def test_zero_maps_give_a_defined_loss_and_finite_gradient(aggregation: str, dis
     _, r = maps(3, 4, 5, positive=True)
     for student, reference in ((s, r), (s, s), (r, s)):
         value, grads = value_and_grads(
-            lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope),
+            lambda a, b: ntf.anti_transfer(a, b, aggregation=aggregation, distance=distance, gram_scope=scope),
             student,
             reference,  # type: ignore[arg-type]
         )
@@ -102,13 +108,15 @@ def test_zero_maps_give_a_defined_loss_and_finite_gradient(aggregation: str, dis
 def test_half_precision_inputs_are_computed_in_float32(dtype: torch.dtype, aggregation: str, distance: str) -> None:
     s, r = maps(4, 3, 6, 6)
     s16, r16 = s.to(dtype), r.to(dtype)
-    out = ntf.anti_transfer(s16, r16, aggregation, distance)  # type: ignore[arg-type]
+    out = ntf.anti_transfer(s16, r16, aggregation=aggregation, distance=distance)  # type: ignore[arg-type]
     assert out.dtype == torch.float32
-    expected = ntf.anti_transfer(s16.double(), r16.double(), aggregation, distance)  # type: ignore[arg-type]
+    expected = ntf.anti_transfer(s16.double(), r16.double(), aggregation=aggregation, distance=distance)  # type: ignore[arg-type]
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = ntf.anti_transfer(s.float(), r.float(), aggregation, distance)  # type: ignore[arg-type]
-    torch.testing.assert_close(auto, ntf.anti_transfer(s.float(), r.float(), aggregation, distance))  # type: ignore[arg-type]
+        auto = ntf.anti_transfer(s.float(), r.float(), aggregation=aggregation, distance=distance)  # type: ignore[arg-type]
+    torch.testing.assert_close(
+        auto, ntf.anti_transfer(s.float(), r.float(), aggregation=aggregation, distance=distance)
+    )  # type: ignore[arg-type]
 
 
 def test_non_contiguous_and_channels_last_inputs() -> None:
@@ -121,8 +129,8 @@ def test_non_contiguous_and_channels_last_inputs() -> None:
     assert not st.is_contiguous()
     torch.testing.assert_close(ntf.anti_transfer(st, rt), expected)
     torch.testing.assert_close(
-        ntf.anti_transfer(s[:, ::2], r[:, ::2], "mean", "cos"),
-        ntf.anti_transfer(s[:, ::2].contiguous(), r[:, ::2].contiguous(), "mean", "cos"),
+        ntf.anti_transfer(s[:, ::2], r[:, ::2], aggregation="mean", distance="cos"),
+        ntf.anti_transfer(s[:, ::2].contiguous(), r[:, ::2].contiguous(), aggregation="mean", distance="cos"),
     )
 
 
@@ -130,7 +138,7 @@ def test_non_contiguous_and_channels_last_inputs() -> None:
 def test_audio_features(aggregation: str, distance: str, scope: str | None) -> None:
     s, r = maps(3, 4, 7, positive=aggregation == "mul")  # (B, C, L)
     assert_matches_oracle(
-        lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope),  # type: ignore[arg-type]
+        lambda a, b: ntf.anti_transfer(a, b, aggregation=aggregation, distance=distance, gram_scope=scope),  # type: ignore[arg-type]
         lambda a, b: oracles.anti_transfer(a, b, aggregation, distance, scope or "batch"),
         s,
         r,
@@ -142,7 +150,7 @@ def test_audio_features(aggregation: str, distance: str, scope: str | None) -> N
 def test_flat_features(aggregation: str, distance: str, scope: str | None) -> None:
     s, r = maps(5, 6)  # (B, D)
     assert_matches_oracle(
-        lambda a, b: ntf.anti_transfer(a, b, aggregation, distance, scope),  # type: ignore[arg-type]
+        lambda a, b: ntf.anti_transfer(a, b, aggregation=aggregation, distance=distance, gram_scope=scope),  # type: ignore[arg-type]
         lambda a, b: oracles.anti_transfer(a, b, aggregation, distance, scope or "batch"),
         s,
         r,
@@ -154,8 +162,8 @@ def test_flat_features(aggregation: str, distance: str, scope: str | None) -> No
 def test_channel_reduction_of_flat_features_is_a_clear_error(aggregation: str) -> None:
     s, r = maps(5, 6, positive=True)
     with pytest.raises(ValueError, match=r"one number per sample.*aggregation='none' or 'gram', or distance='cka'"):
-        ntf.anti_transfer(s, r, aggregation, "cos")  # type: ignore[arg-type]
-    assert torch.isfinite(ntf.anti_transfer(s, r, aggregation, "cka"))  # type: ignore[arg-type]
+        ntf.anti_transfer(s, r, aggregation=aggregation, distance="cos")  # type: ignore[arg-type]
+    assert torch.isfinite(ntf.anti_transfer(s, r, aggregation=aggregation, distance="cka"))  # type: ignore[arg-type]
 
 
 def test_shape_mismatch_names_layer_and_shapes_and_suggests_cka() -> None:
@@ -169,20 +177,22 @@ def test_shape_mismatch_names_layer_and_shapes_and_suggests_cka() -> None:
     with pytest.raises(
         ValueError, match=r"same batch size at layer 'x': got shapes \(4, 8, 5, 5\) and \(3, 16, 5, 5\)"
     ):
-        ntf.anti_transfer(s, r[:3], "none", "cka", layer="x")
-    value = ntf.anti_transfer(s, r, "none", "cka")
+        ntf.anti_transfer(s, r[:3], aggregation="none", distance="cka", layer="x")
+    value = ntf.anti_transfer(s, r, aggregation="none", distance="cka")
     assert 0.0 <= value.item() <= 1.0
 
 
 def test_cka_with_batch_gram_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"gram_scope='sample'"):
-        ntf.anti_transfer(torch.randn(3, 2, 2), torch.randn(3, 2, 2), "gram", "cka", "batch")
+        ntf.anti_transfer(
+            torch.randn(3, 2, 2), torch.randn(3, 2, 2), aggregation="gram", distance="cka", gram_scope="batch"
+        )
 
 
 def test_invalid_options_name_the_argument() -> None:
     s, r = maps(2, 3, 4)
     with pytest.raises(ValueError, match=r"'aggregation' must be one of 'none', 'mean', 'sum', 'max', 'mul', 'gram'"):
-        ntf.anti_transfer(s, r, "median")  # type: ignore[arg-type]
+        ntf.anti_transfer(s, r, aggregation="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'distance' must be one of"):
         ntf.anti_transfer(s, r, distance="l2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'nan_policy' must be one of 'raise', 'skip', 'propagate'"):
@@ -204,7 +214,7 @@ def test_non_finite_input_raises_or_is_skipped(bad: float) -> None:
 
 def test_terms_report_similarity_and_student_norm() -> None:
     s, r = maps(3, 4, 5)
-    terms = ntf.compute_anti_transfer_terms(s, r, ntf.AntiTransferOptions.resolve("gram", "cos_squared"))
+    terms = compute_anti_transfer_terms(s, r, AntiTransferOptions.resolve("gram", "cos_squared"))
     torch.testing.assert_close(terms.loss, terms.similarity**2)
     torch.testing.assert_close(terms.student_norm, s.reshape(3, -1).norm(dim=1).mean())
     assert not terms.similarity.requires_grad and not terms.student_norm.requires_grad

@@ -49,7 +49,7 @@ def maps(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_pairwise_matches_the_materialized_rows(distance: str, shape: tuple[int, ...]) -> None:
     s, r = maps(*shape)
     assert_matches_oracle(
-        lambda a, b: ntf.anti_transfer(a, b, "pairwise", distance),  # type: ignore[arg-type]
+        lambda a, b: ntf.anti_transfer(a, b, aggregation="pairwise", distance=distance),  # type: ignore[arg-type]
         lambda a, b: pairwise_oracle(a, b, distance),
         s,
         r,
@@ -67,8 +67,8 @@ def test_stochastic_pairwise_is_pairwise_on_a_seeded_window(distance: str) -> No
         lambda a, b: ntf.anti_transfer(
             a,
             b,
-            "stochastic_pairwise",
-            distance,  # type: ignore[arg-type]
+            aggregation="stochastic_pairwise",
+            distance=distance,  # type: ignore[arg-type]
             generator=torch.Generator().manual_seed(7),
         ),
         lambda a, b: pairwise_oracle(a[:, window], b[:, window], distance),
@@ -92,7 +92,9 @@ def test_stochastic_window_is_reproducible_under_a_seed_and_covers_every_start()
 def test_zero_rows_give_a_finite_loss_and_gradient() -> None:
     s, r = maps(2, 3, 4)
     s[0] = 0.0
-    value, grads = value_and_grads(lambda a, b: ntf.anti_transfer(a, b, "pairwise", "cos_squared"), s, r)
+    value, grads = value_and_grads(
+        lambda a, b: ntf.anti_transfer(a, b, aggregation="pairwise", distance="cos_squared"), s, r
+    )
     assert torch.isfinite(value) and torch.isfinite(grads[0]).all()
 
 
@@ -101,7 +103,7 @@ def test_pairwise_never_materializes_the_c_squared_rows() -> None:
     s, r = torch.randn(4, 512, 8, 8), torch.randn(4, 512, 8, 8)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: _at_most(t, 4 * 512 * 64), lambda t: t):
         s.requires_grad_(True)
-        ntf.anti_transfer(s, r, "pairwise", "cos_squared").backward()
+        ntf.anti_transfer(s, r, aggregation="pairwise", distance="cos_squared").backward()
 
 
 def _at_most(t: torch.Tensor, numel: int) -> torch.Tensor:
@@ -111,4 +113,4 @@ def _at_most(t: torch.Tensor, numel: int) -> torch.Tensor:
 
 def test_flat_features_are_rejected_for_pairwise() -> None:
     with pytest.raises(ValueError, match=r"aggregation='pairwise' over the 6 features of a 2-D 'student'"):
-        ntf.anti_transfer(torch.randn(3, 6), torch.randn(3, 6), "pairwise")
+        ntf.anti_transfer(torch.randn(3, 6), torch.randn(3, 6), aggregation="pairwise")

@@ -94,7 +94,7 @@ def test_hsic_from_kernels_zeroes_a_non_constant_diagonal() -> None:
 
 def test_rbf_kernel_with_given_sigma() -> None:
     x = randn(5, 3, seed=1)
-    torch.testing.assert_close(ntf.kernel_matrix(x, "rbf", sigma=0.7), oracles.rbf_kernel(x, 0.7))
+    torch.testing.assert_close(ntf.kernel_matrix(x, kernel="rbf", sigma=0.7), oracles.rbf_kernel(x, 0.7))
 
 
 # --- properties ------------------------------------------------------------------------------------
@@ -181,9 +181,9 @@ def test_large_scale_features_do_not_overflow_in_float32() -> None:
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 3, 7), (3, 5), (1, 2, 3, 3)])
 def test_gram_equals_the_naive_definition(shape: tuple[int, ...]) -> None:
     x = randn(*shape)
-    torch.testing.assert_close(ntf.gram(x, "sample"), oracles.gram_sample(x), rtol=0, atol=1e-10)
-    torch.testing.assert_close(ntf.gram(x, "batch"), oracles.gram_batch(x), rtol=0, atol=1e-10)
-    assert ntf.gram(x, "batch").shape == (shape[0] * shape[1],) * 2
+    torch.testing.assert_close(ntf.gram(x, gram_scope="sample"), oracles.gram_sample(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ntf.gram(x, gram_scope="batch"), oracles.gram_batch(x), rtol=0, atol=1e-10)
+    assert ntf.gram(x, gram_scope="batch").shape == (shape[0] * shape[1],) * 2
 
 
 def test_cosine_rows_matches_oracle_values_and_gradients() -> None:
@@ -206,7 +206,7 @@ def test_low_precision_inputs_are_computed_in_float32(dtype: torch.dtype) -> Non
         out = fn(x, y)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), fn(x.double(), y.double()), rtol=1e-4, atol=1e-5)
-    assert ntf.gram(x.reshape(8, 5, 1), "batch").dtype == torch.float32
+    assert ntf.gram(x.reshape(8, 5, 1), gram_scope="batch").dtype == torch.float32
     assert ntf.cosine_rows(x, x).dtype == torch.float32
 
 
@@ -236,11 +236,11 @@ def test_errors_name_the_argument_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"'a' and 'b' must have the same shape"):
         ntf.cosine_rows(randn(3, 2), randn(3, 4))
     with pytest.raises(ValueError, match=r"'gram_scope' must be one of 'sample', 'batch'"):
-        ntf.gram(randn(3, 2, 2), "global")  # type: ignore[arg-type]
+        ntf.gram(randn(3, 2, 2), gram_scope="global")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'x' must have at least 2 dimension"):
         ntf.gram(randn(3))
     with pytest.raises(ValueError, match=r"'sigma' must be a positive bandwidth"):
-        ntf.kernel_matrix(randn(3, 2), "rbf", sigma=0.0)
+        ntf.kernel_matrix(randn(3, 2), kernel="rbf", sigma=0.0)
     with pytest.raises(ValueError, match=r"square kernel matrices"):
         ntf.hsic_from_kernels(torch.ones(4, 4), torch.ones(4, 5))
 
@@ -255,11 +255,15 @@ def test_gram_row_cosines_equal_cosines_of_the_naive_gram_rows(scope: str, shape
         ga, gb = naive(a), naive(b.detach())  # the reference side gets no gradient
         return oracles.cosine_rows(ga.reshape(-1, ga.shape[-1]), gb.reshape(-1, gb.shape[-1]))
 
-    assert_matches_oracle(lambda a, b: ntf.gram_row_cosines(a, b, scope), oracle, x, y, rtol=1e-9, atol=1e-10)  # type: ignore[arg-type]
+    assert_matches_oracle(
+        lambda a, b: ntf.gram_row_cosines(a, b, gram_scope=scope), oracle, x, y, rtol=1e-9, atol=1e-10
+    )  # type: ignore[arg-type]
 
 
 def test_gram_row_cosines_of_zero_rows_are_zero_with_finite_gradient() -> None:
     x = randn(2, 6, 2)
     x[0, 1] = 0.0
-    value, grads = value_and_grads(lambda a, b: ntf.gram_row_cosines(a, b, "sample"), x, randn(2, 6, 2, seed=3))
+    value, grads = value_and_grads(
+        lambda a, b: ntf.gram_row_cosines(a, b, gram_scope="sample"), x, randn(2, 6, 2, seed=3)
+    )
     assert torch.isfinite(grads[0]).all() and torch.isfinite(value).all()

@@ -10,6 +10,7 @@ import torch
 
 import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
+from negtransfer_losses.functional.anti_transfer import AntiTransferOptions, compute_anti_transfer_terms
 
 
 def feats(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ LAYER_TERMS = ("loss", "similarity", "student_norm")
 def test_two_tensors_form_one_layer() -> None:
     s, r = feats(0)["layer2"], feats(1)["layer2"]
     loss = ntl.AntiTransferLoss("mean", "cos")
-    torch.testing.assert_close(loss(s, r), ntf.anti_transfer(s, r, "mean", "cos"))
+    torch.testing.assert_close(loss(s, r), ntf.anti_transfer(s, r, aggregation="mean", distance="cos"))
     assert set(loss.last_terms) == {"loss", "features/loss", "features/similarity", "features/student_norm"}
 
 
@@ -44,7 +45,7 @@ def test_last_terms_hold_detached_logging_scalars() -> None:
     assert set(terms) == {"loss"} | {f"{layer}/{t}" for layer in ("layer2", "layer3") for t in LAYER_TERMS}
     assert all(not v.requires_grad and v.dim() == 0 for v in terms.values())
     for name in ("layer2", "layer3"):
-        raw = ntf.compute_anti_transfer_terms(s[name], r[name], ntf.AntiTransferOptions.resolve("gram", "cos_squared"))
+        raw = compute_anti_transfer_terms(s[name], r[name], AntiTransferOptions.resolve("gram", "cos_squared"))
         torch.testing.assert_close(terms[f"{name}/similarity"], raw.similarity)
         torch.testing.assert_close(terms[f"{name}/loss"], 3.0 * raw.loss.detach())
         torch.testing.assert_close(terms[f"{name}/student_norm"], raw.student_norm)
@@ -97,3 +98,37 @@ def test_repr_shows_the_configuration() -> None:
     assert repr(ntl.AntiTransferLoss()) == (
         "AntiTransferLoss(aggregation='gram', distance='cos_squared', gram_scope='batch', weight=1.0)"
     )
+
+
+def test_layer_losses_are_weighted_contributions_that_add_up_to_the_returned_loss() -> None:
+    s, r = feats(0), feats(1)
+    loss = ntl.AntiTransferLoss("mean", "cos", weight=2.5, layer_weights={"layer3": 0.2})
+    total = loss(s, r)
+    terms = loss.last_terms
+    torch.testing.assert_close(terms["loss"], total.detach())
+    torch.testing.assert_close(terms["layer2/loss"] + terms["layer3/loss"], terms["loss"])
+    raw = ntf.anti_transfer(s["layer3"], r["layer3"], aggregation="mean", distance="cos")
+    torch.testing.assert_close(terms["layer3/loss"], 2.5 * 0.2 * raw)  # the weighted contribution, not the raw loss
+
+
+CONFIGURATIONS = [("gram", "cos_squared"), ("mean", "cos"), ("max", "cos_squared"), ("none", "cka"), ("gram", "cka")]
+
+
+@pytest.mark.parametrize(("aggregation", "distance"), CONFIGURATIONS)
+def test_a_step_makes_no_host_sync_and_compiles_without_a_graph_break(aggregation: str, distance: str) -> None:
+    from helpers import count_syncs
+
+    s, r = feats(0), feats(1)
+    for t in s.values():
+        t.requires_grad_(True)
+    loss = ntl.AntiTransferLoss(aggregation, distance, weight=2.0)  # type: ignore[arg-type]
+
+    def step() -> None:
+        loss(s, r).backward()
+
+    step()  # warm-up
+    syncs = count_syncs(step)  # the NaN check deferred as on a GPU
+    assert syncs.total == 0, dict(syncs.counts)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(s, r)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]

@@ -45,9 +45,11 @@ def test_kernel_matches_float64_reference(
     aggregation: str, batch: int, channels: int, spatial: tuple[int, ...], dtype: torch.dtype
 ) -> None:
     s, r = maps(batch, channels, spatial, dtype)
-    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"), s, r)
+    value, grad = value_and_grad(
+        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation=aggregation, backend="triton"), s, r
+    )
     expected, expected_grad = value_and_grad(
-        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation=aggregation),  # type: ignore[arg-type]
         s.double(),
         r.double(),
     )
@@ -62,15 +64,19 @@ def test_kernel_matches_float64_reference(
 def test_max_ties_split_the_gradient_evenly_like_amax() -> None:
     s = torch.tensor([[[2.0, 1.0, 0.5], [2.0, 0.5, 0.5], [0.0, 1.0, 0.5]]])  # ties at positions 0, 1 and 2
     r = torch.tensor([[[1.0, 3.0, 2.0], [0.5, 1.0, 1.0], [2.0, 0.0, 1.0]]])
-    got = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, "max", backend="triton"), s, r)[1]
-    expected = value_and_grad(lambda a, b: ntf.aggregated_row_cosines(a, b, "max"), s.double(), r.double())[1]
+    got = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, aggregation="max", backend="triton"), s, r)[1]
+    expected = value_and_grad(lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation="max"), s.double(), r.double())[
+        1
+    ]
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)
     assert got[0, 0, 0] == got[0, 1, 0] != 0 and got[0, 0, 2] == got[0, 1, 2] == got[0, 2, 2]
 
 
 def test_zero_maps_give_zero_cosine_and_finite_gradient() -> None:
     s, r = torch.zeros(2, 3, 5), torch.randn(2, 3, 5)
-    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, "mean", backend="triton"), s, r)
+    value, grad = value_and_grad(
+        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation="mean", backend="triton"), s, r
+    )
     assert torch.equal(value, torch.zeros(2)) and torch.isfinite(grad).all()
 
 
@@ -78,8 +84,8 @@ def test_anti_transfer_uses_the_kernel_with_the_same_result() -> None:
     s, r = maps(3, 6, (5, 3), torch.float32)
     for distance in ("cos", "cos_squared"):
         torch.testing.assert_close(
-            ops.anti_transfer(s, r, "mean", distance, backend="triton"),  # type: ignore[arg-type]
-            ops.anti_transfer(s, r, "mean", distance, backend="torch"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, aggregation="mean", distance=distance, backend="triton"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, aggregation="mean", distance=distance, backend="torch"),  # type: ignore[arg-type]
         )
 
 
@@ -116,9 +122,11 @@ def test_reference_with_another_channel_count(aggregation: str) -> None:
     # the contract allows it; the kernel once reduced the reference over the student's channel count
     g = torch.Generator().manual_seed(3)
     s, r = torch.randn(3, 4, 6, 5, generator=g), torch.randn(3, 9, 6, 5, generator=g)
-    value, grad = value_and_grad(lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"), s, r)
+    value, grad = value_and_grad(
+        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation=aggregation, backend="triton"), s, r
+    )
     expected, expected_grad = value_and_grad(
-        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation=aggregation),  # type: ignore[arg-type]
         s.double(),
         r.double(),
     )
@@ -130,11 +138,11 @@ def test_reference_with_another_channel_count(aggregation: str) -> None:
 def test_both_paths_give_the_documented_errors(backend: str) -> None:
     s = torch.randn(2, 3, 4)
     with pytest.raises(TypeError, match=r"'student' must be a real floating-point tensor"):
-        ops.aggregated_row_cosines(s.long(), s, "mean", backend=backend)  # type: ignore[arg-type]
+        ops.aggregated_row_cosines(s.long(), s, aggregation="mean", backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"must agree in batch and spatial size"):
-        ops.aggregated_row_cosines(s, s[:, :, :3], "mean", backend=backend)  # type: ignore[arg-type]
+        ops.aggregated_row_cosines(s, s[:, :, :3], aggregation="mean", backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'aggregation' must be one of 'mean', 'sum', 'max'"):
-        ops.aggregated_row_cosines(s, s, "mul", backend=backend)  # type: ignore[arg-type]
+        ops.aggregated_row_cosines(s, s, aggregation="mul", backend=backend)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"'student' must be a torch.Tensor"):
         ops.gram_row_cosines([[1.0]], s, backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'student' and 'reference' must have the same shape"):
@@ -147,12 +155,12 @@ def test_nan_propagates_like_torch(aggregation: str) -> None:
     # (the interpreter's numpy max keeps NaN either way, so this checks the contract, not the GPU flag)
     s, r = maps(3, 5, (4, 3), torch.float32)
     s[1, 2, 1, 1] = float("nan")
-    got = ops.anti_transfer(s, r, aggregation, "cos", nan_policy="propagate", backend="triton")  # type: ignore[arg-type]
-    expected = ops.anti_transfer(s, r, aggregation, "cos", nan_policy="propagate", backend="torch")  # type: ignore[arg-type]
+    got = ops.anti_transfer(s, r, aggregation=aggregation, distance="cos", nan_policy="propagate", backend="triton")  # type: ignore[arg-type]
+    expected = ops.anti_transfer(s, r, aggregation=aggregation, distance="cos", nan_policy="propagate", backend="torch")  # type: ignore[arg-type]
     assert torch.isnan(got) and torch.isnan(expected)
-    cosines = ops.aggregated_row_cosines(s, r, aggregation, backend="triton")  # type: ignore[arg-type]
+    cosines = ops.aggregated_row_cosines(s, r, aggregation=aggregation, backend="triton")  # type: ignore[arg-type]
     assert torch.isnan(cosines[1]) and torch.isfinite(cosines[[0, 2]]).all()
-    reference = ops.aggregated_row_cosines(s, r, aggregation, backend="torch")  # type: ignore[arg-type]
+    reference = ops.aggregated_row_cosines(s, r, aggregation=aggregation, backend="torch")  # type: ignore[arg-type]
     torch.testing.assert_close(cosines, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
@@ -160,12 +168,12 @@ def test_nan_propagates_like_torch(aggregation: str) -> None:
 def test_huge_float32_maps_give_the_cosines_of_the_unscaled_maps(aggregation: str) -> None:
     s, r = maps(3, 6, (50, 3), torch.float32, seed=4)
     value, grad = value_and_grad(
-        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation, backend="triton"),  # type: ignore[arg-type]
+        lambda a, b: ops.aggregated_row_cosines(a, b, aggregation=aggregation, backend="triton"),  # type: ignore[arg-type]
         s * 1e30,
         r * 3e29,
     )
     expected, expected_grad = value_and_grad(
-        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation),  # type: ignore[arg-type]
+        lambda a, b: ntf.aggregated_row_cosines(a, b, aggregation=aggregation),  # type: ignore[arg-type]
         s.double(),
         r.double(),
     )
@@ -181,7 +189,7 @@ def test_backward_reads_the_student_only_for_max(aggregation: str, reads: int) -
 
     s, r = maps(2, 7, (9, 20), torch.float32)
     leaf = s.clone().requires_grad_(True)
-    cosines = ops.aggregated_row_cosines(leaf, r, aggregation, backend="triton")  # type: ignore[arg-type]
+    cosines = ops.aggregated_row_cosines(leaf, r, aggregation=aggregation, backend="triton")  # type: ignore[arg-type]
     lo, hi = leaf.data_ptr(), leaf.data_ptr() + leaf.numel() * leaf.element_size()
     loaded = [0]
     builder = interpreter.interpreter_builder

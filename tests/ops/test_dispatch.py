@@ -328,3 +328,18 @@ def test_time_path_takes_the_median_after_a_warm_up(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(dispatch.settings, "repeats", 3)
     milliseconds = dispatch.time_path(lambda: calls.append(1), path="torch", device=torch.device("cpu"))
     assert len(calls) == 5 and 0 <= milliseconds < 100
+
+
+def test_distribution_matching_is_measured_per_divergence(measured: Measured) -> None:
+    g = torch.Generator().manual_seed(4)
+    za = torch.randn(6, 5, generator=g, requires_grad=True)
+    zb = torch.randn(6, 7, generator=g, requires_grad=True)
+    relatedness = torch.rand(5, 7, generator=g)
+    terms = ops.distribution_matching(za, zb, relatedness)
+    ops.distribution_matching(za, zb, relatedness, divergence="ce")
+    ops.distribution_matching(za, zb, relatedness, divergence="ce")
+    assert measured.timed == ["triton", "torch"] * 2
+    keys = sorted(dispatch.decisions())
+    assert [k.split(" ")[0] for k in keys] == ["distribution_matching/ce", "distribution_matching/kl"]
+    expected = ops.distribution_matching(za, zb, relatedness, backend="triton")
+    assert all(torch.equal(terms[k], expected[k]) for k in expected)

@@ -41,8 +41,8 @@ def test_kernel_matches_float64_reference(shape: tuple[int, ...], scope: str, dt
     s = torch.randn(*shape, generator=g)
     r = (0.5 * s + torch.randn(*shape, generator=g)).to(dtype)
     s = s.to(dtype)
-    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, scope, backend="triton"), s, r)  # type: ignore[arg-type]
-    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, scope), s.double(), r.double())  # type: ignore[arg-type]
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, gram_scope=scope, backend="triton"), s, r)  # type: ignore[arg-type]
+    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, gram_scope=scope), s.double(), r.double())  # type: ignore[arg-type]
     rtol, atol = TOLERANCES[dtype]
     assert value.shape == expected.shape and grad.dtype == dtype
     torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
@@ -52,7 +52,7 @@ def test_kernel_matches_float64_reference(shape: tuple[int, ...], scope: str, dt
 def test_zero_rows_give_zero_cosine_and_finite_gradient() -> None:
     s, r = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
     s[0, 2] = 0.0
-    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, "sample", backend="triton"), s, r)
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, gram_scope="sample", backend="triton"), s, r)
     assert value[2].item() == 0.0 and torch.isfinite(grad).all()
 
 
@@ -62,8 +62,8 @@ def test_anti_transfer_uses_the_kernel_with_the_same_result(scope: str) -> None:
     s, r = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
     for distance in ("cos", "cos_squared"):
         torch.testing.assert_close(
-            ops.anti_transfer(s, r, "gram", distance, scope, backend="triton"),  # type: ignore[arg-type]
-            ops.anti_transfer(s, r, "gram", distance, scope, backend="torch"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, aggregation="gram", distance=distance, gram_scope=scope, backend="triton"),  # type: ignore[arg-type]
+            ops.anti_transfer(s, r, aggregation="gram", distance=distance, gram_scope=scope, backend="torch"),  # type: ignore[arg-type]
         )
 
 
@@ -73,8 +73,8 @@ def test_rows_past_one_column_chunk_accumulate_over_chunks(monkeypatch: pytest.M
     monkeypatch.setattr(gram_cosine, "TILE_COLUMNS", 16)  # 40 rows: three chunks, as 600 rows with 256
     g = torch.Generator().manual_seed(2)
     s, r = torch.randn(1, 40, 33, generator=g), torch.randn(1, 40, 33, generator=g)
-    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, "sample", backend="triton"), s, r)
-    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, "sample"), s.double(), r.double())
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, gram_scope="sample", backend="triton"), s, r)
+    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, gram_scope="sample"), s.double(), r.double())
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max().item())
 
@@ -83,8 +83,8 @@ def test_rows_past_one_column_chunk_accumulate_over_chunks(monkeypatch: pytest.M
 def test_huge_float32_maps_give_the_cosines_of_the_unscaled_maps(shape: tuple[int, ...], scope: str) -> None:
     g = torch.Generator().manual_seed(4)
     s, r = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
-    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, scope, backend="triton"), s * 1e30, r * 3e29)  # type: ignore[arg-type]
-    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, scope), s.double(), r.double())  # type: ignore[arg-type]
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, gram_scope=scope, backend="triton"), s * 1e30, r * 3e29)  # type: ignore[arg-type]
+    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, gram_scope=scope), s.double(), r.double())  # type: ignore[arg-type]
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
     top = expected_grad.abs().max().item()
@@ -136,11 +136,11 @@ def test_batch_scope_identity_arithmetic_and_reads_are_bounded() -> None:
 
     builder.create_dot, builder.create_masked_load = counting_dot, counting_load
     try:
-        (3.7 * ops.gram_row_cosines(s, r, "batch", backend="triton").abs().mean().square()).backward()
+        (3.7 * ops.gram_row_cosines(s, r, gram_scope="batch", backend="triton").abs().mean().square()).backward()
     finally:
         builder.create_dot, builder.create_masked_load = dot, load
     with FlopCounterMode(display=False) as counter:
-        run(lambda a, b: ntf.gram_row_cosines(a, b, "batch"), s, r)
+        run(lambda a, b: ntf.gram_row_cosines(a, b, gram_scope="batch"), s, r)
     rows, dim = 960, 64
     assert counted["flops"] == 24 * rows * dim * dim  # forward 12 m N², backward 12 m N²
     assert counted["flops"] <= 2 * counter.get_total_flops()
@@ -173,8 +173,8 @@ def test_identity_partials_over_several_row_chunks(
     r = (0.5 * s + torch.randn(*shape, generator=g)).to(dtype)
     s = s.to(dtype)
     s[1] *= 1e3  # chunks at different scales: their exponents differ
-    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, "batch", backend="triton"), s, r)
-    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, "batch"), s.double(), r.double())
+    value, grad = run(lambda a, b: ops.gram_row_cosines(a, b, gram_scope="batch", backend="triton"), s, r)
+    expected, expected_grad = run(lambda a, b: ntf.gram_row_cosines(a, b, gram_scope="batch"), s.double(), r.double())
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol, atol=atol * expected_grad.abs().max().item())
@@ -185,7 +185,7 @@ def test_nan_propagates_like_the_torch_path(shape: tuple[int, ...], scope: str) 
     g = torch.Generator().manual_seed(7)
     s, r = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
     s.view(shape[0], -1)[1, 3] = float("nan")
-    got = ops.gram_row_cosines(s, r, scope, backend="triton")  # type: ignore[arg-type]
-    expected = ops.gram_row_cosines(s, r, scope, backend="torch")  # type: ignore[arg-type]
+    got = ops.gram_row_cosines(s, r, gram_scope=scope, backend="triton")  # type: ignore[arg-type]
+    expected = ops.gram_row_cosines(s, r, gram_scope=scope, backend="torch")  # type: ignore[arg-type]
     assert torch.isnan(got).any()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)  # the rest unchanged
