@@ -10,8 +10,9 @@ Methods (all on the same CNN, the same data and seeds):
 - anti-transfer: `AntiTransferLoss` between the student's conv layers (`FeatureTap`) and those of a frozen
   network trained to predict colour on its own randomly coloured copy of the training images
   (`FrozenReference`);
-- hsic / adversarial: `TaskIrrelevantSuppression` with the colour labels on the penultimate features;
-- cka: `TaskIrrelevantSuppression("cka")` against the frozen colour network's penultimate features;
+- hsic / adversarial: `HSICSuppression` / `AdversarialSuppression` with the colour labels on the penultimate
+  features;
+- cka: `CKASuppression` against the frozen colour network's penultimate features;
 - purify: `Purify` with the colour labels before the classifier;
 - hsic_conditional / adversarial_conditional / purify_conditional: the conditional variants
   (`conditional=True`, given the digit labels too), which remove what the colour says beyond the digit.
@@ -156,11 +157,13 @@ def fit(
     epochs: int,
     seed: int,
     penalty: Callable[[Net, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
-    extra_params: list[nn.Parameter] | None = None,
+    adversary: ntl.AdversarialSuppression | None = None,
 ) -> Net:
-    # an adversary's head is trained by the same optimizer at the same learning rate: the module makes
-    # its head learn faster by itself (`head_lr_multiplier`, `head_steps`)
-    optimizer = torch.optim.Adam([*model.parameters(), *(extra_params or [])], lr=1e-3)
+    # an adversary's head is trained by the same optimizer, in its own parameter group at `head_lr_multiplier`
+    # times the learning rate, and takes steps of its own on each batch (`head_steps`)
+    lr = 1e-3
+    heads = adversary.parameter_groups(lr) if adversary is not None else []
+    optimizer = torch.optim.Adam([{"params": model.parameters()}, *heads], lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -206,29 +209,24 @@ def train_method(method: str, weight: float, train: Split, colour_net: Net, epoc
             tap.remove()
     if base == "cka":
         reference = ntl.FrozenReference(colour_net, "fc")
-        cka = ntl.TaskIrrelevantSuppression("cka", weight=weight, conditional=conditional)
+        cka = ntl.CKASuppression(weight=weight, conditional=conditional)
 
         def cka_penalty(net: Net, x: Tensor, z: Tensor, colours: Tensor, digits: Tensor) -> Tensor:
             if conditional:
-                return cka(z, irrelevant_features=reference(x)["fc"], task_labels=digits)
-            return cka(z, irrelevant_features=reference(x)["fc"])
+                return cka(z, reference(x)["fc"], task_labels=digits)
+            return cka(z, reference(x)["fc"])
 
         return fit(model, train, train.digits, epochs, seed, cka_penalty)
     options = {"dim": 64} if base == "adversarial" else {}
-    suppression = ntl.TaskIrrelevantSuppression(
-        base,  # type: ignore[arg-type]
-        10,
-        weight=weight,
-        conditional=conditional,
-        **options,  # type: ignore[arg-type]
-    )
+    suppression = ntl.make_suppression(base, num_irrelevant=10, weight=weight, conditional=conditional, **options)  # type: ignore[call-overload]
 
     def suppress(net: Net, x: Tensor, z: Tensor, colours: Tensor, digits: Tensor) -> Tensor:
         if conditional:
-            return suppression(z, irrelevant_labels=colours, task_labels=digits)
-        return suppression(z, irrelevant_labels=colours)
+            return suppression(z, colours, task_labels=digits)
+        return suppression(z, colours)
 
-    return fit(model, train, train.digits, epochs, seed, suppress, list(suppression.parameters()))
+    adversary = suppression if isinstance(suppression, ntl.AdversarialSuppression) else None
+    return fit(model, train, train.digits, epochs, seed, suppress, adversary)
 
 
 @torch.no_grad()

@@ -99,9 +99,7 @@ class NegTransferPenalty(nn.Module):
         self.anti_transfer = ntl.AntiTransferLoss(
             aggregation="gram", distance="cos_squared", gram_scope="sample", weight=anti_transfer_weight
         )
-        self.suppression = ntl.TaskIrrelevantSuppression(
-            "hsic", num_irrelevant=NUM_IRRELEVANT, normalized=True, weight=suppression_weight
-        )
+        self.suppression = ntl.HSICSuppression(NUM_IRRELEVANT, normalized=True, weight=suppression_weight)
 
     def forward(self, inputs: Mapping[str, Tensor], irrelevant_labels: Tensor) -> Tensor:
         student = self.tap.pop()

@@ -3,7 +3,8 @@
 Inputs `x ∈ R^16`: the task label `y` (4 classes) shifts dims 0-1 by ±2, the irrelevant label `u` (4
 classes, independent of `y`) shifts dims 2-3 by ±1.5, the rest is noise (the best possible task accuracy
 is Φ(2)² ≈ 95 %). An MLP encoder gives features `z ∈ R^16` and a linear head predicts `y`; every module's
-parameters (the adversarial head included) are in one Adam optimizer at the same learning rate. After
+parameters are in one Adam optimizer at one learning rate, the adversarial head in its own parameter group
+(`parameter_groups`: `head_lr_multiplier` times that rate). After
 training, a logistic-regression probe fitted on the training features measures how well `u` can still be
 read from `z` on test data (chance: 25 %).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,23 +106,18 @@ def train(
     base = method.removesuffix("_conditional")
     purify = ntl.Purify(NUM_CLASSES, 16, momentum=weight, conditional=conditional) if base == "purify" else None
     model = Model(purify)
-    suppression: ntl.TaskIrrelevantSuppression | None = None
+    suppression: nn.Module | None = None
+    heads: list[dict[str, Any]] = []
     if base == "hsic":
-        suppression = ntl.TaskIrrelevantSuppression("hsic", NUM_CLASSES, weight=weight, conditional=conditional)
+        suppression = ntl.HSICSuppression(NUM_CLASSES, weight=weight, conditional=conditional)
     elif base == "adversarial":
-        suppression = ntl.TaskIrrelevantSuppression(
-            "adversarial",
-            NUM_CLASSES,
-            weight=weight,
-            dim=16,
-            conditional=conditional,
-            **(adversary or {}),  # type: ignore[arg-type]
-        )
+        options: dict[str, Any] = dict(adversary or {})
+        suppression = ntl.AdversarialSuppression(NUM_CLASSES, dim=16, weight=weight, conditional=conditional, **options)
+        heads = suppression.parameter_groups(LR)
     elif base == "cka":
-        suppression = ntl.TaskIrrelevantSuppression("cka", weight=weight, conditional=conditional)
+        suppression = ntl.CKASuppression(weight=weight, conditional=conditional)
     reference = frozen_u_network(x, u, steps) if base == "cka" else None
-    params = [*model.parameters(), *(suppression.parameters() if suppression is not None else [])]
-    optimizer = torch.optim.Adam(params, lr=LR)  # one optimizer, one learning rate
+    optimizer = torch.optim.Adam([{"params": model.parameters()}, *heads], lr=LR)  # one optimizer
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (128,), generator=generator)
@@ -128,8 +125,7 @@ def train(
         loss = F.cross_entropy(model.head(z), y[idx])
         if suppression is not None:
             extra = {"task_labels": y[idx]} if conditional else {}
-            r = reference(x[idx]) if reference is not None else None
-            loss = loss + suppression(z, u[idx] if reference is None else None, r, **extra)
+            loss = loss + suppression(z, u[idx] if reference is None else reference(x[idx]), **extra)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

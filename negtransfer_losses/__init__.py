@@ -2,7 +2,8 @@
 
 - feature taps for any model: `FeatureTap`, `FrozenReference`;
 - anti-transfer: `AntiTransferLoss`;
-- suppression of task-irrelevant factors: `TaskIrrelevantSuppression`, `Purify`;
+- suppression of task-irrelevant factors: `AdversarialSuppression`, `HSICSuppression`, `CKASuppression`
+  (`make_suppression` builds one by name), `Purify`;
 - batches that hold every (task class, irrelevant factor) group: `GroupBalancedBatchSampler`;
 - multi-task distribution matching: `TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`,
   `MultiTaskLoss`;
@@ -24,7 +25,7 @@ from .losses import (
     MultiTaskLoss,
     Purify,
     SoftCoAnnotationLoss,
-    TaskIrrelevantSuppression,
+    make_suppression,
 )
 from .relatedness import TaskRelatedness
 from .sampling import GroupBalancedBatchSampler
@@ -47,12 +48,12 @@ __all__ = [
     "Purify",
     "SoftCoAnnotationLoss",
     "StaleFeaturesError",
-    "TaskIrrelevantSuppression",
     "TaskRelatedness",
     "__version__",
     "collect_terms",
     "diagnostics",
     "functional",
+    "make_suppression",
     "ops",
     "raise_pending_errors",
 ]

@@ -48,7 +48,7 @@ def losses(gather: str, reference: Net) -> dict[str, Callable[[Tensor, Tensor, T
     """
     at = ntl.AntiTransferLoss("gram", "cos_squared", gram_scope="batch", gather=gather)  # type: ignore[arg-type]
     frozen = ntl.FrozenReference(reference, "body")
-    suppression = ntl.TaskIrrelevantSuppression("hsic", 3, normalized=True, gather=gather)  # type: ignore[arg-type]
+    suppression = ntl.HSICSuppression(3, normalized=True, gather=gather)  # type: ignore[arg-type]
     return {
         "hsic": lambda z, x, y, u: ntf.hsic(z, y, kernel="rbf", gather=gather),  # type: ignore[arg-type]
         "linear_cka": lambda z, x, y, u: ntf.linear_cka(z, y, gather=gather),  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ def train(model: nn.Module, frozen: ntl.FrozenReference, x: Tensor, u: Tensor, g
     gradient, which would pass whatever the gather did.
     """
     at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", gram_scope="batch", gather=gather)
-    sup = ntl.TaskIrrelevantSuppression("hsic", num_irrelevant=3, normalized=True, gather=gather)
+    sup = ntl.HSICSuppression(3, normalized=True, gather=gather)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tap = ntl.FeatureTap(model, list(LAYERS))
     steps: list[dict[str, Any]] = []

@@ -263,3 +263,46 @@ def _adversarial_conditional() -> Case:
         Network(features=(B, 8)),
         lambda loss, net: loss(net["features"](), u, task_labels=y),
     )
+
+
+# HSIC and CKA suppression: irrelevant labels u (3 classes), task labels y (2 classes), a frozen network's features.
+
+
+@case("HSICSuppression")
+def _hsic() -> Case:
+    u = labels(3, seed=40)
+    return Case(ntl.HSICSuppression(3), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u))
+
+
+@case("HSICSuppression, conditional")
+def _hsic_conditional() -> Case:
+    u, y = labels(3, seed=41), labels(2, seed=42)
+    return Case(
+        ntl.HSICSuppression(3, conditional=True),
+        Network(features=(B, 8)),
+        lambda loss, net: loss(net["features"](), u, task_labels=y),
+    )
+
+
+@case("CKASuppression")
+def _cka() -> Case:
+    reference = frozen(B, 6, seed=43)
+    return Case(ntl.CKASuppression(), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), reference))
+
+
+@case("CKASuppression, conditional")
+def _cka_conditional() -> Case:
+    reference, y = frozen(B, 6, seed=44), labels(2, seed=45)
+    return Case(
+        ntl.CKASuppression(conditional=True),
+        Network(features=(B, 8)),
+        lambda loss, net: loss(net["features"](), reference, task_labels=y),
+    )
+
+
+@weighted_case("HSICSuppression, weight 0.4")
+def _hsic_weighted() -> Case:
+    u = labels(3, seed=40)
+    return Case(
+        ntl.HSICSuppression(3, weight=0.4), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u)
+    )

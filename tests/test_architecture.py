@@ -19,7 +19,9 @@ from negtransfer_losses import ops
 PACKAGE = Path(ntl.__file__).parent
 MODULES = [
     ntl.AntiTransferLoss,
-    ntl.TaskIrrelevantSuppression,
+    ntl.AdversarialSuppression,
+    ntl.HSICSuppression,
+    ntl.CKASuppression,
     ntl.Purify,
     ntl.DistributionMatchingLoss,
     ntl.SoftCoAnnotationLoss,
@@ -83,7 +85,7 @@ RETIRED_NAMES = {
     "distribution_matching": "matching_weight",
     "co_annotation": "co_annotation_weight",
 }
-ALLOWED = {ntl.TaskIrrelevantSuppression: {"method"}}
+ALLOWED: dict[type, set[str]] = {}
 
 
 def test_one_vocabulary_across_the_public_modules() -> None:
@@ -111,7 +113,8 @@ def test_last_terms_have_one_layout() -> None:
     la, lb = torch.tensor([0, 1, 2, -100, 0, 1]), torch.tensor([[1, 0], [-1, 1], [0, 0], [1, 1], [-1, -1], [0, 1]])
     calls = [
         (ntl.AntiTransferLoss(weight=2.0), (torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2))),
-        (ntl.TaskIrrelevantSuppression("hsic", 3, weight=2.0), (torch.randn(8, 5), torch.arange(8) % 3)),
+        (ntl.HSICSuppression(3, weight=2.0), (torch.randn(8, 5), torch.arange(8) % 3)),
+        (ntl.CKASuppression(weight=2.0), (torch.randn(8, 5), torch.randn(8, 3))),
         (ntl.DistributionMatchingLoss(relatedness, weight=2.0), (za, zb)),
         (ntl.SoftCoAnnotationLoss(relatedness, weight=2.0), (za, zb, la, lb)),
         (ntl.MultiTaskLoss(relatedness, weight=2.0), (za, zb, la, lb)),

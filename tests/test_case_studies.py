@@ -162,7 +162,8 @@ def test_the_studies_defaults_are_the_librarys_and_every_sweep_grid_holds_them()
         elif method == "anti_transfer":
             assert value == default(ntl.AntiTransferLoss, "weight")
         else:
-            assert value == default(ntl.TaskIrrelevantSuppression, "weight")
+            module = {"hsic": ntl.HSICSuppression, "cka": ntl.CKASuppression, "adversarial": ntl.AdversarialSuppression}
+            assert value == default(module[method.removesuffix("_conditional")], "weight")
         assert value in bd.SWEEP_GRID[method], method
     for name in ("matching_weight", "co_annotation_weight"):
         assert default(ntl.MultiTaskLoss, name) == mt.DEFAULT_WEIGHT

@@ -126,13 +126,11 @@ def test_suppression_is_finite_on_valid_input(data: st.DataObject) -> None:
     if method == "adversarial":
         kwargs = {"dim": dim, "entropy_weight": data.draw(st.sampled_from([0.0, 0.5]))}
     if method == "cka":
-        loss = ntl.TaskIrrelevantSuppression(method, **kwargs)  # type: ignore[arg-type]
+        loss = ntl.make_suppression("cka", **kwargs)
         reference = data.draw(features(min_batch=z.shape[0], max_batch=z.shape[0]))
-        finite_case("suppression cka", lambda f, r: loss(f, irrelevant_features=r), z, reference)
+        finite_case("suppression cka", lambda f, r: loss(f, r), z, reference)
         return
-    loss = ntl.TaskIrrelevantSuppression(method, k, **kwargs)  # type: ignore[arg-type]
-    if loss.head is not None:
-        loss.head.to(z.dtype)
+    loss = ntl.make_suppression(method, num_irrelevant=k, **kwargs).to(z.dtype)  # type: ignore[call-overload]
     finite_case(f"suppression {method}", lambda f: loss(f, u), z)
 
 
@@ -232,9 +230,9 @@ def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
     za[0, 0] = bad
     raising: list[tuple[str, Callable[[], Tensor]]] = [
         ("anti_transfer", lambda: ntl.AntiTransferLoss()(z[:, :, None], z[:, :, None].flip(0))),
-        ("hsic", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(z, u)),
-        ("adversarial", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=4)(z, u)),
-        ("cka", lambda: ntl.TaskIrrelevantSuppression("cka")(z, irrelevant_features=torch.randn(6, 2))),
+        ("hsic", lambda: ntl.HSICSuppression(3)(z, u)),
+        ("adversarial", lambda: ntl.AdversarialSuppression(3, dim=4)(z, u)),
+        ("cka", lambda: ntl.CKASuppression()(z, torch.randn(6, 2))),
         ("multitask", lambda: ntl.MultiTaskLoss(rel)(za, torch.randn(6, 2), u, torch.ones(6, 2))),
         ("matching", lambda: ntl.DistributionMatchingLoss(rel)(za, torch.randn(6, 2))),
         ("purify", lambda: ntl.Purify(3, 4)(z, u)),
@@ -243,15 +241,9 @@ def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
         clear_error(f"{name} non-finite", call, "NaN or inf")
     skipping: list[tuple[str, Callable[[Tensor], Tensor]]] = [
         ("anti_transfer", lambda f: ntl.AntiTransferLoss(nan_policy="skip")(f[:, :, None], f[:, :, None].flip(0))),
-        ("hsic", lambda f: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="skip")(f, u)),
-        (
-            "adversarial",
-            lambda f: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=4, nan_policy="skip")(f, u),
-        ),
-        (
-            "cka",
-            lambda f: ntl.TaskIrrelevantSuppression("cka", nan_policy="skip")(f, irrelevant_features=torch.randn(6, 2)),
-        ),
+        ("hsic", lambda f: ntl.HSICSuppression(3, nan_policy="skip")(f, u)),
+        ("adversarial", lambda f: ntl.AdversarialSuppression(3, dim=4, nan_policy="skip")(f, u)),
+        ("cka", lambda f: ntl.CKASuppression(nan_policy="skip")(f, torch.randn(6, 2))),
     ]
     for name, fn in skipping:
         finite_case(f"{name} skip", fn, z)
@@ -295,17 +287,13 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("batch mismatch", lambda: ntf.linear_cka(x, x[:5]), "same batch size"),
         ("device mismatch", lambda: ntf.linear_cka(x, meta), "same device"),
         ("device mismatch AT", lambda: ntf.anti_transfer(x[:, :, None], meta[:, :, None]), "same device"),
-        (
-            "device mismatch cka",
-            lambda: ntl.TaskIrrelevantSuppression("cka")(x, irrelevant_features=meta),
-            "same device",
-        ),
+        ("device mismatch cka", lambda: ntl.CKASuppression()(x, meta), "same device"),
         ("labels float", lambda: ntf.irrelevant_hsic(x, u.float(), 3), "integer class indices"),
         ("labels wrong shape", lambda: ntf.irrelevant_hsic(x, u[:, None], 3), r"shape \(6,\)"),
-        ("labels out of range", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(x, u + 1), "holds 3, outside"),
+        ("labels out of range", lambda: ntl.HSICSuppression(3)(x, u + 1), "holds 3, outside"),
         ("labels negative", lambda: ntl.Purify(3, 4)(x, u - 1), "holds -1, outside"),
         ("labels on another device", lambda: ntf.irrelevant_hsic(x, u.to("meta"), 3), "same device"),
-        ("hsic batch 3", lambda: ntl.TaskIrrelevantSuppression("hsic", 3)(x[:3], u[:3]), "at least 4 samples"),
+        ("hsic batch 3", lambda: ntl.HSICSuppression(3)(x[:3], u[:3]), "at least 4 samples"),
         (
             "cka batch 1",
             lambda: ntl.AntiTransferLoss("none", "cka")(x[:1, :, None], x[:1, :, None]),
@@ -314,13 +302,13 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("shape mismatch AT", lambda: ntl.AntiTransferLoss()(x[:, :, None], x[:, :2, None]), "distance='cka'"),
         ("unknown aggregation", lambda: ntl.AntiTransferLoss("median"), "'aggregation' must be one of"),  # type: ignore[arg-type]
         ("unknown gather", lambda: ntl.AntiTransferLoss(gather="world"), "'gather' must be one of"),  # type: ignore[arg-type]
-        ("unknown nan_policy", lambda: ntl.TaskIrrelevantSuppression("hsic", 3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
+        ("unknown nan_policy", lambda: ntl.HSICSuppression(3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
         (
             "negative map for mul",
             lambda: ntf.anti_transfer(-x[:, :, None], x[:, :, None], aggregation="mul"),
             "non-negative",
         ),
-        ("head dims", lambda: ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)(x, u), r"\(6, 4\)"),
+        ("head dims", lambda: ntl.AdversarialSuppression(3, dim=5)(x, u), r"\(6, 4\)"),
         (
             "logits mismatch R",
             lambda: ntl.DistributionMatchingLoss(rel)(torch.randn(6, 2), torch.randn(6, 2)),

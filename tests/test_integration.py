@@ -61,12 +61,17 @@ def test_functional_losses_compile_with_fullgraph(
         torch.testing.assert_close(g, e)
 
 
-def test_irrelevant_hsic_is_not_fullgraph_but_compiles_with_graph_breaks() -> None:
-    # its estimator depends on how many labels are known: a data-dependent branch (documented)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_irrelevant_hsic_compiles_with_fullgraph(conditional: bool) -> None:
+    # fixed shapes: how many labels are known, and which task classes are eligible, are masks, not branches
     torch._dynamo.reset()
     u = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
-    compiled = torch.compile(lambda z: ntf.irrelevant_hsic(z, u, 3), backend="aot_eager")
-    torch.testing.assert_close(compiled(X), ntf.irrelevant_hsic(X, u, 3))
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]) if conditional else None
+    fn = lambda z: ntf.irrelevant_hsic(z, u, 3, unbiased=False, task_labels=y)  # noqa: E731
+    value, grads = value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), (X,))
+    expected, expected_grads = value_and_grads(fn, (X,))
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grads[0], expected_grads[0])
 
 
 class Net(nn.Module):
@@ -154,8 +159,8 @@ AMP_CASES: list[tuple[str, Callable[[Tensor, Tensor], Tensor], float]] = [
     ("anti_transfer gram", lambda s, r: ntl.AntiTransferLoss()(s, r), 0.02),
     ("anti_transfer mean cos", lambda s, r: ntl.AntiTransferLoss("mean", "cos")(s, r), 0.02),
     ("anti_transfer cka", lambda s, r: ntl.AntiTransferLoss("none", "cka")(s, r), 0.02),
-    ("hsic", lambda s, r: ntl.TaskIrrelevantSuppression("hsic", 3, normalized=True)(s, LA[:6].clamp(0, 2)), 0.03),
-    ("cka", lambda s, r: ntl.TaskIrrelevantSuppression("cka")(s, irrelevant_features=r), 0.02),
+    ("hsic", lambda s, r: ntl.HSICSuppression(3, normalized=True)(s, LA[:6].clamp(0, 2)), 0.03),
+    ("cka", lambda s, r: ntl.CKASuppression()(s, r), 0.02),
     ("adversarial", lambda s, r: _adversarial(s), 0.03),
     ("purify", lambda s, r: ntl.Purify(3, 48, momentum=1.0)(s, LA[:6].clamp(0, 2)).float().square().mean(), 0.03),
     (
@@ -168,7 +173,7 @@ AMP_CASES: list[tuple[str, Callable[[Tensor, Tensor], Tensor], float]] = [
 
 def _adversarial(s: Tensor) -> Tensor:
     torch.manual_seed(3)
-    return ntl.TaskIrrelevantSuppression("adversarial", 3, dim=48)(s, LA[:6].clamp(0, 2))
+    return ntl.AdversarialSuppression(3, dim=48)(s, LA[:6].clamp(0, 2))
 
 
 def _heads(s: Tensor) -> tuple[Tensor, Tensor]:

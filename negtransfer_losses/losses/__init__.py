@@ -4,7 +4,7 @@ from .adversarial import AdversarialSuppression
 from .anti_transfer import AntiTransferLoss
 from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
 from .purify import Purify
-from .suppression import CKASuppression, HSICSuppression, TaskIrrelevantSuppression
+from .suppression import CKASuppression, HSICSuppression, make_suppression
 
 __all__ = [
     "AdversarialSuppression",
@@ -15,5 +15,5 @@ __all__ = [
     "MultiTaskLoss",
     "Purify",
     "SoftCoAnnotationLoss",
-    "TaskIrrelevantSuppression",
+    "make_suppression",
 ]

@@ -1,14 +1,14 @@
-"""`TaskIrrelevantSuppression`: each method's value, missing labels, the adversarial head's lifecycle."""
+"""`HSICSuppression`, `CKASuppression` and `make_suppression`: values against the functions and the oracles."""
 
 from __future__ import annotations
 
 import inspect
-import itertools
-import warnings
+from typing import Any
 
+import oracles
 import pytest
 import torch
-from torch import nn
+from helpers import assert_matches_oracle, count_syncs, value_and_grads
 
 import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
@@ -20,280 +20,273 @@ def batch(n: int = 12, d: int = 5, k: int = 3, seed: int = 0) -> tuple[torch.Ten
     return torch.randn(n, d, generator=g) + torch.eye(k, d)[u], u
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "reference"),
-    [
-        ({"method": "hsic"}, lambda z, u, r: ntf.irrelevant_hsic(z, u, 3)),
-        (
-            {"method": "hsic", "kernel": "rbf", "normalized": True},
-            lambda z, u, r: ntf.irrelevant_hsic(z, u, 3, "rbf", True),
-        ),
-        ({"method": "cka"}, lambda z, u, r: ntf.linear_cka(z, r)),
-    ],
-    ids=["hsic", "hsic-rbf-normalized", "cka"],
-)
-def test_value_is_weight_times_the_functional(kwargs: dict, reference) -> None:  # type: ignore[no-untyped-def]
-    z, u = batch()
-    r = torch.randn(12, 7)
-    options = {"num_irrelevant": 3} if kwargs["method"] != "cka" else {}
-    loss = ntl.TaskIrrelevantSuppression(weight=0.5, **options, **kwargs)
-    out = loss(z, irrelevant_features=r) if kwargs["method"] == "cka" else loss(z, u)
-    torch.testing.assert_close(out, 0.5 * reference(z, u, r))
-    assert set(loss.last_terms) >= {"loss", "value"}
+def conditional_batch(n: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, u (tied to y on most samples, some unknown), y (some unknown), a frozen network's features."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 3
+    u = y.clone()
+    u[[0, 4, 7, 10, 13]] = torch.tensor([1, 2, 2, 0, 1])
+    u[[2, 5]] = -100
+    y[[3, 9]] = -100
+    z = torch.randn(n, 4, generator=g, dtype=torch.float64) + torch.eye(3, 4, dtype=torch.float64)[u.clamp(0)]
+    r = torch.randn(n, 6, generator=g, dtype=torch.float64) + z[:, :1]
+    return z, u, y, r
 
 
-@pytest.mark.parametrize("method", ["hsic", "adversarial"])
-def test_all_labels_missing_gives_zero_loss_and_gradient(method: str) -> None:
-    z, _ = batch()
-    z.requires_grad_(True)
-    loss = ntl.TaskIrrelevantSuppression(method, 3, **({"dim": 5} if method == "adversarial" else {}))  # type: ignore[arg-type]
-    out = loss(z, torch.full((12,), -100))
-    out.backward()
-    assert out.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))  # type: ignore[arg-type]
+HSIC_OPTIONS = [
+    {},
+    {"kernel": "rbf", "normalized": True},
+    {"kernel": "rbf", "sigma": 0.7, "unbiased": False},
+    {"normalized": True, "unbiased": False},
+]
 
 
-@pytest.mark.parametrize("method", ["hsic", "adversarial"])
-def test_one_class_present_only_is_finite(method: str) -> None:
-    z, _ = batch()
-    z.requires_grad_(True)
-    loss = ntl.TaskIrrelevantSuppression(method, 3, **({"dim": 5} if method == "adversarial" else {}))  # type: ignore[arg-type]
-    out = loss(z, torch.ones(12, dtype=torch.long))
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(z.grad).all()  # type: ignore[arg-type]
-
-
-def test_configuration_errors_are_clear() -> None:
-    with pytest.raises(ValueError, match=r"'method' must be one of 'adversarial', 'hsic', 'cka'"):
-        ntl.TaskIrrelevantSuppression("mmd", 3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"method='hsic' needs 'num_irrelevant'"):
-        ntl.TaskIrrelevantSuppression("hsic")
-    with pytest.raises(ValueError, match=r"needs 'dim'"):
-        ntl.TaskIrrelevantSuppression("adversarial", 3)
-    z, u = batch()
-    with pytest.raises(ValueError, match=r"needs 'irrelevant_labels'"):
-        ntl.TaskIrrelevantSuppression("hsic", 3)(z)
-    with pytest.raises(ValueError, match=r"needs 'irrelevant_features'"):
-        ntl.TaskIrrelevantSuppression("cka")(z, u)
-    with pytest.raises(ValueError, match=r"holds 3, outside \[0, 3\) for 3 irrelevant classes"):
-        ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)(z, u + 1)
-    with pytest.raises(ValueError, match=r"at least 4 samples"):
-        ntl.TaskIrrelevantSuppression("hsic", 3)(z[:3], u[:3])
-
-
-def test_adversarial_head_is_a_parameter_and_reverses_the_gradient() -> None:
-    z, u = batch()
-    z.requires_grad_(True)
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, strength=0.5, head_lr_multiplier=1.0, head_steps=0)
-    assert {name for name, _ in loss.named_parameters()} == {"head.weight", "head.bias"}
-    out = loss(z, u)
-    out.backward()
-    assert loss.head is not None and loss.head.weight.grad is not None
-    # the features' gradient is the reverse of the CE gradient, scaled by the strength
-    z2 = z.detach().clone().requires_grad_(True)
-    ce = nn.functional.cross_entropy(loss.head(z2), u)
-    (ce_grad,) = torch.autograd.grad(ce, z2)
-    torch.testing.assert_close(z.grad, -0.5 * ce_grad)
-
-
-def test_default_strength_is_one_value_for_the_module_and_the_function() -> None:
-    z, u = batch()
-    z.requires_grad_(True)
-    module = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, head_lr_multiplier=1.0, head_steps=0)
-    function_default = inspect.signature(ntf.adversarial_suppression).parameters["strength"].default
-    assert module.strength == function_default == 0.3
-    module(z, u).backward()
-    assert module.last_terms["strength"].item() == pytest.approx(0.3)
-    z2 = z.detach().clone().requires_grad_(True)
-    assert module.head is not None
-    (ce_grad,) = torch.autograd.grad(nn.functional.cross_entropy(module.head(z2), u), z2)
-    torch.testing.assert_close(z.grad, -0.3 * ce_grad)
-
-
-def test_warmup_schedule_rises_from_zero_to_strength() -> None:
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, strength=2.0, warmup_steps=10)
-    z, u = batch()
-    strengths = []
-    for _ in range(12):
-        loss(z, u)
-        strengths.append(loss.last_terms["strength"].item())
-    assert strengths[0] == 0.0
-    assert all(a < b for a, b in itertools.pairwise(strengths[:11]))  # rising during the warm-up
-    assert strengths[10] == pytest.approx(2.0 * (2 / (1 + torch.exp(torch.tensor(-10.0)).item()) - 1))
-    assert int(loss.state_dict()["steps"]) == 12
-    loss.eval()
-    loss(z, u)
-    assert int(loss.steps) == 12  # eval calls do not advance the schedule
-
-
-def test_forgotten_head_parameters_are_reported() -> None:
-    z, u = batch()
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3)  # inner steps move it
-    with pytest.warns(
-        UserWarning,
-        match=r"have not changed in 3 training steps \(between calls, where only your optimizer moves them\): add",
-    ):
-        for _ in range(4):
-            loss(z, u)
-
-    trained = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, check_head_after=3)
-    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(5):
-            optimizer.zero_grad()
-            trained(z, u).backward()
-            optimizer.step()
-
-
-def test_custom_head_and_maps() -> None:
-    z, u = batch(12, 12)
-    head = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, head=head, entropy_weight=0.1)
-    assert torch.isfinite(loss(z.reshape(12, 3, 2, 2), u))
-    assert "entropy_weight=0.1" in repr(loss)
-
-
-# --- options reach the math or raise (issue 12) ------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("method", "kwargs", "option"),
-    [
-        ("hsic", {"strength": 2.0}, "strength"),
-        ("hsic", {"warmup_steps": 10}, "warmup_steps"),
-        ("hsic", {"dim": 5}, "dim"),
-        ("hsic", {"head": nn.Linear(5, 3)}, "head"),
-        ("hsic", {"entropy_weight": 0.1}, "entropy_weight"),
-        ("hsic", {"head_lr_multiplier": 3.0}, "head_lr_multiplier"),
-        ("cka", {"normalized": True}, "normalized"),
-        ("cka", {"num_irrelevant": 3}, "num_irrelevant"),
-        ("cka", {"strength": 1.0}, "strength"),
-        ("adversarial", {"kernel": "rbf"}, "kernel"),
-        ("adversarial", {"unbiased": False}, "unbiased"),
-        ("adversarial", {"normalized": True}, "normalized"),
-        ("adversarial", {"gather": "global"}, "gather"),
-    ],
-)
-def test_an_option_the_method_does_not_use_raises(method: str, kwargs: dict, option: str) -> None:
-    base = {"num_irrelevant": 3} if method != "cka" and "num_irrelevant" not in kwargs else {}
-    if method == "adversarial":
-        base["dim"] = 5
-    with pytest.raises(ValueError, match=rf"'{option}' does not apply to method='{method}'"):
-        ntl.TaskIrrelevantSuppression(method, **base, **kwargs)  # type: ignore[arg-type]
-
-
-def test_sigma_needs_the_rbf_kernel() -> None:
-    with pytest.raises(ValueError, match=r"'sigma' is the RBF bandwidth: it needs kernel='rbf'"):
-        ntl.TaskIrrelevantSuppression("hsic", 3, sigma=1.0)
-    ntl.TaskIrrelevantSuppression("hsic", 3, kernel="rbf", sigma=1.0)
-
-
-def test_hsic_unbiased_false_reaches_the_math() -> None:
-    z, u = batch()
-    biased = ntl.TaskIrrelevantSuppression("hsic", 3, unbiased=False)(z, u)
-    torch.testing.assert_close(biased, ntf.irrelevant_hsic(z, u, 3, unbiased=False))
-    assert not torch.isclose(biased, ntl.TaskIrrelevantSuppression("hsic", 3)(z, u))
-
-
-def test_cka_kernel_and_unbiased_reach_the_math() -> None:
-    z, _ = batch()
-    r = torch.randn(12, 7, generator=torch.Generator().manual_seed(3)) + z[:, :1]
-    rbf = ntl.TaskIrrelevantSuppression("cka", kernel="rbf")(z, irrelevant_features=r)
-    torch.testing.assert_close(rbf, ntf.cka(z, r, kernel="rbf"))
-    linear = ntl.TaskIrrelevantSuppression("cka")(z, irrelevant_features=r)
-    unbiased = ntl.TaskIrrelevantSuppression("cka", unbiased=True)(z, irrelevant_features=r)
-    assert len({round(rbf.item(), 6), round(linear.item(), 6), round(unbiased.item(), 6)}) == 3
-
-
-def test_last_terms_layout() -> None:
-    z, u = batch()
-    for loss, args in (
-        (ntl.TaskIrrelevantSuppression("hsic", 3, weight=2.0), (z, u)),
-        (ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, weight=2.0), (z, u)),
-        (ntl.TaskIrrelevantSuppression("cka", weight=2.0), (z, None, torch.randn(12, 3))),
-    ):
-        out = loss(*args)
-        assert set(loss.last_terms) == (
-            {"loss", "value", "strength"} if loss.method == "adversarial" else {"loss", "value"}
-        )
-        assert all(t.dim() == 0 and not t.requires_grad for t in loss.last_terms.values())
-        torch.testing.assert_close(loss.last_terms["loss"], out.detach())
-        torch.testing.assert_close(loss.last_terms["loss"], 2.0 * loss.last_terms["value"])
-
-
-def test_task_labels_and_conditional_must_agree() -> None:
-    z, u = batch()
-    with pytest.raises(ValueError, match=r"conditional=True needs 'task_labels'"):
-        ntl.TaskIrrelevantSuppression("hsic", 3, conditional=True)(z, u)
-    with pytest.raises(ValueError, match=r"'task_labels' are used only with conditional=True"):
-        ntl.TaskIrrelevantSuppression("hsic", 3)(z, u, task_labels=u)
-
-
-@pytest.mark.parametrize("method", ["hsic", "adversarial", "cka"])
-def test_conditional_module_is_weight_times_the_conditional_functional(method: str) -> None:
-    z, u = batch(24)
-    y = (torch.arange(24) // 2) % 3
-    r = torch.randn(24, 4, generator=torch.Generator().manual_seed(2))
-    if method == "hsic":
-        loss = ntl.TaskIrrelevantSuppression("hsic", 3, weight=0.5, conditional=True)
-        expected = ntf.irrelevant_hsic(z, u, 3, task_labels=y)
-        out = loss(z, u, task_labels=y)
-    elif method == "cka":
-        loss = ntl.TaskIrrelevantSuppression("cka", weight=0.5, conditional=True)
-        expected = ntf.irrelevant_cka(z, r, task_labels=y)
-        out = loss(z, irrelevant_features=r, task_labels=y)
-    else:
-        loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, weight=0.5, conditional=True).eval()
-        assert loss.head is not None
-        expected = ntf.adversarial_suppression(
-            z, u, loss.head, 3, task_labels=y, head_parameters=loss.head_parameters()
-        )
-        out = loss(z, u, task_labels=y)
-    torch.testing.assert_close(out, 0.5 * expected)
+@pytest.mark.parametrize("options", HSIC_OPTIONS, ids=["default", "rbf-normalized", "rbf-sigma-biased", "normalized"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_hsic_is_weight_times_the_functional(options: dict[str, Any], conditional: bool) -> None:
+    z, u, y, _ = conditional_batch()
+    task = {"task_labels": y} if conditional else {}
+    loss = ntl.HSICSuppression(3, weight=0.5, conditional=conditional, **options)
+    out = loss(z, u, **task)
+    expected = ntf.irrelevant_hsic(z, u, 3, **options, **task)
+    torch.testing.assert_close(out, 0.5 * expected, rtol=0.0, atol=0.0)
     assert out.item() != 0.0
+    assert set(loss.last_terms) == {"loss", "value"}
+    assert torch.equal(loss.last_terms["loss"], out.detach())
+    assert torch.equal(loss.last_terms["value"], expected)
+    assert all(t.dim() == 0 and not t.requires_grad for t in loss.last_terms.values())
 
 
-# --- the adversary's head learns fast by itself (issue 14) -------------------------------------------
+CKA_OPTIONS = [{}, {"kernel": "rbf"}, {"unbiased": True}, {"kernel": "rbf", "sigma": 1.3, "unbiased": True}]
 
 
-def test_head_lr_multiplier_moves_the_effective_head_m_times_as_far() -> None:
-    z, u = batch()
-    moved = {}
-    for m in (1.0, 10.0):
-        torch.manual_seed(0)
-        loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, head_lr_multiplier=m, head_steps=0)
-        before = {k: v.detach().clone() for k, v in loss.head_parameters().items()}
-        optimizer = torch.optim.SGD(loss.parameters(), lr=0.01)
-        optimizer.zero_grad()
-        loss(z, u).backward()
-        optimizer.step()
-        moved[m] = {k: v.detach() - before[k] for k, v in loss.head_parameters().items()}
-        if m == 10.0:  # the effective initial head is the ordinary one
-            torch.manual_seed(0)
-            torch.testing.assert_close(before["weight"], nn.Linear(5, 3).weight.detach())
-    for name in moved[1.0]:
-        torch.testing.assert_close(moved[10.0][name], 10.0 * moved[1.0][name])
+@pytest.mark.parametrize("options", CKA_OPTIONS, ids=["default", "rbf", "unbiased", "rbf-sigma-unbiased"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_cka_is_weight_times_the_functional(options: dict[str, Any], conditional: bool) -> None:
+    z, _, y, r = conditional_batch()
+    task = {"task_labels": y} if conditional else {}
+    loss = ntl.CKASuppression(weight=2.0, conditional=conditional, **options)
+    out = loss(z, r, **task)
+    expected = ntf.irrelevant_cka(z, r, **options, **task)
+    torch.testing.assert_close(out, 2.0 * expected, rtol=0.0, atol=0.0)
+    assert out.item() != 0.0
+    assert set(loss.last_terms) == {"loss", "value"}
+    assert torch.equal(loss.last_terms["value"], expected)
 
 
-def test_inner_head_steps_train_the_head_in_training_mode_only() -> None:
-    z, u = batch()
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5, head_steps=5)
-    before = [p.detach().clone() for p in loss.parameters()]
-    first = loss(z, u).item()
-    assert any(not torch.equal(a, p) for a, p in zip(before, loss.parameters(), strict=True))
-    assert loss(z, u).item() < first  # the head improved on this batch by itself
-    loss.eval()
-    frozen = [p.detach().clone() for p in loss.parameters()]
-    loss(z, u)
-    assert all(torch.equal(a, p) for a, p in zip(frozen, loss.parameters(), strict=True))
+@pytest.mark.parametrize("conditional", [False, True])
+def test_hsic_matches_the_oracle_on_values_and_gradients(conditional: bool) -> None:
+    z, u, y, _ = conditional_batch()
+    if conditional:
+        loss = ntl.HSICSuppression(3, weight=0.5, conditional=True)
+        assert_matches_oracle(
+            lambda f: loss(f, u, task_labels=y),
+            lambda f: 0.5 * oracles.conditional_irrelevant_hsic(f, u, y, 3),
+            z,
+            rtol=1e-8,
+        )
+    else:
+        loss = ntl.HSICSuppression(3, weight=0.5)
+        assert_matches_oracle(
+            lambda f: loss(f, u), lambda f: 0.5 * oracles.irrelevant_hsic(f, u, 3, "linear", False), z, rtol=1e-8
+        )
 
 
-def test_inner_head_steps_keep_the_users_accumulated_gradients() -> None:
-    z, u = batch()
-    loss = ntl.TaskIrrelevantSuppression("adversarial", 3, dim=5)
-    loss(z, u).backward()
-    accumulated = [p.grad.clone() for p in loss.parameters()]  # type: ignore[union-attr]
-    second = loss(z, u)  # inner steps run here
-    assert all(torch.equal(a, p.grad) for a, p in zip(accumulated, loss.parameters(), strict=True))
-    second.backward()
-    assert all(not torch.equal(a, p.grad) for a, p in zip(accumulated, loss.parameters(), strict=True))
+@pytest.mark.parametrize("conditional", [False, True])
+def test_cka_matches_the_oracle_on_values_and_gradients(conditional: bool) -> None:
+    z, _, y, r = conditional_batch()
+    if conditional:
+        loss = ntl.CKASuppression(weight=3.0, conditional=True)
+        assert_matches_oracle(
+            lambda f: loss(f, r, task_labels=y), lambda f: 3.0 * oracles.conditional_cka(f, r, y), z, rtol=1e-8
+        )
+    else:
+        loss = ntl.CKASuppression(weight=3.0)
+        assert_matches_oracle(lambda f: loss(f, r), lambda f: 3.0 * oracles.cka(f, r), z, rtol=1e-8)
+
+
+def test_all_labels_missing_gives_zero_loss_and_gradient() -> None:
+    z, _, y, r = conditional_batch()
+    unknown = torch.full_like(y, -100)
+    for fn in (
+        lambda f: ntl.HSICSuppression(3)(f, unknown),
+        lambda f: ntl.HSICSuppression(3, conditional=True)(f, unknown, task_labels=y),
+        lambda f: ntl.CKASuppression(conditional=True)(f, r, task_labels=unknown),
+    ):
+        value, (grad,) = value_and_grads(fn, z)
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
+
+
+def test_one_class_present_only() -> None:
+    z, _ = batch()
+    one = torch.ones(12, dtype=torch.long)
+    assert ntl.HSICSuppression(3, normalized=True)(z, one).item() == 0.0
+    value, (grad,) = value_and_grads(lambda f: ntl.HSICSuppression(3)(f, one), z)
+    assert abs(value.item()) < 1e-12 and grad.abs().max() < 1e-12  # a constant delta kernel: HSIC is 0
+
+
+def test_each_class_has_only_its_own_options() -> None:
+    hsic = set(inspect.signature(ntl.HSICSuppression).parameters)
+    cka = set(inspect.signature(ntl.CKASuppression).parameters)
+    shared = {"weight", "conditional", "kernel", "sigma", "unbiased", "gather", "ignore_index", "nan_policy"}
+    assert hsic == shared | {"num_irrelevant", "normalized"}
+    assert cka == shared
+    assert inspect.signature(ntl.HSICSuppression).parameters["unbiased"].default is True
+    assert inspect.signature(ntl.CKASuppression).parameters["unbiased"].default is False
+    for cls in (ntl.HSICSuppression, ntl.CKASuppression):
+        kinds = {name: p.kind for name, p in inspect.signature(cls).parameters.items() if name != "num_irrelevant"}
+        assert set(kinds.values()) == {inspect.Parameter.KEYWORD_ONLY}
+    with pytest.raises(TypeError, match=r"positional"):
+        ntl.HSICSuppression(3, 2.0)  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'strength'"):
+        ntl.HSICSuppression(3, strength=1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'num_irrelevant'"):
+        ntl.CKASuppression(num_irrelevant=3)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ntl.HSICSuppression(0), r"'num_irrelevant' must be the number of irrelevant classes \(an int ≥ 1\)"),
+        (lambda: ntl.HSICSuppression(True), r"'num_irrelevant' must be the number of irrelevant classes"),
+        (lambda: ntl.HSICSuppression(3, kernel="cosine"), r"'kernel' must be one of 'linear', 'rbf'; got 'cosine'"),
+        (lambda: ntl.HSICSuppression(3, sigma=1.0), r"'sigma' is the RBF bandwidth: it needs kernel='rbf'"),
+        (lambda: ntl.CKASuppression(kernel="rbf", sigma=-1.0), r"'sigma' must be a positive bandwidth or None"),
+        (lambda: ntl.CKASuppression(gather="all"), r"'gather' must be one of 'local', 'global'; got 'all'"),
+        (lambda: ntl.CKASuppression(nan_policy="zero"), r"'nan_policy' must be one of 'raise', 'skip', 'propagate'"),
+    ],
+)
+def test_configuration_errors_name_the_option(build: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_forward_errors_are_clear() -> None:
+    z, u, y, r = conditional_batch()
+    with pytest.raises(ValueError, match=r"conditional=True needs 'task_labels'"):
+        ntl.HSICSuppression(3, conditional=True)(z, u)
+    with pytest.raises(ValueError, match=r"conditional=True needs 'task_labels'"):
+        ntl.CKASuppression(conditional=True)(z, r)
+    with pytest.raises(ValueError, match=r"'task_labels' are used only with conditional=True"):
+        ntl.HSICSuppression(3)(z, u, task_labels=y)
+    with pytest.raises(ValueError, match=r"'irrelevant_labels' holds 3, outside \[0, 3\) for 3 irrelevant classes"):
+        ntl.HSICSuppression(3)(z, u.clamp(0) + 1)
+    with pytest.raises(ValueError, match=r"unbiased HSIC needs at least 4 samples in 'features', got a batch of 3"):
+        ntl.HSICSuppression(3)(z[:3], u[:3])
+    with pytest.raises(ValueError, match=r"'features' and 'irrelevant_features' must have the same batch size"):
+        ntl.CKASuppression()(z, r[:10])
+
+
+def test_nan_policy() -> None:
+    z, u, y, r = conditional_batch()
+    bad = z.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'features' contain NaN or inf"):
+        ntl.HSICSuppression(3)(bad, u)
+    with pytest.raises(ValueError, match=r"'irrelevant_features' contain NaN or inf"):
+        ntl.CKASuppression()(z, bad)
+    for fn in (
+        lambda f: ntl.HSICSuppression(3, nan_policy="skip", conditional=True)(f, u, task_labels=y),
+        lambda f: ntl.CKASuppression(nan_policy="skip")(f, r),
+    ):
+        value, (grad,) = value_and_grads(fn, bad)
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(bad))
+        torch.testing.assert_close(fn(z), fn(z.clone()))  # finite input: the ordinary value
+    assert torch.isnan(ntl.HSICSuppression(3, nan_policy="propagate")(bad, u))
+    assert ntl.HSICSuppression(3, nan_policy="skip")(z, u).item() == ntl.HSICSuppression(3)(z, u).item()
+
+
+def test_gather_global_without_a_process_group_is_the_local_value() -> None:
+    z, u, y, r = conditional_batch()
+    torch.testing.assert_close(
+        ntl.HSICSuppression(3, gather="global", conditional=True)(z, u, task_labels=y),
+        ntl.HSICSuppression(3, conditional=True)(z, u, task_labels=y),
+        rtol=0.0,
+        atol=0.0,
+    )
+    torch.testing.assert_close(ntl.CKASuppression(gather="global")(z, r), ntl.CKASuppression()(z, r), rtol=0, atol=0)
+
+
+def test_maps_are_flattened_and_low_precision_is_computed_in_float32() -> None:
+    z, u = batch(12, 12)
+    loss = ntl.HSICSuppression(3)
+    torch.testing.assert_close(loss(z.reshape(12, 3, 2, 2), u), loss(z, u))
+    low = loss(z.bfloat16(), u)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, loss(z.bfloat16().float(), u))
+
+
+def test_extra_repr() -> None:
+    assert repr(ntl.HSICSuppression(3)) == (
+        "HSICSuppression(num_irrelevant=3, weight=1.0, conditional=False, kernel='linear', normalized=False, "
+        "unbiased=True)"
+    )
+    assert repr(ntl.CKASuppression(kernel="rbf", sigma=0.5, gather="global", nan_policy="skip")) == (
+        "CKASuppression(weight=1.0, conditional=False, kernel='rbf', unbiased=False, sigma=0.5, gather='global', "
+        "nan_policy='skip')"
+    )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: (ntl.HSICSuppression(3, kernel="rbf", normalized=True, unbiased=False, conditional=True), "u"),
+        lambda: (ntl.HSICSuppression(3, nan_policy="skip"), "u"),
+        lambda: (ntl.CKASuppression(kernel="rbf", unbiased=True, conditional=True), "r"),
+        lambda: (ntl.CKASuppression(nan_policy="skip", conditional=True), "r"),
+    ],
+    ids=["hsic-rbf-normalized-biased-conditional", "hsic-skip", "cka-rbf-unbiased-conditional", "cka-skip-conditional"],
+)
+def test_options_away_from_the_defaults_stay_sync_free_in_one_graph(build: Any) -> None:
+    """The registry (tests/module_cases.py) holds the defaults; these are the other branches."""
+    z, u, y, r = conditional_batch()
+    module, second = build()
+    other = u if second == "u" else r
+    task = {"task_labels": y} if module.conditional else {}
+    leaf = z.float().requires_grad_(True)
+
+    def step() -> None:
+        module(leaf, other if second == "u" else other.float(), **task).backward()
+
+    step()
+    syncs = count_syncs(step)
+    assert syncs.total == 0, dict(syncs.counts)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda f: module(f, other, **task))(z)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+# --- the factory -------------------------------------------------------------------------------------
+
+
+def test_make_suppression_builds_the_class_with_its_options() -> None:
+    z, u, _, r = conditional_batch()
+    hsic = ntl.make_suppression("hsic", num_irrelevant=3, weight=2.0, kernel="rbf")
+    assert type(hsic) is ntl.HSICSuppression
+    torch.testing.assert_close(hsic(z, u), ntl.HSICSuppression(3, weight=2.0, kernel="rbf")(z, u), rtol=0, atol=0)
+    cka = ntl.make_suppression("cka", unbiased=True)
+    assert type(cka) is ntl.CKASuppression
+    torch.testing.assert_close(cka(z, r), ntl.CKASuppression(unbiased=True)(z, r), rtol=0, atol=0)
+    adversary = ntl.make_suppression("adversarial", num_irrelevant=3, dim=4, strength=0.5)
+    assert type(adversary) is ntl.AdversarialSuppression
+    assert adversary.strength == 0.5 and adversary.num_irrelevant == 3
+
+
+def test_make_suppression_names_the_method_and_its_options() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"make_suppression\('hsic'\) builds HSICSuppression: got an unexpected keyword argument 'strength'; "
+        r"its options are num_irrelevant, weight, conditional, kernel, sigma, normalized, unbiased, gather, "
+        r"ignore_index, nan_policy",
+    ):
+        ntl.make_suppression("hsic", num_irrelevant=3, strength=0.3)
+    with pytest.raises(TypeError, match=r"make_suppression\('cka'\) builds CKASuppression: .*'num_irrelevant'"):
+        ntl.make_suppression("cka", num_irrelevant=3)
+    with pytest.raises(
+        TypeError, match=r"builds AdversarialSuppression: missing a required argument: 'num_irrelevant'"
+    ):
+        ntl.make_suppression("adversarial", dim=4)
+    with pytest.raises(ValueError, match=r"'method' must be one of 'adversarial', 'hsic', 'cka'; got 'mmd'"):
+        ntl.make_suppression("mmd")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r"'num_irrelevant' must be the number of irrelevant classes"):
+        ntl.make_suppression("hsic", num_irrelevant=0)  # the class's own value check
