@@ -95,9 +95,9 @@ def test_inner_steps_are_adam_at_head_lr_times_the_multiplier() -> None:
     assert int(loss.head_adam_step) == 12
 
 
-def test_inner_steps_move_the_head_as_todays_scaled_storage_did() -> None:
-    """Before, the head stored `p / m`, was called with `m × stored`, and took Adam steps at `head_lr` on the stored
-    values: `p` moved by `m × head_lr × adam(g)`, which is Adam at `head_lr × m` on `p` (Adam ignores gradient scale)."""
+def test_inner_steps_move_the_head_as_a_head_stored_divided_by_m_would() -> None:
+    """The scaled-storage reparametrization (store `p / m`, call the head with `m × stored`, Adam at `head_lr` on the
+    stored values) moves `p` by `m × head_lr × adam(g)`: Adam at `head_lr × m` on `p` (Adam ignores the scale of g)."""
     z, u = batch()
     m, lr, steps = 10.0, 3e-3, 10
     loss = ntl.AdversarialSuppression(3, dim=5, head_steps=steps, head_lr=lr, head_lr_multiplier=m)
@@ -239,9 +239,9 @@ def test_parameter_groups_give_the_head_the_multiplied_learning_rate() -> None:
 
 
 @pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.Adam])
-def test_a_step_with_the_parameter_group_moves_the_head_as_the_scaled_storage_did(optimizer_type: type) -> None:
-    """Before, the head stored `p / m` and was called with `m × stored`: a step of lr on the stored values moved `p`
-    by `m × lr × update(g)` (SGD: `update(g) = g`; Adam ignores the gradient's scale). The parameter group at
+def test_a_step_with_the_parameter_group_moves_the_head_as_scaled_storage_would(optimizer_type: type) -> None:
+    """A head stored as `p / m` and called with `m × stored` moves `p` by `m × lr × update(g)` in a step of lr on the
+    stored values (SGD: `update(g) = g`; Adam ignores the gradient's scale). The parameter group at
     `m × lr` on the real `p` moves it by the same."""
     z, u = batch()
     m, lr = 10.0, 0.01
@@ -262,7 +262,9 @@ def test_a_step_with_the_parameter_group_moves_the_head_as_the_scaled_storage_di
         assert moved.abs().max() > 0
     if optimizer_type is torch.optim.SGD:  # derived: p moves by m·lr·g exactly
         weight = before[0].clone().requires_grad_(True)
-        (ce_grad,) = torch.autograd.grad(nn.functional.cross_entropy(nn.functional.linear(z, weight, before[1]), u), weight)
+        (ce_grad,) = torch.autograd.grad(
+            nn.functional.cross_entropy(nn.functional.linear(z, weight, before[1]), u), weight
+        )
         torch.testing.assert_close(loss.head.weight.detach() - before[0], -m * lr * ce_grad)
 
 
@@ -319,9 +321,9 @@ def test_no_check_while_compiling_and_none_when_disabled() -> None:
 
 
 @pytest.mark.parametrize(
-    ("conditional", "warmup_steps"), [(False, 0), (True, 0), (False, 5), (True, 5)], ids=["plain", "conditional",
-                                                                                         "plain-warmup",
-                                                                                         "conditional-warmup"]
+    ("conditional", "warmup_steps"),
+    [(False, 0), (True, 0), (False, 5), (True, 5)],
+    ids=["plain", "conditional", "plain-warmup", "conditional-warmup"],
 )
 def test_a_training_step_makes_no_host_device_sync(conditional: bool, warmup_steps: int) -> None:
     z, u, y = conditional_batch(16)
