@@ -54,9 +54,7 @@ def test_adversarial_loss_value_and_gradient_signs(strength: float, entropy_weig
     u[2] = -100
     head = linear_head()
     z = z.requires_grad_(True)
-    loss = ntf.adversarial_suppression(
-        z, u, head, num_irrelevant=3, strength=strength, entropy_weight=entropy_weight
-    )
+    loss = ntf.adversarial_suppression(z, u, head, num_irrelevant=3, strength=strength, entropy_weight=entropy_weight)
     grads = torch.autograd.grad(GRAD_SCALE * loss, [z, head.weight, head.bias])
 
     z_ref = z.detach().clone().requires_grad_(True)
@@ -127,9 +125,7 @@ def test_options_are_keyword_only() -> None:
 def test_head_parameters_replace_the_heads_own() -> None:
     z, u = data(10)
     head, other = linear_head(seed=3), linear_head(seed=4)
-    replaced = ntf.adversarial_suppression(
-        z, u, head, num_irrelevant=3, head_parameters=dict(other.named_parameters())
-    )
+    replaced = ntf.adversarial_suppression(z, u, head, num_irrelevant=3, head_parameters=dict(other.named_parameters()))
     torch.testing.assert_close(replaced, ntf.adversarial_suppression(z, u, other, num_irrelevant=3))
     assert not torch.allclose(replaced, ntf.adversarial_suppression(z, u, head, num_irrelevant=3))
 
@@ -170,8 +166,9 @@ def test_conditional_entropy_term_averages_over_the_eligible_samples() -> None:
     expected, _ = value_and_grads(oracle, z)
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
     # the entropy term's gradient reaches the features (not reversed), the CE's is reversed
-    ce_value, (ce_grad,) = value_and_grads(lambda f: ntf.adversarial_suppression(f, u, head, num_irrelevant=3,
-                                                                                 task_labels=y), z)
+    ce_value, (ce_grad,) = value_and_grads(
+        lambda f: ntf.adversarial_suppression(f, u, head, num_irrelevant=3, task_labels=y), z
+    )
     _, (entropy_grad,) = value_and_grads(
         lambda f: oracles.conditional_adversarial_entropy(f, u, y, head.weight.detach(), head.bias.detach()), z
     )
