@@ -93,6 +93,9 @@ SYNC_OPS = {
     torch.ops.aten._unique2.default: "unique (data-dependent shape)",
     torch.ops.aten.unique_dim.default: "unique (data-dependent shape)",
     torch.ops.aten.unique_consecutive.default: "unique_consecutive (data-dependent shape)",
+    torch.ops.aten.bincount.default: "bincount (data-dependent shape)",
+    torch.ops.aten.repeat_interleave.Tensor: "repeat_interleave of a tensor of repeats (data-dependent shape)",
+    torch.ops.aten.equal.default: "equal (torch.equal returns a Python bool)",
 }
 
 
@@ -106,7 +109,9 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        if func in SYNC_OPS:
+        if func in SYNC_OPS and not (
+            func is torch.ops.aten.repeat_interleave.Tensor and kwargs and kwargs.get("output_size")
+        ):
             self.counts[SYNC_OPS[func]] += 1
         elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
             indices = args[1] if len(args) > 1 else []

@@ -2,7 +2,7 @@
 
 One forward and backward, after a warm-up call, with the value checks deferred as on a GPU
 (`helpers.count_syncs`): no `aten._local_scalar_dense` (`.item()`, `bool(t)`, `if t:`), and no op whose
-output shape depends on values (`nonzero`, `unique`, `masked_select`, `x[mask]`).
+output shape depends on values (`nonzero`, `unique`, `masked_select`, `bincount`, `x[mask]`), nor `torch.equal`.
 """
 
 from __future__ import annotations
