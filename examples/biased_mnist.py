@@ -244,24 +244,14 @@ def library_method(method: str, weight: float, factor_net: Net | None) -> Regula
     if base == "cka":
         assert factor_net is not None
         reference = ntl.FrozenReference(factor_net, "fc")
-        new_api = getattr(ntl, "CKASuppression", None)  # the typed class, where this library has it
-        cka = (
-            new_api(weight=weight, conditional=conditional)
-            if new_api is not None
-            else ntl.TaskIrrelevantSuppression("cka", weight=weight, conditional=conditional)
-        )
+        cka = ntl.CKASuppression(weight=weight, conditional=conditional)
 
         def cka_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
             labels["task_labels"] = digits if conditional else None
-            return cka(z, irrelevant_features=F.relu(reference(x)["fc"]), **labels)  # type: ignore[no-any-return]
+            return cka(z, F.relu(reference(x)["fc"]), **labels)  # type: ignore[no-any-return]
 
         return Regularizer(penalty=cka_penalty)
-    new_hsic = getattr(ntl, "HSICSuppression", None)
-    hsic = (
-        new_hsic(10, weight=weight, conditional=conditional)
-        if new_hsic is not None
-        else ntl.TaskIrrelevantSuppression("hsic", 10, weight=weight, conditional=conditional)
-    )
+    hsic = ntl.HSICSuppression(10, weight=weight, conditional=conditional)
 
     def hsic_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
         labels["task_labels"] = digits if conditional else None
