@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import _validation
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, checks_values, guard_finite, zero_unless
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
 from ..functional.adversarial import (
     DEFAULT_STRENGTH,
     AdversarialBatch,
@@ -249,7 +249,7 @@ class AdversarialSuppression(nn.Module):
         )
         strength = self.current_strength()
         if self.training:
-            watch = self._watching and checks_values()
+            watch = self._watching and reads_values(features.device)
             if watch:
                 self._compare_with_snapshot()
             with torch.no_grad():
