@@ -24,7 +24,7 @@ from torch import Tensor
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from biased_mnist import Net, make_splits
+from biased_mnist import Net, Split, make_splits
 
 
 def scatter_share(z: Tensor, basis: Tensor, groups: Tensor) -> float:
@@ -36,6 +36,24 @@ def scatter_share(z: Tensor, basis: Tensor, groups: Tensor) -> float:
     scatter = (onehot.sum(0)[:, None] * means**2).sum()
     inside = (onehot.sum(0)[:, None] * (means @ basis) ** 2).sum()
     return float(inside / scatter) if float(scatter) > 0 else 0.0
+
+
+def singular_ratio(purify: ntl.Purify) -> float:
+    """Smallest over largest singular value among the erased directions of conditional Purify's estimate."""
+    if not purify.ready:
+        return 0.0
+    s = torch.linalg.svdvals(purify.cross_covariance_sum.double())
+    s = s[s > purify.rtol * s.max()]
+    return float(s[-1] / s[0])
+
+
+def alignment(basis: Tensor, model: Net, copy: Split) -> float:
+    """Mean squared cosine of the principal angles between the erased basis and the colour's directions
+    (1: the same subspace; about r/64 for a random one)."""
+    if basis.shape[1] == 0:
+        return 0.0
+    reference = colour_basis(model.features(copy.images), copy.digits, copy.factors)
+    return float((basis.T @ reference).pow(2).sum() / basis.shape[1])
 
 
 def within_scatter_share(z: Tensor, basis: Tensor, digits: Tensor, colours: Tensor) -> float:
@@ -53,8 +71,20 @@ def within_scatter_share(z: Tensor, basis: Tensor, digits: Tensor, colours: Tens
     return inside / total if total > 0 else 0.0
 
 
+def colour_basis(z: Tensor, digits: Tensor, colours: Tensor, rank: int = 9) -> Tensor:
+    """The colour's directions estimated from many samples: the top `rank` left singular vectors of the
+    within-digit colour-mean differences (every colour in every digit, from the randomly coloured copy)."""
+    columns = []
+    for d in digits.unique():
+        here = digits == d
+        mean = z[here].mean(0)
+        columns += [z[here & (colours == c)].mean(0) - mean for c in colours[here].unique()]
+    u, _, _ = torch.linalg.svd(torch.stack(columns, 1), full_matrices=False)
+    return u[:, :rank]
+
+
 def diagnose(rho: float, epochs: int, variant: str, seed: int = 0) -> list[dict[str, float]]:
-    train_split = make_splits(seed, rho, "background")[0]
+    train_split, copy = make_splits(seed, rho, "background")[:2]
     options: dict[str, float] = {}
     if variant != "default":
         name, value = variant.split("=")
@@ -98,11 +128,16 @@ def diagnose(rho: float, epochs: int, variant: str, seed: int = 0) -> list[dict[
                 "colour_within_digit_scatter_erased": within_scatter_share(
                     z, basis, train_split.digits, train_split.factors
                 ),
+                "singular_ratio_last_first": singular_ratio(purify),
+                "alignment_with_colour_directions": alignment(basis, model, copy),
+                "digit_scatter_in_colour_directions": scatter_share(
+                    z, colour_basis(model.features(copy.images), copy.digits, copy.factors), train_split.digits
+                ),
                 "feature_effective_rank": float(
                     torch.linalg.svdvals(zc).pow(2).sum() ** 2 / torch.linalg.svdvals(zc).pow(4).sum()
                 ),
             }
-        print(variant, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        print(rho, variant, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         log.append(row)
     return log
 
@@ -110,14 +145,15 @@ def diagnose(rho: float, epochs: int, variant: str, seed: int = 0) -> list[dict[
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rho", type=float, default=0.99)
+    parser.add_argument("--rhos", type=float, nargs="+", default=None, help="several ρ (default: --rho)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=["default"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    logs = {v: diagnose(args.rho, args.epochs, v) for v in args.variants}
+    logs = {f"{rho} {v}": diagnose(rho, args.epochs, v) for rho in args.rhos or [args.rho] for v in args.variants}
     if args.out is not None:
-        args.out.write_text(json.dumps({"rho": args.rho, "epochs": args.epochs, "logs": logs}, indent=1))
+        args.out.write_text(json.dumps({"command": sys.argv, "epochs": args.epochs, "logs": logs}, indent=1))
     return logs
 
 

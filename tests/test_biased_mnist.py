@@ -124,9 +124,9 @@ def test_quick_run_writes_the_study(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_committed_vanilla_run_is_reproduced() -> None:
-    """One committed run (vanilla, seed 0, ρ 0.99, 12 epochs) re-trained from scratch gives its numbers."""
+    """One committed run (vanilla, seed 0, ρ 0.99, 14×14, 12 epochs) re-trained from scratch gives its numbers."""
     bm = study()
     committed = ROOT / "docs" / "img" / "biased_mnist_runs.json"
     if not committed.exists():
         pytest.skip("no committed runs")
-    bm.main(["--check", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
+    bm.main(["--check", "--size", "14", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
