@@ -45,7 +45,13 @@ Inputs = Tensor | Iterable[Any]
 
 
 class LayerSimilarity(NamedTuple):
-    """`matrix[i, j]`: the minibatch linear CKA of `layers_a[i]` (model A) and `layers_b[j]` (model B)."""
+    """`matrix[i, j]`: the minibatch linear CKA of `layers_a[i]` (model A) and `layers_b[j]` (model B).
+
+    Args:
+        matrix: `(len(layers_a), len(layers_b))` CKA values in [0, 1], on the CPU.
+        layers_a: model A's layer names, in row order.
+        layers_b: model B's layer names, in column order.
+    """
 
     matrix: Tensor
     layers_a: list[str]
@@ -136,6 +142,11 @@ def probe_layers(
 
     Returns:
         `{layer: held-out accuracy}` in the tap's layer order.
+
+    Raises:
+        ValueError: for a `train_fraction` outside (0, 1), batches without labels when `labels` is None, labels
+            that do not match the samples, too few labelled samples on either side of the split, or an
+            unknown layer.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"'train_fraction' must be in (0, 1), got {train_fraction}")
@@ -219,8 +230,19 @@ def layer_similarity(
     unbiased linear CKA of that batch; a pair with a non-positive denominator (a constant layer) gives 0.
     Computed in float64. Both models see the same batches (they may be one model).
 
+    Args:
+        model_a: the first network (its layers are the rows).
+        model_b: the second network (the columns); may be `model_a`.
+        inputs: a tensor `(N, ...)` or an iterable of batches (tensors, or `(x, ...)` tuples).
+        layers_a: dotted names, glob patterns or modules of `model_a`, as in `FeatureTap`.
+        layers_b: likewise for `model_b`.
+        batch_size: the batch size when `inputs` is a tensor.
+
     Returns:
         a `LayerSimilarity(matrix, layers_a, layers_b)`, `matrix` of shape `(len(layers_a), len(layers_b))`.
+
+    Raises:
+        ValueError: when no batch holds 4 or more samples, or for an unknown layer.
     """
     tap_a = FeatureTap(model_a, layers_a, detach=True)
     tap_b = FeatureTap(model_b, layers_b, detach=True)
@@ -281,7 +303,17 @@ def plot_probes(
 ) -> Axes:
     """Bars of `probe_layers`' accuracies per layer (several probes: `{probe name: result}`, grouped).
 
-    `chance` draws a dashed line at chance accuracy. Returns the matplotlib `Axes`.
+    Args:
+        accuracy: `probe_layers`' result `{layer: accuracy}`, or several `{probe name: {layer: accuracy}}`.
+        chance: draws a dashed line at chance accuracy.
+        ax: the matplotlib `Axes` to draw on (a new figure when None).
+        title: the plot's title.
+
+    Returns:
+        the matplotlib `Axes`.
+
+    Raises:
+        ImportError: when matplotlib is not installed (`pip install 'negtransfer-losses[plots]'`).
     """
     plt = _pyplot()
     if ax is None:
@@ -319,7 +351,18 @@ def plot_similarity(
 ) -> Axes:
     """Heat map of a `LayerSimilarity` (rows: model A's layers, columns: model B's), values in [0, 1].
 
-    Returns the matplotlib `Axes`.
+    Args:
+        similarity: `layer_similarity`'s result.
+        ax: the matplotlib `Axes` to draw on (a new figure when None).
+        title: the plot's title.
+        labels: the two models' names, for the axes.
+        annotate: write each value in its cell.
+
+    Returns:
+        the matplotlib `Axes`.
+
+    Raises:
+        ImportError: when matplotlib is not installed (`pip install 'negtransfer-losses[plots]'`).
     """
     plt = _pyplot()
     if ax is None:

@@ -155,6 +155,10 @@ class FeatureTap:
         transform: applied to each captured output; needed when a layer returns a non-tensor
             (e.g. `transform=lambda out: out[0]` for an LSTM).
 
+    Raises:
+        TypeError: when `model` is not an `nn.Module`.
+        ValueError: for an unknown layer name or pattern (with the closest names), or an invalid `on_repeat`.
+
     `pop()` raises `MissingFeaturesError` when a layer did not run since the last `pop()`, and
     `StaleFeaturesError` when a layer's stored output comes from an earlier forward pass of the model
     than the latest (the layer did not run in the latest one). With `DataParallel` on several GPUs the
@@ -414,6 +418,14 @@ class FrozenReference(nn.Module):
         calls_per_pass: how often each layer runs in one forward pass: one count for every layer, or
             `{layer: count}` (layers not named run once).
         transform: as for `FeatureTap`.
+
+    Returns:
+        called like the model, `{layer: tensor}`: each requested layer's (last) output of that pass.
+
+    Raises:
+        TypeError: when `model` is not an `nn.Module`.
+        ValueError: for an unknown layer, a count below 1, or (when called) a pass whose call counts differ
+            from `calls_per_pass`.
     """
 
     def __init__(

@@ -36,6 +36,9 @@ def collect_terms(modules: nn.Module | Mapping[str, nn.Module], prefix: str = ""
 
     Returns:
         floats; one device synchronization for all of them.
+
+    Raises:
+        TypeError: for a module in the mapping that has no `last_terms`.
     """
     named = modules.items() if isinstance(modules, Mapping) else _modules_with_terms(modules)
     keys: list[str] = []

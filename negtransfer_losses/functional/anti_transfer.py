@@ -73,6 +73,11 @@ class AntiTransferTerms(NamedTuple):
       `cka`, the MSE for `mse_sigmoid`;
     - `student_norm`: the mean L2 norm of a student sample's features, detached. Zero rows give
       `s_i = 0`, so a network can lower the cosine losses by killing channels: watch this fall.
+
+    Args:
+        loss: the unweighted `L_AT`, a scalar tensor (with gradient to the student).
+        similarity: the raw similarity, detached scalar.
+        student_norm: the student's mean sample norm, detached scalar.
     """
 
     loss: Tensor

@@ -48,6 +48,16 @@ class AntiTransferLoss(nn.Module):
         nan_policy: `"raise"`, `"skip"` or `"propagate"` for non-finite features.
         gather: `"global"` computes each layer's loss on every rank's batch concatenated (DDP).
         backend: `"auto"`, `"torch"` or `"triton"`; see `negtransfer_losses.ops`.
+
+    Returns:
+        called as `at(student, reference)` (two `{layer: tensor}` dicts matched by key, or two tensors), the
+        weighted scalar loss.
+
+    Raises:
+        ValueError: for an option that is not valid or does not apply to the chosen aggregation and distance
+            (e.g. `gram_scope` without `"gram"`); when called, for dicts whose layers differ, shapes that do
+            not match, or non-finite features under `nan_policy="raise"` (naming the layer).
+        TypeError: when called with inputs that are not floating-point tensors (or dicts of them).
     """
 
     def __init__(

@@ -87,12 +87,20 @@ class KernelRejectedWarning(UserWarning):
 
 
 def triton_available() -> bool:
-    """Whether Triton can be imported (without importing it)."""
+    """Whether Triton can be imported (without importing it).
+
+    Returns:
+        True when `import triton` would find a package.
+    """
     return importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    """Whether Triton kernels run in its CPU interpreter (`TRITON_INTERPRET=1`).
+
+    Returns:
+        True when the environment variable `TRITON_INTERPRET` is set to something other than `""` or `"0"`.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -321,6 +329,14 @@ def _key_text(key: tuple[Any, ...]) -> str:
 def resolve_backend(backend: Backend, op: str, *tensors: Tensor) -> Chosen:
     """The path `choose` would take now, without measuring: the forced one, or for `"auto"` the decision
     already made for this key (torch when there is none, or when the inputs are no candidate).
+
+    Args:
+        backend: `"auto"`, `"torch"` or `"triton"` (`NEGTRANSFER_BACKEND` replaces `"auto"`).
+        op: the op's name and variant, e.g. `"gram_row_cosines/batch"`.
+        tensors: the op's input tensors (the key is built from their dtypes, device and shapes).
+
+    Returns:
+        `"torch"` or `"triton"`.
 
     Raises:
         ValueError: for an invalid `backend` or `NEGTRANSFER_BACKEND`, and where a forced `"triton"` cannot run
