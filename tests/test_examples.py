@@ -45,10 +45,10 @@ def test_multitask_digits_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "multitask_digits.json").exists() and (tmp_path / "multitask_digits.png").exists()
 
 
-@pytest.mark.parametrize("flags", [["--seeds", "1"]])
-def test_demo_entry_point_runs_both_studies(tmp_path: Path, flags: list[str]) -> None:
-    # the full demo is `make demo`; here one seed of each study through the same entry point
-    out = run_example("demo.py", "--out", str(tmp_path), *flags)
+def test_demo_entry_point_runs_both_studies(tmp_path: Path) -> None:
+    # the full demo is `make demo`; here a smoke run of each study (one seed, one epoch / five steps) through the
+    # same entry point, so the verdict does not depend on the machine's load
+    out = run_example("demo.py", "--out", str(tmp_path), "--quick")
     assert "Case study 1" in out and "Case study 2" in out and "make demo finished" in out
 
 
