@@ -96,6 +96,10 @@ SYNC_OPS = {
     torch.ops.aten.bincount.default: "bincount (data-dependent shape)",
     torch.ops.aten.repeat_interleave.Tensor: "repeat_interleave of a tensor of repeats (data-dependent shape)",
     torch.ops.aten.equal.default: "equal (torch.equal returns a Python bool)",
+    # LAPACK-style decompositions read their error flag back to the host on CUDA (invisible on CPU)
+    torch.ops.aten._linalg_svd.default: "linalg.svd (reads an error flag on CUDA)",
+    torch.ops.aten._linalg_eigh.default: "linalg.eigh (reads an error flag on CUDA)",
+    torch.ops.aten.linalg_eig.default: "linalg.eig (reads an error flag on CUDA)",
 }
 
 

@@ -237,31 +237,28 @@ def _multi_task_weighted() -> Case:
     return Case(module, _two_heads(), lambda loss, net: loss(net["logits_a"](), net["logits_b"](), labels_a, labels_b))
 
 
-# The adversary: irrelevant labels u (3 classes), task labels y (2 classes); its head's initial values fixed.
+# Purify: a transform; the scalar is a function of its output. Warm-up calls make it ready (every class seen).
 
 
-def _adversary(**options: bool) -> ntl.AdversarialSuppression:
-    module = ntl.AdversarialSuppression(3, dim=8, **options)
-    generator = torch.Generator().manual_seed(50)
-    with torch.no_grad():
-        for p in module.head.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) / 8**0.5)
-    return module
-
-
-@case("AdversarialSuppression")
-def _adversarial() -> Case:
-    u = labels(3, seed=51)
-    return Case(_adversary(), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u))
-
-
-@case("AdversarialSuppression, conditional")
-def _adversarial_conditional() -> Case:
-    u, y = labels(3, seed=52), labels(2, seed=53)
+@case("Purify")
+def _purify() -> Case:
+    u = labels(3, seed=30)
     return Case(
-        _adversary(conditional=True),
+        ntl.Purify(3, dim=8),
         Network(features=(B, 8)),
-        lambda loss, net: loss(net["features"](), u, task_labels=y),
+        lambda purify, net: purify(net["features"](), u).square().mean(),
+        output_is_loss=False,
+    )
+
+
+@case("Purify, conditional")
+def _purify_conditional() -> Case:
+    u, y = labels(3, seed=31), labels(2, seed=32)
+    return Case(
+        ntl.Purify(3, dim=8, conditional=True),
+        Network(features=(B, 8)),
+        lambda purify, net: purify(net["features"](), u, task_labels=y).square().mean(),
+        output_is_loss=False,
     )
 
 
@@ -305,4 +302,32 @@ def _hsic_weighted() -> Case:
     u = labels(3, seed=40)
     return Case(
         ntl.HSICSuppression(3, weight=0.4), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u)
+    )
+
+
+# The adversary: irrelevant labels u (3 classes), task labels y (2 classes); its head's initial values fixed.
+
+
+def _adversary(**options: bool) -> ntl.AdversarialSuppression:
+    module = ntl.AdversarialSuppression(3, dim=8, **options)
+    generator = torch.Generator().manual_seed(50)
+    with torch.no_grad():
+        for p in module.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) / 8**0.5)
+    return module
+
+
+@case("AdversarialSuppression")
+def _adversarial() -> Case:
+    u = labels(3, seed=51)
+    return Case(_adversary(), Network(features=(B, 8)), lambda loss, net: loss(net["features"](), u))
+
+
+@case("AdversarialSuppression, conditional")
+def _adversarial_conditional() -> Case:
+    u, y = labels(3, seed=52), labels(2, seed=53)
+    return Case(
+        _adversary(conditional=True),
+        Network(features=(B, 8)),
+        lambda loss, net: loss(net["features"](), u, task_labels=y),
     )
