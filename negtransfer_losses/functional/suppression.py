@@ -317,7 +317,8 @@ def _group_median_distance(sq_dist: Tensor, groups: Tensor) -> Tensor:
     if n < 2:
         return ones
     first, second = torch.triu_indices(n, n, offset=1, device=device)
-    in_group = groups[first, second]
+    # both ends members: a row outside the members may still list its class's members (conditional grouping)
+    in_group = groups[first, second] & groups[second, first]
     name = groups.to(torch.int32).argmax(dim=1)  # a group's first member
     distance = torch.where(in_group, sq_dist[first, second].sqrt(), torch.full_like(ones[:1], float("inf")))
     key = torch.where(in_group, name[first], torch.full_like(name[first], n))

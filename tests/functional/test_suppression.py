@@ -250,6 +250,27 @@ def test_conditional_rbf_bandwidth_is_the_median_of_each_class(sigma: float | No
     torch.testing.assert_close(value, total / count, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("sigma", [None, 0.8])
+def test_conditional_hsic_unknown_u_in_an_eligible_class_is_left_out(unbiased: bool, sigma: float | None) -> None:
+    """Samples of an eligible class whose u is unknown change neither the value nor the RBF median."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(24) % 3
+    u = (torch.arange(24) // 3) % 3
+    z = torch.randn(24, 4, generator=g, dtype=torch.float64)
+    u[[0, 1, 4]] = -100  # classes 0 and 1 stay eligible
+    keep = u != -100
+    for kernel in ("linear", "rbf"):
+        if kernel == "linear" and sigma is not None:
+            continue
+        value = ntf.irrelevant_hsic(z, u, 3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y)
+        without = ntf.irrelevant_hsic(
+            z[keep], u[keep], 3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y[keep]
+        )
+        assert value.abs() > 1e-3
+        torch.testing.assert_close(value, without, rtol=1e-12, atol=1e-15)
+
+
 def fixed_shape_cases() -> list[tuple[str, object]]:
     _, u, y = conditional_data()
     r = torch.randn(24, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
