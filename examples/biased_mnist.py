@@ -577,8 +577,12 @@ def plot(rows: list[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["factor"], r["sampler"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
-    for ax, (factor, sampler) in zip(axes[0], panels, strict=True):
+    cols = min(2, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (factor, sampler) in zip(axes.flat, panels, strict=False):
         here = [r for r in rows if (r["factor"], r["sampler"]) == (factor, sampler)]
         for method in dict.fromkeys(r["method"] for r in here):
             pts = sorted(
@@ -605,8 +609,8 @@ def plot(rows: list[Record], path: Path) -> None:
         ax.set_title(f"{factor} factor, {sampler} batches")
         ax.set_ylim(0, 100)
         ax.axhline(10, color="grey", linestyle=":", linewidth=1)
-    axes[0][0].set_ylabel("unbiased test accuracy % (mean ± std)")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+        ax.set_ylabel("unbiased test accuracy % (mean ± std)")
+        ax.legend(fontsize=7, ncol=2)
     fig.suptitle("Biased MNIST (5,000 real digits): library defaults, EnD chosen on validation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
