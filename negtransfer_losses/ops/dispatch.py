@@ -26,6 +26,7 @@ tensors (how the tests check them).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -87,11 +88,18 @@ class KernelRejectedWarning(UserWarning):
 
 
 def triton_available() -> bool:
-    """Whether Triton can be imported (without importing it).
+    """Whether Triton can be imported (without importing it); looked up once per process.
 
     Returns:
         True when `import triton` would find a package.
     """
+    return _find_triton()
+
+
+@functools.cache
+def _find_triton() -> bool:
+    # cached: `auto` asks on every call with CUDA inputs, and the lookup searches sys.path (~65 µs) until
+    # Triton is imported
     return importlib.util.find_spec("triton") is not None
 
 
