@@ -396,12 +396,19 @@ def test_no_known_label_gives_zero_loss_zero_gradient_and_leaves_the_head_alone(
         assert int(loss.head_adam_step) == 0
 
 
-def test_one_class_present_only_is_finite() -> None:
+def test_one_class_present_only_gives_the_heads_cross_entropy() -> None:
+    """One class in the batch: the CE of the head after its own steps, and the features get its reverse."""
     z, _ = batch()
-    z.requires_grad_(True)
-    out = ntl.AdversarialSuppression(3, dim=5)(z, torch.ones(12, dtype=torch.long))
-    out.backward()
-    assert torch.isfinite(out) and torch.isfinite(z.grad).all()  # type: ignore[arg-type]
+    u = torch.ones(12, dtype=torch.long)
+    loss = ntl.AdversarialSuppression(3, dim=5)
+    leaf = z.clone().requires_grad_(True)
+    out = loss(leaf, u)
+    (3.0 * out).backward()
+    head = loss.head
+    torch.testing.assert_close(out, known_ce(head, z, u))
+    features = z.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(3.0 * known_ce(head, features, u), features)
+    torch.testing.assert_close(leaf.grad, -ntf.adversarial.DEFAULT_STRENGTH * expected)
 
 
 def test_bad_labels_are_clear_errors() -> None:
