@@ -173,6 +173,13 @@ def within_class_cross_covariance(
     check_tensor(features, "features")
     check_irrelevant_labels(labels, num_irrelevant, features, ignore_index=ignore_index)
     check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
+    return _within_class_cross_covariance(features, labels, task_labels, num_irrelevant, ignore_index)
+
+
+def _within_class_cross_covariance(
+    features: Tensor, labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """`within_class_cross_covariance` for checked inputs."""
     with torch.no_grad(), full_precision(features):
         dtype = compute_dtype(features)
         eligible, classmates = within_class_groups(labels, task_labels, num_irrelevant, ignore_index)

@@ -7,15 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._labels import IGNORE_INDEX, check_labels
+from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
-from ..functional._groups import check_task_labels
+from ..functional._groups import check_irrelevant_labels, check_task_labels
 from ..functional.erasure import (
+    _within_class_cross_covariance,
     column_basis,
     erase,
     erasure_basis,
     newton_schulz_cut,
-    within_class_cross_covariance,
 )
 
 
@@ -167,15 +167,7 @@ class Purify(nn.Module):
         if task_labels is not None and not self.conditional:
             raise ValueError("'task_labels' are used only by Purify(conditional=True)")
         if self.training and irrelevant_labels is not None:
-            check_labels(
-                irrelevant_labels,
-                self.num_irrelevant,
-                features.shape[0],
-                name="irrelevant_labels",
-                what="irrelevant classes",
-                ignore_index=self.ignore_index,
-                device=features.device,
-            )
+            check_irrelevant_labels(irrelevant_labels, self.num_irrelevant, features, ignore_index=self.ignore_index)
             if self.conditional:
                 if task_labels is None:
                     raise ValueError(
@@ -218,8 +210,9 @@ class Purify(nn.Module):
     @torch.no_grad()
     def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
         """`C ← (1 − w) C + w C_batch` (sum and count apart) when the batch has eligible samples (and is finite)."""
-        batch_sum, count = within_class_cross_covariance(
-            z, labels, task_labels, self.num_irrelevant, ignore_index=self.ignore_index
+        # the labels were checked in forward
+        batch_sum, count = _within_class_cross_covariance(
+            z, labels, task_labels, self.num_irrelevant, self.ignore_index
         )
         dtype = self.cross_covariance_sum.dtype
         update = count > 0
