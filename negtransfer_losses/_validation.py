@@ -107,8 +107,12 @@ def reads_values(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Value checks that never block: read at once on the CPU, later (without waiting) on other devices.
 
-MAX_PENDING_CHECKS = 8
-"""How many deferred checks may wait for their device; one more makes the oldest be waited for and read."""
+MAX_PENDING_CHECKS = 64
+"""How many deferred checks may wait for their device; one more makes the oldest be waited for and read.
+
+A training step makes a few checks per module and layer (NaN/inf, labels), so the oldest of 64 is from steps
+back and normally complete: a smaller bound would make a step with many checks (an `AntiTransferLoss` over
+nine layers, or several modules) wait for the device on a check of that same step."""
 
 
 class DeviceEvent(Protocol):

@@ -82,6 +82,22 @@ def test_the_bound_forces_the_error_within_max_pending_checks_calls() -> None:
         assert len(_validation._pending) == MAX_PENDING_CHECKS
 
 
+def test_a_step_with_many_checks_waits_for_none_of_them() -> None:
+    """Nine layers of anti-transfer and a multi-task loss in one step: no check waits for the device."""
+    g = torch.Generator().manual_seed(0)
+    student = {f"layer{i}": torch.randn(4, 3, 2, 2, generator=g, requires_grad=True) for i in range(9)}
+    frozen = {name: torch.randn(4, 3, 2, 2, generator=g) for name in student}
+    relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.7], [0.5, 0.5]])
+    multi_task = ntl.MultiTaskLoss(relatedness)
+    labels_a, labels_b = torch.tensor([0, 1, 2, -100]), torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    with checks_deferred_on_cpu(complete=False) as events:
+        for _ in range(2):  # two steps while the device has finished nothing
+            loss = ntl.AntiTransferLoss()(student, frozen)
+            loss = loss + multi_task(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g), labels_a, labels_b)
+        assert len(events) >= 2 * (9 + 3)
+        assert not any(event.done for event in events)
+
+
 def test_raise_pending_errors_waits_and_raises_every_failure_once() -> None:
     with checks_deferred_on_cpu(complete=False) as events:
         check_labels(torch.tensor([0, 7, -100, 2]), 3, 4, name="irrelevant_labels", what="irrelevant classes")
