@@ -44,6 +44,11 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
     `batch_size ≥ number of groups`, every batch holds every group at least once. Used as
     `DataLoader(dataset, batch_sampler=GroupBalancedBatchSampler(y, u, 64))`.
 
+    **With `HSICSuppression(conditional=True)` (unbiased estimator) use `batch_size ≥ 2 × groups`**: when a
+    batch holds each group once, every task class's irrelevant labels are all distinct, the within-class
+    delta kernel without its diagonal is zero, and the penalty is exactly zero (measured on Biased MNIST at
+    ρ = 0.98: 76 groups, batch 76, results identical to plain training).
+
     An epoch has `len(dataset) // batch_size` batches (at least one). Iterating again continues from the
     state where the last epoch stopped, so epochs differ; a `generator` makes the whole sequence
     reproducible.
