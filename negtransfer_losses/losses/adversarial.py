@@ -248,6 +248,7 @@ class AdversarialSuppression(nn.Module):
             task_labels=task_labels,
         )
         strength = self.current_strength()
+        head_parameters = None
         if self.training:
             watch = self._watching and reads_values(features.device)
             if watch:
@@ -256,6 +257,9 @@ class AdversarialSuppression(nn.Module):
                 self.steps += 1
             if self.head_steps and torch.is_grad_enabled():
                 self._inner_head_steps(batch, finite)
+                # the loss sees copies (the gradient still reaches the parameters): the next call's steps update
+                # the parameters in place, which must not invalidate this call's graph (two calls, one backward)
+                head_parameters = {name: self.head.get_parameter(name).clone() for name in self._trained_names}
             if watch and self._watching:  # the head as its own steps left it: only the user's optimizer moves it now
                 self._snapshot = [p.detach().clone() for p in self.head.parameters()]
         value = adversarial_loss(
@@ -264,6 +268,7 @@ class AdversarialSuppression(nn.Module):
             num_irrelevant=self.num_irrelevant,
             strength=strength,
             entropy_weight=self.entropy_weight,
+            head_parameters=head_parameters,
         )
         value = zero_unless(finite, value)
         loss = self.weight * value

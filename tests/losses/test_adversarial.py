@@ -143,6 +143,21 @@ def test_inner_steps_keep_the_users_accumulated_gradients() -> None:
     assert all(not torch.equal(a, p.grad) for a, p in zip(accumulated, loss.parameters(), strict=True))
 
 
+def test_two_calls_then_one_backward_give_each_calls_gradients() -> None:
+    """A second call's head steps do not invalidate the first call's graph (e.g. one adversary on two views)."""
+    z, u = batch()
+    together, apart = ntl.AdversarialSuppression(3, dim=5), ntl.AdversarialSuppression(3, dim=5)
+    apart.load_state_dict(together.state_dict())
+    x_together, x_apart = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    (3.0 * (together(2.0 * x_together, u) + together(x_together, u))).backward()
+    (3.0 * apart(2.0 * x_apart, u)).backward()  # the first call's gradients, taken before the second call
+    (3.0 * apart(x_apart, u)).backward()
+    torch.testing.assert_close(x_together.grad, x_apart.grad)
+    for p, q in zip(together.parameters(), apart.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_the_head_gets_the_ce_gradient_and_the_features_its_reverse() -> None:
     z, u = batch()
     z.requires_grad_(True)
