@@ -20,7 +20,6 @@ from torch import Tensor
 from .._labels import IGNORE_INDEX
 from .._validation import (
     as_batch_matrix,
-    check_choice,
     check_min_batch,
     check_same_batch,
     check_same_device,
@@ -37,7 +36,7 @@ from ._groups import (
     one_hot_known,
     within_class_groups,
 )
-from .similarity import KERNELS, Kernel, cka, safe_ratio
+from .similarity import Kernel, _check_kernel, _cka, safe_ratio
 
 
 def irrelevant_hsic(
@@ -91,7 +90,7 @@ def irrelevant_hsic(
             outside their range, or a batch smaller than `n_min`.
     """
     check_tensor(features, "features")
-    check_kernel(kernel, sigma)
+    _check_kernel(kernel, sigma)
     check_irrelevant_labels(irrelevant_labels, num_irrelevant, features, ignore_index=ignore_index)
     if task_labels is not None:
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
@@ -158,7 +157,7 @@ def irrelevant_cka(
     """
     check_tensor(features, "features")
     check_tensor(irrelevant_features, "irrelevant_features")
-    check_kernel(kernel, sigma)
+    _check_kernel(kernel, sigma)
     check_same_device({"features": features, "irrelevant_features": irrelevant_features})
     check_same_batch(features, irrelevant_features, ("features", "irrelevant_features"))
     if task_labels is not None:
@@ -167,8 +166,9 @@ def irrelevant_cka(
     minimum = 4 if unbiased else 2
     features, reference = gather_batch(features, gather), gather_batch(irrelevant_features.detach(), gather)
     check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
-    if task_labels is None:
-        return cka(features, reference, kernel=kernel, unbiased=unbiased, sigma=sigma)
+    if task_labels is None:  # checked above: the core of `cka`
+        dtype = compute_dtype(features, reference)
+        return _cka(features.to(dtype), reference.to(dtype), kernel, unbiased, sigma)
     with full_precision(features, reference):
         dtype = compute_dtype(features, reference)
         members = _at_least(task_labels != ignore_index, minimum)
@@ -181,13 +181,6 @@ def irrelevant_cka(
         k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
         l = _group_kernel(r, groups, kernel=kernel, sigma=sigma)
         return _mean_over(_group_alignment(k, l, groups, unbiased=unbiased), members)
-
-
-def check_kernel(kernel: str, sigma: float | None) -> None:
-    """Raise `ValueError` for an unknown `kernel` or a `sigma` that is not a positive bandwidth (or None)."""
-    check_choice(kernel, "kernel", KERNELS)
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"'sigma' must be a positive bandwidth or None (median heuristic), got {sigma}")
 
 
 # --- masked estimators: one value per group, every group at once ---------------------------------------

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
 from ..distributed import GATHERS, Gather
-from ..functional.similarity import KERNELS, Kernel
-from ..functional.suppression import check_kernel, irrelevant_cka, irrelevant_hsic
+from ..functional.similarity import KERNELS, Kernel, _check_kernel
+from ..functional.suppression import irrelevant_cka, irrelevant_hsic
 from .adversarial import AdversarialSuppression
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
@@ -253,7 +253,7 @@ def _check_options(kernel: str, sigma: float | None, gather: str, nan_policy: st
     check_choice(nan_policy, "nan_policy", NAN_POLICIES)
     if sigma is not None and kernel != "rbf":
         raise ValueError(f"'sigma' is the RBF bandwidth: it needs kernel='rbf', got kernel={kernel!r}")
-    check_kernel(kernel, sigma)
+    _check_kernel(kernel, sigma)
 
 
 def _check_task_labels_given(conditional: bool, task_labels: Tensor | None, call: str) -> None:
