@@ -98,6 +98,26 @@ def test_a_step_with_many_checks_waits_for_none_of_them() -> None:
         assert not any(event.done for event in events)
 
 
+def test_a_non_finite_batch_whose_error_comes_later_leaves_the_modules_state_alone() -> None:
+    """Purify's running means and the adversary's head never take in the batch while its error is on its way."""
+    g = torch.Generator().manual_seed(0)
+    z, u, y = torch.randn(12, 4, generator=g), torch.arange(12) % 3, torch.arange(12) // 6
+    purify, conditional = ntl.Purify(3, 4), ntl.Purify(3, 4, conditional=True)
+    adversary = ntl.AdversarialSuppression(3, dim=4)
+    purify(z, u), conditional(z, u, task_labels=y), adversary(z, u)
+    before = [t.clone() for m in (purify, conditional, adversary) for t in m.state_dict().values()]
+    bad = z.clone()
+    bad[0, 0] = float("nan")
+    with checks_deferred_on_cpu(complete=False):
+        purify(bad, u), conditional(bad, u, task_labels=y), adversary(bad, u)
+        after = [t for m in (purify, conditional, adversary) for t in m.state_dict().values()]
+        for old, new in zip(before, after, strict=True):
+            if old.is_floating_point():
+                torch.testing.assert_close(new, old)
+        with pytest.raises(ValueError, match=r"'features' contain NaN or inf"):
+            ntl.raise_pending_errors()
+
+
 def test_raise_pending_errors_waits_and_raises_every_failure_once() -> None:
     with checks_deferred_on_cpu(complete=False) as events:
         check_labels(torch.tensor([0, 7, -100, 2]), 3, 4, name="irrelevant_labels", what="irrelevant classes")

@@ -90,8 +90,9 @@ class AdversarialSuppression(nn.Module):
         head_lr: the base learning rate of those steps (> 0), multiplied by `head_lr_multiplier`.
         check_head_after: training calls after which a head your optimizer never moved is reported (0: never).
         ignore_index: the label of unknown samples (`u` and `y`).
-        nan_policy: non-finite features `"raise"` a `ValueError`, give a zero loss with a zero gradient and leave
-            the head unchanged (`"skip"`), or pass through (`"propagate"`).
+        nan_policy: non-finite features `"raise"` a `ValueError` (where it comes later, on a GPU or under
+            `torch.compile`, the head's own steps skip that batch meanwhile), give a zero loss with a zero
+            gradient and leave the head unchanged (`"skip"`), or pass through (`"propagate"`).
 
     Raises:
         ValueError: for an invalid option, neither or both of `dim` and `head`.
@@ -240,6 +241,9 @@ class AdversarialSuppression(nn.Module):
                 f"AdversarialSuppression needs 'irrelevant_labels' (use {self.ignore_index} for unknown ones)"
             )
         guarded, finite = guard_finite({"features": features}, self.nan_policy)
+        # the head's own steps never take in a non-finite batch, also while its "raise" error is on its way
+        # (a GPU reads the flag a few checks on; compiled code skips the check)
+        usable = torch.isfinite(features.detach()).all() if finite is None and self.nan_policy == "raise" else finite
         batch = adversarial_batch(
             guarded["features"],
             irrelevant_labels,
@@ -256,7 +260,7 @@ class AdversarialSuppression(nn.Module):
             with torch.no_grad():
                 self.steps += 1
             if self.head_steps and torch.is_grad_enabled():
-                self._inner_head_steps(batch, finite)
+                self._inner_head_steps(batch, usable)
                 # the loss sees copies (the gradient still reaches the parameters): the next call's steps update
                 # the parameters in place, which must not invalidate this call's graph (two calls, one backward)
                 head_parameters = {name: self.head.get_parameter(name).clone() for name in self._trained_names}

@@ -65,8 +65,9 @@ class Purify(nn.Module):
         ignore_index: the label of unknown samples (`u` and `y`).
         rtol: directions with singular value at or below `rtol ×` the largest are not erased, in `[1e-12, 1)`
             (`functional.erasure.column_basis`).
-        nan_policy: a training batch with NaN/inf features `"raise"`s, is left out of the running means
-            (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them). The output is the
+        nan_policy: a training batch with NaN/inf features `"raise"`s (and, where the error comes later, on
+            a GPU or under `torch.compile`, is left out of the running means meanwhile), is left out of
+            them (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them). The output is the
             erased input either way (NaN stays NaN).
 
     Raises:
@@ -179,6 +180,10 @@ class Purify(nn.Module):
                 )
             guarded, finite = guard_finite({"features": flat.detach()}, self.nan_policy)
             z = guarded["features"]
+            if finite is None and self.nan_policy == "raise":
+                # the error may come later (a GPU reads its flag a few checks on, compiled code skips it):
+                # meanwhile the running statistics never take in a non-finite batch
+                finite = torch.isfinite(z).all()
             if self.conditional:
                 assert task_labels is not None
                 self._update_conditional(z, irrelevant_labels, task_labels, finite)
