@@ -11,6 +11,7 @@ import torch
 from helpers import SyncCounter, checks_deferred_on_cpu
 
 import negtransfer_losses as ntl
+import negtransfer_losses.functional as ntf
 from negtransfer_losses import _validation
 from negtransfer_losses._labels import check_labels, multilabel_targets
 from negtransfer_losses._validation import MAX_PENDING_CHECKS, guard_finite
@@ -115,6 +116,37 @@ def test_a_non_finite_batch_whose_error_comes_later_leaves_the_modules_state_alo
             if old.is_floating_point():
                 torch.testing.assert_close(new, old)
         with pytest.raises(ValueError, match=r"'features' contain NaN or inf"):
+            ntl.raise_pending_errors()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "masked_cross_entropy",
+        "soft_co_annotation",
+        "MultiTaskLoss",
+        "AdversarialSuppression",
+        "adversarial_suppression",
+    ],
+)
+def test_a_label_out_of_range_is_reported_not_used_as_an_index(call: str) -> None:
+    """While the label check's error is on its way, no loss indexes with the bad label (on a GPU that is a
+    device-side assert, which kills the process before the error can be read)."""
+    g = torch.Generator().manual_seed(0)
+    z, logits_b = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+    bad = torch.tensor([0, 7, -100, 2])
+    relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.7], [0.5, 0.5]])
+    targets_b = torch.tensor([[1.0, 0.0], [-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]])
+    calls = {
+        "masked_cross_entropy": lambda: ntf.masked_cross_entropy(z, bad),
+        "soft_co_annotation": lambda: ntf.soft_co_annotation(z, logits_b, bad, targets_b, relatedness.matrix),
+        "MultiTaskLoss": lambda: ntl.MultiTaskLoss(relatedness)(z, logits_b, bad, targets_b),
+        "AdversarialSuppression": lambda: ntl.AdversarialSuppression(3, dim=3)(z, bad),
+        "adversarial_suppression": lambda: ntf.adversarial_suppression(z, bad, torch.nn.Linear(3, 3), num_irrelevant=3),
+    }
+    with checks_deferred_on_cpu(complete=False):
+        calls[call]()  # no IndexError or index-out-of-bounds RuntimeError here
+        with pytest.raises(ValueError, match=r"holds 7, outside \[0, 3\)"):
             ntl.raise_pending_errors()
 
 

@@ -137,12 +137,14 @@ def adversarial_batch(
         weights = eligible.to(ones.dtype)
         prior = within_class_log_prior(irrelevant_labels, classmates, num_irrelevant, ones.dtype)
         z = centre_within_groups(z, classmates, eligible)
-        return AdversarialBatch(z, _known_or_zero(irrelevant_labels, eligible), weights, prior, weights)
+        return AdversarialBatch(z, _known_or_zero(irrelevant_labels, eligible, num_irrelevant), weights, prior, weights)
     if irrelevant_labels is None:
         return AdversarialBatch(z, None, None, None, ones)
     check_irrelevant_labels(irrelevant_labels, num_irrelevant, features, ignore_index=ignore_index)
     known = irrelevant_labels != ignore_index
-    return AdversarialBatch(z, _known_or_zero(irrelevant_labels, known), known.to(ones.dtype), None, ones)
+    return AdversarialBatch(
+        z, _known_or_zero(irrelevant_labels, known, num_irrelevant), known.to(ones.dtype), None, ones
+    )
 
 
 def adversarial_cross_entropy(
@@ -297,8 +299,11 @@ def adversarial_suppression(
     )
 
 
-def _known_or_zero(labels: Tensor, keep: Tensor) -> Tensor:
-    return torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+def _known_or_zero(labels: Tensor, keep: Tensor, num_classes: int) -> Tensor:
+    """The kept labels, 0 elsewhere, clamped into `[0, num_classes)`: a label out of range is reported by the
+    deferred check (`check_labels`) instead of tripping a GPU's device-side assert in the cross-entropy."""
+    kept = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    return kept.clamp(0, num_classes - 1)
 
 
 def _head_logits(

@@ -196,7 +196,8 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = 
     )
     with full_precision(logits):
         known = labels != ignore_index
-        return _masked_cross_entropy(logits.to(compute_dtype(logits)), torch.where(known, labels, 0), known)
+        index = _safe_index(labels, known, logits.shape[1])
+        return _masked_cross_entropy(logits.to(compute_dtype(logits)), index, known)
 
 
 def masked_binary_cross_entropy(logits: Tensor, targets: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -225,6 +226,12 @@ def masked_binary_cross_entropy(logits: Tensor, targets: Tensor, *, mask: Tensor
     )
     with full_precision(logits):
         return _masked_binary_cross_entropy(logits.to(dtype), values, annotated)
+
+
+def _safe_index(labels: Tensor, known: Tensor, num_classes: int) -> Tensor:
+    """The known labels as gather indices, 0 elsewhere, clamped into `[0, num_classes)`: a label out of range
+    is reported by the deferred check (`check_labels`) instead of tripping a GPU's device-side index assert."""
+    return torch.where(known, labels, 0).clamp(0, num_classes - 1)
 
 
 def _masked_cross_entropy(logits: Tensor, index: Tensor, known: Tensor) -> Tensor:
@@ -513,11 +520,11 @@ def _task_labels(
         known = labels_b != ignore_index
         classes = torch.arange(num_b, device=device)
         onehot = (labels_b[:, None] == classes).to(dtype)  # not F.one_hot, which reads the labels on the host
-        return _TaskLabels(torch.where(known_a, labels_a, 0), known_a, onehot, known[:, None].expand(n, num_b))
+        return _TaskLabels(_safe_index(labels_a, known_a, num_a), known_a, onehot, known[:, None].expand(n, num_b))
     if isinstance(labels_b, Tensor) and labels_b.device != device:
         raise ValueError(f"'labels_b' must be on the same device as the logits ({device}), got {labels_b.device}")
     values, annotated = multilabel_targets(labels_b, (n, num_b), dtype, name="labels_b")
-    return _TaskLabels(torch.where(known_a, labels_a, 0), known_a, values, annotated)
+    return _TaskLabels(_safe_index(labels_a, known_a, num_a), known_a, values, annotated)
 
 
 def soft_co_annotation(
