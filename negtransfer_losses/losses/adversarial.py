@@ -304,8 +304,8 @@ class AdversarialSuppression(nn.Module):
         lr = self.head_lr * self.head_lr_multiplier
         exp_avg = [self.get_buffer(f"head_adam_exp_avg_{i}") for i in range(len(self._trained_names))]
         exp_avg_sq = [self.get_buffer(f"head_adam_exp_avg_sq_{i}") for i in range(len(self._trained_names))]
-        moments = [m.detach() for m in exp_avg]
-        squares = [v.detach() for v in exp_avg_sq]
+        moments = [m.detach().to(torch.promote_types(m.dtype, torch.float32)) for m in exp_avg]
+        squares = [v.detach().to(torch.promote_types(v.dtype, torch.float32)) for v in exp_avg_sq]
         step = self.head_adam_step.detach()
         for _ in range(self.head_steps):
             grads = head_gradient(params)
@@ -315,11 +315,12 @@ class AdversarialSuppression(nn.Module):
             bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t))
             updated = {}
             for i, name in enumerate(self._trained_names):
-                p, g = params[name], grads[name]
+                # in float32 at least: a float16 head's g² and eps underflow to 0 (0 / 0 is NaN)
+                p, g = params[name], grads[name].to(moments[i].dtype)
                 moments[i] = torch.lerp(moments[i], g, 1.0 - beta1)
                 squares[i] = squares[i] * beta2 + (1.0 - beta2) * g * g
-                denom = squares[i].sqrt() / bias_correction2_sqrt.to(p.dtype) + _EPS
-                updated[name] = p - (lr / bias_correction1).to(p.dtype) * moments[i] / denom
+                denom = squares[i].sqrt() / bias_correction2_sqrt + _EPS
+                updated[name] = (p.to(moments[i].dtype) - (lr / bias_correction1) * moments[i] / denom).to(p.dtype)
             params = updated
         # a batch with no known label (or skipped as non-finite) leaves the head and Adam's state unchanged
         active = batch.weights.sum() > 0
@@ -329,8 +330,8 @@ class AdversarialSuppression(nn.Module):
             for i, name in enumerate(self._trained_names):
                 p = self.head.get_parameter(name)
                 p.copy_(torch.where(active, params[name], p))
-                exp_avg[i].copy_(torch.where(active, moments[i], exp_avg[i]))
-                exp_avg_sq[i].copy_(torch.where(active, squares[i], exp_avg_sq[i]))
+                exp_avg[i].copy_(torch.where(active, moments[i].to(exp_avg[i].dtype), exp_avg[i]))
+                exp_avg_sq[i].copy_(torch.where(active, squares[i].to(exp_avg_sq[i].dtype), exp_avg_sq[i]))
             self.head_adam_step.copy_(torch.where(active, step, self.head_adam_step))
 
     def _compare_with_snapshot(self) -> None:

@@ -505,3 +505,16 @@ def test_custom_head_maps_and_dtype_moves() -> None:
     out.backward()
     assert maps.grad is not None and maps.grad.shape == maps.shape
     assert all(b.dtype == torch.float64 for name, b in loss.named_buffers() if "exp_avg" in name)
+
+
+def test_a_float16_head_takes_its_own_steps_in_float32() -> None:
+    # a float16 head's g² and Adam's eps underflow to 0 in float16 (0 / 0 = NaN); the steps run in float32
+    torch.manual_seed(0)
+    full = ntl.AdversarialSuppression(2, dim=1)
+    half = copy.deepcopy(full).to(torch.float16)
+    z = torch.tensor([[0.0015]])
+    labels = torch.tensor([1])
+    expected = full(z, labels)
+    value = half(z.half().requires_grad_(), labels)
+    assert torch.isfinite(value)
+    torch.testing.assert_close(value.float(), expected.detach(), rtol=2e-3, atol=2e-3)
