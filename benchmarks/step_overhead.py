@@ -196,7 +196,11 @@ def methods() -> list[Method]:
     return [
         Method("plain step (cross-entropy)", lambda width: None, _plain),
         Method("AntiTransferLoss() (gram, cos², layer2)", lambda width: ntl.AntiTransferLoss(), _anti_transfer),
-        Method("AntiTransferLoss('mean') (layer2)", lambda width: ntl.AntiTransferLoss("mean"), _anti_transfer),
+        Method(
+            "AntiTransferLoss(aggregation='mean') (layer2)",
+            lambda width: ntl.AntiTransferLoss(aggregation="mean"),
+            _anti_transfer,
+        ),
         Method(
             "HSICSuppression(num_irrelevant=10)",
             lambda width: ntl.HSICSuppression(num_irrelevant=NUM_CLASSES),

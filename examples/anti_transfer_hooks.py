@@ -111,7 +111,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     irrelevant = train(CNN(4), x_other, u_other, args.steps)
     frozen = ntl.FrozenReference(irrelevant, args.layers)  # + anti-transfer
-    penalty = ntl.AntiTransferLoss(args.aggregation, args.distance, weight=args.weight)  # + anti-transfer
+    penalty = ntl.AntiTransferLoss(
+        aggregation=args.aggregation, distance=args.distance, weight=args.weight
+    )  # + anti-transfer
 
     torch.manual_seed(args.seed)
     plain = train(CNN(4), x_train, y_train, args.steps)

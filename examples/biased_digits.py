@@ -198,7 +198,7 @@ def train_method(method: str, weight: float, train: Split, colour_net: Net, epoc
         layers = ["conv1", "conv2"]
         frozen = ntl.FrozenReference(colour_net, layers)
         tap = ntl.FeatureTap(model, layers)
-        at = ntl.AntiTransferLoss("gram", "cos_squared", weight=weight, gram_scope="batch")
+        at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=weight, gram_scope="batch")
 
         def anti_transfer(net: Net, x: Tensor, z: Tensor, colours: Tensor, digits: Tensor) -> Tensor:
             return at(tap.pop(), frozen(x))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 
-def collect_terms(modules: nn.Module | Mapping[str, nn.Module], prefix: str = "") -> dict[str, float]:
+def collect_terms(modules: nn.Module | Mapping[str, nn.Module], *, prefix: str = "") -> dict[str, float]:
     """`{"{prefix}{name}/{term}": value}` for every module with non-empty `last_terms`.
 
     Args:

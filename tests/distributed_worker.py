@@ -46,7 +46,7 @@ def losses(gather: str, reference: Net) -> dict[str, Callable[[Tensor, Tensor, T
     `reference` must differ from the student: identical features give cosines of 1 and a zero gradient,
     which would make the anti-transfer case pass whatever the gather did.
     """
-    at = ntl.AntiTransferLoss("gram", "cos_squared", gram_scope="batch", gather=gather)  # type: ignore[arg-type]
+    at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", gram_scope="batch", gather=gather)  # type: ignore[arg-type]
     frozen = ntl.FrozenReference(reference, "body")
     suppression = ntl.HSICSuppression(3, normalized=True, gather=gather)  # type: ignore[arg-type]
     return {

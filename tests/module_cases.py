@@ -155,7 +155,7 @@ def _anti_transfer_gram() -> Case:
 
 @case("AntiTransferLoss, mean")
 def _anti_transfer_mean() -> Case:
-    return _anti_transfer(ntl.AntiTransferLoss("mean"))
+    return _anti_transfer(ntl.AntiTransferLoss(aggregation="mean"))
 
 
 @weighted_case("AntiTransferLoss, weighted layers")

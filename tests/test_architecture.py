@@ -100,6 +100,38 @@ def test_one_vocabulary_across_the_public_modules() -> None:
     assert "gram_scope" in inspect.signature(ntf.gram).parameters
 
 
+def _public_callables() -> list[tuple[str, object]]:
+    found: list[tuple[str, object]] = []
+    for prefix, namespace in (("ntl", ntl), ("ntf", ntf), ("ops", ops)):
+        for name in namespace.__all__:
+            obj = getattr(namespace, name)
+            if inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, torch.nn.Module)):
+                found.append((f"{prefix}.{name}", obj))
+    for name, method in inspect.getmembers(ntl.TaskRelatedness):
+        if not name.startswith("_") and callable(method):
+            found.append((f"TaskRelatedness.{name}", method))
+    return found
+
+
+def test_tensors_positional_every_option_keyword_only() -> None:
+    """An argument with a default is keyword-only unless it is a tensor (an optional input such as labels);
+    required sizes of modules stay positional, like `nn.Linear` (`HSICSuppression(num_irrelevant)`)."""
+    for qualname, obj in _public_callables():
+        try:
+            parameters = inspect.signature(obj).parameters.values()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        for p in parameters:
+            if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty:
+                assert "Tensor" in str(p.annotation), f"{qualname}: option {p.name!r} is not keyword-only"
+    for module in (ntl.AntiTransferLoss,):
+        kinds = {n: p.kind for n, p in inspect.signature(module).parameters.items()}
+        assert kinds["aggregation"] is kinds["distance"] is inspect.Parameter.KEYWORD_ONLY
+    # functions take only tensors positionally: a size is an option there, as in adversarial_suppression
+    for function in (ntf.irrelevant_hsic, ntf.adversarial_suppression):
+        assert inspect.signature(function).parameters["num_irrelevant"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
 def test_ops_functions_have_their_functional_twins_signatures_plus_backend() -> None:
     for name in ("anti_transfer", "gram_row_cosines", "aggregated_row_cosines", "distribution_matching"):
         fused = dict(inspect.signature(getattr(ops, name)).parameters)
@@ -139,7 +171,7 @@ def test_collect_terms_walks_a_model_and_skips_what_a_parent_reports() -> None:
     relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.7]])
     container = torch.nn.Module()
     container.coupling = ntl.MultiTaskLoss(relatedness)
-    container.anti = ntl.AntiTransferLoss("none", "cos")
+    container.anti = ntl.AntiTransferLoss(aggregation="none", distance="cos")
     container.coupling(torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, -100, 0]), torch.ones(4, 2))
     container.anti(torch.randn(3, 4), torch.randn(3, 4))
     logged = ntl.collect_terms(container)
@@ -161,14 +193,14 @@ def test_cka_distance_works_as_written() -> None:
 
 def test_anti_transfer_options_that_do_not_apply_raise() -> None:
     with pytest.raises(ValueError, match=r"'gram_scope' applies to aggregation='gram' only"):
-        ntl.AntiTransferLoss("mean", "cos", gram_scope="sample")
+        ntl.AntiTransferLoss(aggregation="mean", distance="cos", gram_scope="sample")
     with pytest.raises(ValueError, match=r"'mul_exponent' applies to aggregation='mul' only"):
-        ntl.AntiTransferLoss("gram", mul_exponent=0.01)
+        ntl.AntiTransferLoss(aggregation="gram", mul_exponent=0.01)
     with pytest.raises(ValueError, match=r"distance='cka' compares per-sample representations"):
-        ntl.AntiTransferLoss("gram", "cka", gram_scope="batch")
+        ntl.AntiTransferLoss(aggregation="gram", distance="cka", gram_scope="batch")
     with pytest.raises(ValueError, match=r"'mul_exponent' must be > 0"):
-        ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.0)
-    assert ntl.AntiTransferLoss("mul", "cos", mul_exponent=0.01).options.mul_exponent == 0.01
+        ntl.AntiTransferLoss(aggregation="mul", distance="cos", mul_exponent=0.0)
+    assert ntl.AntiTransferLoss(aggregation="mul", distance="cos", mul_exponent=0.01).options.mul_exponent == 0.01
 
 
 def test_multilabel_targets_accept_integers_with_minus_one_and_booleans() -> None:

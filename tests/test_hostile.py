@@ -108,7 +108,7 @@ def test_anti_transfer_is_finite_on_valid_input(data: st.DataObject) -> None:
     r = r.reshape(s.shape) if r.numel() == s.numel() else torch.randn(s.shape).to(r.dtype)
     if aggregation == "mul":
         s, r = s.abs(), r.abs()
-    loss = ntl.AntiTransferLoss(aggregation, distance, gram_scope=scope)  # type: ignore[arg-type]
+    loss = ntl.AntiTransferLoss(aggregation=aggregation, distance=distance, gram_scope=scope)  # type: ignore[arg-type]
     finite_case(f"anti_transfer {aggregation}/{distance}/{scope}", loss, s, r)
 
 
@@ -288,19 +288,19 @@ def invalid_cases() -> list[tuple[str, Callable[[], Any], str]]:
         ("device mismatch", lambda: ntf.linear_cka(x, meta), "same device"),
         ("device mismatch AT", lambda: ntf.anti_transfer(x[:, :, None], meta[:, :, None]), "same device"),
         ("device mismatch cka", lambda: ntl.CKASuppression()(x, meta), "same device"),
-        ("labels float", lambda: ntf.irrelevant_hsic(x, u.float(), 3), "integer class indices"),
-        ("labels wrong shape", lambda: ntf.irrelevant_hsic(x, u[:, None], 3), r"shape \(6,\)"),
+        ("labels float", lambda: ntf.irrelevant_hsic(x, u.float(), num_irrelevant=3), "integer class indices"),
+        ("labels wrong shape", lambda: ntf.irrelevant_hsic(x, u[:, None], num_irrelevant=3), r"shape \(6,\)"),
         ("labels out of range", lambda: ntl.HSICSuppression(3)(x, u + 1), "holds 3, outside"),
         ("labels negative", lambda: ntl.Purify(3, 4)(x, u - 1), "holds -1, outside"),
-        ("labels on another device", lambda: ntf.irrelevant_hsic(x, u.to("meta"), 3), "same device"),
+        ("labels on another device", lambda: ntf.irrelevant_hsic(x, u.to("meta"), num_irrelevant=3), "same device"),
         ("hsic batch 3", lambda: ntl.HSICSuppression(3)(x[:3], u[:3]), "at least 4 samples"),
         (
             "cka batch 1",
-            lambda: ntl.AntiTransferLoss("none", "cka")(x[:1, :, None], x[:1, :, None]),
+            lambda: ntl.AntiTransferLoss(aggregation="none", distance="cka")(x[:1, :, None], x[:1, :, None]),
             "at least 2 samples",
         ),
         ("shape mismatch AT", lambda: ntl.AntiTransferLoss()(x[:, :, None], x[:, :2, None]), "distance='cka'"),
-        ("unknown aggregation", lambda: ntl.AntiTransferLoss("median"), "'aggregation' must be one of"),  # type: ignore[arg-type]
+        ("unknown aggregation", lambda: ntl.AntiTransferLoss(aggregation="median"), "'aggregation' must be one of"),  # type: ignore[arg-type]
         ("unknown gather", lambda: ntl.AntiTransferLoss(gather="world"), "'gather' must be one of"),  # type: ignore[arg-type]
         ("unknown nan_policy", lambda: ntl.HSICSuppression(3, nan_policy="ignore"), "'nan_policy'"),  # type: ignore[arg-type]
         (

@@ -67,7 +67,7 @@ def test_irrelevant_hsic_compiles_with_fullgraph(conditional: bool) -> None:
     torch._dynamo.reset()
     u = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]) if conditional else None
-    fn = lambda z: ntf.irrelevant_hsic(z, u, 3, unbiased=False, task_labels=y)  # noqa: E731
+    fn = lambda z: ntf.irrelevant_hsic(z, u, num_irrelevant=3, unbiased=False, task_labels=y)  # noqa: E731
     value, grads = value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), (X,))
     expected, expected_grads = value_and_grads(fn, (X,))
     torch.testing.assert_close(value, expected)
@@ -87,7 +87,7 @@ class Net(nn.Module):
 
 
 def training_step(model: nn.Module, tap: ntl.FeatureTap, frozen: ntl.FrozenReference, x: Tensor, y: Tensor) -> Tensor:
-    at = ntl.AntiTransferLoss("gram", "cos_squared", gram_scope="sample")
+    at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", gram_scope="sample")
     loss = nn.functional.cross_entropy(model(x), y) + at(tap.pop(), frozen(x))
     loss.backward()
     return loss.detach()
@@ -134,7 +134,7 @@ def test_no_recompiles_over_20_steps() -> None:
     compiled = torch.compile(model, backend=counting_backend)
     tap, frozen = ntl.FeatureTap(compiled, ["block.0", "block.2"]), ntl.FrozenReference(reference, ["block.2"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    at = ntl.AntiTransferLoss("gram", "cos_squared", gram_scope="batch", nan_policy="propagate")
+    at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", gram_scope="batch", nan_policy="propagate")
     after_first_steps = None
     for step in range(20):
         x, y = batch(step)
@@ -157,8 +157,8 @@ def test_no_recompiles_over_20_steps() -> None:
 # (name, loss of features (B, C, H, W) and a second tensor, tolerance on |bf16 − fp32|)
 AMP_CASES: list[tuple[str, Callable[[Tensor, Tensor], Tensor], float]] = [
     ("anti_transfer gram", lambda s, r: ntl.AntiTransferLoss()(s, r), 0.02),
-    ("anti_transfer mean cos", lambda s, r: ntl.AntiTransferLoss("mean", "cos")(s, r), 0.02),
-    ("anti_transfer cka", lambda s, r: ntl.AntiTransferLoss("none", "cka")(s, r), 0.02),
+    ("anti_transfer mean cos", lambda s, r: ntl.AntiTransferLoss(aggregation="mean", distance="cos")(s, r), 0.02),
+    ("anti_transfer cka", lambda s, r: ntl.AntiTransferLoss(aggregation="none", distance="cka")(s, r), 0.02),
     ("hsic", lambda s, r: ntl.HSICSuppression(3, normalized=True)(s, LA[:6].clamp(0, 2)), 0.03),
     ("cka", lambda s, r: ntl.CKASuppression()(s, r), 0.02),
     ("adversarial", lambda s, r: _adversarial(s), 0.03),

@@ -56,7 +56,7 @@ def test_five_thousand_steps_with_every_loss_stay_flat() -> None:
     frozen = ntl.FrozenReference(reference, ["body.0", "body.2"])
     tap = ntl.FeatureTap(model, ["body.0", "body.2"])
     relatedness = ntl.TaskRelatedness([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.0, 0.0]])
-    anti_transfer = ntl.AntiTransferLoss("gram", "cos_squared", weight=0.1)
+    anti_transfer = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=0.1)
     hsic = ntl.HSICSuppression(3, normalized=True)
     adversarial = ntl.AdversarialSuppression(3, dim=16, warmup_steps=100)
     cka = ntl.CKASuppression()

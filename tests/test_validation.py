@@ -35,7 +35,7 @@ def good_check() -> None:
 
 
 def test_cpu_raises_at_once_naming_the_argument_layer_and_shapes() -> None:
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     with pytest.raises(ValueError, match=NAN_MESSAGE) as raised:
         loss(features(nan=True), reference())
     assert "'student' (layer 'layer3') (4, 3, 2, 2)" in str(raised.value)
@@ -44,7 +44,7 @@ def test_cpu_raises_at_once_naming_the_argument_layer_and_shapes() -> None:
 
 
 def test_nothing_raises_while_the_device_has_not_finished_the_bad_step() -> None:
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     with checks_deferred_on_cpu(complete=False) as events:
         loss(features(nan=True), reference())  # the bad step
         for _ in range(3):
@@ -55,7 +55,7 @@ def test_nothing_raises_while_the_device_has_not_finished_the_bad_step() -> None
 
 
 def test_the_error_arrives_at_the_first_check_after_the_device_finished() -> None:
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     with checks_deferred_on_cpu(complete=False) as events:
         loss(features(nan=True), reference())
         loss(features(), reference())
@@ -167,7 +167,7 @@ def test_raise_pending_errors_waits_and_raises_every_failure_once() -> None:
 
 
 def test_valid_inputs_never_raise_and_leave_nothing_behind() -> None:
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     with checks_deferred_on_cpu() as events:
         for _ in range(2 * MAX_PENDING_CHECKS):
             loss(features(), reference())
@@ -177,7 +177,7 @@ def test_valid_inputs_never_raise_and_leave_nothing_behind() -> None:
 
 
 def test_the_deferred_path_makes_no_host_read() -> None:
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     with checks_deferred_on_cpu(complete=False), SyncCounter() as counter:
         loss(features(nan=True), reference())
         check_labels(torch.tensor([0, 5]), 3, 2, name="labels_a")

@@ -42,8 +42,8 @@ from .similarity import Kernel, _check_kernel, _cka, safe_ratio
 def irrelevant_hsic(
     features: Tensor,
     irrelevant_labels: Tensor,
-    num_irrelevant: int,
     *,
+    num_irrelevant: int,
     kernel: Kernel = "linear",
     normalized: bool = False,
     sigma: float | None = None,

@@ -62,9 +62,9 @@ class AntiTransferLoss(nn.Module):
 
     def __init__(
         self,
+        *,
         aggregation: AntiTransferAggregation = "gram",
         distance: Distance = "cos_squared",
-        *,
         weight: float = 1.0,
         gram_scope: GramScope | None = None,
         layer_weights: Mapping[str, float] | None = None,

@@ -116,7 +116,7 @@ class HSICSuppression(nn.Module):
         value = irrelevant_hsic(
             guarded["features"],
             irrelevant_labels,
-            self.num_irrelevant,
+            num_irrelevant=self.num_irrelevant,
             kernel=self.kernel,
             normalized=self.normalized,
             sigma=self.sigma,

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(labels_a)} rows; task A '{args.task_a}' ({len(class_names)} classes), task B "
         f"{args.kind} ({len(attribute_names)}); smoothing {args.smoothing}"
     )
-    print(relatedness.format_table(class_names, attribute_names))
+    print(relatedness.format_table(class_names=class_names, attribute_names=attribute_names))
     if args.output:
         data = relatedness.to_dict() | {"class_names": class_names, "attribute_names": attribute_names}
         args.output.write_text(json.dumps(data, indent=2))

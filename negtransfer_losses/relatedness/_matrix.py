@@ -240,7 +240,7 @@ class TaskRelatedness:
         )
 
     def format_table(
-        self, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None
+        self, *, class_names: Sequence[str] | None = None, attribute_names: Sequence[str] | None = None
     ) -> str:
         """The matrix as a readable text table, with the prior and support columns.
 

@@ -26,7 +26,7 @@ def test_irrelevant_hsic_matches_oracle_over_known_labels(kernel: str, normalize
     z, u = data(12)
     u[unknown] = -100
     assert_matches_oracle(
-        lambda f: ntf.irrelevant_hsic(f, u, 3, kernel=kernel, normalized=normalized),  # type: ignore[arg-type]
+        lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel=kernel, normalized=normalized),  # type: ignore[arg-type]
         lambda f: oracles.irrelevant_hsic(f, u, 3, kernel, normalized),
         z,
         rtol=1e-8,
@@ -36,17 +36,19 @@ def test_irrelevant_hsic_matches_oracle_over_known_labels(kernel: str, normalize
 
 def test_irrelevant_hsic_on_maps_flattens_them() -> None:
     z, u = data(8, 12)
-    torch.testing.assert_close(ntf.irrelevant_hsic(z.reshape(8, 3, 2, 2), u, 3), ntf.irrelevant_hsic(z, u, 3))
+    torch.testing.assert_close(
+        ntf.irrelevant_hsic(z.reshape(8, 3, 2, 2), u, num_irrelevant=3), ntf.irrelevant_hsic(z, u, num_irrelevant=3)
+    )
 
 
 def test_no_known_label_gives_zero_loss_and_zero_gradient() -> None:
     z, _ = data(8)
     none_known = torch.full((8,), -100)
-    value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_hsic(f, none_known, 3), z)
+    value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_hsic(f, none_known, num_irrelevant=3), z)
     assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
     three_known = none_known.clone()
     three_known[:3] = torch.tensor([0, 1, 2])
-    value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_hsic(f, three_known, 3), z)
+    value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_hsic(f, three_known, num_irrelevant=3), z)
     assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
 
 
@@ -54,23 +56,25 @@ def test_one_class_only_is_finite() -> None:
     z, _ = data(8)
     u = torch.zeros(8, dtype=torch.long)
     for normalized in (False, True):
-        value, (grad,) = value_and_grads(lambda f: ntf.irrelevant_hsic(f, u, 3, normalized=normalized), z)
+        value, (grad,) = value_and_grads(
+            lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, normalized=normalized), z
+        )
         assert torch.isfinite(value) and torch.isfinite(grad).all()
-    assert ntf.irrelevant_hsic(z, u, 3, normalized=True).item() == 0.0
+    assert ntf.irrelevant_hsic(z, u, num_irrelevant=3, normalized=True).item() == 0.0
 
 
 def test_hostile_labels_and_batches() -> None:
     z, u = data(8)
     with pytest.raises(ValueError, match=r"'irrelevant_labels' holds 7, outside \[0, 3\) for 3 irrelevant classes"):
-        ntf.irrelevant_hsic(z, torch.tensor([0, 1, 2, 7, 0, 1, 2, 0]), 3)
+        ntf.irrelevant_hsic(z, torch.tensor([0, 1, 2, 7, 0, 1, 2, 0]), num_irrelevant=3)
     with pytest.raises(ValueError, match=r"holds -1, outside"):
-        ntf.irrelevant_hsic(z, torch.tensor([0, 1, 2, -1, 0, 1, 2, 0]), 3)
+        ntf.irrelevant_hsic(z, torch.tensor([0, 1, 2, -1, 0, 1, 2, 0]), num_irrelevant=3)
     with pytest.raises(ValueError, match=r"unbiased HSIC needs at least 4 samples in 'features', got a batch of 3"):
-        ntf.irrelevant_hsic(z[:3], u[:3], 3)
+        ntf.irrelevant_hsic(z[:3], u[:3], num_irrelevant=3)
     with pytest.raises(TypeError, match=r"integer class indices, got dtype torch.float32"):
-        ntf.irrelevant_hsic(z, u.float(), 3)
+        ntf.irrelevant_hsic(z, u.float(), num_irrelevant=3)
     with pytest.raises(ValueError, match=r"shape \(8,\) to match the batch of 8, got \(7,\)"):
-        ntf.irrelevant_hsic(z, u[:7], 3)
+        ntf.irrelevant_hsic(z, u[:7], num_irrelevant=3)
 
 
 def test_unknown_rows_never_reach_the_value_or_the_gradient() -> None:
@@ -79,8 +83,12 @@ def test_unknown_rows_never_reach_the_value_or_the_gradient() -> None:
     poisoned = z.clone()
     poisoned[[1, 5]] = torch.tensor([float("nan"), float("inf"), 1e30, -1e30], dtype=torch.float64)
     for kernel in ("linear", "rbf"):
-        value, (grad,) = value_and_grads(lambda f, k=kernel: ntf.irrelevant_hsic(f, u, 3, kernel=k), poisoned)
-        expected, (expected_grad,) = value_and_grads(lambda f, k=kernel: ntf.irrelevant_hsic(f, u, 3, kernel=k), z)
+        value, (grad,) = value_and_grads(
+            lambda f, k=kernel: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel=k), poisoned
+        )
+        expected, (expected_grad,) = value_and_grads(
+            lambda f, k=kernel: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel=k), z
+        )
         torch.testing.assert_close(value, expected, rtol=1e-12, atol=0.0)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=0.0)
         assert torch.equal(grad[[1, 5]], torch.zeros(2, 4, dtype=torch.float64))
@@ -89,7 +97,7 @@ def test_unknown_rows_never_reach_the_value_or_the_gradient() -> None:
 def test_options_are_keyword_only() -> None:
     z, u = data(8)
     with pytest.raises(TypeError, match=r"positional"):
-        ntf.irrelevant_hsic(z, u, 3, "rbf")  # type: ignore[misc]
+        ntf.irrelevant_hsic(z, u, 3)  # type: ignore[misc]
     with pytest.raises(TypeError, match=r"positional"):
         ntf.irrelevant_cka(z, z, True)  # type: ignore[misc]
 
@@ -130,7 +138,7 @@ def test_conditional_hsic_matches_oracle(kernel: str, normalized: bool, unbiased
         lambda f: ntf.irrelevant_hsic(
             f,
             u,
-            3,
+            num_irrelevant=3,
             kernel=kernel,  # type: ignore[arg-type]
             normalized=normalized,
             unbiased=unbiased,
@@ -149,11 +157,11 @@ def test_conditional_hsic_is_the_within_class_measure() -> None:
     u = y.clone()
     u[::5] = (u[::5] + 1) % 4  # 80 % tied to y
     z = torch.randn(40, 3, generator=g, dtype=torch.float64) * 0.1 + torch.eye(4, 3, dtype=torch.float64)[y]
-    plain = ntf.irrelevant_hsic(z, u, 4, normalized=True)
-    conditional = ntf.irrelevant_hsic(z, u, 4, normalized=True, task_labels=y)
+    plain = ntf.irrelevant_hsic(z, u, num_irrelevant=4, normalized=True)
+    conditional = ntf.irrelevant_hsic(z, u, num_irrelevant=4, normalized=True, task_labels=y)
     assert plain > 0.3 and abs(conditional.item()) < 0.1
     z_u = z + 2 * torch.eye(4, 3, dtype=torch.float64)[u]  # now z also says u within each class
-    assert ntf.irrelevant_hsic(z_u, u, 4, normalized=True, task_labels=y) > 0.3
+    assert ntf.irrelevant_hsic(z_u, u, num_irrelevant=4, normalized=True, task_labels=y) > 0.3
 
 
 @pytest.mark.parametrize(
@@ -173,7 +181,10 @@ def test_conditional_hsic_hostile_inputs_give_zero_with_zero_gradient(case: str)
         u = torch.arange(24) % 3
     for normalized in (False, True):
         value, (grad,) = value_and_grads(
-            lambda f, normalized=normalized: ntf.irrelevant_hsic(f, u, 3, normalized=normalized, task_labels=y), z
+            lambda f, normalized=normalized: ntf.irrelevant_hsic(
+                f, u, num_irrelevant=3, normalized=normalized, task_labels=y
+            ),
+            z,
         )
         assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(z))
 
@@ -196,17 +207,17 @@ def test_conditional_cka_matches_oracle(kernel: str, unbiased: bool) -> None:
 
 def test_biased_hsic_reaches_the_math() -> None:
     z, u = data(12)
-    biased = ntf.irrelevant_hsic(z, u, 3, unbiased=False)
+    biased = ntf.irrelevant_hsic(z, u, num_irrelevant=3, unbiased=False)
     torch.testing.assert_close(
         biased, oracles.hsic_biased(oracles.linear_kernel(z), oracles.onehot_kernel(u, 3)), rtol=1e-10, atol=1e-12
     )
-    assert not torch.isclose(biased, ntf.irrelevant_hsic(z, u, 3))
+    assert not torch.isclose(biased, ntf.irrelevant_hsic(z, u, num_irrelevant=3))
 
 
 def test_hostile_task_labels_and_batches() -> None:
     z, u, y = conditional_data()
     with pytest.raises(ValueError, match=r"'task_labels' holds -1, task classes are ≥ 0; mark unknown"):
-        ntf.irrelevant_hsic(z, u, 3, task_labels=y.clamp(0) - 1)
+        ntf.irrelevant_hsic(z, u, num_irrelevant=3, task_labels=y.clamp(0) - 1)
     with pytest.raises(ValueError, match=r"'task_labels' must have shape \(24,\) to match the batch of 24"):
         ntf.irrelevant_cka(z, z, task_labels=y[:5])
     with pytest.raises(
@@ -216,7 +227,7 @@ def test_hostile_task_labels_and_batches() -> None:
     with pytest.raises(ValueError, match=r"unbiased CKA needs at least 4 samples in 'features', got a batch of 3"):
         ntf.irrelevant_cka(z[:3], z[:3], unbiased=True, task_labels=y[:3])
     with pytest.raises(ValueError, match=r"'sigma' must be a positive bandwidth or None"):
-        ntf.irrelevant_hsic(z, u, 3, kernel="rbf", sigma=0.0)
+        ntf.irrelevant_hsic(z, u, num_irrelevant=3, kernel="rbf", sigma=0.0)
     with pytest.raises(ValueError, match=r"'kernel' must be one of 'linear', 'rbf'; got 'cosine'"):
         ntf.irrelevant_cka(z, z, kernel="cosine")  # type: ignore[arg-type]
 
@@ -239,7 +250,7 @@ def test_within_class_groups_is_the_documented_rule(min_size: int) -> None:
 def test_conditional_rbf_bandwidth_is_the_median_of_each_class(sigma: float | None) -> None:
     """Each class's bandwidth is torch.quantile(·, 0.5) of its pair distances, or sigma."""
     z, u, y = conditional_data()
-    value = ntf.irrelevant_hsic(z, u, 3, kernel="rbf", sigma=sigma, task_labels=y)
+    value = ntf.irrelevant_hsic(z, u, num_irrelevant=3, kernel="rbf", sigma=sigma, task_labels=y)
     eligible, _ = within_class_groups(u, y, 3, min_size=4)
     total, count = torch.zeros((), dtype=torch.float64), 0
     for c in y[eligible].unique().tolist():
@@ -263,9 +274,11 @@ def test_conditional_hsic_unknown_u_in_an_eligible_class_is_left_out(unbiased: b
     for kernel in ("linear", "rbf"):
         if kernel == "linear" and sigma is not None:
             continue
-        value = ntf.irrelevant_hsic(z, u, 3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y)
+        value = ntf.irrelevant_hsic(
+            z, u, num_irrelevant=3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y
+        )
         without = ntf.irrelevant_hsic(
-            z[keep], u[keep], 3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y[keep]
+            z[keep], u[keep], num_irrelevant=3, kernel=kernel, sigma=sigma, unbiased=unbiased, task_labels=y[keep]
         )
         assert value.abs() > 1e-3
         torch.testing.assert_close(value, without, rtol=1e-12, atol=1e-15)
@@ -275,13 +288,13 @@ def fixed_shape_cases() -> list[tuple[str, object]]:
     _, u, y = conditional_data()
     r = torch.randn(24, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     return [
-        ("hsic", lambda f: ntf.irrelevant_hsic(f, u, 3)),
-        ("hsic-conditional", lambda f: ntf.irrelevant_hsic(f, u, 3, task_labels=y)),
+        ("hsic", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3)),
+        ("hsic-conditional", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, task_labels=y)),
         (
             "hsic-rbf-normalized-biased",
-            lambda f: ntf.irrelevant_hsic(f, u, 3, kernel="rbf", normalized=True, unbiased=False),
+            lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel="rbf", normalized=True, unbiased=False),
         ),
-        ("hsic-rbf-conditional", lambda f: ntf.irrelevant_hsic(f, u, 3, kernel="rbf", task_labels=y)),
+        ("hsic-rbf-conditional", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel="rbf", task_labels=y)),
         ("cka", lambda f: ntf.irrelevant_cka(f, r)),
         ("cka-conditional", lambda f: ntf.irrelevant_cka(f, r, task_labels=y)),
         (

@@ -30,7 +30,7 @@ LAYER_TERMS = ("loss", "similarity", "student_norm")
 
 def test_two_tensors_form_one_layer() -> None:
     s, r = feats(0)["layer2"], feats(1)["layer2"]
-    loss = ntl.AntiTransferLoss("mean", "cos")
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos")
     torch.testing.assert_close(loss(s, r), ntf.anti_transfer(s, r, aggregation="mean", distance="cos"))
     assert set(loss.last_terms) == {"loss", "features/loss", "features/similarity", "features/student_norm"}
 
@@ -84,14 +84,14 @@ def test_shape_mismatch_names_the_layer() -> None:
     r["layer3"] = torch.randn(4, 8, 2, 2)
     with pytest.raises(ValueError, match=r"at layer 'layer3': got \(4, 6, 2, 2\) and \(4, 8, 2, 2\)"):
         ntl.AntiTransferLoss()(s, r)
-    assert torch.isfinite(ntl.AntiTransferLoss("none", "cka")(s, r))
+    assert torch.isfinite(ntl.AntiTransferLoss(aggregation="none", distance="cka")(s, r))
 
 
 def test_invalid_options_fail_at_construction() -> None:
     with pytest.raises(ValueError, match=r"'distance' must be one of"):
         ntl.AntiTransferLoss(distance="euclid")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"gram_scope='sample'"):
-        ntl.AntiTransferLoss("gram", "cka", gram_scope="batch")
+        ntl.AntiTransferLoss(aggregation="gram", distance="cka", gram_scope="batch")
 
 
 def test_repr_shows_the_configuration() -> None:
@@ -102,7 +102,7 @@ def test_repr_shows_the_configuration() -> None:
 
 def test_layer_losses_are_weighted_contributions_that_add_up_to_the_returned_loss() -> None:
     s, r = feats(0), feats(1)
-    loss = ntl.AntiTransferLoss("mean", "cos", weight=2.5, layer_weights={"layer3": 0.2})
+    loss = ntl.AntiTransferLoss(aggregation="mean", distance="cos", weight=2.5, layer_weights={"layer3": 0.2})
     total = loss(s, r)
     terms = loss.last_terms
     torch.testing.assert_close(terms["loss"], total.detach())
@@ -121,7 +121,7 @@ def test_a_step_makes_no_host_sync_and_compiles_without_a_graph_break(aggregatio
     s, r = feats(0), feats(1)
     for t in s.values():
         t.requires_grad_(True)
-    loss = ntl.AntiTransferLoss(aggregation, distance, weight=2.0)  # type: ignore[arg-type]
+    loss = ntl.AntiTransferLoss(aggregation=aggregation, distance=distance, weight=2.0)  # type: ignore[arg-type]
 
     def step() -> None:
         loss(s, r).backward()

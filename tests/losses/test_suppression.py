@@ -48,7 +48,7 @@ def test_hsic_is_weight_times_the_functional(options: dict[str, Any], conditiona
     task = {"task_labels": y} if conditional else {}
     loss = ntl.HSICSuppression(3, weight=0.5, conditional=conditional, **options)
     out = loss(z, u, **task)
-    expected = ntf.irrelevant_hsic(z, u, 3, **options, **task)
+    expected = ntf.irrelevant_hsic(z, u, num_irrelevant=3, **options, **task)
     torch.testing.assert_close(out, 0.5 * expected, rtol=0.0, atol=0.0)
     assert out.item() != 0.0
     assert set(loss.last_terms) == {"loss", "value"}

@@ -110,7 +110,7 @@ def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_importing_the_package_does_not_import_triton() -> None:
     code = (
         "import sys, torch, negtransfer_losses as n; "
-        "n.AntiTransferLoss('mean', 'cos')(torch.randn(2, 3, 4), torch.randn(2, 3, 4)); "
+        "n.AntiTransferLoss(aggregation='mean', distance='cos')(torch.randn(2, 3, 4), torch.randn(2, 3, 4)); "
         "print('triton' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
