@@ -527,6 +527,7 @@ def summarize(runs: list[Record]) -> list[Record]:
                     "seeds": len(chosen),
                     "accuracy_mean": statistics.mean(acc),
                     "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                    "final_accuracy_mean": 100 * statistics.mean(r["final_test_accuracy"] for r in chosen),
                     "gain_mean": statistics.mean(gains) if gains else float("nan"),
                     "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
                     "train_loss_mean": statistics.mean(r["train_loss"] for r in chosen),
