@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision, raise_if_invalid
-from .similarity import _cosine_rows, scale_to_unit_range
+from .similarity import _cosine_rows, scaled_floor, unit_scale
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("none", "mean", "sum", "max", "mul")
@@ -122,14 +122,15 @@ def aggregated_row_cosines(
 
     `s_b = <a_b, c_b> / (max(|a_b|, eps) · max(|c_b|, eps))` with `a_b = A(S_b)`, `c_b = A(R_b)` flattened over
     the spatial dims, `A` in `"mean"`, `"sum"`, `"max"`. Both maps are first scaled by
-    `similarity.unit_scale` (exact; float32 maps near 1e30 give finite cosines), and the norms are floored
-    at `eps` in those units, as the fused kernel does. The reference side gets no gradient.
+    `similarity.unit_scale` (exact; float32 maps near 1e30 give finite cosines), as the fused kernel does;
+    `eps` floors the norms in the inputs' own units (`similarity.scaled_floor`). The reference side gets no
+    gradient.
 
     Args:
         student: `(B, C, *spatial)` with at least one spatial dimension.
         reference: same batch and spatial size (its channel count may differ).
         aggregation: `"mean"`, `"sum"` or `"max"`.
-        eps: floor of each norm.
+        eps: floor of each norm, in the units of `A(student)`.
 
     Returns:
         `(B,)`, float32 (float64 for float64 input).
@@ -146,6 +147,10 @@ def _aggregated_row_cosines(student: Tensor, reference: Tensor, aggregation: Agg
     """`aggregated_row_cosines` of inputs checked by `_check_row_aggregation_pair` (the torch path of the
     fused kernel)."""
     with full_precision(student, reference):
-        a = _aggregate_channels(scale_to_unit_range(student), aggregation)
-        c = _aggregate_channels(scale_to_unit_range(reference), aggregation)
-        return _cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), eps)
+        dtype = compute_dtype(student, reference)
+        student, reference = student.to(dtype), reference.to(dtype)
+        scale_s, scale_r = unit_scale(student), unit_scale(reference)
+        a = _aggregate_channels(student * scale_s, aggregation)
+        c = _aggregate_channels(reference * scale_r, aggregation)
+        floor_s, floor_r = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
+        return _cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), floor_s, floor_r)

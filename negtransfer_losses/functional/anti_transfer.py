@@ -202,8 +202,9 @@ def anti_transfer(
       channels and spatial size.
 
     For `gram`, `mean`, `sum`, `max` and the pairwise aggregations both maps are first scaled by
-    `similarity.unit_scale` (exact; float32 features near 1e30 give finite cosines), and `eps` floors the
-    norms in those units.
+    `similarity.unit_scale` (exact; float32 features near 1e30 give finite cosines), the other rows each by
+    their own power of two; `eps` keeps its meaning above, the rows' own units, on every path
+    (`similarity.scaled_floor`).
 
     Args:
         student: `(B, C, *sp)` or `(B, D)` features of the trained network.
@@ -212,7 +213,7 @@ def anti_transfer(
         distance: `d`, one of the above.
         gram_scope: `"batch"` or `"sample"`, for `aggregation="gram"` only; None takes `"batch"`, or
             `"sample"` for `distance="cka"`.
-        eps: floor of the row norms in the cosine distances.
+        eps: floor of the row norms `|a_i|`, `|b_i|` in the cosine distances, in the rows' own units.
         mul_exponent: `p` of the `"mul"` aggregation (for it only; None takes 0.001).
         nan_policy: non-finite values in either input `"raise"` a `ValueError`, `"skip"` the layer
             (zero loss, zero gradient), or `"propagate"` (no check).

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_tensor, compute_dtype, full_precision
-from .similarity import scale_to_unit_range
+from .similarity import scaled_floor, unit_scale
 
 __all__ = ["pairwise_row_cosines"]
 
@@ -47,12 +47,13 @@ def pairwise_row_cosines(student: Tensor, reference: Tensor, *, eps: float = 1e-
     """`s_b = <a_b, b_b> / (max(|a_b|, eps) · max(|b_b|, eps))` per sample, never materializing `a_b`.
 
     Both maps are first scaled by `similarity.unit_scale` (exact; float32 maps near 1e30 give finite
-    cosines), and the norms are floored at `eps` in those units, as for the Gram and aggregated rows.
+    cosines); `eps` floors the norms in the inputs' own units (`similarity.scaled_floor`), as for the Gram and
+    aggregated rows.
 
     Args:
         student: `(B, C_s, *spatial)`.
         reference: `(B, C_r, *spatial)`: the same batch and spatial size; the channel counts may differ.
-        eps: floor of each norm.
+        eps: floor of each norm, in the inputs' units.
 
     Returns:
         `(B,)`, float32 (float64 for float64 input).
@@ -75,10 +76,12 @@ def _pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float) -> Ten
     """`pairwise_row_cosines` of checked inputs."""
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
-        student, reference = scale_to_unit_range(student.to(dtype)), scale_to_unit_range(reference.to(dtype))
-        dot, sq_a, sq_b = _pairwise_dot_and_norms(student, reference)
-        floor = eps * eps  # floored before the root: a zero row gives s = 0 with a finite gradient
-        return dot / (sq_a.clamp_min(floor).sqrt() * sq_b.clamp_min(floor).sqrt())
+        student, reference = student.to(dtype), reference.to(dtype)
+        scale_s, scale_r = unit_scale(student), unit_scale(reference)
+        dot, sq_a, sq_b = _pairwise_dot_and_norms(student * scale_s, reference * scale_r)
+        floor_a, floor_b = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
+        # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
+        return dot / (sq_a.clamp_min(floor_a * floor_a).sqrt() * sq_b.clamp_min(floor_b * floor_b).sqrt())
 
 
 def _pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:

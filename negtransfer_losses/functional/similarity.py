@@ -57,12 +57,15 @@ def _flat(x: Tensor) -> Tensor:
 def cosine_rows(a: Tensor, b: Tensor, *, eps: float = 1e-8) -> Tensor:
     """Cosine similarity of matching rows, with each norm floored at `eps`.
 
-    `s_i = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`, so a zero row gives `s_i = 0`.
+    `s_i = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`, so a zero row gives `s_i = 0`. `eps` is in the
+    inputs' own units, as everywhere in the package (`scaled_floor`): each row is scaled by its own power of
+    two (`unit_scale(·, per_row=True)`, exact) and the floor with it, which changes nothing but the range of
+    the squares.
 
     Args:
         a: `(n, ...)`, flattened to `(n, d)`.
         b: same shape as `a`.
-        eps: floor of each row norm.
+        eps: floor of each row norm, in the inputs' units.
 
     Returns:
         `(n,)` in float32 (float64 for float64 input).
@@ -78,45 +81,48 @@ def cosine_rows(a: Tensor, b: Tensor, *, eps: float = 1e-8) -> Tensor:
     return _cosine_rows(a, b, eps)
 
 
-def _cosine_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
-    """`cosine_rows` of checked inputs."""
+def _cosine_rows(a: Tensor, b: Tensor, eps: float | Tensor, eps_b: float | Tensor | None = None) -> Tensor:
+    """`cosine_rows` of checked inputs; the floors `eps` (of `a`'s rows) and `eps_b` (of `b`'s; None: `eps`) are
+    in `a`'s and `b`'s units: Python numbers, or 0-d tensors from `scaled_floor` when `a` and `b` are rows of
+    maps scaled by `unit_scale`."""
+    eps_b = eps if eps_b is None else eps_b
     with full_precision(a, b):
         dtype = compute_dtype(a, b)
         a2, b2 = a.to(dtype).reshape(a.shape[0], -1), b.to(dtype).reshape(b.shape[0], -1)
-        # each row scaled by a power of two (exact) to magnitude < 2, the floor scaled with it: the same
-        # cosine, and no overflow of |a|² for rows of magnitude up to float's largest
-        scale_a, scale_b = _row_power_of_two(a2), _row_power_of_two(b2)
-        a2, b2 = a2 / scale_a[:, None], b2 / scale_b[:, None]
+        # each row scaled to magnitude < 1 and its floor with it: the same cosine, no overflow of |a|²
+        scale_a, scale_b = unit_scale(a2, per_row=True), unit_scale(b2, per_row=True)
+        a2, b2 = a2 * scale_a[:, None], b2 * scale_b[:, None]
         dot = (a2 * b2).sum(dim=1)
-        norm_a = torch.maximum(torch.linalg.vector_norm(a2, dim=1), eps / scale_a)
-        norm_b = torch.maximum(torch.linalg.vector_norm(b2, dim=1), eps / scale_b)
+        norm_a = torch.maximum(torch.linalg.vector_norm(a2, dim=1), scaled_floor(eps, scale_a))
+        norm_b = torch.maximum(torch.linalg.vector_norm(b2, dim=1), scaled_floor(eps_b, scale_b))
         return torch.div(dot, norm_a * norm_b)
 
 
-def _row_power_of_two(x: Tensor) -> Tensor:
-    """Per row of `(n, d)`, a power of two `2^e > max|x| / 2` (at least 1), detached: dividing by it is exact.
+def unit_scale(x: Tensor, *, per_row: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """The package's one scale rule: `2^-e` with `e ≥ 0` the exponent of `max|x|` (`2^e > max|x| ≥ 2^(e-1)`,
+    as `torch.frexp` gives it), so `x · 2^-e` has magnitude < 1; 1 where the maximum is already below 1, is
+    NaN or inf, or has no element.
 
-    (`max|x| / 2`, not `max|x|`: the power above float32's largest value is not a float32.) The floor `eps`
-    is divided by the same power, so this per-row scale changes nothing but the range of the squares."""
-    exponent = (torch.frexp(x.detach().abs().amax(dim=1)).exponent - 1).clamp_min(0)
-    return torch.exp2(exponent.to(x.dtype))
-
-
-def unit_scale(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The package's one scale convention: `2^-e` with `e ≥ 0` the exponent of `max|x|` (`2^e > max|x| ≥ 2^(e-1)`,
-    as `torch.frexp` gives it), so `x · 2^-e` has magnitude < 1; 1 for inputs already below 1, for NaN/inf
-    maxima and for empty `x`.
-
-    A 0-d tensor of `dtype` (default: `x`'s compute dtype) on `x`'s device, detached, built from its exponent
-    bits (exact on every device, also `2^-128` for float32 maps near float32's largest value); no host
-    synchronization. The fused kernels scale by the same power of two without a pass of their own (each
-    program finds the exponent of what it loads; `ops._kernel_common.frexp_exponent`), so cosines floored at
-    `eps` mean the same on both paths.
+    The maximum is over the whole of `x` (a 0-d result: what the Gram, aggregated and pairwise cosines scale
+    their maps by) or, with `per_row=True`, over each row of `(n, ...)` (an `(n,)` result: what `cosine_rows`
+    scales its rows by). A tensor of `dtype` (default: `x`'s compute dtype) on `x`'s device, detached, built
+    from the exponent's bits (exact on every device, also `2^-128` for float32 values near float32's largest,
+    whose `2^e` is no float32); no host synchronization. The fused kernels scale by the same power of two
+    without a pass of their own (each program finds the exponent of what it loads;
+    `ops._kernel_common.frexp_exponent`). Norm floors follow the scale (`scaled_floor`), so `eps` keeps one
+    meaning, the inputs' own units, on every path.
     """
     dtype = compute_dtype(x) if dtype is None else dtype
-    if x.numel() == 0:
-        return torch.ones((), dtype=dtype, device=x.device)
-    exponent = torch.frexp(x.detach().abs().amax().to(dtype)).exponent.clamp_min(0)
+    if per_row:
+        rows = x.detach().reshape(x.shape[0], -1)
+        if rows.shape[1] == 0:
+            return torch.ones(rows.shape[0], dtype=dtype, device=x.device)
+        largest = rows.abs().amax(dim=1)
+    else:
+        if x.numel() == 0:
+            return torch.ones((), dtype=dtype, device=x.device)
+        largest = x.detach().abs().amax()
+    exponent = torch.frexp(largest.to(dtype)).exponent.clamp_min(0)
     wide = dtype == torch.float64
     bias, shift = (1023, 52) if wide else (127, 23)
     exponent = exponent.to(torch.int64 if wide else torch.int32)
@@ -126,12 +132,33 @@ def unit_scale(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return (low * high).to(dtype)
 
 
-def scale_to_unit_range(x: Tensor) -> Tensor:
-    """`x · unit_scale(x)` in the compute dtype (float32, or float64 for float64 input): exact, so homogeneous
-    measures (cosines of rows, of Gram rows, of channel sums) do not change, while squares of float32 values
-    near 1e30 stop overflowing. The gradient flows through `x`; the scale is a constant."""
-    x = x.to(compute_dtype(x))
-    return x * unit_scale(x)
+def floor_minimum(dtype: torch.dtype) -> float:
+    """`sqrt(tiny)` of `dtype`'s compute dtype (`2^-63` for float32, `2^-511` for float64): the least norm floor in
+    scaled units, below which a norm's square is no normal number (a norm computed from squares cannot tell
+    such a floor from 0, and a GPU may flush it to 0)."""
+    return 2.0**-511 if dtype == torch.float64 else 2.0**-63
+
+
+def scaled_floor(eps: float | Tensor, scale: Tensor, *, degree: int = 1) -> Tensor:
+    """`eps` in the units of a map multiplied by `scale` (from `unit_scale`): `eps · scale^degree`, for rows of
+    degree `degree` in the map (1: its rows, channel aggregates and pairwise rows; 2: its Gram rows).
+
+    This is what keeps `eps` in the inputs' own units on every path (METHODS §1: `max(|a_i|, eps)` of the rows
+    of the unscaled maps). The product is raised to `floor_minimum` where it falls below (scaled maps near
+    float32's largest values, or `eps` below about 1e-19): a zero row then still gives a cosine of 0.
+
+    Args:
+        eps: the floor in the unscaled units (a number, or a 0-d tensor).
+        scale: a power of two (0-d, or `(n,)` per row), in the compute dtype.
+        degree: 1 or 2.
+
+    Returns:
+        a tensor shaped like `scale`, in its dtype.
+    """
+    floor = eps * scale
+    if degree == 2:
+        floor = floor * scale
+    return floor.clamp_min(floor_minimum(scale.dtype))
 
 
 def gram(x: Tensor, *, gram_scope: GramScope = "sample") -> Tensor:
@@ -178,14 +205,15 @@ def gram_row_cosines(
     `U` likewise for the reference, row `i` of `G = W Wᵀ` is `W w_i`, so `<G_s[i], G_r[i]> = w_iᵀ (Wᵀ U) u_i`
     and `|G_s[i]|² = w_iᵀ (Wᵀ W) w_i`: `N×N` products instead of `m×m` Gram matrices whenever `N < m` (the
     authors' B=30, C=512, 8×8 case: 64×64 instead of 15360×15360). Both inputs are first scaled by
-    `unit_scale` (exact; float32 maps near 1e30 give finite cosines), and the row norms are floored at `eps`
-    in those units, as the fused kernel does. The reference side gets no gradient.
+    `unit_scale` (exact; float32 maps near 1e30 give finite cosines), as the fused kernel does; `eps` floors
+    the Gram row norms in the inputs' own units (`scaled_floor` of degree 2). The reference side gets no
+    gradient.
 
     Args:
         student: `(B, C, *spatial)`.
         reference: same shape as `student`.
         gram_scope: `"batch"` or `"sample"`, as in `gram`.
-        eps: floor of each row norm.
+        eps: floor of each Gram row norm, in the units of `gram(student)`.
 
     Returns:
         `(B·C,)` cosines, sample-major for `"sample"`; float32 (float64 for float64 input).
@@ -203,20 +231,25 @@ def _gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope,
     with full_precision(student, reference):
         dtype = compute_dtype(student, reference)
         batch, channels = student.shape[0], student.shape[1]
-        w = scale_to_unit_range(student.to(dtype)).reshape(batch, channels, -1)
-        u = scale_to_unit_range(reference.to(dtype)).reshape(batch, channels, -1)
+        student, reference = student.to(dtype), reference.to(dtype)
+        scale_s, scale_r = unit_scale(student), unit_scale(reference)
+        floor_s, floor_r = scaled_floor(eps, scale_s, degree=2), scaled_floor(eps, scale_r, degree=2)
+        w = (student * scale_s).reshape(batch, channels, -1)
+        u = (reference * scale_r).reshape(batch, channels, -1)
         if gram_scope == "batch":
             w, u = w.reshape(1, batch * channels, -1), u.reshape(1, batch * channels, -1)
         rows, length = w.shape[1], w.shape[2]
         if length >= rows:
             gram_s, gram_r = w @ w.transpose(1, 2), u @ u.transpose(1, 2)
-            return _cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), eps)
+            return _cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), floor_s, floor_r)
         wt, ut = w.transpose(1, 2), u.transpose(1, 2)
         dot = ((w @ (wt @ u)) * u).sum(dim=2)
         sq_norm_s = ((w @ (wt @ w)) * w).sum(dim=2)
         sq_norm_r = ((u @ (ut @ u)) * u).sum(dim=2)
-        floor = eps * eps
-        return (dot / (sq_norm_s.clamp_min(floor).sqrt() * sq_norm_r.clamp_min(floor).sqrt())).reshape(-1)
+        # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
+        norm_s = sq_norm_s.clamp_min(floor_s * floor_s).sqrt()
+        norm_r = sq_norm_r.clamp_min(floor_r * floor_r).sqrt()
+        return (dot / (norm_s * norm_r)).reshape(-1)
 
 
 def _check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None:
@@ -272,12 +305,7 @@ def _kernel_matrix(x: Tensor, kernel: Kernel, sigma: float | None) -> Tensor:
 
 def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
     centred = x - x.mean(dim=0, keepdim=True)  # distances are shift-invariant; centring avoids cancellation
-    sq_norms = (centred * centred).sum(dim=1)
-    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * centred @ centred.T).clamp_min(0.0)
-    sq_dist = sq_dist - torch.diag_embed(torch.diagonal(sq_dist))
-    # distances at the rounding level of the data are zero: constant rows must give K = 1 exactly
-    rounding = 8 * torch.finfo(x.dtype).eps * x.detach().abs().amax()
-    sq_dist = torch.where(sq_dist > rounding * rounding * x.shape[1], sq_dist, torch.zeros_like(sq_dist))
+    sq_dist = squared_distances(centred, x.detach().abs().amax())
     if sigma is None:
         n = x.shape[0]
         upper = torch.triu_indices(n, n, offset=1, device=x.device)
@@ -285,6 +313,26 @@ def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
         bandwidth = torch.quantile(pair_dist, 0.5).clamp_min(1e-12) if n > 1 else x.new_tensor(1.0)
     else:
         bandwidth = x.new_tensor(float(sigma))
+    return gaussian(sq_dist, bandwidth)
+
+
+def squared_distances(centred: Tensor, largest: Tensor) -> Tensor:
+    """`|x_j - x_k|²` between the rows of `(n, d)` centred data, from their norms and dot products, with a
+    zero diagonal; distances at the rounding level of the data (`8 eps · largest`, `largest` the data's largest
+    magnitude before centring: a 0-d tensor, or `(n,)` one per row) are set to zero, so constant rows give
+    `K = 1` exactly. The one distance computation of the RBF kernels, `kernel_matrix` and the within-group
+    kernels of `functional.suppression` alike."""
+    sq_norms = (centred * centred).sum(dim=1)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * centred @ centred.T).clamp_min(0.0)
+    sq_dist = sq_dist - torch.diag_embed(torch.diagonal(sq_dist))
+    rounding = 8 * torch.finfo(centred.dtype).eps * largest
+    threshold = (rounding * rounding * centred.shape[1]).reshape(-1, 1)  # a row's own threshold when per row
+    return torch.where(sq_dist > threshold, sq_dist, torch.zeros_like(sq_dist))
+
+
+def gaussian(sq_dist: Tensor, bandwidth: Tensor) -> Tensor:
+    """`exp(-sq_dist / (2 σ²))` with `σ` a 0-d tensor, or `(n,)` one per row."""
+    bandwidth = bandwidth.reshape(-1, 1)
     return torch.exp(-sq_dist / (2.0 * bandwidth * bandwidth))
 
 
@@ -518,15 +566,21 @@ def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str)
 
 
 def _centred_unit_scale(x: Tensor) -> Tensor:
-    """`(x - mean) / ‖x - mean‖_F`: CKA is invariant to isotropic scaling, and this keeps any scale finite.
-
-    Features whose spread is at the rounding level of their magnitude are constant (the mean of equal
-    values is not always exactly that value): they become exactly zero, with a zero gradient.
-    """
+    """`(x - mean) / ‖x - mean‖_F`: CKA is invariant to isotropic scaling, and this keeps any scale finite
+    (`unit_frobenius`)."""
     centred = x - x.mean(dim=0, keepdim=True)
+    return unit_frobenius(centred, x.detach().abs().amax(), x.numel())
+
+
+def unit_frobenius(centred: Tensor, largest: Tensor, count: int | Tensor) -> Tensor:
+    """`centred / ‖centred‖_F`, or exactly zero (with a zero gradient) when its spread is at the rounding level
+    of the values it was centred from: their largest magnitude `largest`, over `count` entries (the mean of
+    equal values is not always exactly that value, so constant features would otherwise keep a rounding
+    residue). The one rescaling of the linear CKA and HSIC ratios, `cka` and the within-group estimates of
+    `functional.suppression` alike."""
     sum_sq = (centred * centred).sum()
-    rounding = 8 * torch.finfo(x.dtype).eps * x.detach().abs().amax()
-    noise_floor = (rounding * rounding * x.numel()).clamp_min(torch.finfo(x.dtype).tiny)
+    rounding = 8 * torch.finfo(centred.dtype).eps * largest
+    noise_floor = (rounding * rounding * count).clamp_min(torch.finfo(centred.dtype).tiny)
     varies = sum_sq > noise_floor
     spread = torch.where(varies, sum_sq, torch.ones_like(sum_sq)).sqrt()
     return torch.where(varies, centred / spread, torch.zeros_like(centred))

@@ -36,7 +36,7 @@ from ._groups import (
     one_hot_known,
     within_class_groups,
 )
-from .similarity import Kernel, _check_kernel, _cka, safe_ratio
+from .similarity import Kernel, _check_kernel, _cka, gaussian, safe_ratio, squared_distances, unit_frobenius
 
 
 def irrelevant_hsic(
@@ -279,19 +279,15 @@ def _group_kernel(x: Tensor, groups: Tensor, *, kernel: Kernel, sigma: float | N
         return x @ x.T
     members = groups.any(dim=1)
     centred = centre_within_groups(x, groups, members)
-    sq_norms = (centred * centred).sum(dim=1)
-    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * centred @ centred.T).clamp_min(0.0)
-    sq_dist = sq_dist - torch.diag_embed(torch.diagonal(sq_dist))
     largest = torch.where(
         groups, x.detach().abs().amax(dim=1)[None, :], torch.zeros((), dtype=x.dtype, device=x.device)
     )
-    rounding = 8 * torch.finfo(x.dtype).eps * largest.amax(dim=1)
-    sq_dist = torch.where(sq_dist > (rounding * rounding * x.shape[1])[:, None], sq_dist, torch.zeros_like(sq_dist))
+    sq_dist = squared_distances(centred, largest.amax(dim=1))  # each row at the rounding level of its group
     if sigma is None:
         bandwidth = _group_median_distance(sq_dist.detach(), groups)
     else:
         bandwidth = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-    return torch.exp(-sq_dist / (2.0 * bandwidth * bandwidth)[:, None])
+    return gaussian(sq_dist, bandwidth)
 
 
 def _group_median_distance(sq_dist: Tensor, groups: Tensor) -> Tensor:
@@ -334,15 +330,12 @@ def _group_median_distance(sq_dist: Tensor, groups: Tensor) -> Tensor:
 def _centred_unit_scale(x: Tensor, members: Tensor) -> Tensor:
     """The member rows of `x` centred over the members and scaled to unit Frobenius norm; zero rows elsewhere.
 
-    As `cka`'s rescaling on the member rows alone: features whose spread is at the rounding level of their
-    magnitude are constant and become exactly zero, with a zero gradient.
+    `cka`'s rescaling (`similarity.unit_frobenius`, the same core) on the member rows alone: features whose
+    spread is at the rounding level of their magnitude are constant and become exactly zero, with a zero
+    gradient.
     """
     weights = members.to(x.dtype)
     count = weights.sum()
     centred = _member_rows(x - (weights @ x / count.clamp_min(1.0))[None, :], members)
-    sum_sq = (centred * centred).sum()
-    rounding = 8 * torch.finfo(x.dtype).eps * _member_rows(x.detach(), members).abs().amax()
-    noise_floor = (rounding * rounding * count * x.shape[1]).clamp_min(torch.finfo(x.dtype).tiny)
-    varies = sum_sq > noise_floor
-    spread = torch.where(varies, sum_sq, torch.ones_like(sum_sq)).sqrt()
-    return torch.where(varies, centred / spread, torch.zeros_like(centred))
+    largest = _member_rows(x.detach(), members).abs().amax()
+    return unit_frobenius(centred, largest, count * x.shape[1])

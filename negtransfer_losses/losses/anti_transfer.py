@@ -42,7 +42,8 @@ class AntiTransferLoss(nn.Module):
         gram_scope: `"batch"` (the authors' form) or `"sample"`, for `aggregation="gram"` only; None takes
             `"batch"`, or `"sample"` for `distance="cka"`.
         layer_weights: optional `{layer: w_l}`; layers not named get 1.
-        eps: floor of the row norms in the cosine distances.
+        eps: floor of the row norms in the cosine distances, in the rows' own units (as in
+            `functional.anti_transfer`).
         mul_exponent: `p` of the `"mul"` aggregation (for it only; None takes 0.001).
         generator: draws the channel window of `"stochastic_pairwise"` (torch's default when None).
         nan_policy: `"raise"`, `"skip"` or `"propagate"` for non-finite features.

@@ -9,7 +9,8 @@ Imported only when a kernel runs (it imports Triton).
   `TRITON_INTERPRET=1` bfloat16 tiles are widened to float32 before the dot; compiled kernels keep them.
 - Scaling: `x · 2^-e` with `2^e > max|x| ≥ 2^(e-1)`, `e ≥ 0` (`functional.similarity.unit_scale`, the
   package's one convention), the exponent read from the float's bits (exact), so float32 inputs near 1e30
-  give finite squares and `eps` floors norms in the same units on both paths.
+  give finite squares; norms are floored at `eps` scaled with the inputs (`scaled_floor`, as
+  `functional.similarity.scaled_floor`), so `eps` means the inputs' own units on both paths.
 - Grids: every kernel launches a one-dimensional grid (CUDA allows 2³¹ − 1 programs along x, 65,535 along
   y and z); `check_grid` raises before a launch that would exceed it.
 """
@@ -80,6 +81,16 @@ def pow2_signed(e):  # type: ignore[no-untyped-def]  # a Triton device function
     return low * high
 
 
+@triton.jit  # type: ignore[untyped-decorator]
+def scaled_floor(eps, factor, DEGREE: tl.constexpr):  # type: ignore[no-untyped-def]  # a Triton device function
+    """`functional.similarity.scaled_floor` in float32: `eps · factor^DEGREE`, at least `2^-63` (the square root of
+    float32's smallest normal number, `functional.similarity.floor_minimum`)."""
+    floor = eps * factor
+    if DEGREE == 2:
+        floor = floor * factor
+    return tl.maximum(floor, 1.0842021724855044e-19)
+
+
 def unit_scale(x: torch.Tensor) -> torch.Tensor:
     """`functional.similarity.unit_scale` in float32: the one scale convention, for the tile kernel's inputs."""
-    return _unit_scale(x, torch.float32)
+    return _unit_scale(x, dtype=torch.float32)

@@ -54,7 +54,7 @@ def gram_row_cosines(
         student: `(B, C, *spatial)`.
         reference: same shape as `student`; gets no gradient.
         gram_scope: `"batch"` or `"sample"`.
-        eps: floor of each row norm.
+        eps: floor of each Gram row norm, in the units of `gram(student)`.
         backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops.dispatch`).
 
     Returns:
@@ -84,7 +84,7 @@ def aggregated_row_cosines(
         student: `(B, C, *spatial)`.
         reference: same batch and spatial size (its channel count may differ); gets no gradient.
         aggregation: `"mean"`, `"sum"` or `"max"`.
-        eps: floor of each norm.
+        eps: floor of each norm, in the units of `A(student)`.
         backend: `"auto"`, `"torch"` or `"triton"` (`negtransfer_losses.ops.dispatch`).
 
     Returns:

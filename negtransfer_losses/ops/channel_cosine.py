@@ -6,7 +6,8 @@ of the student's and reference's maps flattened over space (`N` positions):
     s_b = <a, c> / (max(|a|, eps) · max(|c|, eps))
 
 computed, as the torch path does, on both inputs scaled by a power of two to magnitude ≤ 1 (so float32 maps
-near 1e30 give finite cosines, and `eps` floors the norms in those units).
+near 1e30 give finite cosines), with `eps` (in the units of the unscaled aggregates) scaled with them
+(`functional.similarity.scaled_floor`).
 
 Forward: a grid over (sample, block of positions); each program streams its `C × BLOCK_N` slabs of both maps
 once, writes the aggregated maps `a`, `c` of its positions (float32, saved for backward; for `max` also the
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..functional.similarity import scaled_floor
 from ._kernel_common import check_grid, frexp_exponent, program_block
 
 AGGREGATION_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -113,22 +115,24 @@ def _pow2(e):
 @triton.jit
 def _backward_kernel(
     s_ptr, a_ptr, c_ptr, ties_ptr, stats_ptr, grad_ptr, ds_ptr,
-    C, N, blocks, stride_sb, stride_sc, stride_db, stride_dc, grad_stride, eps,
+    C, N, blocks, stride_sb, stride_sc, stride_db, stride_dc, grad_stride,
     AGG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b, offs_n, mask_n = program_block(tl.program_id(0), blocks, N, BLOCK_N)
-    # per sample: cosine, |a|, |c| (global units), then the global scales 2^-E_s, 2^-E_r
+    # per sample: cosine, |a|, |c| (global units), then the global scales 2^-E_s, 2^-E_r and the norms' floors
+    # in those units
     cosine = tl.load(stats_ptr + b * 3)
     norm_s = tl.load(stats_ptr + b * 3 + 1)
-    clamped_s = tl.maximum(norm_s, eps)
-    clamped_r = tl.maximum(tl.load(stats_ptr + b * 3 + 2), eps)
-    f_s = tl.load(stats_ptr + tl.num_programs(0) // blocks * 3)
-    f_r = tl.load(stats_ptr + tl.num_programs(0) // blocks * 3 + 1)
+    tail = stats_ptr + tl.num_programs(0) // blocks * 3
+    f_s, f_r = tl.load(tail), tl.load(tail + 1)
+    floor_s, floor_r = tl.load(tail + 2), tl.load(tail + 3)
+    clamped_s = tl.maximum(norm_s, floor_s)
+    clamped_r = tl.maximum(tl.load(stats_ptr + b * 3 + 2), floor_r)
     g = tl.load(grad_ptr + b * grad_stride).to(tl.float32)
     a = tl.load(a_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     c = tl.load(c_ptr + b * N + offs_n, mask=mask_n, other=0.0)
-    # ∂s/∂a' = c' / (|a'|·|c'|) − s · a' / |a'|² (the second term only where |a'| > eps), a' = a · f_s
-    through_norm = tl.where(norm_s > eps, cosine / (clamped_s * clamped_s), 0.0)
+    # ∂s/∂a' = c' / (|a'|·|c'|) − s · a' / |a'|² (the second term only where |a'| > its floor), a' = a · f_s
+    through_norm = tl.where(norm_s > floor_s, cosine / (clamped_s * clamped_s), 0.0)
     grad_a = g * (c * f_r / (clamped_s * clamped_r) - through_norm * a * f_s) * f_s
     if AGG == 1:
         grad_a = grad_a / C
@@ -183,19 +187,20 @@ class AggregatedRowCosines(torch.autograd.Function):
         )
         shifts = torch.stack([e_s + e_r - top_s - top_r, 2 * (e_s - top_s), 2 * (e_r - top_r)], dim=2)
         sums = (partials * torch.ldexp(torch.ones(shifts.shape, device=s.device), shifts.clamp_min(-300))).sum(dim=1)
-        norm_s, norm_r = sums[:, 1].sqrt(), sums[:, 2].sqrt()
-        cosines = sums[:, 0] / (norm_s.clamp_min(eps) * norm_r.clamp_min(eps))
-        one = torch.ones((), device=s.device)
+        one = torch.ones((), device=s.device, dtype=torch.float32)
         scales = torch.stack([torch.ldexp(one, -top_s), torch.ldexp(one, -top_r)]).float()
-        stats = torch.cat([torch.stack([cosines, norm_s, norm_r], dim=1).reshape(-1), scales])
+        floors = scaled_floor(eps, scales)  # eps in the units of the scaled aggregates, per side
+        norm_s, norm_r = sums[:, 1].sqrt(), sums[:, 2].sqrt()
+        cosines = sums[:, 0] / (norm_s.clamp_min(floors[0]) * norm_r.clamp_min(floors[1]))
+        stats = torch.cat([torch.stack([cosines, norm_s, norm_r], dim=1).reshape(-1), scales, floors])
         ctx.save_for_backward(s if code == 2 else s[:0], maps, stats)
-        ctx.meta = (student.shape, code, eps, block_n, blocks, student.dtype)
+        ctx.meta = (student.shape, code, block_n, blocks, student.dtype)
         return cosines
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         s, maps, stats = ctx.saved_tensors
-        shape, code, eps, block_n, blocks, dtype = ctx.meta
+        shape, code, block_n, blocks, dtype = ctx.meta
         batch, channels = shape[0], shape[1]
         positions = maps.shape[2]
         grad_s = torch.empty(batch, channels, positions, device=grad.device, dtype=dtype)
@@ -203,7 +208,7 @@ class AggregatedRowCosines(torch.autograd.Function):
             source = s if code == 2 else grad_s  # mean/sum read no input: any pointer will do
             _backward_kernel[check_grid(batch * blocks, "aggregated_row_cosines")](
                 source, maps[0], maps[1], maps[-1], stats, grad, grad_s, channels, positions, blocks,
-                source.stride(0), source.stride(1), grad_s.stride(0), grad_s.stride(1), grad.stride(0), eps,
+                source.stride(0), source.stride(1), grad_s.stride(0), grad_s.stride(1), grad.stride(0),
                 AGG=code, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=block_n,
             )  # fmt: skip
         return grad_s.reshape(shape), None, None, None
@@ -220,4 +225,4 @@ def compile_specializations() -> Iterator[tuple[str, Any, dict[str, str], dict[s
                     "part_ptr": "*fp32", "exp_ptr": "*i32"}, blocks)  # fmt: skip
             yield (f"channel_backward[{element},{name}]", _backward_kernel,
                    {"s_ptr": data, "a_ptr": "*fp32", "c_ptr": "*fp32", "ties_ptr": "*fp32", "stats_ptr": "*fp32",
-                    "grad_ptr": "*fp32", "ds_ptr": data, "eps": "fp32"}, blocks)  # fmt: skip
+                    "grad_ptr": "*fp32", "ds_ptr": data}, blocks)  # fmt: skip

@@ -6,7 +6,9 @@ With rows `w_i` of `W (G groups, m rows, N)` (`"sample"` scope: `G = B`, `m = C`
     s_i = <S_i, T_i> / (max(|S_i|, eps) · max(|T_i|, eps))
 
 Both inputs are first scaled by a power of two to magnitude ≤ 1, as the torch path does, so float32 maps
-near 1e30 give finite cosines. Two kernels, chosen like the torch path (`N < m` or not):
+near 1e30 give finite cosines; `eps` (in the units of the unscaled Gram rows) is scaled with them, by the
+square of each side's power of two (`_kernel_common.scaled_floor`). Two kernels, chosen like the torch path
+(`N < m` or not):
 
 **Identity (`N < m`; the paper's batch scope, B=30, C=512, 8×8: m = 15,360, N = 64).** Row `i` of `S` is
 `W w_i`, so `<S_i, T_i> = w_iᵀ P u_i` with `P = Wᵀ U`, `|S_i|² = w_iᵀ A w_i` with `A = Wᵀ W`, and
@@ -19,7 +21,7 @@ near 1e30 give finite cosines. Two kernels, chosen like the torch path (`N < m` 
   global scale and stores the dot operands (float32; for 16-bit inputs `hi + lo` in the input dtype, scaled
   per tile by a power of two, so the next pass multiplies 16-bit rows by them on tensor cores).
 - Rows: each program streams a block of rows once more and writes cosines and norms.
-- Backward (`g_i = ∂L/∂s_i`, `α_i = g_i / (|S_i| |T_i|)`, `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps`,
+- Backward (`g_i = ∂L/∂s_i`, `α_i = g_i / (|S_i| |T_i|)`, `β_i = −g_i s_i / |S_i|²` where `|S_i| >` its floor,
   computed in-kernel from the saved cosines and norms): `∂L/∂W = diag(α) U Pᵀ + U Q + diag(β) W A + W R`
   with `Q = Uᵀ diag(α) W`, `R = Wᵀ diag(β) W`: a reduce of `Q`, `R` as above (each chunk scales `α`, `β`
   by its own power of two into [−1, 1] first), a finalize, then one pass that writes each block of `∂L/∂W`
@@ -50,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..functional.similarity import scaled_floor as _scaled_floor
 from ._kernel_common import (
     check_grid,
     dot_precision,
@@ -57,6 +60,7 @@ from ._kernel_common import (
     pow2_neg,
     pow2_signed,
     program_block,
+    scaled_floor,
     unit_scale,
     widen_dot_operands,
 )
@@ -212,15 +216,16 @@ def _finalize_kernel(part_ptr, exp_ptr, top_ptr, parts_ptr, factor_ptr, splits, 
 
 
 @triton.jit
-def _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, index, mask, eps):
-    """`α_i = g_i / (|S_i| |T_i|)` and `β_i = −g_i s_i / |S_i|²` where `|S_i| > eps` (0 elsewhere)."""
+def _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, index, mask, floor_s, floor_t):
+    """`α_i = g_i / (|S_i| |T_i|)` and `β_i = −g_i s_i / |S_i|²` where `|S_i| > floor_s` (0 elsewhere), the norms
+    floored at `floor_s`, `floor_t` (in the scaled units)."""
     g = tl.load(grad_ptr + index * grad_stride, mask=mask, other=0.0).to(tl.float32)
     cosine = tl.load(cos_ptr + index, mask=mask, other=0.0)
     norm_s = tl.load(norm_s_ptr + index, mask=mask, other=0.0)
-    clamped_s = tl.maximum(norm_s, eps)
-    clamped_t = tl.maximum(tl.load(norm_t_ptr + index, mask=mask, other=0.0), eps)
+    clamped_s = tl.maximum(norm_s, floor_s)
+    clamped_t = tl.maximum(tl.load(norm_t_ptr + index, mask=mask, other=0.0), floor_t)
     alpha = g / (clamped_s * clamped_t)
-    beta = tl.where(norm_s > eps, -g * cosine / (clamped_s * clamped_s), 0.0)
+    beta = tl.where(norm_s > floor_s, -g * cosine / (clamped_s * clamped_s), 0.0)
     return alpha, beta
 
 
@@ -276,8 +281,8 @@ def _identity_rows_kernel(w_ptr, u_ptr, parts_ptr, factor_ptr, top_ptr, cos_ptr,
         dot += tl.sum(wp * uj, axis=1)
         sq_s += tl.sum(wa * wj, axis=1)
         sq_t += tl.sum(ub * uj, axis=1)
-    floor = eps * eps
-    cosine = dot / (tl.sqrt(tl.maximum(sq_s, floor)) * tl.sqrt(tl.maximum(sq_t, floor)))
+    floor_s, floor_t = scaled_floor(eps, f_w, 2), scaled_floor(eps, f_u, 2)
+    cosine = dot / (tl.sqrt(tl.maximum(sq_s, floor_s * floor_s)) * tl.sqrt(tl.maximum(sq_t, floor_t * floor_t)))
     out = group * M + rows
     tl.store(cos_ptr + out, cosine, mask=mask_r)
     tl.store(norm_s_ptr + out, tl.sqrt(tl.maximum(sq_s, 0.0)), mask=mask_r)
@@ -296,6 +301,7 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, grad_ptr, grad_stride, cos_ptr, n
     tile, split, group, cols_i, cols_j = _chunk_tile(tl.program_id(0), tiles, splits, BLOCK_N)
     mask_i, mask_j = cols_i < N, cols_j < N
     f_w, f_u = pow2_neg(tl.load(top_ptr)), pow2_neg(tl.load(top_ptr + 1))
+    floor_s, floor_t = scaled_floor(eps, f_w, 2), scaled_floor(eps, f_u, 2)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     top_a = tl.zeros((), tl.float32)
@@ -304,7 +310,7 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, grad_ptr, grad_stride, cos_ptr, n
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < stop
         alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows,
-                                        mask_r, eps)  # fmt: skip
+                                        mask_r, floor_s, floor_t)  # fmt: skip
         top_a = tl.maximum(top_a, tl.max(tl.abs(alpha)))
         top_b = tl.maximum(top_b, tl.max(tl.abs(beta)))
     e_a, e_b = frexp_exponent(top_a), frexp_exponent(top_b)
@@ -315,7 +321,7 @@ def _identity_grad_reduce_kernel(w_ptr, u_ptr, grad_ptr, grad_stride, cos_ptr, n
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < stop
         alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows,
-                                        mask_r, eps)  # fmt: skip
+                                        mask_r, floor_s, floor_t)  # fmt: skip
         offs = group * M * N + rows.to(tl.int64)[:, None] * N
         m_i, m_j = mask_r[:, None] & mask_i[None, :], mask_r[:, None] & mask_j[None, :]
         wi = tl.load(w_ptr + offs + cols_i[None, :], mask=m_i, other=0.0).to(tl.float32) * f_w
@@ -354,8 +360,9 @@ def _identity_grad_rows_kernel(w_ptr, u_ptr, fwd_parts_ptr, fwd_factor_ptr, part
     # Q, R were stored times 2^-(E_α + bound exponent): undo the E_α part here, the bound below
     c_q = 1.0 / pow2_neg(tl.minimum(tl.load(coef_top_ptr), 254))
     c_r = 1.0 / pow2_neg(tl.minimum(tl.load(coef_top_ptr + 1), 254))
+    floor_s, floor_t = scaled_floor(eps, f_w, 2), scaled_floor(eps, f_u, 2)
     alpha, beta = _row_coefficients(grad_ptr, grad_stride, cos_ptr, norm_s_ptr, norm_t_ptr, group * M + rows, mask_r,
-                                    eps)  # fmt: skip
+                                    floor_s, floor_t)  # fmt: skip
     NUM: tl.constexpr = 2 if SPLIT else 1
     padded = tiles * BLOCK_N
     fwd = fwd_parts_ptr + group * 3 * NUM * padded * padded
@@ -426,7 +433,8 @@ def _tile_forward_kernel(w_ptr, u_ptr, scale_ptr, cos_ptr, norm_s_ptr, norm_t_pt
         sq_s += tl.sum(s * s, axis=1)
         sq_t += tl.sum(t * t, axis=1)
     norm_s, norm_t = tl.sqrt(sq_s), tl.sqrt(sq_t)
-    cosine = dot / (tl.maximum(norm_s, eps) * tl.maximum(norm_t, eps))
+    floor_s, floor_t = scaled_floor(eps, f_w, 2), scaled_floor(eps, f_u, 2)
+    cosine = dot / (tl.maximum(norm_s, floor_s) * tl.maximum(norm_t, floor_t))
     out = group * M + rows_i
     tl.store(cos_ptr + out, cosine, mask=mask_i)
     tl.store(norm_s_ptr + out, norm_s, mask=mask_i)
@@ -608,10 +616,11 @@ class GramRowCosines(torch.autograd.Function):
             )  # fmt: skip
         else:
             (scale,) = extra
-            clamped_s, clamped_t = norms_s.clamp_min(eps), norms_t.clamp_min(eps)
+            floor_s, floor_t = _scaled_floor(eps, scale[0], degree=2), _scaled_floor(eps, scale[1], degree=2)
+            clamped_s, clamped_t = norms_s.clamp_min(floor_s), norms_t.clamp_min(floor_t)
             g = grad.to(torch.float32)
             alpha = g / (clamped_s * clamped_t)
-            beta = torch.where(norms_s > eps, -g * cosines / (clamped_s * clamped_s), 0.0)
+            beta = torch.where(norms_s > floor_s, -g * cosines / (clamped_s * clamped_s), 0.0)
             coef = torch.stack([alpha, beta], dim=1).contiguous()
             columns = _tile_columns(rows)
             one_chunk = rows <= columns

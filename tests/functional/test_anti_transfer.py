@@ -38,6 +38,50 @@ def test_every_pair_matches_oracle_values_and_gradients(aggregation: str, distan
     )
 
 
+def spread_maps(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps of magnitude ~1e3 (scaled by 2^-10 or more inside) whose channels span three decades, so that
+    their rows' norms do too."""
+    s, r = maps(*shape, seed=seed)
+    decades = torch.logspace(-3, 0, shape[1], dtype=torch.float64).reshape(1, -1, *([1] * (len(shape) - 2)))
+    return 1e3 * s * decades, 1e3 * r * decades
+
+
+def oracle_rows(x: torch.Tensor, aggregation: str, scope: str) -> torch.Tensor:
+    """The rows `a_i` of METHODS §1 whose norms `eps` floors, by the oracle's definitions."""
+    if aggregation == "gram":
+        g = oracles.gram_batch(x) if scope == "batch" else oracles.gram_sample(x)
+        return g.reshape(-1, g.shape[-1])
+    a = oracles.aggregate(x, aggregation)
+    return a.reshape(a.shape[0] * a.shape[1], -1)
+
+
+def between_middle_norms(rows: torch.Tensor) -> float:
+    """The geometric mean of the two middle row norms: half the rows lie below it, none on it."""
+    norms = torch.linalg.vector_norm(rows, dim=1).sort().values
+    middle = norms.shape[0] // 2
+    return float((norms[middle - 1] * norms[middle]).sqrt())
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "scope"),
+    [("none", None), ("mean", None), ("sum", None), ("max", None), ("gram", "batch"), ("gram", "sample")],
+)
+def test_eps_floors_the_row_norms_in_the_inputs_units(aggregation: str, scope: str | None) -> None:
+    """`s_i = <a_i, b_i> / (max(|a_i|, eps) · max(|b_i|, eps))` with `a_i` the rows of the unscaled maps, on
+    every path (the maps are scaled by a power of two inside; the floor must follow): with `eps` between the
+    middle ones of the student's row norms, half the rows are floored, and the oracle's value and gradient are met."""
+    s, r = spread_maps(3, 4, 5, 2)
+    eps = between_middle_norms(oracle_rows(s, aggregation, scope or "batch"))
+    assert_matches_oracle(
+        lambda a, b: ntf.anti_transfer(a, b, aggregation=aggregation, distance="cos", gram_scope=scope, eps=eps),  # type: ignore[arg-type]
+        lambda a, b: oracles.anti_transfer(a, b, aggregation, "cos", scope or "batch", eps=eps),
+        s,
+        r,
+        rtol=1e-9,
+        atol=1e-10,
+    )
+
+
 @pytest.mark.parametrize("distance", ["cos_squared", "cos"])
 def test_reference_side_gets_no_gradient(distance: str) -> None:
     s, r = maps(2, 3, 4)

@@ -58,6 +58,24 @@ def test_pairwise_matches_the_materialized_rows(distance: str, shape: tuple[int,
     )
 
 
+def test_eps_floors_the_materialized_rows_norms_in_the_inputs_units() -> None:
+    """Maps of magnitude ~1e3 are scaled by 2^-10 inside; `eps` still floors `|a_b|`, `|b_b|` of the unscaled
+    rows: with `eps` between the middle ones of the student's row norms, half the rows are floored, as in
+    the oracle."""
+    s, r = maps(4, 3, 5)
+    s, r = 1e3 * s * torch.logspace(-3, 0, 4, dtype=torch.float64)[:, None, None], 1e3 * r
+    norms = torch.linalg.vector_norm(materialized_rows(s, r)[0], dim=1).sort().values
+    eps = float((norms[1] * norms[2]).sqrt())  # two rows below, two above
+
+    def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        rows_a, rows_b = materialized_rows(a.double(), b.double().detach())
+        return oracles.cosine_rows(rows_a, rows_b, eps).abs().mean()
+
+    assert_matches_oracle(
+        lambda a, b: ntf.anti_transfer(a, b, aggregation="pairwise", distance="cos", eps=eps), oracle, s, r
+    )
+
+
 @pytest.mark.parametrize("distance", ["cos_squared", "mse_sigmoid", "cka"])
 def test_stochastic_pairwise_is_pairwise_on_a_seeded_window(distance: str) -> None:
     s, r = maps(3, 10, 4)
