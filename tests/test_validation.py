@@ -227,3 +227,29 @@ def test_checks_are_skipped_while_compiling() -> None:
         value = compiled(torch.tensor([1.0, float("nan")]), torch.tensor([0, 9]))
         assert not events
     assert value.isnan()
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad_a", "bad_b"),
+    [
+        ("multiclass", [0, 1, 7, -100, 1], [1, 0, 1, 0, -100]),
+        ("multiclass", [0, 1, 2, -100, 1], [1, 0, 7, 0, -100]),
+        ("multilabel", [0, 1, 7, -100, 1], [[1.0, 0.0]] * 5),  # multilabel B holds values, not indices
+    ],
+)
+def test_estimate_reports_a_label_out_of_range_instead_of_indexing_with_it(
+    kind: str, bad_a: list[int], bad_b: list[int]
+) -> None:
+    """With the range check deferred (a GPU), `TaskRelatedness.estimate` builds its one-hot rows by comparison
+    (F.one_hot indexes at once: a device-side assert there, a RuntimeError here) and waits for the check: the
+    ValueError naming the label is what the caller sees. Valid labels give the matrix of the immediate checks."""
+    labels_a, labels_b = torch.tensor(bad_a), torch.tensor(bad_b)
+    side = "labels_a" if 7 in bad_a else "labels_b"
+    with checks_deferred_on_cpu(complete=False), pytest.raises(ValueError, match=rf"'{side}' holds 7, outside"):
+        ntl.TaskRelatedness.estimate(labels_a, labels_b, num_a=3, num_b=2, kind=kind)  # type: ignore[arg-type]
+    good_a, good_b = labels_a.clamp(max=2), labels_b.clamp(max=1)
+    with checks_deferred_on_cpu(complete=False):
+        deferred = ntl.TaskRelatedness.estimate(good_a, good_b, num_a=3, num_b=2, kind=kind)  # type: ignore[arg-type]
+    at_once = ntl.TaskRelatedness.estimate(good_a, good_b, num_a=3, num_b=2, kind=kind)  # type: ignore[arg-type]
+    assert torch.equal(deferred.matrix, at_once.matrix) and torch.equal(deferred.prior, at_once.prior)
+    assert not torch.equal(at_once.matrix, torch.full_like(at_once.matrix, 0.5))  # the data moved it

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from .._labels import IGNORE_INDEX, check_labels, multilabel_targets
+from .._validation import raise_pending_errors
+from ..functional._groups import one_hot_known
 from ..functional.distribution_matching import TASK_KINDS, TaskKind
 
 ROW_SUM_TOLERANCE = 1e-4
@@ -169,24 +171,27 @@ class TaskRelatedness:
         Raises:
             TypeError: a label tensor has the wrong type.
             ValueError: `smoothing` < 0, `kind` is not one of its choices, a label is out of range or has the
-                wrong shape, or `smoothing=0` leaves a row with no co-annotated sample.
+                wrong shape, or `smoothing=0` leaves a row with no co-annotated sample. On a GPU the range
+                checks run without blocking (`negtransfer_losses.raise_pending_errors`); `estimate`, run once
+                before training, waits for them before it returns.
         """
         if smoothing < 0:
             raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
         n = labels_a.shape[0] if isinstance(labels_a, Tensor) else 0
         check_labels(labels_a, num_a, n, name="labels_a", what="classes of task A", ignore_index=ignore_index)
-        known_a = labels_a != ignore_index
-        a_onehot = torch.nn.functional.one_hot(torch.where(known_a, labels_a, 0), num_a).double() * known_a[:, None]
+        # one-hot rows by comparison, never by indexing: where the range check is deferred (a GPU), a label out
+        # of range gives a zero row here, and the check's ValueError (raised below) is what the caller sees
+        a_onehot = one_hot_known(labels_a, num_a, labels_a != ignore_index, torch.float64)
         if kind == "multiclass":
             check_labels(labels_b, num_b, n, name="labels_b", what="classes of task B", ignore_index=ignore_index)
-            known_b = labels_b != ignore_index
-            b_onehot = torch.nn.functional.one_hot(torch.where(known_b, labels_b, 0), num_b).double() * known_b[:, None]
+            b_onehot = one_hot_known(labels_b, num_b, labels_b != ignore_index, torch.float64)
             joint = a_onehot.T @ b_onehot
             rows = joint.sum(dim=1, keepdim=True)
             r = (joint + smoothing) / (rows + num_b * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
             support = rows[:, 0]
         elif kind == "multilabel":
             positive, annotated = multilabel_targets(labels_b, (n, num_b), torch.float64, name="labels_b")
+            raise_pending_errors()  # the range checks first: they name the value (estimate is no training step)
             if bool(((positive != 0) & (positive != 1)).any()):
                 raise ValueError("multilabel 'labels_b' must be 0 or 1 where known (NaN or -1 where missing)")
             ones = a_onehot.T @ positive
@@ -195,6 +200,8 @@ class TaskRelatedness:
             support = a_onehot.T @ annotated.any(dim=1).double()
         else:
             raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
+        # not a training step: wait for the label checks (deferred on a GPU) rather than return a wrong R
+        raise_pending_errors()
         if smoothing == 0:  # a row or entry with no data has no estimate: say so instead of dividing by zero
             empty = (counts == 0) if kind == "multilabel" else (support[:, None] == 0).expand_as(r)
             if bool(empty.any()):
