@@ -130,3 +130,20 @@ def test_committed_vanilla_run_is_reproduced() -> None:
     if not committed.exists():
         pytest.skip("no committed runs")
     bm.main(["--check", "--size", "14", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
+
+
+def test_the_studys_defaults_are_the_librarys() -> None:
+    import inspect
+
+    import negtransfer_losses as ntl
+
+    bm = study()
+
+    def default(cls: type, name: str) -> object:
+        return inspect.signature(cls).parameters[name].default
+
+    for method, cls in (("cka", ntl.CKASuppression), ("hsic", ntl.HSICSuppression)):
+        assert bm.DEFAULTS[method] == bm.DEFAULTS[f"{method}_conditional"] == default(cls, "weight")
+    assert bm.DEFAULTS["adversarial_conditional"] == default(ntl.AdversarialSuppression, "weight")
+    assert bm.DEFAULTS["purify_conditional"] == default(ntl.Purify, "momentum")
+    assert all(bm.DEFAULTS[m] in bm.GRID[m] for m in bm.DEFAULTS)
