@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     torch.set_num_threads(1)
     logs = {f"{rho} {v}": diagnose(rho, args.epochs, v) for rho in args.rhos or [args.rho] for v in args.variants}
     if args.out is not None:
-        args.out.write_text(json.dumps({"command": sys.argv, "epochs": args.epochs, "logs": logs}, indent=1))
+        command = shlex.join(["python", "examples/purify_diagnostic.py", *(sys.argv[1:] if argv is None else argv)])
+        args.out.write_text(json.dumps({"command": command, "epochs": args.epochs, "logs": logs}, indent=1))
     return logs
 
 
