@@ -129,7 +129,7 @@ def test_committed_vanilla_run_is_reproduced() -> None:
     committed = ROOT / "docs" / "img" / "biased_mnist_runs.json"
     if not committed.exists():
         pytest.skip("no committed runs")
-    bm.main(["--check", "--size", "14", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
+    bm.main(["--check", "--rhos", "0.99", "--methods", "vanilla", "--out", str(committed.parent)])
 
 
 def test_the_studys_defaults_are_the_librarys() -> None:
