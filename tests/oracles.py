@@ -80,8 +80,9 @@ def cosine_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     a, b = flat(a), flat(b)
     out = []
     for i in range(a.shape[0]):
-        na = torch.maximum(torch.sqrt((a[i] ** 2).sum()), torch.tensor(eps, dtype=torch.float64))
-        nb = torch.maximum(torch.sqrt((b[i] ** 2).sum()), torch.tensor(eps, dtype=torch.float64))
+        # max(|a_i|, eps) as sqrt(max(|a_i|², eps²)): the same number, and a gradient at a zero row (sqrt's is inf)
+        na = torch.sqrt(torch.clamp((a[i] ** 2).sum(), min=eps**2))
+        nb = torch.sqrt(torch.clamp((b[i] ** 2).sum(), min=eps**2))
         out.append((a[i] * b[i]).sum() / (na * nb))
     return torch.stack(out)
 
@@ -108,7 +109,7 @@ def gram_batch(x: Tensor) -> Tensor:
     return g
 
 
-def aggregate(x: Tensor, method: str, p: float = 0.001) -> Tensor:
+def aggregate(x: Tensor, method: str, p: float = 0.001, offset: float = 1e-10) -> Tensor:
     x = x.double()
     if method == "none":
         return x
@@ -120,18 +121,43 @@ def aggregate(x: Tensor, method: str, p: float = 0.001) -> Tensor:
         return x.amax(1, keepdim=True)
     prod = torch.ones_like(x[:, :1])
     for c in range(x.shape[1]):
-        prod = prod * (x[:, c : c + 1] + 1e-10) ** p
+        prod = prod * (x[:, c : c + 1] + offset) ** p
     return prod
 
 
-def anti_transfer(s: Tensor, r: Tensor, aggregation: str, distance: str, scope: str, eps: float = 1e-8) -> Tensor:
-    """METHODS.md §1, term by term; the frozen reference is a constant."""
-    s, r = s.double(), r.double().detach()
+def aggregated(x: Tensor, aggregation: str, scope: str, offset: float = 1e-10, channels: int | None = None) -> Tensor:
+    """`A(x)` of METHODS.md §1 in float64: the Gram matrices, a channel aggregation, or the materialized pairwise rows
+    (`a = [S_1 ×C, S_2 ×C, …]` with `C = channels` of the other side, one row a sample)."""
+    x = x.double()
+    if aggregation == "pairwise":
+        b_, c_ = x.shape[0], x.shape[1]
+        x3, repeat = x.reshape(b_, c_, -1), c_ if channels is None else channels
+        return torch.stack([torch.cat([x3[k, i] for i in range(c_) for _ in range(repeat)]) for k in range(b_)])
     if aggregation == "gram":
-        g = gram_batch if scope == "batch" else gram_sample
-        a, b = g(s), g(r)
+        return gram_batch(x) if scope == "batch" else gram_sample(x)
+    return aggregate(x, aggregation, offset=offset)
+
+
+def anti_transfer(
+    s: Tensor,
+    r: Tensor,
+    aggregation: str,
+    distance: str,
+    scope: str,
+    eps: float = 1e-8,
+    offsets: tuple[float, float] = (1e-10, 1e-10),
+) -> Tensor:
+    """METHODS.md §1, term by term; the frozen reference is a constant. `offsets`: the `δ` of `"mul"` for the
+    student and the reference (the library raises it to float16's smallest normal number for float16 maps)."""
+    s, r = s.double(), r.double().detach()
+    if aggregation == "pairwise":  # b = [R_1, …, R_C] ×C: the reference's channels in turn, C times
+        r3 = r.reshape(r.shape[0], r.shape[1], -1)
+        a = aggregated(s, "pairwise", scope, channels=r.shape[1])
+        b = torch.stack(
+            [torch.cat([r3[k, j] for _ in range(s.shape[1]) for j in range(r.shape[1])]) for k in range(r.shape[0])]
+        )
     else:
-        a, b = aggregate(s, aggregation), aggregate(r, aggregation)
+        a, b = aggregated(s, aggregation, scope, offsets[0]), aggregated(r, aggregation, scope, offsets[1])
     if distance == "cka":
         return linear_cka_feature_space(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
     if distance == "mse_sigmoid":
@@ -139,7 +165,7 @@ def anti_transfer(s: Tensor, r: Tensor, aggregation: str, distance: str, scope: 
             a, b = a / s.numel() / 0.001, b / s.numel() / 0.001
         return -torch.sigmoid(((a - b) ** 2).mean())
     rows_a, rows_b = [], []
-    if aggregation == "gram" and scope == "batch":
+    if aggregation == "pairwise" or (aggregation == "gram" and scope == "batch"):
         rows_a, rows_b = [a[i] for i in range(a.shape[0])], [b[i] for i in range(b.shape[0])]
     elif aggregation == "gram":
         for k in range(a.shape[0]):
@@ -183,14 +209,13 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     for i in range(labels.shape[0]):
         if int(labels[i]) == ignore_index:
             continue
-        row = logits[i].double()
-        terms.append(torch.log(torch.exp(row).sum()) - row[int(labels[i])])
+        terms.append(-_log_softmax(logits[i].double())[int(labels[i])])
     return torch.stack(terms).mean()
 
 
 def mean_p_log_p(logits: Tensor) -> Tensor:
-    p = torch.exp(logits.double()) / torch.exp(logits.double()).sum(dim=1, keepdim=True)
-    return (p * torch.log(p)).sum(dim=1).mean()
+    rows = [_log_softmax(row) for row in logits.double()]
+    return torch.stack([(torch.exp(log_p) * log_p).sum() for log_p in rows]).mean()
 
 
 # --- distribution matching (METHODS.md §3), sample by sample ------------------------------------------
@@ -202,7 +227,19 @@ def _softmax(z: Tensor) -> Tensor:
 
 
 def _sigmoid(z: Tensor) -> Tensor:
-    return 1 / (1 + torch.exp(-z))
+    return torch.exp(_log_sigmoid(z))  # not 1 / (1 + exp(-z)): its gradient is inf / inf at z = -1e4
+
+
+def _log_softmax(z: Tensor) -> Tensor:
+    """`log softmax(z)` as `z - max - log Σ exp(z - max)`: finite for logits of any size (1e4 and beyond)."""
+    shifted = z - z.max()
+    return shifted - torch.log(torch.exp(shifted).sum())
+
+
+def _log_sigmoid(z: Tensor) -> Tensor:
+    """`log σ(z) = -log(1 + exp(-z))`, as `min(z, 0) - log(1 + exp(-|z|))`: finite for logits of any size;
+    `log(1 - σ(z))` is `_log_sigmoid(-z)`."""
+    return torch.clamp(z, max=0.0) - torch.log1p(torch.exp(-z.abs()))
 
 
 def _clamp_log(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -217,15 +254,15 @@ def dm_a_to_b(za: Tensor, zb: Tensor, r: Tensor, kind: str, divergence: str, det
             pa = pa.detach()
         qb = torch.stack([sum(pa[k] * r[k, m] for k in range(r.shape[0])) for m in range(r.shape[1])])
         if kind == "multilabel":
-            pb = _sigmoid(zb[i].double())
-            terms = [-(qb[m] * torch.log(pb[m]) + (1 - qb[m]) * torch.log(1 - pb[m])) for m in range(r.shape[1])]
+            zi = zb[i].double()
+            terms = [-(qb[m] * _log_sigmoid(zi[m]) + (1 - qb[m]) * _log_sigmoid(-zi[m])) for m in range(r.shape[1])]
             if divergence == "kl":
                 terms = [
                     t + qb[m] * _clamp_log(qb[m]) + (1 - qb[m]) * _clamp_log(1 - qb[m]) for m, t in enumerate(terms)
                 ]
             per_sample.append(torch.stack(terms).mean())
         else:
-            log_pb = torch.log(_softmax(zb[i].double()))
+            log_pb = _log_softmax(zb[i].double())
             value = -(qb * log_pb).sum()
             if divergence == "kl":
                 value = value + (qb * _clamp_log(qb)).sum()
@@ -285,7 +322,7 @@ def dm_b_to_a(
         if detach:
             pb = pb.detach()
         qa = infer_a(pb, r, prior, kind, inversion)
-        log_pa = torch.log(_softmax(za[i].double()))
+        log_pa = _log_softmax(za[i].double())
         value = -(qa * log_pa).sum()
         if divergence == "kl":
             value = value + (qa * _clamp_log(qa)).sum()
@@ -294,7 +331,7 @@ def dm_b_to_a(
 
 
 def masked_ce(z: Tensor, labels: Tensor) -> Tensor:
-    terms = [-torch.log(_softmax(z[i].double()))[int(labels[i])] for i in range(len(labels)) if int(labels[i]) != -100]
+    terms = [-_log_softmax(z[i].double())[int(labels[i])] for i in range(len(labels)) if int(labels[i]) != -100]
     return torch.stack(terms).mean()
 
 
@@ -304,8 +341,10 @@ def masked_bce(z: Tensor, targets: Tensor) -> Tensor:
         entries = [m for m in range(z.shape[1]) if not torch.isnan(targets[i, m]) and targets[i, m] >= 0]
         if not entries:
             continue
-        p = _sigmoid(z[i].double())
-        total = sum(-(targets[i, m] * torch.log(p[m]) + (1 - targets[i, m]) * torch.log(1 - p[m])) for m in entries)
+        zi = z[i].double()
+        total = sum(
+            -(targets[i, m] * _log_sigmoid(zi[m]) + (1 - targets[i, m]) * _log_sigmoid(-zi[m])) for m in entries
+        )
         per_sample.append(total / len(entries))
     return torch.stack(per_sample).mean()
 
@@ -330,20 +369,20 @@ def co_annotation(
         if a_known and not b_known:
             target = r[int(la[i])]
             if kind == "multilabel":
-                p = _sigmoid(zb[i].double())
+                zi = zb[i].double()
                 loss_b.append(
                     torch.stack(
                         [
-                            -(target[m] * torch.log(p[m]) + (1 - target[m]) * torch.log(1 - p[m]))
+                            -(target[m] * _log_sigmoid(zi[m]) + (1 - target[m]) * _log_sigmoid(-zi[m]))
                             for m in range(r.shape[1])
                         ]
                     ).mean()
                 )
             else:
-                loss_b.append(-(target * torch.log(_softmax(zb[i].double()))).sum())
+                loss_b.append(-(target * _log_softmax(zb[i].double())).sum())
         if b_known and not a_known:
             qa = infer_a(b_values, r, prior, kind, inversion, b_mask)
-            loss_a.append(-(qa * torch.log(_softmax(za[i].double()))).sum())
+            loss_a.append(-(qa * _log_softmax(za[i].double())).sum())
     zero = (za.sum() + zb.sum()).double() * 0
     mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
     return mean(loss_a), mean(loss_b)

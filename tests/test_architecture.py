@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import oracles
 import pytest
 import torch
 
@@ -186,7 +187,8 @@ def test_collect_terms_walks_a_model_and_skips_what_a_parent_reports() -> None:
 
 def test_cka_distance_works_as_written() -> None:
     s, r = torch.randn(5, 3, 4, 4), torch.randn(5, 6, 4, 4)
-    assert torch.isfinite(ntl.AntiTransferLoss(distance="cka")(s, r))
+    expected = oracles.anti_transfer(s, r, "gram", "cka", "sample")  # the per-sample Gram matrices, 3×3 and 6×6
+    torch.testing.assert_close(ntl.AntiTransferLoss(distance="cka")(s, r).double(), expected, rtol=1e-5, atol=1e-6)
     assert ntl.AntiTransferLoss(distance="cka").gram_scope == "sample"
     assert ntl.AntiTransferLoss().gram_scope == "batch"
 

@@ -6,10 +6,12 @@ Every case is counted; the totals are printed at the end of the run (conftest.py
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
 
+import oracles
 import pytest
 import torch
 from helpers import HOSTILE_CASES
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
+from negtransfer_losses.functional.pairwise import stochastic_window
 
 CASES = HOSTILE_CASES
 DOCUMENTED_ERRORS = (ValueError, TypeError, ntl.StaleFeaturesError, ntl.MissingFeaturesError)
@@ -40,6 +43,17 @@ def finite_case(name: str, loss_fn: Callable[..., Tensor], *inputs: Tensor) -> N
         for g in grads:
             assert g is None or torch.isfinite(g).all(), f"{name}: non-finite gradient"
     CASES["finite"] += 1
+
+
+def assert_value(name: str, value: Tensor, expected: Tensor | float, rtol: float = 1e-3, atol: float = 1e-4) -> None:
+    """`value` (computed in float32 at least) is the float64 oracle's `expected`."""
+    expected = torch.as_tensor(expected, dtype=torch.float64).detach()
+    torch.testing.assert_close(value.detach().double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def constant(x: Tensor) -> bool:
+    """Every sample equal: the centred features are 0, a CKA or normalized HSIC 0/0, whose documented value is 0."""
+    return bool((x == x[:1]).all())
 
 
 def clear_error(name: str, call: Callable[[], Any], match: str) -> None:
@@ -71,6 +85,8 @@ def features(draw: st.DrawFn, min_batch: int = 1, max_batch: int = 6, layout: st
         x = torch.full(shape, draw(st.floats(-3, 3)), dtype=torch.float64)
     elif kind == "sparse":
         x = x * (torch.rand(shape, generator=g) < 0.2)
+    if dtype == torch.float16:  # every non-zero value in float16's normal range too (a constant 5e-5 · 1e-3 is not)
+        x = torch.where(x == 0, x, x.sign() * x.abs().clamp_min(1e-4 / scale))
     return (scale * x).to(dtype)
 
 
@@ -110,6 +126,28 @@ def test_anti_transfer_is_finite_on_valid_input(data: st.DataObject) -> None:
         s, r = s.abs(), r.abs()
     loss = ntl.AntiTransferLoss(aggregation=aggregation, distance=distance, gram_scope=scope)  # type: ignore[arg-type]
     finite_case(f"anti_transfer {aggregation}/{distance}/{scope}", loss, s, r)
+    # the value: the float64 oracle on the same (rounded) inputs; 0 where CKA's oracle is 0/0 (a constant side)
+    seeded = ntl.AntiTransferLoss(
+        aggregation=aggregation,  # type: ignore[arg-type]
+        distance=distance,  # type: ignore[arg-type]
+        gram_scope=scope,
+        generator=torch.Generator().manual_seed(5),
+    )
+    a, b = s.double(), r.double()
+    if aggregation == "stochastic_pairwise":
+        window = stochastic_window(s.shape[1], s.shape[0], torch.Generator().manual_seed(5))
+        a, b = a[:, window], b[:, window]
+    oracle_aggregation = "pairwise" if aggregation == "stochastic_pairwise" else aggregation
+    offsets = (max(1e-10, torch.finfo(s.dtype).tiny), max(1e-10, torch.finfo(r.dtype).tiny))  # "mul"'s documented δ
+    sides = [
+        oracles.aggregated(x, oracle_aggregation, scope or "sample", o) for x, o in zip((a, b), offsets, strict=True)
+    ]
+    expected = (
+        0.0  # CKA of a constant side: 0/0, documented as 0
+        if distance == "cka" and any(constant(x) for x in sides)
+        else oracles.anti_transfer(a, b, oracle_aggregation, distance, scope or "sample", offsets=offsets)
+    )
+    assert_value(f"anti_transfer {aggregation}/{distance}/{scope}", seeded(s, r), expected)
 
 
 @settings(max_examples=150)
@@ -129,9 +167,35 @@ def test_suppression_is_finite_on_valid_input(data: st.DataObject) -> None:
         loss = ntl.make_suppression("cka", **kwargs)
         reference = data.draw(features(min_batch=z.shape[0], max_batch=z.shape[0]))
         finite_case("suppression cka", lambda f, r: loss(f, r), z, reference)
+        expected = oracles.cka(z.double(), reference.double(), kwargs["kernel"])
+        if constant(z) or constant(reference):
+            expected = torch.zeros((), dtype=torch.float64)  # 0/0: documented as 0
+        assert_value("suppression cka", loss(z, reference), expected)
         return
     loss = ntl.make_suppression(method, num_irrelevant=k, **kwargs).to(z.dtype)  # type: ignore[call-overload]
     finite_case(f"suppression {method}", lambda f: loss(f, u), z)
+    known = u != -100
+    if method == "hsic":
+        expected = torch.zeros((), dtype=torch.float64)  # fewer than 4 known labels: documented as 0
+        if int(known.sum()) >= 4:
+            expected = oracles.irrelevant_hsic(z.double(), u, k, kwargs["kernel"], kwargs["normalized"])
+        if kwargs["normalized"] and (constant(z[known]) or constant(u[known]) or not torch.isfinite(expected)):
+            expected = torch.zeros((), dtype=torch.float64)  # a constant side: 0/0, documented as 0
+        # float32 rounding of the linear kernel's entries (|z_i|² up to 1e8 here) sets the unnormalized HSIC's atol
+        entries = float(z.double().reshape(z.shape[0], -1).square().sum(dim=1).max())
+        linear = kwargs["kernel"] == "linear" and not kwargs["normalized"]
+        assert_value("suppression hsic", loss(z, u), expected, atol=1e-4 * max(1.0, entries) if linear else 1e-4)
+        return
+    # the adversary in eval mode (no steps of its own): the cross-entropy of its head on the known labels, plus the
+    # entropy term on every sample (the head's parameters in float64; the module rounds 16-bit features)
+    value = loss.eval()(z, u)
+    logits = copy.deepcopy(loss.head).double()(z.double().reshape(z.shape[0], -1))
+    expected = oracles.cross_entropy(logits, u) if bool(known.any()) else torch.zeros((), dtype=torch.float64)
+    expected = expected + kwargs["entropy_weight"] * oracles.mean_p_log_p(logits)
+    # a 16-bit head computes its logits in its dtype: their rounding (a few ulps of the largest) bounds the error
+    wide = z.dtype in (torch.float32, torch.float64)
+    atol = 1e-4 if wide else 1e-2 + 2**-6 * float(logits.detach().abs().max())
+    assert_value("suppression adversarial", value, expected, rtol=1e-4 if wide else 1e-2, atol=atol)
 
 
 @settings(max_examples=150)
@@ -140,10 +204,22 @@ def test_purify_is_finite_on_valid_input(data: st.DataObject) -> None:
     z = data.draw(features())
     k = data.draw(st.integers(2, 4))
     purify = ntl.Purify(k, z[0].numel(), momentum=data.draw(st.sampled_from([0.01, 0.5, 1.0])))
+    seen: set[int] = set()
     for _ in range(3):
-        purify(z, labels(data.draw, z.shape[0], k))
+        u = labels(data.draw, z.shape[0], k)
+        purify(z, u)
+        seen |= {int(label) for label in u if label != -100}
     finite_case("purify", lambda f: purify(f).float().sum(), z)
     assert torch.isfinite(purify.class_means).all()
+    # the value: z − z P, P the (SVD) projector onto the class means' differences once every class was seen,
+    # the identity before; in the features' dtype
+    flat = z.double().reshape(z.shape[0], -1)
+    p = oracles.erasure_projector(purify.class_means) if len(seen) == k else torch.zeros(flat.shape[1], flat.shape[1])
+    out = purify(z)
+    assert out.dtype == z.dtype and out.shape == z.shape
+    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    scale = float(flat.abs().max())
+    torch.testing.assert_close(out.double().reshape(flat.shape), flat - flat @ p.double(), rtol=tol, atol=tol * scale)
 
 
 @st.composite
@@ -179,6 +255,26 @@ def test_distribution_matching_is_finite_on_valid_input(data: st.DataObject, rel
     divergence = data.draw(st.sampled_from(["kl", "ce"]))
     loss = ntl.MultiTaskLoss(rel, inversion=inversion, divergence=divergence)  # type: ignore[arg-type]
     finite_case(f"multitask {rel.kind}/{inversion}/{divergence}", lambda a, b: loss(a, b, la, lb), za, zb)
+    # the value: the float64 oracles' terms, every weight 1 (R and π as the module holds them); a supervised term
+    # without a known label is 0
+    r, prior, kind = loss.matrix.double(), loss.prior.double(), rel.kind
+    a, b = za.double(), zb.double()
+    known_b = (~lb.isnan() & (lb >= 0)).any(dim=1) if kind == "multilabel" else lb != -100
+    zero = torch.zeros((), dtype=torch.float64)
+    expected = (
+        (oracles.masked_ce(a, la) if bool((la != -100).any()) else zero)
+        + (
+            zero
+            if not bool(known_b.any())
+            else oracles.masked_bce(b, lb)
+            if kind == "multilabel"
+            else oracles.masked_ce(b, lb)
+        )
+        + oracles.dm_a_to_b(a, b, r, kind, divergence, False)
+        + oracles.dm_b_to_a(a, b, r, prior, kind, inversion, divergence, False)
+        + sum(oracles.co_annotation(a, b, la, lb, r, prior, kind, inversion))
+    )
+    assert_value(f"multitask {kind}/{inversion}/{divergence}", loss(za, zb, la, lb), expected, rtol=1e-4)
 
 
 @settings(max_examples=150)
@@ -193,6 +289,16 @@ def test_similarity_functions_are_finite_on_valid_input(x: Tensor, y: Tensor, na
         "cka_unbiased": lambda a, b: ntf.linear_cka(a, b, unbiased=True),
     }[name]
     finite_case(name, fn, x, y)
+    oracle = {
+        "hsic": lambda a, b: oracles.hsic(a, b, "rbf", unbiased=True),
+        "cka": lambda a, b: oracles.cka(a, b, "rbf"),
+        "linear_cka": oracles.linear_cka_feature_space,
+        "cka_unbiased": lambda a, b: oracles.cka(a, b, "linear", unbiased=True),
+    }[name]
+    expected = oracle(x.double(), y.double())
+    if name != "hsic" and (constant(x) or constant(y) or not torch.isfinite(expected)):
+        expected = torch.zeros((), dtype=torch.float64)  # a constant side, or a non-positive unbiased self-HSIC
+    assert_value(name, fn(x, y), expected)
 
 
 # --- empty batches and non-finite values -------------------------------------------------------------
@@ -208,6 +314,9 @@ def test_empty_batches() -> None:
         zb,
     )
     finite_case("masked ce empty", lambda a: ntf.masked_cross_entropy(a, torch.zeros(0, dtype=torch.long)), za)
+    # documented: an empty batch gives zeros, never NaN
+    assert ntl.MultiTaskLoss(rel)(za, zb, torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)).item() == 0.0
+    assert ntf.masked_cross_entropy(za, torch.zeros(0, dtype=torch.long)).item() == 0.0
     clear_error(
         "anti_transfer empty",
         lambda: ntf.anti_transfer(torch.zeros(0, 2, 3), torch.zeros(0, 2, 3)),
@@ -256,6 +365,9 @@ def test_non_finite_features_raise_or_are_skipped(bad: float) -> None:
         lambda a: ntl.MultiTaskLoss(rel, nan_policy="skip")(a, torch.randn(6, 2), u, torch.ones(6, 2)),
         za,
     )
+    # documented: "skip" gives a zero loss (and a zero gradient) for the batch
+    assert ntl.DistributionMatchingLoss(rel, nan_policy="skip")(za, torch.randn(6, 2)).item() == 0.0
+    assert ntl.MultiTaskLoss(rel, nan_policy="skip")(za, torch.randn(6, 2), u, torch.ones(6, 2)).item() == 0.0
     purify = ntl.Purify(3, 4, nan_policy="skip")
     purify(z, u)
     assert not purify.ready and torch.equal(purify.class_means, torch.zeros(3, 4)), (

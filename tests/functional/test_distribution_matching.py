@@ -7,7 +7,7 @@ import math
 import oracles
 import pytest
 import torch
-from helpers import assert_matches_oracle, value_and_grads
+from helpers import GRAD_SCALE, assert_matches_oracle, value_and_grads
 
 import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
@@ -166,32 +166,47 @@ def test_no_labels_for_a_task_gives_zero_loss_and_gradient() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("inversion", ["bayes", "product"])
 def test_extreme_logits_stay_finite(dtype: torch.dtype, kind: str, inversion: str) -> None:
+    """Logits of ±1e4 (probabilities of exactly 0 and 1 in float32): the terms, computed from the logits, are
+    the float64 oracle's (its logarithms in log-sum-exp form), values of order 1e4, with its gradients."""
     r, prior = relatedness(kind)
-    za = torch.tensor([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, 1e4]], dtype=dtype, requires_grad=True)
-    zb = torch.tensor([[1e4, -1e4, 1e4], [-1e4, -1e4, -1e4]], dtype=dtype, requires_grad=True)
+    za = torch.tensor([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, 1e4]], dtype=dtype)
+    zb = torch.tensor([[1e4, -1e4, 1e4], [-1e4, -1e4, -1e4]], dtype=dtype)
+    grad_tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+
+    def matches(fn, oracle) -> None:  # type: ignore[no-untyped-def]
+        leaves = [za.clone().requires_grad_(True), zb.clone().requires_grad_(True)]  # in their own dtype
+        value = fn(*leaves)
+        grads = torch.autograd.grad(GRAD_SCALE * value, leaves)
+        expected, expected_grads = value_and_grads(oracle, za, zb)  # float64
+        assert value.dtype == torch.float32 and expected.abs() > 1.0
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, expected_grads, strict=True):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), e, **grad_tol)
+
     for divergence in ("kl", "ce"):
-        terms = ntf.distribution_matching(
-            za,
-            zb,
-            r,
-            prior=prior,
-            kind=kind,  # type: ignore[arg-type]
-            inversion=inversion,  # type: ignore[arg-type]
-            divergence=divergence,  # type: ignore[arg-type]
+        matches(
+            lambda a, b, d=divergence: sum(
+                ntf.distribution_matching(a, b, r, prior=prior, kind=kind, inversion=inversion, divergence=d).values()  # type: ignore[arg-type]
+            ),
+            lambda a, b, d=divergence: (
+                oracles.dm_a_to_b(a, b, r, kind, d, False)
+                + oracles.dm_b_to_a(a, b, r, prior, kind, inversion, d, False)
+            ),
         )
-        total = sum(terms.values())
-        assert total.dtype == torch.float32 and torch.isfinite(total)
-        grads = torch.autograd.grad(total, [za, zb])
-        assert all(torch.isfinite(g).all() for g in grads)
     la = torch.tensor([0, -100])
     lb = torch.tensor([[NAN] * 3, [1.0, 0.0, 1.0]]) if kind == "multilabel" else torch.tensor([-100, 2])
-    co = sum(ntf.soft_co_annotation(za, zb, la, lb, r, prior=prior, kind=kind, inversion=inversion).values())  # type: ignore[arg-type]
-    assert torch.isfinite(co) and all(torch.isfinite(g).all() for g in torch.autograd.grad(co, [za, zb]))
+    matches(
+        lambda a, b: sum(ntf.soft_co_annotation(a, b, la, lb, r, prior=prior, kind=kind, inversion=inversion).values()),  # type: ignore[arg-type]
+        lambda a, b: sum(oracles.co_annotation(a, b, la, lb, r, prior, kind, inversion)),
+    )
 
 
 @pytest.mark.parametrize(("k", "m"), [(1, 3), (4, 1), (1, 1)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
+    """One class of A or one attribute/class of B: both terms are the float64 oracle's, values and gradients
+    (with one class of A, `p_A = 1` whatever the logits: its gradient is zero)."""
     if kind == "multiclass" and m == 1:
         r = torch.ones(k, 1, dtype=torch.float64)
     else:
@@ -202,12 +217,26 @@ def test_one_class_or_one_attribute(k: int, m: int, kind: str) -> None:
     for inversion in ("bayes", "product"):
         if inversion == "product" and not bool((r > 0).any()):
             continue
-        value, grads = value_and_grads(
-            lambda a, b: sum(ntf.distribution_matching(a, b, r, prior=prior, kind=kind, inversion=inversion).values()),
+        assert_matches_oracle(
+            lambda a, b, inv=inversion: sum(
+                ntf.distribution_matching(a, b, r, prior=prior, kind=kind, inversion=inv).values()  # type: ignore[arg-type]
+            ),
+            lambda a, b, inv=inversion: (
+                oracles.dm_a_to_b(a, b, r, kind, "kl", False)
+                + oracles.dm_b_to_a(a, b, r, prior, kind, inv, "kl", False)
+            ),
             za,
-            zb,  # type: ignore[arg-type]
+            zb,
         )
-        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+        if k == 1:
+            _, (grad_a, _) = value_and_grads(
+                lambda a, b, inv=inversion: sum(
+                    ntf.distribution_matching(a, b, r, prior=prior, kind=kind, inversion=inv).values()  # type: ignore[arg-type]
+                ),
+                za,
+                zb,
+            )
+            assert torch.equal(grad_a, torch.zeros_like(grad_a))
 
 
 def test_shape_and_option_errors() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import oracles
 import pytest
 import torch
+from helpers import assert_matches_oracle
 
 import negtransfer_losses as ntl
 import negtransfer_losses.functional as ntf
@@ -144,11 +146,24 @@ def test_last_terms_parts_add_up_to_the_loss_at_non_default_weights(kind: str) -
 
 
 def test_multiclass_task_b() -> None:
+    """`MultiTaskLoss` with a multiclass task B at its defaults (every weight 1, KL, Bayes inversion): the sum of
+    the float64 oracles' terms (both cross-entropies, both matching directions, both co-annotation terms), in
+    value and gradients."""
     r = ntl.TaskRelatedness([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]], kind="multiclass")
-    za, zb = heads()
-    loss = ntl.MultiTaskLoss(r)(za, zb, torch.tensor([0, 1, -100, -100, 2, 0]), torch.tensor([-100, 1, 0, -100, 1, 1]))
-    loss.backward()
-    assert torch.isfinite(loss) and za.grad is not None and zb.grad is not None
+    la, lb = torch.tensor([0, 1, -100, -100, 2, 0]), torch.tensor([-100, 1, 0, -100, 1, 1])
+    module = ntl.MultiTaskLoss(r).double()
+    matrix, prior = module.matrix, module.prior  # R and π as the module holds them (float32 buffers, widened)
+
+    def oracle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (
+            oracles.masked_ce(a, la)
+            + oracles.masked_ce(b, lb)
+            + oracles.dm_a_to_b(a, b, matrix, "multiclass", "kl", False)
+            + oracles.dm_b_to_a(a, b, matrix, prior, "multiclass", "bayes", "kl", False)
+            + sum(oracles.co_annotation(a, b, la, lb, matrix, prior, "multiclass", "bayes"))
+        )
+
+    assert_matches_oracle(lambda a, b: module(a, b, la, lb), oracle, *heads())
 
 
 def test_configuration_errors() -> None:
