@@ -62,16 +62,12 @@ def erasure_basis(class_means: Tensor, *, rtol: float = 1e-6) -> Tensor:
     return column_basis(differences.T, rtol=rtol)
 
 
-def column_basis(matrix: Tensor, *, rtol: float = 1e-6, floor: Tensor | float | None = None) -> Tensor:
+def column_basis(matrix: Tensor, *, rtol: float = 1e-6) -> Tensor:
     """`Q (D, K)` with `Q Qᵀ` the orthogonal projector onto the column space of a `(D, K)` matrix `M`.
 
-    With `M = U Σ Vᵀ`, `Q = U_r V_rᵀ` over the singular directions with `σ > max(rtol · σ_max, floor)`: the polar
-    factor of `M` restricted to them. An absolute `floor` (a 0-d tensor, on the device: no synchronization) only
-    replaces `σ_max` by `max(σ_max, floor / rtol)` in the scale `s` below, so the cut sits at `floor` whenever it
-    is above `rtol · σ_max`, as sharp as the relative one; a floor at or above `σ_max` gives `Q = 0`.
-
-    It is computed by matrix products only, in float64, from `X = c M / s` (`s ≈ σ_max`, see below): `n`
-    Newton–Schulz steps `X ← X (1.5 I − 0.5 XᵀX)` (Higham 2008, §8.3), each mapping a singular value
+    With `M = U Σ Vᵀ`, `Q = U_r V_rᵀ` over the singular directions with `σ > rtol · σ_max`: the polar factor of `M`
+    restricted to them. It is computed by matrix products only, in float64, from `X = c M / s` (`s ≈ σ_max`, see
+    below): `n` Newton–Schulz steps `X ← X (1.5 I − 0.5 XᵀX)` (Higham 2008, §8.3), each mapping a singular value
     `x ↦ 1.5 x − 0.5 x³`, bring `x = c · rtol` exactly to `√(2/3)`; then `PURIFY_STEPS` steps
     `X ← X (2.5 G − 1.5 G²)`, `G = XᵀX`, send every singular value above `√(2/3)` to 1 and every one below it to
     0 (`y ↦ 2.5 y³ − 1.5 y⁵` has `√(2/3)` as its unstable fixed point). The cut is sharp: a direction at
@@ -86,7 +82,6 @@ def column_basis(matrix: Tensor, *, rtol: float = 1e-6, floor: Tensor | float | 
     Args:
         matrix: `(D, K)`.
         rtol: singular values at or below `rtol ×` the largest are not erased, in `[1e-12, 1)`.
-        floor: singular values at or below it are not erased either (`≥ 0`, in `matrix`'s units; none: no floor).
 
     Returns:
         `(D, K)` float64 `Q`; `Q Qᵀ` is the projector (idempotent to rounding), `Q`'s columns are not orthonormal.
@@ -102,8 +97,7 @@ def column_basis(matrix: Tensor, *, rtol: float = 1e-6, floor: Tensor | float | 
     tiny = torch.finfo(torch.float64).tiny
     with full_precision(matrix):
         x = matrix.to(torch.float64)
-        magnitude = x.abs().amax().clamp_min(tiny)
-        x = x / magnitude  # no overflow in the Gram matrix
+        x = x / x.abs().amax().clamp_min(tiny)  # no overflow in the Gram matrix
         tall = x.shape[0] >= x.shape[1]
 
         def gram(x: Tensor) -> Tensor:
@@ -119,9 +113,6 @@ def column_basis(matrix: Tensor, *, rtol: float = 1e-6, floor: Tensor | float | 
             v = g @ v
             v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
         largest_squared = torch.maximum((v.T @ g @ v).reshape(()), torch.linalg.matrix_norm(g) / MAX_SCALED**2)
-        if floor is not None:
-            scaled_floor = torch.as_tensor(floor, dtype=torch.float64, device=x.device) / (magnitude * rtol)
-            largest_squared = torch.maximum(largest_squared, scaled_floor.square())
         x = x * (gain / largest_squared.clamp_min(tiny).sqrt())
         eye = torch.eye(g.shape[0], dtype=x.dtype, device=x.device)
         for _ in range(steps):
@@ -189,28 +180,13 @@ def _within_class_cross_covariance(
     features: Tensor, labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     """`within_class_cross_covariance` for checked inputs."""
-    total, count, _ = _within_class_statistics(features, labels, task_labels, num_irrelevant, ignore_index)
-    return total, count
-
-
-def _within_class_statistics(
-    features: Tensor, labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`(S, n, V)`: `within_class_cross_covariance` and `V = Σ_{i∈E} ‖z_i − z̄_{y_i}‖² ‖e_{u_i} − ē_{y_i}‖²`.
-
-    `V` is the expected squared Frobenius norm of `S`'s sampling noise when `z` and `u` are independent within
-    the task classes (`E‖Σ_i a_i b_iᵀ‖_F² = Σ_i E‖a_i‖² E‖b_i‖²` for independent zero-mean terms), estimated
-    from the batch: the scale under which a direction of `S` is indistinguishable from noise.
-    """
     with torch.no_grad(), full_precision(features):
         dtype = compute_dtype(features)
         eligible, classmates = within_class_groups(labels, task_labels, num_irrelevant, ignore_index)
         z = features.detach().reshape(features.shape[0], -1).to(dtype)
         onehot = one_hot_known(labels, num_irrelevant, eligible, dtype)
         z_centred = centre_within_groups(z, classmates, eligible)
-        onehot_centred = centre_within_groups(onehot, classmates, eligible)
-        noise = (z_centred.square().sum(dim=1) * onehot_centred.square().sum(dim=1)).sum()
-        return z_centred.T @ onehot_centred, eligible.sum(), noise
+        return z_centred.T @ centre_within_groups(onehot, classmates, eligible), eligible.sum()
 
 
 def erase(features: Tensor, basis: Tensor) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
 from ..functional._groups import check_irrelevant_labels, check_task_labels
 from ..functional.erasure import (
-    _within_class_statistics,
+    _within_class_cross_covariance,
     column_basis,
     erase,
     erasure_basis,
@@ -66,27 +65,20 @@ class Purify(nn.Module):
         ignore_index: the label of unknown samples (`u` and `y`).
         rtol: directions with singular value at or below `rtol ×` the largest are not erased, in `[1e-12, 1)`
             (`functional.erasure.column_basis`).
-        significance: conditional only: directions of the running sum `S = Σ_t a_t S_t` (batch sums `S_t`,
-            EMA weights `a_t`) with singular value at or below `significance × √V` are not erased either,
-            `V = Σ_t a_t² Σ_{i∈E_t} ‖z_i − z̄_{y_i}‖² ‖e_{u_i} − ē_{y_i}‖²` the expected squared Frobenius
-            norm of `S`'s sampling noise were `z` and `u` independent within task classes (an upper bound on
-            the noise's largest singular value): a significance cut that rises with too few eligible samples
-            and falls, relative to a real effect, as they accumulate. `0` (default): no cut.
         nan_policy: a training batch with NaN/inf features `"raise"`s (and, where the error comes later, on
             a GPU or under `torch.compile`, is left out of the running means meanwhile), is left out of
             them (`"skip"`), or updates them anyway (`"propagate"`, which corrupts them). The output is the
             erased input either way (NaN stays NaN).
 
     Raises:
-        ValueError: `num_irrelevant < 2`, `dim < 1`, `momentum` outside `(0, 1]`, `rtol` outside `[1e-12, 1)`,
-            `significance` negative or not finite, or an unknown `nan_policy`.
+        ValueError: `num_irrelevant < 2`, `dim < 1`, `momentum` outside `(0, 1]`, `rtol` outside `[1e-12, 1)`
+            or an unknown `nan_policy`.
     """
 
     class_means: Tensor
     batches_seen: Tensor
     cross_covariance_sum: Tensor
     cross_covariance_count: Tensor
-    cross_covariance_noise: Tensor
     projection: Tensor
 
     def __init__(
@@ -98,7 +90,6 @@ class Purify(nn.Module):
         conditional: bool = False,
         ignore_index: int = IGNORE_INDEX,
         rtol: float = 1e-6,
-        significance: float = 0.0,
         nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
@@ -109,8 +100,6 @@ class Purify(nn.Module):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"'momentum' must be in (0, 1], got {momentum}")
         newton_schulz_cut(rtol)  # validates rtol
-        if not (isinstance(significance, (int, float)) and math.isfinite(significance) and significance >= 0.0):
-            raise ValueError(f"'significance' must be a finite number ≥ 0, got {significance!r}")
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         self.nan_policy: NanPolicy = nan_policy
         self.num_irrelevant = num_irrelevant
@@ -119,11 +108,9 @@ class Purify(nn.Module):
         self.conditional = bool(conditional)
         self.ignore_index = ignore_index
         self.rtol = rtol
-        self.significance = float(significance)
         if self.conditional:
             self.register_buffer("cross_covariance_sum", torch.zeros(dim, num_irrelevant))
             self.register_buffer("cross_covariance_count", torch.zeros(()))
-            self.register_buffer("cross_covariance_noise", torch.zeros(()))
             self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         else:
             self.register_buffer("class_means", torch.zeros(num_irrelevant, dim))
@@ -229,7 +216,7 @@ class Purify(nn.Module):
     def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
         """`C ← (1 − w) C + w C_batch` (sum and count apart) when the batch has eligible samples (and is finite)."""
         # the labels were checked in forward
-        batch_sum, count, batch_noise = _within_class_statistics(
+        batch_sum, count = _within_class_cross_covariance(
             z, labels, task_labels, self.num_irrelevant, self.ignore_index
         )
         dtype = self.cross_covariance_sum.dtype
@@ -240,21 +227,15 @@ class Purify(nn.Module):
         weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)
         new_sum = (1.0 - weight) * self.cross_covariance_sum + weight * batch_sum.to(dtype)
         new_count = (1.0 - weight) * self.cross_covariance_count + weight * count.to(dtype)
-        # the noise of a weighted sum of independent batch sums: the squared weights
-        new_noise = (1.0 - weight) ** 2 * self.cross_covariance_noise + weight**2 * batch_noise.to(dtype)
         self.cross_covariance_sum.copy_(torch.where(update, new_sum, self.cross_covariance_sum))
         self.cross_covariance_count.copy_(torch.where(update, new_count, self.cross_covariance_count))
-        self.cross_covariance_noise.copy_(torch.where(update, new_noise, self.cross_covariance_noise))
         self.batches_seen.copy_(seen)
 
     @torch.no_grad()
     def _refresh_projection(self) -> None:
         """Recompute the cached `Q` from the running statistics (zero until `ready`)."""
         if self.conditional:
-            floor = None
-            if self.significance > 0.0:
-                floor = self.significance * self.cross_covariance_noise.to(torch.float64).sqrt()
-            q = column_basis(self.cross_covariance_sum, rtol=self.rtol, floor=floor)  # C's count only scales it
+            q = column_basis(self.cross_covariance_sum, rtol=self.rtol)  # C's count only scales it
         else:
             q = erasure_basis(self.class_means, rtol=self.rtol)
         q = torch.where(self.ready, q, torch.zeros((), dtype=q.dtype, device=q.device))
