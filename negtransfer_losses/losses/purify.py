@@ -52,8 +52,9 @@ class Purify(nn.Module):
     differences. It keeps a running estimate of the pooled within-class cross-covariance
     `C = Σ_{i∈E} (z_i − z̄_{y_i})(e_{u_i} − ē_{y_i})ᵀ / |E|` (`(dim, num_irrelevant)`, `E` the samples whose
     `u` and `y` are known, in task classes holding at least two `u` values in the batch), updated like the
-    means (`C ← (1 − w) C + w C_batch`, `w = max(1 / t, momentum)`, `t` the batches that had eligible samples,
-    each batch's sum and count averaged separately), and erases the column space of `C` (rank ≤
+    means on each batch's sum (`S ← (1 − w) S + w S_batch`, `S_batch = |E| · C_batch`, `w = max(1 / t, momentum)`,
+    `t` the batches that had eligible samples; the column space erased does not depend on the division by
+    `|E|`, so no count is kept), and erases the column space of `S` (rank ≤
     `num_irrelevant − 1`). Training calls take `purify(z, u, task_labels=y)`; eval needs no labels. It is
     the identity until one batch had eligible samples.
 
@@ -78,7 +79,6 @@ class Purify(nn.Module):
     class_means: Tensor
     batches_seen: Tensor
     cross_covariance_sum: Tensor
-    cross_covariance_count: Tensor
     projection: Tensor
 
     def __init__(
@@ -110,7 +110,6 @@ class Purify(nn.Module):
         self.rtol = rtol
         if self.conditional:
             self.register_buffer("cross_covariance_sum", torch.zeros(dim, num_irrelevant))
-            self.register_buffer("cross_covariance_count", torch.zeros(()))
             self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         else:
             self.register_buffer("class_means", torch.zeros(num_irrelevant, dim))
@@ -214,7 +213,7 @@ class Purify(nn.Module):
 
     @torch.no_grad()
     def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
-        """`C ← (1 − w) C + w C_batch` (sum and count apart) when the batch has eligible samples (and is finite)."""
+        """`S ← (1 − w) S + w S_batch` (the sums) when the batch has eligible samples (and is finite)."""
         # the labels were checked in forward
         batch_sum, count = _within_class_cross_covariance(
             z, labels, task_labels, self.num_irrelevant, self.ignore_index
@@ -226,16 +225,14 @@ class Purify(nn.Module):
         seen = self.batches_seen + update.long()
         weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)
         new_sum = (1.0 - weight) * self.cross_covariance_sum + weight * batch_sum.to(dtype)
-        new_count = (1.0 - weight) * self.cross_covariance_count + weight * count.to(dtype)
         self.cross_covariance_sum.copy_(torch.where(update, new_sum, self.cross_covariance_sum))
-        self.cross_covariance_count.copy_(torch.where(update, new_count, self.cross_covariance_count))
         self.batches_seen.copy_(seen)
 
     @torch.no_grad()
     def _refresh_projection(self) -> None:
         """Recompute the cached `Q` from the running statistics (zero until `ready`)."""
         if self.conditional:
-            q = column_basis(self.cross_covariance_sum, rtol=self.rtol)  # C's count only scales it
+            q = column_basis(self.cross_covariance_sum, rtol=self.rtol)  # |E| would only scale it
         else:
             q = erasure_basis(self.class_means, rtol=self.rtol)
         q = torch.where(self.ready, q, torch.zeros((), dtype=q.dtype, device=q.device))
