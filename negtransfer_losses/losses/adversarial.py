@@ -5,6 +5,7 @@ Formulas: docs/task-irrelevant-labels.md.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -306,6 +307,10 @@ class AdversarialSuppression(nn.Module):
         exp_avg_sq = [self.get_buffer(f"head_adam_exp_avg_sq_{i}") for i in range(len(self._trained_names))]
         moments = [m.detach().to(torch.promote_types(m.dtype, torch.float32)) for m in exp_avg]
         squares = [v.detach().to(torch.promote_types(v.dtype, torch.float32)) for v in exp_avg_sq]
+        # the second moment is stored in the head's dtype between calls: below that dtype's smallest normal it is
+        # lost (a float16 head's g² of 1e-5 is 0), and Adam's step m / √v would explode; √v is floored there, so a
+        # step stays within the learning rate (a float32 head's floor, 1e-19, changes nothing)
+        floors = [math.sqrt(torch.finfo(v.dtype).tiny) for v in exp_avg_sq]
         step = self.head_adam_step.detach()
         for _ in range(self.head_steps):
             grads = head_gradient(params)
@@ -319,7 +324,7 @@ class AdversarialSuppression(nn.Module):
                 p, g = params[name], grads[name].to(moments[i].dtype)
                 moments[i] = torch.lerp(moments[i], g, 1.0 - beta1)
                 squares[i] = squares[i] * beta2 + (1.0 - beta2) * g * g
-                denom = squares[i].sqrt() / bias_correction2_sqrt + _EPS
+                denom = (squares[i].sqrt() / bias_correction2_sqrt).clamp_min(floors[i]) + _EPS
                 updated[name] = (p.to(moments[i].dtype) - (lr / bias_correction1) * moments[i] / denom).to(p.dtype)
             params = updated
         # a batch with no known label (or skipped as non-finite) leaves the head and Adam's state unchanged
