@@ -28,11 +28,20 @@ Methods, all on `z`:
   default and, in the grid, at 3× (`Purify`: momentum ÷ 3): conditional CKA (against a frozen network
   trained to predict the factor on its own randomly coloured copy of the training images), conditional
   adversary, conditional HSIC, conditional `Purify`, and the unconditional four.
+`--split heldout` is the anti-transfer paper's regime (test factor values never seen in training): training,
+validation (the epoch selection) and the frozen factor network's copy use colours 0–6 only; in training
+`int(ρ · n)` images of class c get colour `c mod 7` (classes 7, 8, 9 share colours 0, 1, 2 with classes 0, 1,
+2) and the rest are spread evenly over the other six training colours; validation colours are balanced over
+0–6 within each class; the test set uses the held-out colours 7–9 only, balanced over them within each class.
+There the factor probe is fit on the frozen network's randomly coloured copy and scored on validation.
+Anti-transfer (`at_gram`: the paper's `gram` / `cos_squared`; `at_cka`: `none` / `cka`) compares the first
+conv layer's output (`AT_LAYERS`) with the frozen colour network's on the same batch.
 `--sampler balanced` draws every batch with `ntl.GroupBalancedBatchSampler` (every (class, colour) group
 in every batch; the batch grows to the number of groups where there are more than 64) instead of a shuffle.
 
     python examples/biased_mnist.py [--rhos 0.9 0.95 0.98 0.99] [--seeds 3] [--methods ...] [--out results]
     python examples/biased_mnist.py --quick            # a smoke run of seconds
+    python examples/biased_mnist.py --split heldout --rhos 0.99 --methods vanilla at_gram at_cka --out results
     python examples/biased_mnist.py --summarize --out docs/img   # tables and plot of every cached run
     python examples/biased_mnist.py --check --rhos 0.99 --methods vanilla --out docs/img
         # re-train seed 0 of the given methods and compare with the committed runs
@@ -44,6 +53,7 @@ resumes and an extended one trains only what is missing. Weights are chosen on v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -93,17 +103,25 @@ FACTORS = ("background", "patch")
 BASELINES = ["vanilla", "reweight", "end"]
 CONDITIONAL = ["cka_conditional", "adversarial_conditional", "hsic_conditional", "purify_conditional"]
 UNCONDITIONAL = ["cka", "adversarial", "hsic", "purify"]
-METHODS = BASELINES + CONDITIONAL + UNCONDITIONAL
+ANTI_TRANSFER = ["at_gram", "at_cka"]
+METHODS = BASELINES + CONDITIONAL + UNCONDITIONAL + ANTI_TRANSFER
+# the student's and the frozen colour network's layer compared by anti-transfer: the first conv, whose input
+# is the raw colour (every background pixel carries it)
+AT_LAYERS = ["conv1"]
 # the library's defaults (weight 1; Purify's knob is its momentum); EnD's α = β at the authors' local example
 DEFAULTS = {m: 1.0 for m in ("cka", "adversarial", "hsic")} | {"purify": 0.01, "end": 0.1}
 DEFAULTS |= {f"{m}_conditional": DEFAULTS[m] for m in ("cka", "adversarial", "hsic", "purify")}
+DEFAULTS |= {"at_gram": 1.0, "at_cka": 1.0}  # AntiTransferLoss's default weight
 GRID = {m: [w, 3 * w] for m, w in DEFAULTS.items() if not m.startswith("purify")} | {
     "purify": [0.01, 0.003],
     "purify_conditional": [0.01, 0.003],
     "end": [0.1, 1.0],
+    "at_cka": [1.0, 10.0],
 }
 RHOS = [0.90, 0.95, 0.98, 0.99]
 SAMPLERS = ("shuffle", "balanced")
+SPLITS = ("unbiased", "heldout")
+TRAIN_COLOURS, HELDOUT_COLOURS = list(range(7)), [7, 8, 9]  # --split heldout
 TRAIN, VAL, TEST = 3000, 1000, 1000
 RUNS_VERSION = 1
 LR = 1e-3
@@ -124,30 +142,33 @@ def load_mnist() -> tuple[Tensor, Tensor]:
     return torch.tensor(x, dtype=torch.float32).reshape(-1, 28, 28) / 255.0, torch.tensor(y, dtype=torch.long)
 
 
-def biased_colours(digits: Tensor, rho: float, g: torch.Generator) -> Tensor:
-    """ReBias' assignment: per class, `int(ρ·n)` samples get the class's colour, the rest go in near-equal
-    chunks (size `ceil(rest / 9)`) to the other nine colours in a random order."""
+def biased_colours(digits: Tensor, rho: float, g: torch.Generator, n_colours: int = 10) -> Tensor:
+    """ReBias' assignment: per class c, `int(ρ·n)` samples get colour `c mod n_colours`, the rest go in
+    near-equal chunks (size `ceil(rest / (n_colours − 1))`) to the other colours in a random order."""
     colours = torch.empty_like(digits)
     for c in range(10):
         idx = (digits == c).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n_tied = int(len(idx) * rho)
-        colours[idx[:n_tied]] = c
+        own = c % n_colours
+        colours[idx[:n_tied]] = own
         rest = idx[n_tied:]
-        others = [(c + k) % 10 for k in range(1, 10)]
-        others = [others[int(i)] for i in torch.randperm(9, generator=g)]
-        chunk = max(1, -(-len(rest) // 9))
+        others = [(own + k) % n_colours for k in range(1, n_colours)]
+        others = [others[int(i)] for i in torch.randperm(n_colours - 1, generator=g)]
+        chunk = max(1, -(-len(rest) // (n_colours - 1)))
         for k, part in enumerate(rest.split(chunk)):
             colours[part] = others[k]
     return colours
 
 
-def balanced_colours(digits: Tensor, g: torch.Generator) -> Tensor:
-    """Unbiased colours: within each class, the 10 colours in equal shares (±1), in a random order."""
+def balanced_colours(digits: Tensor, g: torch.Generator, choices: list[int] | None = None) -> Tensor:
+    """Unbiased colours: within each class, the `choices` (default all 10) in equal shares (±1), in a random
+    order."""
+    pool = torch.tensor(choices if choices is not None else list(range(10)))
     colours = torch.empty_like(digits)
     for c in range(10):
         idx = (digits == c).nonzero().flatten()
-        colours[idx] = (torch.arange(len(idx)) % 10)[torch.randperm(len(idx), generator=g)]
+        colours[idx] = pool[torch.arange(len(idx)) % len(pool)][torch.randperm(len(idx), generator=g)]
     return colours
 
 
@@ -169,16 +190,23 @@ def render(gray: Tensor, colours: Tensor, factor: str, g: torch.Generator, size:
     return (images - 0.5) / 0.5
 
 
-def make_splits(seed: int, rho: float, factor: str, size: int = 28, train_size: int = TRAIN) -> tuple[Split, ...]:
-    """Biased training split, its randomly coloured copy (for the frozen factor network), validation, test."""
+def make_splits(
+    seed: int, rho: float, factor: str, size: int = 28, train_size: int = TRAIN, split: str = "unbiased"
+) -> tuple[Split, ...]:
+    """Biased training split, its randomly coloured copy (for the frozen factor network), validation, test.
+
+    `split="heldout"`: training, the copy and validation use colours 0–6 only (class c tied to `c mod 7`),
+    the test set the held-out colours 7–9 only."""
     gray, digits = load_mnist()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(digits), generator=g)
     parts = [order[:train_size], order[TRAIN : TRAIN + VAL], order[TRAIN + VAL : TRAIN + VAL + TEST]]
-    train_colours = biased_colours(digits[parts[0]], rho, g)
+    heldout = split == "heldout"
+    train_colours = biased_colours(digits[parts[0]], rho, g, len(TRAIN_COLOURS) if heldout else 10)
     out = [Split(render(gray[parts[0]], train_colours, factor, g, size), digits[parts[0]], train_colours)]
-    for idx in (parts[0], parts[1], parts[2]):
-        colours = balanced_colours(digits[idx], g)
+    pools = [TRAIN_COLOURS, TRAIN_COLOURS, HELDOUT_COLOURS] if heldout else [None, None, None]
+    for idx, pool in zip((parts[0], parts[1], parts[2]), pools, strict=True):
+        colours = balanced_colours(digits[idx], g, pool)
         out.append(Split(render(gray[idx], colours, factor, g, size), digits[idx], colours))
     return tuple(out)
 
@@ -225,17 +253,33 @@ class Regularizer:
     penalty: Penalty | None = None
     transform: nn.Module | None = None
     param_groups: list[dict[str, Any]] | None = None
+    tap: ntl.FeatureTap | None = None  # attached around each training step's forward (anti-transfer)
 
 
-def library_method(method: str, weight: float, factor_net: Net | None) -> Regularizer:
+def library_method(method: str, weight: float, factor_net: Net | None, model: Net | None = None) -> Regularizer:
     """The one place that calls the library's suppression API: the module for `method` at `weight`.
 
     Conditional variants get the digit as `task_labels`; CKA compares `z` with the frozen factor network's
-    features on the same batch; the adversary's head joins the optimizer through its `parameter_groups`.
+    features on the same batch; the adversary's head joins the optimizer through its `parameter_groups`;
+    anti-transfer compares `model`'s `AT_LAYERS` (a `FeatureTap`) with the frozen factor network's.
     """
     conditional = method.endswith("_conditional")
     base = method.removesuffix("_conditional")
     labels = {"task_labels": None}  # filled per call for the conditional variants
+    if base.startswith("at_"):
+        assert factor_net is not None and model is not None
+        frozen = ntl.FrozenReference(factor_net, AT_LAYERS)
+        tap = ntl.FeatureTap(model, AT_LAYERS)
+        tap.remove()  # attached by train() around each step only, not while evaluating
+        if base == "at_gram":
+            at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=weight)
+        else:
+            at = ntl.AntiTransferLoss(aggregation="none", distance="cka", weight=weight)
+
+        def at_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
+            return at(tap.pop(), frozen(x))  # type: ignore[no-any-return]
+
+        return Regularizer(penalty=at_penalty, tap=tap)
     if base == "purify":
         return Regularizer(transform=ntl.Purify(10, 64, momentum=weight, conditional=conditional))
     if base == "adversarial":
@@ -360,7 +404,8 @@ def train(
         total, count = 0.0, 0
         for idx in batches():
             x, u, y = train_split.images[idx], train_split.factors[idx], labels[idx]
-            z = model.features(x)
+            with reg.tap if reg.tap is not None else contextlib.nullcontext():
+                z = model.features(x)
             if model.transform is not None:
                 z = model.transform(z, u, y)
             ce = F.cross_entropy(model.head(z), y, reduction="none")
@@ -397,10 +442,17 @@ def factor_network(data: Split, epochs: int, seed: int) -> Net:
 
 
 def run_one(
-    method: str, weight: float, sampler: str, splits: tuple[Split, ...], factor_net: Net | None, epochs: int, seed: int
+    method: str,
+    weight: float,
+    sampler: str,
+    splits: tuple[Split, ...],
+    factor_net: Net | None,
+    epochs: int,
+    seed: int,
+    split: str = "unbiased",
 ) -> dict[str, float]:
     """Train one method on one seed's splits; its validation-selected test accuracy and diagnostics."""
-    train_split, _, val, test = splits
+    train_split, copy_split, val, test = splits
     torch.manual_seed(seed)
     model = Net(size=train_split.images.shape[-1])
     start = time.perf_counter()
@@ -410,11 +462,14 @@ def run_one(
     elif method == "end":
         options["regularizer"] = Regularizer(penalty=lambda z, x, u, y: end_penalty(z, y, u, weight, weight))
     elif method != "vanilla":
-        options["regularizer"] = library_method(method, weight, factor_net)
+        options["regularizer"] = library_method(method, weight, factor_net, model)
     result = train(
         model, train_split, train_split.digits, epochs, seed, sampler=sampler, select_on=(val, test), **options
     )  # type: ignore[arg-type]
-    result["factor_probe"] = factor_probe(model, val, test)
+    # held-out colours: the test set has none of the colours the probe could be fit on
+    result["factor_probe"] = (
+        factor_probe(model, copy_split, val) if split == "heldout" else factor_probe(model, val, test)
+    )
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -436,7 +491,7 @@ def library_commit() -> str:
         return "unknown"
 
 
-Job = tuple[str, float, str, float, str, int]  # factor, rho, method, weight, sampler, seed
+Job = tuple[str, float, str, float, str, int, str]  # factor, rho, method, weight, sampler, seed, split
 
 
 def job_key(r: Record) -> tuple[object, ...]:
@@ -447,6 +502,7 @@ def job_key(r: Record) -> tuple[object, ...]:
         float(r["weight"]),
         r["sampler"],
         int(r["seed"]),
+        r.get("split", "unbiased"),
         int(r["epochs"]),
     )
 
@@ -457,13 +513,14 @@ def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> lis
     current = {job_key(r): r for r in records if r.get("version") == RUNS_VERSION and r.get("size", 28) == size}
     todo = [j for j in jobs if (*j, epochs) not in current]
     commit = library_commit()
-    factor_nets: dict[tuple[str, int], Net] = {}
-    for i, (factor, rho, method, weight, sampler, seed) in enumerate(todo):
-        splits = make_splits(seed, rho, factor, size)
-        needs_net = method.startswith("cka")
-        if needs_net and (factor, seed) not in factor_nets:  # its data do not depend on ρ
-            factor_nets[(factor, seed)] = factor_network(splits[1], max(3, epochs // 4), seed)
-        result = run_one(method, weight, sampler, splits, factor_nets.get((factor, seed)), epochs, seed)
+    factor_nets: dict[tuple[str, int, str], Net] = {}
+    for i, (factor, rho, method, weight, sampler, seed, split) in enumerate(todo):
+        splits = make_splits(seed, rho, factor, size, split=split)
+        needs_net = method.startswith(("cka", "at_"))
+        if needs_net and (factor, seed, split) not in factor_nets:  # its data do not depend on ρ
+            factor_nets[(factor, seed, split)] = factor_network(splits[1], max(3, epochs // 4), seed)
+        net = factor_nets.get((factor, seed, split))
+        result = run_one(method, weight, sampler, splits, net, epochs, seed, split)
         run: Record = {
             "version": RUNS_VERSION,
             "factor": factor,
@@ -472,13 +529,14 @@ def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> lis
             "weight": weight,
             "sampler": sampler,
             "seed": seed,
+            **({"split": split} if split != "unbiased" else {}),  # the original runs' records have no split
             "epochs": epochs,
             "size": size,
             "library": commit,
             **result,
         }
         print(
-            f"[{i + 1}/{len(todo)}] {factor} ρ={rho} {method} w={weight:g} {sampler} seed {seed}: "
+            f"[{i + 1}/{len(todo)}] {factor} {split} ρ={rho} {method} w={weight:g} {sampler} seed {seed}: "
             f"test {100 * run['test_accuracy']:.1f} (val {100 * run['val_accuracy']:.1f}, epoch {run['epoch']}), "
             f"train loss {run['train_loss']:.3f}, probe {100 * run['factor_probe']:.0f}, {run['seconds']} s",
             flush=True,
@@ -628,7 +686,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 if method == "end":
                     weights = GRID["end"]  # a baseline: chosen on validation
                 for weight in weights:
-                    jobs.append((args.factor, rho, method, weight, args.sampler, seed))
+                    jobs.append((args.factor, rho, method, weight, args.sampler, seed, args.split))
     return jobs
 
 
@@ -637,7 +695,7 @@ def check(args: argparse.Namespace) -> int:
     cache = args.out / "biased_mnist_runs.json"
     committed = {job_key(r): r for r in json.loads(cache.read_text()) if r.get("version") == RUNS_VERSION}
     fresh = run_jobs(
-        [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0) for m in args.methods],
+        [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0, args.split) for m in args.methods],
         args.epochs,
         args.size,
         None,
@@ -659,6 +717,9 @@ def main(argv: list[str] | None = None) -> list[Record]:
     parser.add_argument("--methods", nargs="+", default=BASELINES + CONDITIONAL, choices=METHODS)
     parser.add_argument("--factor", choices=FACTORS, default="background")
     parser.add_argument("--sampler", choices=SAMPLERS, default="shuffle")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="unbiased", help="heldout: test colours 7–9 never seen in training"
+    )
     parser.add_argument("--grid", action="store_true", help="also run each library method at 3× its default")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--size", type=int, default=14, help="image side: 14 (averaged down 2×2) or 28")
@@ -685,13 +746,22 @@ def main(argv: list[str] | None = None) -> list[Record]:
     every = [
         r
         for r in json.loads(cache.read_text())
-        if r.get("version") == RUNS_VERSION and r["epochs"] == args.epochs and r.get("size", 28) == args.size
+        if r.get("version") == RUNS_VERSION
+        and r["epochs"] == args.epochs
+        and r.get("size", 28) == args.size
+        and r.get("split", "unbiased") == args.split
     ]
     rows = summarize(every)
     table = markdown(rows)
+    if args.split == "heldout":
+        table = (
+            "Held-out colours: training and validation backgrounds from colours 0–6 (class c tied to c mod 7), "
+            "test backgrounds from colours 7–9 only.\n\n" + table
+        )
     title = f"Biased MNIST: {args.epochs} epochs, {args.size}×{args.size}; test accuracy % mean ± std over seeds"
     record = study_record("biased_mnist.py", args.argv, args, defaults=DEFAULTS, grid=GRID, summary=rows)
     stem = "biased_mnist" if args.size == 14 else f"biased_mnist_{args.size}"
+    stem += "_heldout" if args.split == "heldout" else ""
     write_study(args.out, stem, title, table, record, lambda path: plot(rows, path))
     return rows
 

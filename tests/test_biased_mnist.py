@@ -54,6 +54,27 @@ def test_splits_are_disjoint_real_digits_with_the_protocols_colours() -> None:
     torch.testing.assert_close(grey, torch.full_like(grey, 0.5))
 
 
+def test_heldout_split_trains_on_seven_colours_and_tests_on_the_other_three() -> None:
+    bm = study()
+    train, copy, val, test = bm.make_splits(0, 0.99, "background", size=14, split="heldout")
+    assert set(train.factors.tolist()) == set(copy.factors.tolist()) == set(val.factors.tolist()) == set(range(7))
+    assert set(test.factors.tolist()) == {7, 8, 9}
+    # ρ of each class on colour c mod 7: int(0.99 · n) of its n images
+    for c in range(10):
+        own = train.factors[train.digits == c]
+        assert int((own == c % 7).sum()) == int(0.99 * len(own))
+    shares = torch.bincount(test.factors[test.digits == 3], minlength=10)[7:]
+    assert int(shares.max() - shares.min()) <= 1 and int(shares.sum()) == int((test.digits == 3).sum())
+    corner = (test.images[:, :, 0, 0] + 1) / 2  # 14×14: a corner pixel is still pure background
+    torch.testing.assert_close(corner, bm.PALETTE[test.factors])
+    # the unbiased split is unchanged by the option (same generator draws)
+    a, b = (
+        bm.make_splits(1, 0.9, "background", size=14),
+        bm.make_splits(1, 0.9, "background", size=14, split="unbiased"),
+    )
+    assert all(torch.equal(x.factors, y.factors) for x, y in zip(a, b, strict=True))
+
+
 def end_oracle(z: torch.Tensor, y: torch.Tensor, u: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """EnD's regularizer written with loops over pairs, as the authors' released code reads."""
     zn = z / z.norm(dim=1, keepdim=True)
@@ -120,6 +141,22 @@ def test_quick_run_writes_the_study(tmp_path: Path) -> None:
     before = (tmp_path / "biased_mnist_runs.json").stat().st_mtime_ns
     bm.main(["--quick", "--methods", "vanilla", "end", "--out", str(tmp_path)])
     assert (tmp_path / "biased_mnist_runs.json").stat().st_mtime_ns == before
+
+
+def test_quick_heldout_run_with_anti_transfer(tmp_path: Path) -> None:
+    bm = study()
+    rows = bm.main(
+        ["--quick", "--split", "heldout", "--methods", "vanilla", "at_gram", "at_cka", "--out", str(tmp_path)]
+    )
+    assert {r["method"] for r in rows} == {"vanilla", "at_gram", "at_cka"}
+    runs = json.loads((tmp_path / "biased_mnist_runs.json").read_text())
+    assert [r["split"] for r in runs] == ["heldout"] * 3
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["factor_probe"] <= 1.0 for r in runs)
+    # anti-transfer changed the training (the penalty reached the student's conv1)
+    assert runs[1]["train_loss"] != runs[0]["train_loss"] != runs[2]["train_loss"]
+    table = (tmp_path / "biased_mnist_heldout.md").read_text()
+    assert "| at_cka |" in table and "colours 7–9" in table
+    assert not (tmp_path / "biased_mnist.md").exists()  # the unbiased split's table is a separate file
 
 
 @pytest.mark.slow
