@@ -464,8 +464,15 @@ def run_one(
     elif method != "vanilla":
         options["regularizer"] = library_method(method, weight, factor_net, model)
     result = train(
-        model, train_split, train_split.digits, epochs, seed, sampler=sampler, select_on=(val, test), **options
-    )  # type: ignore[arg-type]
+        model,
+        train_split,
+        train_split.digits,
+        epochs,
+        seed,
+        sampler=sampler,
+        select_on=(val, test),
+        **options,  # type: ignore[arg-type]
+    )
     # held-out colours: the test set has none of the colours the probe could be fit on
     result["factor_probe"] = (
         factor_probe(model, copy_split, val) if split == "heldout" else factor_probe(model, val, test)
