@@ -35,7 +35,8 @@ validation (the epoch selection) and the frozen factor network's copy use colour
 0–6 within each class; the test set uses the held-out colours 7–9 only, balanced over them within each class.
 There the factor probe is fit on the frozen network's randomly coloured copy and scored on validation.
 Anti-transfer (`at_gram`: the paper's `gram` / `cos_squared`; `at_cka`: `none` / `cka`) compares the first
-conv layer's output (`AT_LAYERS`) with the frozen colour network's on the same batch.
+conv layer's output with the frozen colour network's on the same batch (`at_gram_conv2`, `at_cka_conv2`: the
+second conv layer's; `AT_LAYERS`).
 `--sampler balanced` draws every batch with `ntl.GroupBalancedBatchSampler` (every (class, colour) group
 in every batch; the batch grows to the number of groups where there are more than 64) instead of a shuffle.
 
@@ -103,20 +104,21 @@ FACTORS = ("background", "patch")
 BASELINES = ["vanilla", "reweight", "end"]
 CONDITIONAL = ["cka_conditional", "adversarial_conditional", "hsic_conditional", "purify_conditional"]
 UNCONDITIONAL = ["cka", "adversarial", "hsic", "purify"]
-ANTI_TRANSFER = ["at_gram", "at_cka"]
+# the student's and the frozen colour network's layer compared by anti-transfer (one at a time, as the paper):
+# the first conv, whose input is the raw colour (every background pixel carries it), or the second
+AT_LAYERS = {"at_gram": "conv1", "at_cka": "conv1", "at_gram_conv2": "conv2", "at_cka_conv2": "conv2"}
+ANTI_TRANSFER = list(AT_LAYERS)
 METHODS = BASELINES + CONDITIONAL + UNCONDITIONAL + ANTI_TRANSFER
-# the student's and the frozen colour network's layer compared by anti-transfer: the first conv, whose input
-# is the raw colour (every background pixel carries it)
-AT_LAYERS = ["conv1"]
 # the library's defaults (weight 1; Purify's knob is its momentum); EnD's α = β at the authors' local example
 DEFAULTS = {m: 1.0 for m in ("cka", "adversarial", "hsic")} | {"purify": 0.01, "end": 0.1}
 DEFAULTS |= {f"{m}_conditional": DEFAULTS[m] for m in ("cka", "adversarial", "hsic", "purify")}
-DEFAULTS |= {"at_gram": 1.0, "at_cka": 1.0}  # AntiTransferLoss's default weight
+DEFAULTS |= {m: 1.0 for m in AT_LAYERS}  # AntiTransferLoss's default weight
 GRID = {m: [w, 3 * w] for m, w in DEFAULTS.items() if not m.startswith("purify")} | {
     "purify": [0.01, 0.003],
     "purify_conditional": [0.01, 0.003],
     "end": [0.1, 1.0],
     "at_cka": [1.0, 10.0],
+    "at_cka_conv2": [1.0, 10.0],
 }
 RHOS = [0.90, 0.95, 0.98, 0.99]
 SAMPLERS = ("shuffle", "balanced")
@@ -261,17 +263,18 @@ def library_method(method: str, weight: float, factor_net: Net | None, model: Ne
 
     Conditional variants get the digit as `task_labels`; CKA compares `z` with the frozen factor network's
     features on the same batch; the adversary's head joins the optimizer through its `parameter_groups`;
-    anti-transfer compares `model`'s `AT_LAYERS` (a `FeatureTap`) with the frozen factor network's.
+    anti-transfer compares `model`'s layer `AT_LAYERS[method]` (a `FeatureTap`) with the frozen factor
+    network's.
     """
     conditional = method.endswith("_conditional")
     base = method.removesuffix("_conditional")
     labels = {"task_labels": None}  # filled per call for the conditional variants
     if base.startswith("at_"):
         assert factor_net is not None and model is not None
-        frozen = ntl.FrozenReference(factor_net, AT_LAYERS)
-        tap = ntl.FeatureTap(model, AT_LAYERS)
+        frozen = ntl.FrozenReference(factor_net, AT_LAYERS[method])
+        tap = ntl.FeatureTap(model, AT_LAYERS[method])
         tap.remove()  # attached by train() around each step only, not while evaluating
-        if base == "at_gram":
+        if base.startswith("at_gram"):
             at = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=weight)
         else:
             at = ntl.AntiTransferLoss(aggregation="none", distance="cka", weight=weight)
