@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         main_sweep(args)
         return {}
 
-    table = summary(run(args.methods, args.seeds, args.correlation, args.epochs, DEFAULTS))
+    runs = run(args.methods, args.seeds, args.correlation, args.epochs, DEFAULTS)
+    table = summary(runs)
     print(f"\nBiased digits: correlation {args.correlation}, {args.seeds} seeds, {args.epochs} epochs; mean ± std")
     print_table(table, DEFAULTS)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -533,7 +534,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "seeds": args.seeds,
         "epochs": args.epochs,
         "weights": DEFAULTS,
+        "threads": torch.get_num_threads(),
         "results": table,
+        # per method, seed 0, 1, ...: what a fresh run of one seed must reproduce (tests/test_case_studies.py)
+        "runs": {method: [100 * r["accuracy"] for r in method_runs] for method, method_runs in runs.items()},
     }
     (args.out / "biased_digits.json").write_text(json.dumps(record, indent=2))
     plot(table, args.out / "biased_digits.png", args.correlation)

@@ -10,10 +10,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import negtransfer_losses as ntl
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 
 def example(name: str) -> ModuleType:
@@ -211,3 +213,21 @@ def test_biased_sweep_never_reuses_runs_cached_under_an_older_version(tmp_path: 
     assert len(runs) == 2 and runs[0] == stale and runs[1]["version"] == bd.RUNS_VERSION
     rows = json.loads((tmp_path / "biased_sweep.json").read_text())["summary"]
     assert all(r["accuracy_mean"] == 100 * runs[1]["test_accuracy"] for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["plain", "adversarial_conditional"])
+def test_the_committed_demo_table_is_what_a_fresh_run_of_one_seed_gives(tmp_path: Path, method: str) -> None:
+    # docs/img/biased_digits.json is what `make demo` wrote (docs/case-studies.md, 1a); seed 0 of a method, re-run
+    # with today's library at the same settings and thread count, must give the same test accuracy
+    committed = json.loads((ROOT / "docs" / "img" / "biased_digits.json").read_text())
+    biased = example("biased_digits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(committed["threads"])
+    try:
+        fresh = biased.main(["--seeds", "1", "--methods", method, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    expected = committed["runs"][method][0]
+    assert json.loads((tmp_path / "biased_digits.json").read_text())["runs"][method][0] == pytest.approx(expected)
+    assert fresh[method]["accuracy_mean"] == pytest.approx(expected)
