@@ -77,6 +77,20 @@ def check_same_device(tensors: Mapping[str, Tensor], *, layer: str | None = None
         raise ValueError(f"inputs must be on the same device: {listed}; move them with .to(device)")
 
 
+def check_channel_pair(student: Tensor, reference: Tensor) -> None:
+    """Raise unless `student` and `reference` are `(B, C, ...)` maps with one batch size and one spatial size.
+
+    Their channel counts may differ (aggregations over channels, pairwise rows).
+    """
+    check_tensor(student, "student", min_dim=2)
+    check_tensor(reference, "reference", min_dim=2)
+    if student.shape[0] != reference.shape[0] or student.shape[2:] != reference.shape[2:]:
+        raise ValueError(
+            f"'student' and 'reference' must agree in batch and spatial size, got {tuple(student.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+
+
 def check_min_batch(n: int, minimum: int, *, what: str, name: str = "x") -> None:
     """Raise `ValueError` when an estimator needs more samples than it was given."""
     if n < minimum:

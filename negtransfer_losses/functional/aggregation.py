@@ -12,7 +12,15 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor, compute_dtype, describe, full_precision, raise_if_invalid
+from .._validation import (
+    check_channel_pair,
+    check_choice,
+    check_tensor,
+    compute_dtype,
+    describe,
+    full_precision,
+    raise_if_invalid,
+)
 from .similarity import _cosine_rows, scaled_floor, unit_scale
 
 Aggregation: TypeAlias = Literal["none", "mean", "sum", "max", "mul"]
@@ -106,13 +114,7 @@ ROW_AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "sum", "max")
 def _check_row_aggregation_pair(student: Tensor, reference: Tensor, aggregation: str) -> None:
     """The checks of `aggregated_row_cosines`, shared with its `ops` twin: same batch and spatial size."""
     check_choice(aggregation, "aggregation", ROW_AGGREGATIONS)
-    check_tensor(student, "student", min_dim=2)
-    check_tensor(reference, "reference", min_dim=2)
-    if student.shape[0] != reference.shape[0] or student.shape[2:] != reference.shape[2:]:
-        raise ValueError(
-            f"'student' and 'reference' must agree in batch and spatial size, got {tuple(student.shape)} and "
-            f"{tuple(reference.shape)}"
-        )
+    check_channel_pair(student, reference)
 
 
 def aggregated_row_cosines(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import check_tensor, compute_dtype, full_precision
+from .._validation import check_channel_pair, compute_dtype, full_precision
 from .similarity import scaled_floor, unit_scale
 
 __all__ = ["pairwise_row_cosines"]
@@ -62,13 +62,7 @@ def pairwise_row_cosines(student: Tensor, reference: Tensor, *, eps: float = 1e-
         TypeError: an input is not a floating-point tensor.
         ValueError: an input has fewer than 2 dimensions, or the batch or spatial sizes differ.
     """
-    check_tensor(student, "student", min_dim=2)
-    check_tensor(reference, "reference", min_dim=2)
-    if student.shape[0] != reference.shape[0] or student.shape[2:] != reference.shape[2:]:
-        raise ValueError(
-            f"'student' and 'reference' must agree in batch and spatial size, got {tuple(student.shape)} and "
-            f"{tuple(reference.shape)}"
-        )
+    check_channel_pair(student, reference)
     return _pairwise_row_cosines(student, reference.detach(), eps)
 
 

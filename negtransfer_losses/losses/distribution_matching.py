@@ -90,6 +90,25 @@ class _Coupled(nn.Module):
         return guarded["logits_a"], guarded["logits_b"], finite
 
 
+class _Matching(_Coupled):
+    """A coupled loss with distribution-matching terms: their options, readable."""
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        """The matching terms computed: `"a_to_b"`, `"b_to_a"` or both."""
+        return self._options.directions
+
+    @property
+    def divergence(self) -> Divergence:
+        """`"kl"` or `"ce"`: how each matching direction is measured."""
+        return self._options.divergence
+
+    @property
+    def detach_target(self) -> bool:
+        """Whether the matching terms' inferred distributions are constants."""
+        return self._options.detach_target
+
+
 def _relatedness(relatedness: object) -> TaskRelatedness:
     if not isinstance(relatedness, TaskRelatedness):
         raise TypeError(
@@ -99,7 +118,7 @@ def _relatedness(relatedness: object) -> TaskRelatedness:
     return relatedness
 
 
-class DistributionMatchingLoss(_Coupled):
+class DistributionMatchingLoss(_Matching):
     """`weight · (L_AB + L_BA)`: each task's prediction matches the distribution the other task implies.
 
     On every sample, labelled or not: `q_B = p_A R` for A→B, and `q_A` from `p_B` by naive Bayes
@@ -156,21 +175,6 @@ class DistributionMatchingLoss(_Coupled):
         super().__init__(relatedness, options, nan_policy)
         self.backend: Backend = check_backend(backend)
         self.weight = float(weight)
-
-    @property
-    def directions(self) -> tuple[Direction, ...]:
-        """The terms computed: `"a_to_b"`, `"b_to_a"` or both."""
-        return self._options.directions
-
-    @property
-    def divergence(self) -> Divergence:
-        """`"kl"` or `"ce"`."""
-        return self._options.divergence
-
-    @property
-    def detach_target(self) -> bool:
-        """Whether the inferred distributions are constants."""
-        return self._options.detach_target
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
         """The weighted matching loss.
@@ -273,7 +277,7 @@ class SoftCoAnnotationLoss(_Coupled):
         )
 
 
-class MultiTaskLoss(_Coupled):
+class MultiTaskLoss(_Matching):
     """`weight · (λ_A L_A + λ_B L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B))` for two partially labelled tasks.
 
     `L_A`: cross-entropy over samples with a known A label; `L_B`: BCE over annotated B entries with
@@ -347,21 +351,6 @@ class MultiTaskLoss(_Coupled):
             "co_annotation": float(co_annotation_weight),
         }
         self.ignore_index = ignore_index
-
-    @property
-    def directions(self) -> tuple[Direction, ...]:
-        """The matching terms computed: `"a_to_b"`, `"b_to_a"` or both."""
-        return self._options.directions
-
-    @property
-    def divergence(self) -> Divergence:
-        """`"kl"` or `"ce"`."""
-        return self._options.divergence
-
-    @property
-    def detach_target(self) -> bool:
-        """Whether the matching terms' inferred distributions are constants."""
-        return self._options.detach_target
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
         """The weighted multi-task loss.
