@@ -138,3 +138,16 @@ def count_syncs(step: Callable[[], object]) -> SyncCounter:
     with checks_deferred_on_cpu(), SyncCounter() as counter:
         step()
     return counter
+
+
+def conditional_data(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task classes 0-2 with u tied to y on most samples, a class with a single u value, unknown entries."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    u = y.clone()
+    u[[0, 4, 7, 10, 13]] = torch.tensor([1, 2, 2, 0, 1])  # classes 0 and 1 get a second u value
+    u[[2, 5]] = -100
+    y[[3, 9]] = -100
+    u[y == 2] = 2  # class 2: a single u value, contributes nothing
+    z = torch.randn(n, 4, generator=g, dtype=torch.float64) + torch.eye(3, 4, dtype=torch.float64)[u.clamp(0)]
+    return z, u, y

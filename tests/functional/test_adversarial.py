@@ -5,7 +5,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from helpers import GRAD_SCALE, count_syncs, value_and_grads
+from helpers import GRAD_SCALE, conditional_data, count_syncs, value_and_grads
 from torch import nn
 
 import negtransfer_losses.functional as ntf
@@ -16,19 +16,6 @@ def data(n: int = 10, d: int = 4, k: int = 3, seed: int = 0) -> tuple[torch.Tens
     labels = torch.arange(n) % k
     z = torch.randn(n, d, generator=g, dtype=torch.float64) + torch.eye(k, d, dtype=torch.float64)[labels]
     return z, labels
-
-
-def conditional_data(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Task classes 0-2 with u tied to y on most samples, a class with a single u value, unknown entries."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    u = y.clone()
-    u[[0, 4, 7, 10, 13]] = torch.tensor([1, 2, 2, 0, 1])  # classes 0 and 1 get a second u value
-    u[[2, 5]] = -100
-    y[[3, 9]] = -100
-    u[y == 2] = 2  # class 2: a single u value, contributes nothing
-    z = torch.randn(n, 4, generator=g, dtype=torch.float64) + torch.eye(3, 4, dtype=torch.float64)[u.clamp(0)]
-    return z, u, y
 
 
 def linear_head(d: int = 4, k: int = 3, seed: int = 3) -> nn.Linear:
