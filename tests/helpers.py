@@ -51,6 +51,7 @@ class FakeEvent:
     def __init__(self, done: bool) -> None:
         self.done = done
         self.recorded = False
+        self.waits = 0  # how often the host waited on it (synchronize)
 
     def record(self) -> None:
         self.recorded = True
@@ -59,6 +60,7 @@ class FakeEvent:
         return self.done
 
     def synchronize(self) -> None:
+        self.waits += 1
         self.done = True
 
 

@@ -8,7 +8,7 @@ output shape depends on values (`nonzero`, `unique`, `masked_select`, `bincount`
 from __future__ import annotations
 
 import pytest
-from helpers import count_syncs
+from helpers import checks_deferred_on_cpu, count_syncs
 from module_cases import CASES
 
 
@@ -22,6 +22,18 @@ def test_a_training_step_makes_no_host_device_sync(name: str) -> None:
     step()  # warm-up: first-call work (lazy buffers, the dispatcher's choice) is not counted
     syncs = count_syncs(step)
     assert syncs.total == 0, f"{name}: {syncs.total} sync(s) in one forward + backward: {dict(syncs.counts)}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_steps_never_wait_on_a_deferred_check(name: str) -> None:
+    # the op counter cannot see a host wait on a device event: count them, with a device that has finished nothing
+    case = CASES[name]()
+    with checks_deferred_on_cpu(complete=False) as events:
+        for _ in range(4):
+            case.step().backward()
+        waits = sum(event.waits for event in events)
+        assert events, f"{name}: no value check ran, so this test checks nothing"
+    assert waits == 0, f"{name}: the host waited on {waits} check event(s) in 4 training steps"
 
 
 def test_the_counter_sees_a_sync() -> None:
