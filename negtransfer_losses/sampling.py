@@ -49,6 +49,10 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
     delta kernel without its diagonal is zero, and the penalty is exactly zero (measured on Biased MNIST at
     ρ = 0.98: 76 groups, batch 76, results identical to plain training).
 
+    A label you mark unknown (e.g. `-100`) is a value like any other here: the samples with an unknown `u` form
+    groups of their own, `(y, -100)`, drawn as often as the others. Under DDP give each rank a sampler over its
+    own shard of the dataset (this sampler does not shard).
+
     An epoch has `len(dataset) // batch_size` batches (at least one). Iterating again continues from the
     state where the last epoch stopped, so epochs differ; a `generator` makes the whole sequence
     reproducible.
