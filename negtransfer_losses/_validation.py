@@ -162,10 +162,44 @@ def new_event(device: torch.device) -> DeviceEvent | None:
     return event
 
 
+class HostCopy:
+    """A small tensor's values on their way to the host: copied without blocking where reading would wait.
+
+    On the CPU (or a device without events) the values are read at once; elsewhere they are copied into
+    pinned host memory behind an event of the device's current stream, and `ready()` says, without waiting,
+    whether the copy has arrived.
+    """
+
+    def __init__(self, values: Tensor) -> None:
+        device = values.device
+        event = new_event(device) if defers_checks(device) else None
+        if event is None:
+            self.event: DeviceEvent | None = None
+            self.host = values.detach().cpu()
+            return
+        self.event = event
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda")
+        self.host.copy_(values, non_blocking=True)
+        event.record()
+
+    def ready(self) -> bool:
+        """Whether the values are on the host (never waits)."""
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        """Wait until the values are on the host (normally they are long since)."""
+        if self.event is not None:
+            self.event.synchronize()
+
+    def tolist(self) -> list[Any]:
+        """The values, once `ready()` (or after `wait()`)."""
+        values: list[Any] = self.host.tolist()
+        return values
+
+
 @dataclass
 class _PendingCheck:
-    event: DeviceEvent
-    host: Tensor  # the check's values, copied (without blocking) into host memory
+    copy: HostCopy  # the check's values, on their way to the host
     message: Callable[[list[Any]], str | None]
     device: torch.device
     issued: int  # the check call that issued it
@@ -193,17 +227,15 @@ def raise_if_invalid(values: Tensor, message: Callable[[list[Any]], str | None])
     if device.type == "meta" or not reads_values(device):
         return
     poll_pending_checks()
-    if not defers_checks(device) or (event := new_event(device)) is None:
-        _raise_messages([message(values.cpu().tolist())])
+    copy = HostCopy(values)
+    if copy.event is None:
+        _raise_messages([message(copy.tolist())])
         return
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda")
-    host.copy_(values, non_blocking=True)
-    event.record()
     with _pending_lock:
-        _pending.append(_PendingCheck(event, host, message, device, _check_calls))
+        _pending.append(_PendingCheck(copy, message, device, _check_calls))
         overdue = [_pending.popleft() for _ in range(len(_pending) - MAX_PENDING_CHECKS)]
     for check in overdue:
-        check.event.synchronize()  # normally complete long ago: a few steps have been queued since
+        check.copy.wait()  # normally complete long ago: a few steps have been queued since
     _raise_messages([_late_message(check) for check in overdue])
 
 
@@ -221,7 +253,7 @@ def poll_pending_checks() -> None:
         _check_calls += 1
         if not _pending:
             return
-        done = [check for check in _pending if check.event.query()]
+        done = [check for check in _pending if check.copy.ready()]
         for check in done:
             _pending.remove(check)
     _raise_messages([_late_message(check) for check in done])
@@ -242,12 +274,12 @@ def raise_pending_errors() -> None:
         waiting = list(_pending)
         _pending.clear()
     for check in waiting:
-        check.event.synchronize()
+        check.copy.wait()
     _raise_messages([_late_message(check) for check in waiting])
 
 
 def _late_message(check: _PendingCheck) -> str | None:
-    message = check.message(check.host.tolist())
+    message = check.message(check.copy.tolist())
     if message is None:
         return None
     later = _check_calls - check.issued

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _validation
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
+from .._validation import NAN_POLICIES, HostCopy, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
 from ..functional.adversarial import (
     DEFAULT_STRENGTH,
     AdversarialBatch,
@@ -187,7 +186,7 @@ class AdversarialSuppression(nn.Module):
         self._calls_watched = 0
         self._snapshot: list[Tensor] | None = None
         self._moved: Tensor | None = None
-        self._moved_read: tuple[Any, Tensor] | None = None
+        self._moved_read: HostCopy | None = None
         self.last_terms: dict[str, Tensor] = {}
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -351,24 +350,18 @@ class AdversarialSuppression(nn.Module):
         if self._calls_watched >= self.check_head_after:
             moved = self._moved if self._moved is not None else torch.zeros((), dtype=torch.bool)
             self._snapshot = None
-            if not _validation.defers_checks(moved.device) or (event := _validation.new_event(moved.device)) is None:
-                self._moved_read = (None, moved)
-            else:
-                host = torch.empty((), dtype=torch.bool, pin_memory=moved.device.type == "cuda")
-                host.copy_(moved, non_blocking=True)
-                event.record()
-                self._moved_read = (event, host)
+            self._moved_read = HostCopy(moved)
             self._read_moved_flag()
             return
         self._calls_watched += 1
 
     def _read_moved_flag(self) -> None:
         assert self._moved_read is not None
-        event, host = self._moved_read
-        if event is not None and not event.query():
+        if not self._moved_read.ready():
             return  # not computed yet: a later call reads it
+        moved = self._moved_read.tolist()
         self._watching, self._moved_read, self._moved = False, None, None
-        if not host.tolist():
+        if not moved:
             advice = 'torch.optim.Adam([{"params": model.parameters()}, *adversary.parameter_groups(lr)], lr=lr)'
             warnings.warn(
                 f"the adversarial head's parameters have not changed in {self.check_head_after} training steps "
