@@ -100,11 +100,15 @@ def centre_within_groups(x: Tensor, classmates: Tensor, members: Tensor) -> Tens
 
     Rows outside `members` never reach the result, even when they hold NaN or inf.
     """
-    inside = members[:, None]
-    x = torch.where(inside, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = member_rows(x, members)
     weights = classmates.to(x.dtype)
     means = (weights @ x) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return torch.where(inside, x - means, torch.zeros((), dtype=x.dtype, device=x.device))
+    return member_rows(x - means, members)
+
+
+def member_rows(x: Tensor, members: Tensor) -> Tensor:
+    """`x` with the rows outside `members` set to zero (NaN or inf there never reaches the result)."""
+    return torch.where(members[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def within_class_log_prior(labels: Tensor, classmates: Tensor, num_irrelevant: int, dtype: torch.dtype) -> Tensor:

@@ -33,6 +33,7 @@ from ._groups import (
     check_irrelevant_labels,
     check_task_labels,
     classmates_of,
+    member_rows,
     one_hot_known,
     within_class_groups,
 )
@@ -105,7 +106,7 @@ def irrelevant_hsic(
             groups = members[:, None] & members[None, :]
         else:
             members, groups = within_class_groups(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
-        z = _member_rows(as_batch_matrix(features, "features").to(dtype), members)
+        z = member_rows(as_batch_matrix(features, "features").to(dtype), members)
         onehot = one_hot_known(labels, num_irrelevant, members, dtype)
         k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
         l = onehot @ onehot.T
@@ -189,11 +190,6 @@ def irrelevant_cka(
 def _at_least(known: Tensor, minimum: int) -> Tensor:
     """`known`, or all False when it holds fewer than `minimum` True entries (no host read)."""
     return known & (known.sum() >= minimum)
-
-
-def _member_rows(x: Tensor, members: Tensor) -> Tensor:
-    """`x` with the rows outside `members` set to zero (NaN or inf there never reaches the result)."""
-    return torch.where(members[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _mean_over(values: Tensor, members: Tensor) -> Tensor:
@@ -336,6 +332,6 @@ def _centred_unit_scale(x: Tensor, members: Tensor) -> Tensor:
     """
     weights = members.to(x.dtype)
     count = weights.sum()
-    centred = _member_rows(x - (weights @ x / count.clamp_min(1.0))[None, :], members)
-    largest = _member_rows(x.detach(), members).abs().amax()
+    centred = member_rows(x - (weights @ x / count.clamp_min(1.0))[None, :], members)
+    largest = member_rows(x.detach(), members).abs().amax()
     return unit_frobenius(centred, largest, count * x.shape[1])
