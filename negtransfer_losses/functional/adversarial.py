@@ -23,6 +23,7 @@ from ._groups import (
     centre_within_groups,
     check_irrelevant_labels,
     check_task_labels,
+    member_rows,
     within_class_groups,
     within_class_log_prior,
 )
@@ -176,7 +177,7 @@ def adversarial_cross_entropy(
     if batch.labels is None or batch.weights is None:
         return zero_with_grad(z)
     # rows of weight 0 never reach the cross-entropy, even when they hold NaN or inf
-    z = torch.where(batch.weights[:, None] > 0, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    z = member_rows(z, batch.weights > 0)
     logits = _head_logits(
         gradient_reversal(z, strength), head=head, num_irrelevant=num_irrelevant, params=head_parameters
     )

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
-from ..functional._groups import check_irrelevant_labels, check_task_labels
+from ..functional._groups import check_irrelevant_labels, check_task_labels, member_rows
 from ..functional.erasure import (
     _within_class_cross_covariance,
     column_basis,
@@ -202,8 +202,7 @@ class Purify(nn.Module):
         present = counts > 0
         if finite is not None:
             present = present & finite
-        known = (labels != self.ignore_index)[:, None]
-        z = torch.where(known, z.to(dtype), torch.zeros((), dtype=dtype, device=z.device))  # unknown rows: no NaN
+        z = member_rows(z.to(dtype), labels != self.ignore_index)  # unknown rows: no NaN
         batch_means = (members.T @ z) / counts.clamp_min(1.0)[:, None]
         seen = self.batches_seen + present.long()
         weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)[:, None]
