@@ -161,7 +161,7 @@ def test_two_calls_then_one_backward_give_each_calls_gradients() -> None:
 def test_the_head_gets_the_ce_gradient_and_the_features_its_reverse() -> None:
     z, u = batch()
     z.requires_grad_(True)
-    loss = ntl.AdversarialSuppression(3, dim=5, strength=0.5, head_steps=0)
+    loss = ntl.AdversarialSuppression(3, dim=5, strength=0.5, head_steps=0, warmup_steps=0)
     assert {name for name, _ in loss.named_parameters()} == {"head.weight", "head.bias"}
     loss(z, u).backward()
     z2 = z.detach().clone().requires_grad_(True)
@@ -173,11 +173,25 @@ def test_the_head_gets_the_ce_gradient_and_the_features_its_reverse() -> None:
 
 def test_default_strength_is_one_value_for_the_module_and_the_function() -> None:
     function_default = inspect.signature(ntf.adversarial_suppression).parameters["strength"].default
-    module = ntl.AdversarialSuppression(3, dim=5)
+    module = ntl.AdversarialSuppression(3, dim=5, warmup_steps=0)
     assert module.strength == function_default == 0.3
     z, u = batch()
     module(z, u)
     assert module.last_terms["strength"].item() == pytest.approx(0.3)
+
+
+def test_default_warmup_starts_at_zero_and_reaches_the_strength_after_200_training_calls() -> None:
+    module = ntl.AdversarialSuppression(3, dim=5, head_steps=0)
+    assert module.warmup_steps == 200
+    z, u = batch()
+    module(z, u)
+    assert module.last_terms["strength"].item() == 0.0
+    module.steps.fill_(100)  # halfway: DANN's schedule is already at 2 / (1 + e^-5) - 1 of the strength
+    module(z, u)
+    assert module.last_terms["strength"].item() == pytest.approx(0.3 * (2 / (1 + math.exp(-5)) - 1))
+    module.steps.fill_(200)  # and stays at its end value, 2 / (1 + e^-10) - 1 ≈ 0.99991 of the strength
+    module(z, u)
+    assert module.last_terms["strength"].item() == pytest.approx(0.3 * (2 / (1 + math.exp(-10)) - 1))
 
 
 def test_warmup_schedule_is_a_device_tensor_rising_from_zero_to_strength() -> None:
@@ -415,7 +429,7 @@ def test_one_class_present_only_gives_the_heads_cross_entropy() -> None:
     """One class in the batch: the CE of the head after its own steps, and the features get its reverse."""
     z, _ = batch()
     u = torch.ones(12, dtype=torch.long)
-    loss = ntl.AdversarialSuppression(3, dim=5)
+    loss = ntl.AdversarialSuppression(3, dim=5, warmup_steps=0)
     leaf = z.clone().requires_grad_(True)
     out = loss(leaf, u)
     (3.0 * out).backward()
