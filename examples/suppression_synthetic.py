@@ -48,11 +48,7 @@ GRIDS: dict[str, list[float]] = {
 METHODS = ["plain", *(f"{m}{c}" for m in DEFAULTS for c in ("", "_conditional"))]
 # the adversary without the module's own head speed-ups (--ablation)
 ABLATION: dict[str, dict[str, float]] = {
-    "plain gradient reversal (m=1, head_steps=0, warmup_steps=0)": {
-        "head_lr_multiplier": 1.0,
-        "head_steps": 0,
-        "warmup_steps": 0,
-    },
+    "plain gradient reversal (m=1, head_steps=0)": {"head_lr_multiplier": 1.0, "head_steps": 0},
     "head_lr_multiplier=10 only": {"head_steps": 0},
     "head_steps=10 only": {"head_lr_multiplier": 1.0},
 }

@@ -44,6 +44,10 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
     `batch_size ≥ number of groups`, every batch holds every group at least once. Used as
     `DataLoader(dataset, batch_sampler=GroupBalancedBatchSampler(y, u, 64))`.
 
+    **With `AdversarialSuppression` pass `warmup_steps=200`** (or a few hundred): at full strength from the first
+    step, with every group in every batch, the adversary silenced the features before they learned the task
+    (Biased MNIST, ρ 0.90–0.95: every run at chance; with the warm-up 83–87 %).
+
     **With `HSICSuppression(conditional=True)` (unbiased estimator) use `batch_size ≥ 2 × groups`**: when a
     batch holds each group once, every task class's irrelevant labels are all distinct, the within-class
     delta kernel without its diagonal is zero, and the penalty is exactly zero (measured on Biased MNIST at

@@ -82,9 +82,8 @@ class AdversarialSuppression(nn.Module):
         weight: multiplies the penalty.
         conditional: remove only what `u` says beyond the task label (needs `task_labels` in `forward`).
         strength: λ of the gradient reversal once warmed up (default 0.3, shared with the functional form).
-        warmup_steps: training calls over which λ rises from 0 (default 200; 0: λ = `strength` from the first
-            call). The features first learn the task: at full strength from the first call the adversary can
-            silence them before they do (docs/task-irrelevant-labels.md, "warmup_steps").
+        warmup_steps: training calls over which λ rises from 0 (0: λ = `strength` from the first call). With
+            group-balanced batches give it a few hundred (docs/task-irrelevant-labels.md, "warmup_steps").
         entropy_weight: `λ_ent` of the entropy term (0: none).
         head_lr_multiplier: the head's learning rate relative to the encoder's, in `parameter_groups` and in the
             head's own steps (> 0).
@@ -120,7 +119,7 @@ class AdversarialSuppression(nn.Module):
         weight: float = 1.0,
         conditional: bool = False,
         strength: float = DEFAULT_STRENGTH,
-        warmup_steps: int = 200,
+        warmup_steps: int = 0,
         entropy_weight: float = 0.0,
         head_lr_multiplier: float = 10.0,
         head_steps: int = 10,
