@@ -712,7 +712,11 @@ def plan(args: argparse.Namespace) -> list[Job]:
 def check(args: argparse.Namespace) -> int:
     """Re-run seed 0 of `--methods` at the first ρ and compare with the runs cached in `--out`."""
     cache = args.out / "biased_mnist_runs.json"
-    committed = {job_key(r): r for r in json.loads(cache.read_text()) if r.get("version") == RUNS_VERSION}
+    committed = {
+        job_key(r): r
+        for r in json.loads(cache.read_text())
+        if r.get("version") == RUNS_VERSION and r.get("size", 28) == args.size
+    }
     fresh = run_jobs(
         [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0, args.split) for m in args.methods],
         args.epochs,
