@@ -733,7 +733,8 @@ def check(args: argparse.Namespace) -> int:
     return failures
 
 
-def main(argv: list[str] | None = None) -> list[Record]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the study (also what the tests read the page's commands with)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rhos", type=float, nargs="+", default=RHOS)
@@ -750,7 +751,17 @@ def main(argv: list[str] | None = None) -> list[Record]:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, ρ 0.99, 1 epoch")
     parser.add_argument("--check", action="store_true", help="re-run seed 0 and compare with --out's cached runs")
     parser.add_argument("--summarize", action="store_true", help="train nothing: tables and plot of --out's runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def missing_runs(args: argparse.Namespace, runs: list[Record]) -> list[Job]:
+    """The jobs of `args` that `runs` (a cache's records) does not hold: what the command would train."""
+    held = {job_key(r) for r in runs if r.get("version") == RUNS_VERSION and r.get("size", 28) == args.size}
+    return [j for j in plan(args) if (*j, args.epochs) not in held]
+
+
+def main(argv: list[str] | None = None) -> list[Record]:
+    args = build_parser().parse_args(argv)
     args.argv = argv
     torch.set_num_threads(1)
     np.random.seed(0)

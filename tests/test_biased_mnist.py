@@ -199,3 +199,28 @@ def test_only_the_warmup_variants_start_the_adversary_at_zero_strength(method: s
     regularizer.penalty(z, torch.empty(0), colours, digits).backward()
     # at the first call λ is 0 with the warm-up (no gradient reaches the features), the strength 0.3 without
     assert (z.grad.abs().sum() == 0) == method.endswith("_warmup")
+
+
+def test_the_pages_commands_train_nothing_on_the_committed_cache() -> None:
+    """docs/case-studies.md lists the commands behind its Biased MNIST tables: on the committed cache each must find
+    every run it plans (so it prints the page's tables without training), and every cached run must come from one
+    of them (no table is built from runs no listed command makes)."""
+    import shlex
+
+    bm = study()
+    runs = json.loads((ROOT / "docs" / "img" / "biased_mnist_runs.json").read_text())
+    page = (ROOT / "docs" / "case-studies.md").read_text()
+    commands = [
+        shlex.split(line.split("#")[0])[2:]
+        for line in page.splitlines()
+        if line.startswith("python examples/biased_mnist.py")
+        and not any(flag in line for flag in ("--summarize", "--check", "--quick"))
+    ]
+    assert len(commands) >= 10
+    planned: set[tuple[object, ...]] = set()
+    for argv in commands:
+        args = bm.build_parser().parse_args(argv)
+        assert bm.missing_runs(args, runs) == [], " ".join(argv)
+        planned |= {(*job, args.epochs, args.size) for job in bm.plan(args)}
+    made_by_none = [r for r in runs if (*bm.job_key(r), r.get("size", 28)) not in planned]
+    assert made_by_none == []
