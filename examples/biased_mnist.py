@@ -526,10 +526,15 @@ def job_key(r: Record) -> tuple[object, ...]:
     )
 
 
+def runs_by_key(records: list[Record], size: int) -> dict[tuple[object, ...], Record]:
+    """A cache's records of this `RUNS_VERSION` and image `size`, by `job_key`."""
+    return {job_key(r): r for r in records if r.get("version") == RUNS_VERSION and r.get("size", 28) == size}
+
+
 def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> list[Record]:
     """Train every job not yet in `cache` (at this `RUNS_VERSION`); return the runs of `jobs`."""
     records: list[Record] = json.loads(cache.read_text()) if cache is not None and cache.exists() else []
-    current = {job_key(r): r for r in records if r.get("version") == RUNS_VERSION and r.get("size", 28) == size}
+    current = runs_by_key(records, size)
     todo = [j for j in jobs if (*j, epochs) not in current]
     commit = library_commit()
     factor_nets: dict[tuple[str, int, str], Net] = {}
@@ -712,11 +717,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
 def check(args: argparse.Namespace) -> int:
     """Re-run seed 0 of `--methods` at the first ρ and compare with the runs cached in `--out`."""
     cache = args.out / "biased_mnist_runs.json"
-    committed = {
-        job_key(r): r
-        for r in json.loads(cache.read_text())
-        if r.get("version") == RUNS_VERSION and r.get("size", 28) == args.size
-    }
+    committed = runs_by_key(json.loads(cache.read_text()), args.size)
     fresh = run_jobs(
         [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0, args.split) for m in args.methods],
         args.epochs,
@@ -756,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def missing_runs(args: argparse.Namespace, runs: list[Record]) -> list[Job]:
     """The jobs of `args` that `runs` (a cache's records) does not hold: what the command would train."""
-    held = {job_key(r) for r in runs if r.get("version") == RUNS_VERSION and r.get("size", 28) == args.size}
+    held = runs_by_key(runs, args.size)
     return [j for j in plan(args) if (*j, args.epochs) not in held]
 
 
