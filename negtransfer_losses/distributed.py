@@ -65,3 +65,47 @@ class _AllGatherBatch(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.start : ctx.stop]
+
+
+def summed_across_ranks(x: Tensor) -> Tensor:
+    """`x` summed over every rank (a new tensor), or `x` itself without a process group of several ranks.
+
+    Every rank must call it at the same point with a tensor of the same shape and dtype (a collective): the
+    modules that keep state call it on every training call, whatever the batch holds, so no rank waits alone.
+    """
+    if not is_distributed():
+        return x
+    total = x.detach().clone().contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def average_gradients_across_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors themselves (views) whose gradients are averaged over ranks in the backward pass.
+
+    For parameters that a `DistributedDataParallel` wrapper does not reach (a loss module's own head): after
+    `backward()` each rank holds the mean of the ranks' gradients, as DDP would give, so one optimizer step keeps
+    the ranks' copies equal. The tensors' gradients travel in one all-reduce. Without a process group of
+    several ranks, `tensors` is returned as it is.
+    """
+    if not is_distributed() or not tensors:
+        return tensors
+    averaged: tuple[Tensor, ...] = _AverageGradients.apply(*tensors)  # type: ignore[no-untyped-call]
+    return list(averaged)
+
+
+class _AverageGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, ...]:
+        dtype = grads[0].dtype
+        for g in grads[1:]:
+            dtype = torch.promote_types(dtype, g.dtype)
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = flat / dist.get_world_size()
+        parts = torch.split(flat, [g.numel() for g in grads])
+        return tuple(part.reshape(g.shape).to(g.dtype) for part, g in zip(parts, grads, strict=True))

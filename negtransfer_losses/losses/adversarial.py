@@ -5,15 +5,14 @@ Formulas: docs/task-irrelevant-labels.md.
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, HostCopy, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
+from ..distributed import average_gradients_across_ranks, is_distributed, summed_across_ranks
 from ..functional.adversarial import (
     DEFAULT_STRENGTH,
     AdversarialBatch,
@@ -21,10 +20,7 @@ from ..functional.adversarial import (
     adversarial_cross_entropy,
     adversarial_loss,
 )
-
-# torch.optim.Adam's defaults, which the head's own steps use
-_BETAS = (0.9, 0.999)
-_EPS = 1e-8
+from ._adversary_head import HeadAdam, HeadWatch, Parameters
 
 
 class AdversarialSuppression(nn.Module):
@@ -64,13 +60,20 @@ class AdversarialSuppression(nn.Module):
     batch's detached features, at the learning rate `head_lr × head_lr_multiplier` (3e-2 at the defaults), so
     the features are pushed against a head that has caught up with them (a gradient-reversal adversary that
     lags behind is fooled without the factor being removed). These steps are written on tensors (no host
-    read, one graph under `torch.compile`); their state (Adam's moments and step count) lives in non-persistent
-    buffers, so it follows `.to(device)` and is not saved in the `state_dict`. A batch with no known label (or
-    skipped for non-finite features) leaves the head and that state unchanged. `head_steps=0` turns them off;
-    your optimizer still trains the head as well. Hence **in training mode the value is that of the head after
-    its own steps**, lower than `functional.adversarial_suppression` on the head as it was (at the defaults, on
-    a fresh head and a batch of 16 samples of 8 features: 0.75 against the function's 1.45); in eval mode, or with
-    `head_steps=0`, it equals the function's value times `weight`.
+    read, one graph under `torch.compile`) by `head_optimizer` (a `HeadAdam`), whose state (Adam's moments and
+    step count) is in buffers: it follows `.to(device)` and is saved in the `state_dict`, so a run resumed from a
+    checkpoint continues as the uninterrupted one would. A batch with no known label (or skipped for non-finite
+    features) leaves the head and that state unchanged. `head_steps=0` turns them off; your optimizer still
+    trains the head as well. Hence **in training mode the value is that of the head after its own steps**, lower
+    than `functional.adversarial_suppression` on the head as it was; in eval mode, or with `head_steps=0`, it
+    equals the function's value times `weight`.
+
+    **Under `torch.distributed`** (a process group of several ranks) the ranks' heads stay equal: the head's own
+    steps follow the cross-entropy of the ranks' batches together (the ranks' gradients summed, one
+    all-reduce per step, plus one for the batch sizes), a batch counts as empty only when every rank's is, and
+    the gradient your optimizer gets for the head is averaged over ranks in the backward pass, as DDP does for
+    the model (so the adversary need not be inside the DDP-wrapped module). Every rank must therefore call the
+    module on every training step.
 
     None of this is claimed to be the exact mechanism of the TIRTL / PurifiedLearning papers (Li et al.), which
     was not published; see docs/task-irrelevant-labels.md.
@@ -108,7 +111,6 @@ class AdversarialSuppression(nn.Module):
     """
 
     steps: Tensor
-    head_adam_step: Tensor
 
     def __init__(
         self,
@@ -171,23 +173,10 @@ class AdversarialSuppression(nn.Module):
         self.nan_policy: NanPolicy = nan_policy
         self.head: nn.Module = head if head is not None else nn.Linear(dim, num_irrelevant)  # type: ignore[arg-type]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        # the state of the head's own Adam steps: follows .to(), not saved (as an optimizer's state would be)
-        self.register_buffer("head_adam_step", torch.zeros((), dtype=torch.long), persistent=False)
-        self._trained_names = [name for name, p in self.head.named_parameters() if p.requires_grad]
-        for i, name in enumerate(self._trained_names):
-            p = self.head.get_parameter(name)
-            self.register_buffer(
-                f"head_adam_exp_avg_{i}", torch.zeros_like(p, memory_format=torch.preserve_format), persistent=False
-            )
-            self.register_buffer(
-                f"head_adam_exp_avg_sq_{i}", torch.zeros_like(p, memory_format=torch.preserve_format), persistent=False
-            )
-        # the check that the user's optimizer trains the head (eager only, never waits for the device)
-        self._watching = check_head_after > 0
-        self._calls_watched = 0
-        self._snapshot: list[Tensor] | None = None
-        self._moved: Tensor | None = None
-        self._moved_read: HostCopy | None = None
+        trained = [(name, p) for name, p in self.head.named_parameters() if p.requires_grad]
+        self._trained_names = [name for name, _ in trained]
+        self.head_optimizer = HeadAdam(trained, lr=self.head_lr * self.head_lr_multiplier)
+        self._watch = HeadWatch(check_head_after)
         self.last_terms: dict[str, Tensor] = {}
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -255,18 +244,23 @@ class AdversarialSuppression(nn.Module):
         strength = self.current_strength()
         head_parameters = None
         if self.training:
-            watch = self._watching and reads_values(features.device)
+            watch = self._watch.active and reads_values(features.device)
             if watch:
-                self._compare_with_snapshot()
+                self._watch.before_call(self.head)
             with torch.no_grad():
                 self.steps += 1
             if self.head_steps and torch.is_grad_enabled():
-                self._inner_head_steps(batch, usable)
+                self._own_head_steps(batch, usable)
                 # the loss sees copies (the gradient still reaches the parameters): the next call's steps update
                 # the parameters in place, which must not invalidate this call's graph (two calls, one backward)
                 head_parameters = {name: self.head.get_parameter(name).clone() for name in self._trained_names}
-            if watch and self._watching:  # the head as its own steps left it: only the user's optimizer moves it now
-                self._snapshot = [p.detach().clone() for p in self.head.parameters()]
+            if watch:
+                self._watch.after_call(self.head)
+            if is_distributed():
+                current = head_parameters or {name: self.head.get_parameter(name) for name in self._trained_names}
+                head_parameters = dict(
+                    zip(current, average_gradients_across_ranks(list(current.values())), strict=True)
+                )
         value = adversarial_loss(
             batch,
             self.head,
@@ -280,18 +274,17 @@ class AdversarialSuppression(nn.Module):
         self.last_terms = {"loss": loss.detach(), "value": value.detach(), "strength": strength.detach()}
         return loss
 
-    def _inner_head_steps(self, batch: AdversarialBatch, finite: Tensor | None) -> None:
-        """`head_steps` Adam steps of the head alone on the batch's detached features (gradients by `torch.func`).
+    def _own_head_steps(self, batch: AdversarialBatch, finite: Tensor | None) -> None:
+        """`head_steps` steps of `head_optimizer` on the batch's detached features (gradients by `torch.func`).
 
-        Adam as `torch.optim.Adam` computes it (default betas and eps), at `head_lr × head_lr_multiplier`,
-        written on tensors so that nothing is read on the host and `torch.compile` traces it.
+        Under `torch.distributed` the gradient is that of the ranks' batches together: each rank's gradient of
+        its mean cross-entropy times its count of weighted samples, summed over ranks, divided by the total count.
         """
         assert batch.weights is not None
         detached = batch._replace(features=batch.features.detach())
         constant = {name: p.detach() for name, p in self.head.named_parameters()}
-        params = {name: constant[name] for name in self._trained_names}
 
-        def head_loss(trained: dict[str, Tensor]) -> Tensor:
+        def head_loss(trained: Parameters) -> Tensor:
             return adversarial_cross_entropy(
                 detached,
                 self.head,
@@ -300,75 +293,39 @@ class AdversarialSuppression(nn.Module):
                 head_parameters={**constant, **trained},
             )
 
-        head_gradient = torch.func.grad(head_loss)
-        beta1, beta2 = _BETAS
-        lr = self.head_lr * self.head_lr_multiplier
-        exp_avg = [self.get_buffer(f"head_adam_exp_avg_{i}") for i in range(len(self._trained_names))]
-        exp_avg_sq = [self.get_buffer(f"head_adam_exp_avg_sq_{i}") for i in range(len(self._trained_names))]
-        moments = [m.detach().to(torch.promote_types(m.dtype, torch.float32)) for m in exp_avg]
-        squares = [v.detach().to(torch.promote_types(v.dtype, torch.float32)) for v in exp_avg_sq]
-        # the second moment is stored in the head's dtype between calls: below that dtype's smallest normal it is
-        # lost (a float16 head's g² of 1e-5 is 0), and Adam's step m / √v would explode; √v is floored there, so a
-        # step stays within the learning rate (a float32 head's floor, 1e-19, changes nothing)
-        floors = [math.sqrt(torch.finfo(v.dtype).tiny) for v in exp_avg_sq]
-        step = self.head_adam_step.detach()
-        for _ in range(self.head_steps):
-            grads = head_gradient(params)
-            step = step + 1
-            t = step.to(torch.float32)
-            bias_correction1 = 1.0 - torch.pow(beta1, t)
-            bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t))
-            updated = {}
-            for i, name in enumerate(self._trained_names):
-                # in float32 at least: a float16 head's g² and eps underflow to 0 (0 / 0 is NaN)
-                p, g = params[name], grads[name].to(moments[i].dtype)
-                moments[i] = torch.lerp(moments[i], g, 1.0 - beta1)
-                squares[i] = squares[i] * beta2 + (1.0 - beta2) * g * g
-                denom = (squares[i].sqrt() / bias_correction2_sqrt).clamp_min(floors[i]) + _EPS
-                updated[name] = (p.to(moments[i].dtype) - (lr / bias_correction1) * moments[i] / denom).to(p.dtype)
-            params = updated
+        gradient = torch.func.grad(head_loss)
+        count = batch.weights.sum()
         # a batch with no known label (or skipped as non-finite) leaves the head and Adam's state unchanged
-        active = batch.weights.sum() > 0
+        active = count > 0
         if finite is not None:
             active = active & finite
-        with torch.no_grad():
-            for i, name in enumerate(self._trained_names):
-                p = self.head.get_parameter(name)
-                p.copy_(torch.where(active, params[name], p))
-                exp_avg[i].copy_(torch.where(active, moments[i].to(exp_avg[i].dtype), exp_avg[i]))
-                exp_avg_sq[i].copy_(torch.where(active, squares[i].to(exp_avg_sq[i].dtype), exp_avg_sq[i]))
-            self.head_adam_step.copy_(torch.where(active, step, self.head_adam_step))
+        if is_distributed():
+            gradient, active = self._summed_over_ranks(gradient, count, finite)
+        params = {name: constant[name] for name in self._trained_names}
+        self.head_optimizer.lr = self.head_lr * self.head_lr_multiplier  # the options may have been changed since
+        proposal = self.head_optimizer.propose(params, gradient, self.head_steps)
+        targets = {name: self.head.get_parameter(name) for name in self._trained_names}
+        self.head_optimizer.commit(proposal, targets, active)
 
-    def _compare_with_snapshot(self) -> None:
-        """Eager bookkeeping of `check_head_after`: device-side flags, read later without waiting."""
-        if self._moved_read is not None:
-            self._read_moved_flag()
-            return
-        params = [p.detach() for p in self.head.parameters()]
-        if self._snapshot is not None and params:
-            changed = torch.stack([(a != p).any() for a, p in zip(self._snapshot, params, strict=True)]).any()
-            self._moved = changed if self._moved is None else self._moved | changed
-        if self._calls_watched >= self.check_head_after:
-            moved = self._moved if self._moved is not None else torch.zeros((), dtype=torch.bool)
-            self._snapshot = None
-            self._moved_read = HostCopy(moved)
-            self._read_moved_flag()
-            return
-        self._calls_watched += 1
+    def _summed_over_ranks(self, gradient: Any, count: Tensor, finite: Tensor | None) -> tuple[Any, Tensor]:
+        """The gradient of the ranks' batches together, and whether any rank's batch counts (and none is non-finite)."""
+        usable = torch.ones((), dtype=torch.bool, device=count.device) if finite is None else finite
+        totals = summed_across_ranks(torch.stack([count.to(torch.float64), (~usable).to(torch.float64)]))
+        total = totals[0].clamp_min(1.0)
+        local = count.to(torch.float64).clamp_min(1.0)
 
-    def _read_moved_flag(self) -> None:
-        assert self._moved_read is not None
-        if not self._moved_read.ready():
-            return  # not computed yet: a later call reads it
-        moved = self._moved_read.tolist()
-        self._watching, self._moved_read, self._moved = False, None, None
-        if not moved:
-            advice = 'torch.optim.Adam([{"params": model.parameters()}, *adversary.parameter_groups(lr)], lr=lr)'
-            warnings.warn(
-                f"the adversarial head's parameters have not changed in {self.check_head_after} training steps "
-                f"(between calls, where only your optimizer moves them): give them to the optimizer, e.g. {advice}",
-                stacklevel=6,
-            )
+        def summed(params: Parameters) -> Parameters:
+            grads = gradient(params)
+            flat = torch.cat([grads[name].reshape(-1).to(torch.float64) for name in self._trained_names])
+            flat = torch.where(usable, flat * local, torch.zeros((), dtype=flat.dtype, device=flat.device))
+            flat = summed_across_ranks(flat) / total
+            parts = torch.split(flat, [grads[name].numel() for name in self._trained_names])
+            return {
+                name: part.reshape(grads[name].shape).to(grads[name].dtype)
+                for name, part in zip(self._trained_names, parts, strict=True)
+            }
+
+        return summed, (totals[0] > 0) & (totals[1] == 0)
 
     def extra_repr(self) -> str:
         options = [

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
+from ..distributed import is_distributed, summed_across_ranks
 from ..functional._groups import check_irrelevant_labels, check_task_labels, member_rows
 from ..functional.erasure import (
     _within_class_cross_covariance,
@@ -40,6 +41,9 @@ class Purify(nn.Module):
     - Eval mode, or no labels: no update; the cached `Q` is used; deterministic.
     - Running means and which classes were seen are buffers, saved in the `state_dict`; `Q` is recomputed
       from them when a state dict is loaded.
+    - Under `torch.distributed` (a process group of several ranks) each update uses the ranks' batches
+      together (their class sums and counts, one all-reduce per training call), so every rank keeps the same
+      statistics; every rank must call it on every training step.
     - A training step makes no host–device synchronization and traces into one graph under
       `torch.compile(fullgraph=True)`: updates are masked, fixed-shape computations, and `Q` comes from
       matrix products only (see `column_basis`).
@@ -203,7 +207,10 @@ class Purify(nn.Module):
         if finite is not None:
             present = present & finite
         z = member_rows(z.to(dtype), labels != self.ignore_index)  # unknown rows: no NaN
-        batch_means = (members.T @ z) / counts.clamp_min(1.0)[:, None]
+        sums = members.T @ z
+        if is_distributed():
+            sums, counts, present = _summed_over_ranks(sums, counts, finite)
+        batch_means = sums / counts.clamp_min(1.0)[:, None]
         seen = self.batches_seen + present.long()
         weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)[:, None]
         updated = (1.0 - weight) * self.class_means + weight * batch_means
@@ -221,6 +228,8 @@ class Purify(nn.Module):
         update = count > 0
         if finite is not None:
             update = update & finite
+        if is_distributed():
+            batch_sum, count, update = _summed_over_ranks(batch_sum, count, finite)
         seen = self.batches_seen + update.long()
         weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)
         new_sum = (1.0 - weight) * self.cross_covariance_sum + weight * batch_sum.to(dtype)
@@ -247,3 +256,24 @@ class Purify(nn.Module):
 def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     assert isinstance(module, Purify)
     module._refresh_projection()
+
+
+def _summed_over_ranks(sums: Tensor, counts: Tensor, finite: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch's statistics over every rank's batch together: `(sums, counts, present)` summed in one all-reduce.
+
+    `present` (per class, or one flag) is whether the ranks' batches together hold the class and none of them
+    is non-finite; a non-finite rank's sums are left out, so NaN never reaches another rank.
+    """
+    usable = torch.ones((), dtype=torch.bool, device=sums.device) if finite is None else finite
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    packed = torch.cat(
+        [
+            torch.where(usable, sums, zero).reshape(-1),
+            counts.to(sums.dtype).reshape(-1),
+            (~usable).to(sums.dtype).reshape(1),
+        ]
+    )
+    total = summed_across_ranks(packed)
+    summed = total[: sums.numel()].reshape(sums.shape)
+    summed_counts = total[sums.numel() : -1].reshape(counts.shape).to(counts.dtype)
+    return summed, summed_counts, (summed_counts > 0) & (total[-1] == 0)

@@ -92,7 +92,7 @@ def test_inner_steps_are_adam_at_head_lr_times_the_multiplier() -> None:
             adam.step()
         for a, b in zip(loss.head.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert int(loss.head_adam_step) == 12
+    assert int(loss.head_optimizer.step) == 12
 
 
 def test_inner_steps_move_the_head_as_a_head_stored_divided_by_m_would() -> None:
@@ -246,7 +246,9 @@ def test_a_users_head_is_not_modified_and_the_state_dict_holds_its_real_values()
     assert loss.head is head
     assert all(torch.equal(p, original[name]) for name, p in head.named_parameters())  # bit-identical
     state = loss.state_dict()
-    assert set(state) == {"steps", *(f"head.{name}" for name in original)}  # the inner Adam state is not saved
+    # the head's own optimizer state is saved too: step count and both moments of every trained parameter
+    adam = {"head_optimizer.step", *(f"head_optimizer.exp_avg{sq}_{i}" for sq in ("", "_sq") for i in range(4))}
+    assert set(state) == {"steps", *(f"head.{name}" for name in original), *adam}
     assert all(torch.equal(state[f"head.{name}"], value) for name, value in original.items())
     z, u = batch()
     loss.eval()
@@ -422,7 +424,7 @@ def test_no_known_label_gives_zero_loss_zero_gradient_and_leaves_the_head_alone(
         assert out.item() == 0.0 and torch.equal(features.grad, torch.zeros_like(z))  # type: ignore[arg-type]
         assert all(torch.equal(a, p) for a, p in zip(before, loss.parameters(), strict=True))
         assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in loss.parameters())  # type: ignore[arg-type]
-        assert int(loss.head_adam_step) == 0
+        assert int(loss.head_optimizer.step) == 0
 
 
 def test_one_class_present_only_gives_the_heads_cross_entropy() -> None:
