@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional.similarity import hsic_from_kernels, safe_ratio
+from .functional.similarity import feature_space_cheaper, hsic_from_kernels, linear_hsic, safe_ratio
 from .taps import FeatureTap, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,7 +228,10 @@ def layer_similarity(
     `CKA_ij = Σ_b HSIC_1(K_b^i, L_b^j) / sqrt(Σ_b HSIC_1(K_b^i, K_b^i) · Σ_b HSIC_1(L_b^j, L_b^j))`
     (Nguyen, Raghu & Kornblith 2021). Memory is that of one batch. With a single batch it equals the
     unbiased linear CKA of that batch; a pair with a non-positive denominator (a constant layer) gives 0.
-    Computed in float64. Both models see the same batches (they may be one model).
+    Computed in float64. Both models see the same batches (they may be one model). Each HSIC is computed from
+    the batch's centred features (`XᵀY`, `O(n·p·q)`, no `n × n` matrix) unless the two layers are so much
+    wider than the batch that their `n × n` Gram matrices are cheaper (`functional.similarity.
+    feature_space_cheaper`; a layer's Gram matrix is then formed once per batch).
 
     Args:
         model_a: the first network (its layers are the rows).
@@ -267,13 +270,12 @@ def layer_similarity(
                 if n < 4:
                     continue
                 names_a, names_b = list(feats_a), list(feats_b)
-                grams_a = [f @ f.T for f in feats_a.values()]
-                grams_b = [_to(f, grams_a[0].device) @ _to(f, grams_a[0].device).T for f in feats_b.values()]
-                batch_cross = torch.stack(
-                    [torch.stack([hsic_from_kernels(k, l, unbiased=True) for l in grams_b]) for k in grams_a]
-                )
-                batch_a = torch.stack([hsic_from_kernels(k, k, unbiased=True) for k in grams_a])
-                batch_b = torch.stack([hsic_from_kernels(l, l, unbiased=True) for l in grams_b])
+                device = next(iter(feats_a.values())).device
+                sides_a = [_Centred(f) for f in feats_a.values()]
+                sides_b = [_Centred(_to(f, device)) for f in feats_b.values()]
+                batch_cross = torch.stack([torch.stack([_minibatch_hsic(a, b) for b in sides_b]) for a in sides_a])
+                batch_a = torch.stack([_minibatch_hsic(a, a) for a in sides_a])
+                batch_b = torch.stack([_minibatch_hsic(b, b) for b in sides_b])
                 cross = batch_cross if cross is None else cross + batch_cross
                 self_a = batch_a if self_a is None else self_a + batch_a
                 self_b = batch_b if self_b is None else self_b + batch_b
@@ -284,6 +286,31 @@ def layer_similarity(
         raise ValueError("layer_similarity needs at least one batch of 4 or more samples in 'inputs'")
     matrix = safe_ratio(cross, self_a[:, None], self_b[None, :])
     return LayerSimilarity(matrix.cpu(), names_a, names_b)
+
+
+class _Centred:
+    """One layer's features of one batch, centred (the unbiased HSIC of linear kernels is invariant to it), and
+    their linear kernel, formed only when a pair needs the pairwise form."""
+
+    def __init__(self, features: Tensor) -> None:
+        self.rows = features - features.mean(dim=0)
+        self.count = torch.tensor(float(features.shape[0]), dtype=features.dtype, device=features.device)
+        self._kernel: Tensor | None = None
+
+    @property
+    def kernel(self) -> Tensor:
+        if self._kernel is None:
+            self._kernel = self.rows @ self.rows.T
+        return self._kernel
+
+
+def _minibatch_hsic(a: _Centred, b: _Centred) -> Tensor:
+    """The unbiased HSIC of two layers' linear kernels on one batch: in feature space (no `n × n` matrix) unless
+    the layers are so much wider than the batch that the kernel matrices are cheaper (`feature_space_cheaper`)."""
+    n, p, q = a.rows.shape[0], a.rows.shape[1], b.rows.shape[1]
+    if feature_space_cheaper(n, p, q):
+        return linear_hsic(a.rows, b.rows, a.count, unbiased=True)
+    return hsic_from_kernels(a.kernel, b.kernel, unbiased=True)
 
 
 def _pyplot() -> Any:

@@ -1,9 +1,16 @@
 """Which samples share a task class, computed without leaving the device: the grouping of every conditional estimate.
 
-Only fixed shapes: no `unique`, `nonzero`, boolean indexing or host reads. A batch's grouping is the `(n, n)`
-boolean matrix `classmates[i, j]` ("sample `j` counts in the class statistics of sample `i`"), so every
-per-class statistic is one matrix product over the batch, which `torch.compile` traces as one graph and a GPU
-runs without waiting for the host. The conditional variants need no count of task classes.
+Only fixed shapes: no `unique`, `nonzero`, boolean indexing or host reads. A batch's grouping is given in one of
+two forms, both traced by `torch.compile` as one graph and run by a GPU without waiting for the host; the
+conditional variants need no count of task classes in either:
+
+- the `(n, n)` boolean matrix `classmates[i, j]` ("sample `j` counts in the class statistics of sample `i`"),
+  so every per-class statistic is one matrix product over the batch (`within_class_groups`): what the
+  pairwise (kernel-matrix) estimates, the adversary and the erasure use;
+- *slots*: each sample's task class as a dense index in `[0, n)` (`dense_ranks`, from a sort), so every
+  per-class statistic is a sum into `n` slots (`slot_sums`, an `index_add`) and read back per sample with
+  `index_select`: `O(n·D)` time and memory, no `n × n` tensor (`within_class_slots`): what the
+  feature-space estimates of `functional.suppression` use.
 """
 
 from __future__ import annotations
@@ -117,3 +124,67 @@ def within_class_log_prior(labels: Tensor, classmates: Tensor, num_irrelevant: i
     counts = classmates.to(dtype) @ one_hot_known(labels, num_irrelevant, members, dtype)
     smoothed = counts + 0.5
     return torch.log(smoothed / smoothed.sum(dim=1, keepdim=True))
+
+
+def dense_ranks(keys: Tensor) -> Tensor:
+    """Per entry of the `(n,)` integer `keys`, the rank of its value among the distinct values (0 for the least).
+
+    Equal keys get equal ranks, and the ranks of `n` keys lie in `[0, n)`: the slot of each sample's group
+    when `keys` names the groups. A stable sort, a cumulative count of new values, and a scatter back to the
+    samples' order: fixed shapes, no host read.
+
+    Args:
+        keys: `(n,)` integers.
+
+    Returns:
+        `(n,)` int64 ranks.
+    """
+    ordered, order = torch.sort(keys, stable=True)
+    new_value = torch.cat([torch.ones_like(ordered[:1], dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    ranks = torch.cumsum(new_value.to(torch.int64), dim=0) - 1
+    return torch.zeros_like(ranks).scatter(0, order, ranks)
+
+
+def slot_sums(values: Tensor, slots: Tensor) -> Tensor:
+    """`out[s] = Σ_{i : slots_i = s} values_i` over `n` slots, `(n,)` or `(n, m)` like `values` (an `index_add`,
+    differentiable; its backward reads the gradient back per sample)."""
+    return torch.zeros_like(values).index_add(0, slots, values)
+
+
+def within_class_slots(
+    labels: Tensor,
+    task_labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    min_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """`(eligible, slots)`: `within_class_groups`' eligibility rule, with each sample's task class as a slot.
+
+    `eligible` is exactly `within_class_groups(...)[0]`; `slots` (`dense_ranks` of the task labels) is equal
+    for samples of one task class, so the eligible members of a class are the eligible samples of its slot.
+    No `(n, n)` tensor: `O(n · num_irrelevant)` memory.
+
+    Args:
+        labels: `(n,)` irrelevant labels `u` in `[0, num_irrelevant)` or `ignore_index`.
+        task_labels: `(n,)` task classes `y` (`≥ 0`) or `ignore_index`.
+        num_irrelevant: number of irrelevant classes.
+        ignore_index: the label of unknown samples.
+        min_size: the fewest samples with known `u` and `y` an eligible class holds.
+
+    Returns:
+        `eligible` `(n,)` booleans and `slots` `(n,)` int64 in `[0, n)`.
+    """
+    known = (labels != ignore_index) & (task_labels != ignore_index)
+    slots = dense_ranks(task_labels)
+    counts = slot_sums(one_hot_known(labels, num_irrelevant, known, torch.float32), slots).index_select(0, slots)
+    eligible = known & ((counts > 0).sum(dim=1) >= 2) & (counts.sum(dim=1) >= min_size)
+    return eligible, slots
+
+
+def centre_within_slots(x: Tensor, slots: Tensor, members: Tensor) -> Tensor:
+    """`centre_within_groups` with the classes given as slots: `x_i - mean{x_j : j a member, slots_j = slots_i}`
+    for the member rows of `(n, D)` `x`; zero rows for the others (NaN or inf there never reaches the result)."""
+    x = member_rows(x, members)
+    means = slot_sums(x, slots) / slot_sums(members.to(x.dtype), slots).clamp_min(1.0)[:, None]
+    return member_rows(x - means.index_select(0, slots), members)

@@ -6,6 +6,16 @@ when an input is float64, with autocast disabled, whatever the input dtype.
 Tensors are positional, every option keyword-only. Each public function checks its inputs once and calls a
 private core (`_cosine_rows`, `_gram`, `_gram_row_cosines`, `_kernel_matrix`, `_hsic_from_kernels`,
 `_kernel_alignment`, `_cka`, `_linear_cka`) that takes checked inputs: what the package's own callers use.
+
+**Two forms of every linear-kernel estimate** (docs: Methods §4, "Linear kernels never need an n × n matrix").
+With `K = XXᵀ`, `L = YYᵀ` every sum that HSIC and CKA need follows from `XᵀY`, `Xᵀ1`, `Yᵀ1` and the row norms
+(`linear_hsic`): time `O(n·p·q)`, memory `O(n·(p+q) + p·q)`, no `n × n` matrix. The pairwise form builds the
+kernel matrices (`O(n²·(p+q))` time, `O(n²)` memory). One rule picks the form, `feature_space_cheaper`: the
+feature-space form whenever both kernels are linear and its products cost no more multiply-adds than the
+pairwise ones (`Σ p_a·p_b ≤ n·(p + q + #products)`: always for features no wider than about the batch,
+e.g. every suppression loss at its defaults from a batch of 10 up), the pairwise form otherwise (RBF
+kernels, and linear kernels of features much wider than the batch, where the `n × n` matrices are the smaller
+ones). Both forms are exact; they differ only in rounding.
 """
 
 from __future__ import annotations
@@ -407,6 +417,10 @@ def hsic(
 ) -> Tensor:
     """Hilbert-Schmidt independence criterion between the rows of `x` and `y` (docs: Methods §4).
 
+    With linear kernels on both sides it is computed in feature space (`linear_hsic`: `O(n·p·q)` time, no
+    `n × n` matrix) unless the features are so much wider than the batch that the kernel matrices are cheaper
+    (`feature_space_cheaper`); other kernels form the `(n, n)` kernel matrices.
+
     Args:
         x: `(n, ...)`, flattened to `(n, p)`.
         y: `(n, ...)`, flattened to `(n, q)`.
@@ -429,7 +443,21 @@ def hsic(
     _check_kernel(kernel, sigma)
     _check_kernel(kernel_y, sigma_y, ("kernel_y", "sigma_y"))
     x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC")
+    if kernel == "linear" and kernel_y == "linear":
+        return _linear_kernel_hsic(x, y, unbiased)
     return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
+
+
+def _linear_kernel_hsic(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
+    """`hsic` with linear kernels on both sides, of a checked pair: in feature space when
+    `feature_space_cheaper`, else through the kernel matrices."""
+    with full_precision(x, y):
+        x2, y2 = _flat(x), _flat(y)
+        n, p, q = x2.shape[0], x2.shape[1], y2.shape[1]
+        if not feature_space_cheaper(n, p, q):
+            return _hsic_from_kernels(x2 @ x2.T, y2 @ y2.T, unbiased)
+        count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
+        return linear_hsic(x2 - x2.mean(dim=0), y2 - y2.mean(dim=0), count, unbiased=unbiased)
 
 
 def cka(
@@ -444,7 +472,9 @@ def cka(
     """Centred kernel alignment: `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019).
 
     `x` and `y` may differ in width. Constant features (a zero denominator) give 0, not NaN. With
-    `unbiased=True` the value can fall slightly outside [0, 1]; a non-positive denominator gives 0.
+    `unbiased=True` the value can fall slightly outside [0, 1]; a non-positive denominator gives 0. Linear
+    kernels are computed in feature space (`linear_alignment`, no `n × n` matrix) unless the features are so
+    much wider than the batch that the kernel matrices are cheaper (`feature_space_cheaper`).
 
     Args:
         x: `(n, ...)`, flattened to `(n, p)`.
@@ -472,6 +502,10 @@ def _cka(x: Tensor, y: Tensor, kernel: Kernel, unbiased: bool, sigma: float | No
         x2, y2 = _flat(x), _flat(y)
         if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
             x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
+            n = x2.shape[0]
+            if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=True):
+                count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
+                return linear_alignment(x2, y2, count, unbiased=unbiased)
         return _kernel_alignment(_kernel_matrix(x2, kernel, sigma), _kernel_matrix(y2, kernel, sigma), unbiased)
 
 
@@ -510,7 +544,8 @@ def _kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
 def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False, gather: Gather = "local") -> Tensor:
     """Linear CKA: `‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)` with column-centred `Xᶜ, Yᶜ` (biased form).
 
-    Computed in feature space or through the `(n, n)` Gram matrices, whichever is cheaper; both
+    Computed in feature space or through the `(n, n)` Gram matrices, whichever is cheaper
+    (`feature_space_cheaper`); both
     sides are rescaled to unit Frobenius norm first, so features of any scale neither overflow nor
     underflow. `unbiased=True` uses the unbiased HSIC (n ≥ 4). Constant features give 0.
 
@@ -541,7 +576,7 @@ def _linear_cka(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
         xc = _centred_unit_scale(x.to(dtype).reshape(n, -1))
         yc = _centred_unit_scale(y.to(dtype).reshape(n, -1))
         p, q = xc.shape[1], yc.shape[1]
-        if p * q + p * p + q * q <= n * (p + q + n):
+        if feature_space_cheaper(n, p, q, self_terms=True):
             cross = (yc.T @ xc).square().sum()
             self_x = (xc.T @ xc).square().sum()
             self_y = (yc.T @ yc).square().sum()
@@ -591,3 +626,125 @@ def safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
     den = den_x * den_y
     positive = den > torch.finfo(den.dtype).tiny
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)).sqrt(), 0.0)
+
+
+# --- linear kernels in feature space (docs: Methods §4) -------------------------------------------------
+
+
+def feature_space_cheaper(n: int, p: int, q: int, *, self_terms: bool = False) -> bool:
+    """The one rule that picks the form of a linear-kernel HSIC or CKA: True for the feature-space form.
+
+    The feature-space form costs `n·Σ p_a·p_b` multiply-adds for its products (`XᵀY`, and `XᵀX`, `YᵀY` with
+    `self_terms`, as a CKA or a normalized HSIC needs); the pairwise form `n²·(p + q)` for the kernel matrices
+    and `n²` for each product of two of them. The feature-space form is taken when it costs no more:
+    `Σ p_a·p_b ≤ n·(p + q + #products)`. Its memory, `O(n·(p+q) + Σ p_a·p_b)`, is then within a small factor
+    of the pairwise form's `O(n²)` at worst, and far below it for features narrower than the batch.
+
+    Args:
+        n: the batch size (rows of both sides).
+        p: the width of `X`.
+        q: the width of `Y`.
+        self_terms: whether `XᵀX` and `YᵀY` are needed too (CKA, normalized HSIC).
+
+    Returns:
+        True for the feature-space form, False for the pairwise one.
+    """
+    products = p * q + (p * p + q * q if self_terms else 0)
+    return products <= n * (p + q + (3 if self_terms else 1))
+
+
+def linear_hsic(x: Tensor, y: Tensor, n: Tensor, *, unbiased: bool, cross: Tensor | None = None) -> Tensor:
+    """HSIC of the linear kernels `K = XXᵀ`, `L = YYᵀ` from the features: no `n × n` matrix.
+
+    `x` `(m, p)` and `y` `(m, q)` hold the rows of the `n` samples (a 0-d tensor, `4 ≤ n ≤ m` unbiased,
+    `2 ≤ n` biased) and zero rows for the others. With `M = XᵀY`, `s_X = Xᵀ1`, `s_Y = Yᵀ1` and the squared
+    row norms `d_K`, `d_L` (the kernels' diagonals):
+
+    - unbiased (Song et al. 2012), the sums over the kernels with a zero diagonal:
+      `tr(K̃L̃) = ‖M‖²_F - Σ d_K d_L`, `1ᵀK̃1 = ‖s_X‖² - Σ d_K`, `1ᵀL̃1 = ‖s_Y‖² - Σ d_L`,
+      `1ᵀK̃L̃1 = Σ_i (K̃1)_i (L̃1)_i` with `(K̃1)_i = x_iᵀ s_X - d_K,i`, combined as in `hsic_from_kernels`.
+      The estimator is exactly invariant to adding a constant row to either side (the U-statistic's
+      terms in the shift cancel), so callers centre the rows first: the sums then round like the
+      estimate itself instead of like `‖x̄‖²`.
+    - biased: `HSIC_0 = ‖XᵀY‖²_F / (n-1)²`, which is `tr(KHLH) / (n-1)²` for rows centred over the `n` samples
+      (the callers' duty).
+
+    Rows of zeros add nothing to any sum, so a masked batch is its members' estimate. Time `O(m·p·q)`, memory
+    `O(m·(p+q) + p·q)`.
+
+    Args:
+        x: `(m, p)` rows, zero outside the samples.
+        y: `(m, q)` rows, zero outside the samples.
+        n: the number of samples, a 0-d tensor in the rows' dtype.
+        unbiased: the unbiased estimator instead of the biased one.
+        cross: `xᵀy` when the caller has it already (e.g. a Gram matrix shared between estimates).
+
+    Returns:
+        a scalar tensor in the rows' dtype.
+    """
+    cross = x.T @ y if cross is None else cross
+    if not unbiased:
+        return cross.square().sum() / (n - 1) ** 2
+    norms_x, norms_y = x.square().sum(dim=1), y.square().sum(dim=1)
+    sum_x, sum_y = x.sum(dim=0), y.sum(dim=0)
+    trace_term = cross.square().sum() - (norms_x * norms_y).sum()
+    sum_k = sum_x.square().sum() - norms_x.sum()
+    sum_l = sum_y.square().sum() - norms_y.sum()
+    rows_k, rows_l = x @ sum_x - norms_x, y @ sum_y - norms_y
+    cross_term = 2.0 / (n - 2) * (rows_k * rows_l).sum()
+    return (trace_term + sum_k * sum_l / ((n - 1) * (n - 2)) - cross_term) / (n * (n - 3))
+
+
+def linear_alignment(
+    x: Tensor,
+    y: Tensor,
+    n: Tensor,
+    *,
+    unbiased: bool,
+    mean_x: Tensor | None = None,
+    mean_y: Tensor | None = None,
+) -> Tensor:
+    """`kernel_alignment` of the linear kernels of `x` and `y` from the features (`linear_hsic`): no `n × n` matrix.
+
+    `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` with `XᵀY`, `XᵀX` and `YᵀY` (`O(m·(p+q)²)` time, `O(p² + q²)`
+    memory); rows as in `linear_hsic` (centred over the `n` samples, zero elsewhere). As in
+    `kernel_alignment`, a self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`, the
+    mean over the `n × n` entries) counts as zero; `mean(K²) = ‖XᵀX‖²_F / n²`. When the rows were centred from
+    features with mean `mean_x` (resp. `mean_y`) and the test is about the kernel of those uncentred features
+    (as `irrelevant_hsic`'s is), `‖XᵀX‖²_F` is that of `X + 1 mean_xᵀ` over the samples, from the same `p × p`
+    product.
+
+    Args:
+        x: `(m, p)` rows, zero outside the samples.
+        y: `(m, q)` rows, zero outside the samples.
+        n: the number of samples, a 0-d tensor in the rows' dtype.
+        unbiased: the unbiased HSIC instead of the biased one.
+        mean_x: the mean the rows of `x` were centred by, or None (the test is on `x`'s own kernel).
+        mean_y: likewise for `y`.
+
+    Returns:
+        a scalar tensor in the rows' dtype.
+    """
+    gram_x, gram_y = x.T @ x, y.T @ y
+    self_x = linear_hsic(x, x, n, unbiased=unbiased, cross=gram_x)
+    self_y = linear_hsic(y, y, n, unbiased=unbiased, cross=gram_y)
+    eps = 64 * torch.finfo(self_x.dtype).eps
+    entries = n.detach().square()
+    varies = (self_x > eps * _kernel_square_sum(x, gram_x, n, mean_x) / entries) & (
+        self_y > eps * _kernel_square_sum(y, gram_y, n, mean_y) / entries
+    )
+    zero = torch.zeros_like(self_x)
+    return safe_ratio(
+        linear_hsic(x, y, n, unbiased=unbiased), torch.where(varies, self_x, zero), torch.where(varies, self_y, zero)
+    )
+
+
+def _kernel_square_sum(x: Tensor, gram: Tensor, n: Tensor, mean: Tensor | None) -> Tensor:
+    """`Σ K²` of the linear kernel of the samples' rows `x + mean` (`x` when `mean` is None), from `gram = xᵀx`:
+    `‖(x + 1 meanᵀ)ᵀ(x + 1 meanᵀ)‖²_F` with `(x + 1mᵀ)ᵀ(x + 1mᵀ) = xᵀx + s mᵀ + m sᵀ + n m mᵀ`, `s = xᵀ1`."""
+    gram = gram.detach()
+    if mean is None:
+        return gram.square().sum()
+    mean, total = mean.detach(), x.detach().sum(dim=0)
+    full = gram + torch.outer(total, mean) + torch.outer(mean, total) + n.detach() * torch.outer(mean, mean)
+    return full.square().sum()

@@ -5,11 +5,23 @@ published stand-ins, each with its reference, and conditional variants that are 
 equal to `ignore_index` are unknown and left out.
 
 Every estimate runs on the whole batch with fixed shapes: the samples that enter it form *groups* (all the
-samples whose label is known, or the eligible samples of one task class), given as an `(n, n)` boolean
-matrix `groups[i, j]` ("`j` is in the group of `i`"), and every per-group sum is a masked sum or a matrix
-product over the batch. Samples left out are zero rows that reach neither the value nor the gradient, and
-"too few samples" gives zero through `torch.where`: no data-dependent shape and no host read, so a step runs
+samples whose label is known, or the eligible samples of one task class), and every per-group sum is a masked
+sum over the batch. Samples left out are zero rows that reach neither the value nor the gradient, and "too
+few samples" gives zero through `torch.where`: no data-dependent shape and no host read, so a step runs
 without waiting for the device and `torch.compile(fullgraph=True)` traces it as one graph.
+
+Two forms, one rule (`similarity.feature_space_cheaper`; docs: Methods §4):
+
+- **feature space** (linear kernels, the defaults): the sums of `similarity.linear_hsic` over the group's
+  rows, `O(B·D·(D+K))` time and `O(B·D + D²)` memory, no `B × B` tensor. A task class is a *slot*
+  (`_groups.within_class_slots`), its sums an `index_add` into `B` slots: per class `Σ_k ‖Σ_{i∈(c,k)} x_i‖²`,
+  `Σ_i ‖x_i‖²`, `‖Σ_{i∈c} x_i‖²` and the class's label counts give its unbiased or biased HSIC. Used by
+  `irrelevant_hsic` (plain, normalized, conditional) and `irrelevant_cka` (plain, conditional), except the
+  normalized conditional HSIC (below).
+- **pairwise**: the `(B, B)` kernel matrices, masked by the `(B, B)` boolean matrix `groups[i, j]` ("`j` is
+  in the group of `i`"): RBF kernels, features much wider than the batch, and the normalized conditional
+  HSIC, whose per-class self-HSIC `HSIC(K_c, K_c)` needs a `D × D` Gram matrix per task class (an unknown
+  number of them without a host read; `B` slots of `D × D` would exceed the `B × B` matrices).
 """
 
 from __future__ import annotations
@@ -30,14 +42,29 @@ from .._validation import (
 from ..distributed import Gather, gather_batch
 from ._groups import (
     centre_within_groups,
+    centre_within_slots,
     check_irrelevant_labels,
     check_task_labels,
     classmates_of,
+    dense_ranks,
     member_rows,
     one_hot_known,
+    slot_sums,
     within_class_groups,
+    within_class_slots,
 )
-from .similarity import Kernel, _check_kernel, _cka, gaussian, safe_ratio, squared_distances, unit_frobenius
+from .similarity import (
+    Kernel,
+    _check_kernel,
+    _cka,
+    feature_space_cheaper,
+    gaussian,
+    linear_alignment,
+    linear_hsic,
+    safe_ratio,
+    squared_distances,
+    unit_frobenius,
+)
 
 
 def irrelevant_hsic(
@@ -70,6 +97,11 @@ def irrelevant_hsic(
     `normalized=True` each class's term is its own ratio. With no eligible class the result is a zero loss
     with a zero gradient. It measures what `z` says about `u` within each task class, i.e. beyond `y`.
 
+    A linear kernel is computed in feature space, `O(B·D·(D+K))` time and `O(B·D + D²)` memory with no
+    `B × B` tensor (`similarity.linear_hsic`, per task class as sums into slots), unless the features are
+    much wider than the batch (`similarity.feature_space_cheaper`) or for the normalized conditional form;
+    RBF kernels and those cases form the masked `(B, B)` kernel matrices.
+
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
         irrelevant_labels: `(B,)` integers in `[0, num_irrelevant)` or `ignore_index`.
@@ -100,18 +132,19 @@ def irrelevant_hsic(
     features, labels = gather_batch(features, gather), gather_batch(irrelevant_labels, gather)
     check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} HSIC", name="features")
     with full_precision(features):
-        dtype = compute_dtype(features)
-        if task_labels is None:
-            members = _at_least(labels != ignore_index, minimum)
-            groups = members[:, None] & members[None, :]
-        else:
-            members, groups = within_class_groups(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
-        z = member_rows(as_batch_matrix(features, "features").to(dtype), members)
-        onehot = one_hot_known(labels, num_irrelevant, members, dtype)
-        k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
-        l = onehot @ onehot.T
-        value = _group_alignment(k, l, groups, unbiased=unbiased) if normalized else _group_hsic(k, l, groups, unbiased)
-        return _mean_over(value, members)
+        x = as_batch_matrix(features, "features").to(compute_dtype(features))
+        conditional_ratio = normalized and task_labels is not None
+        if (
+            kernel == "linear"
+            and not conditional_ratio
+            and feature_space_cheaper(x.shape[0], x.shape[1], num_irrelevant, self_terms=normalized)
+        ):
+            if task_labels is None:
+                return _linear_hsic(x, labels, num_irrelevant, ignore_index, minimum, unbiased, normalized)
+            return _conditional_linear_hsic(x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased)
+        return _pairwise_hsic(
+            x, labels, task_labels, num_irrelevant, ignore_index, minimum, kernel, sigma, unbiased, normalized
+        )
 
 
 def irrelevant_cka(
@@ -137,6 +170,11 @@ def irrelevant_cka(
     only the within-class variation of the two networks: `CKA(Z - M_y Z, R - M_y R)` over those samples, with
     `M_y` the within-class averaging matrix. Fewer known samples than the estimator needs (2 biased, 4
     unbiased) give a zero loss with a zero gradient.
+
+    Linear kernels are computed in feature space (`similarity.linear_alignment`: `O(B·(D+D')²)` time,
+    `O(B·(D+D') + (D+D')²)` memory, no `B × B` tensor; the within-class means as sums into slots) unless the
+    features are much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels form the
+    `(B, B)` kernel matrices.
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -173,18 +211,143 @@ def irrelevant_cka(
     with full_precision(features, reference):
         dtype = compute_dtype(features, reference)
         members = _at_least(task_labels != ignore_index, minimum)
+        x = as_batch_matrix(features, "features").to(dtype)
+        x_ref = as_batch_matrix(reference, "irrelevant_features").to(dtype)
+        if kernel == "linear" and feature_space_cheaper(x.shape[0], x.shape[1], x_ref.shape[1], self_terms=True):
+            slots = dense_ranks(task_labels)
+            z = _centred_unit_scale(centre_within_slots(x, slots, members), members, x)
+            r = _centred_unit_scale(centre_within_slots(x_ref, slots, members), members, x_ref)
+            count = members.to(dtype).sum()
+            enough = count >= minimum  # no member at all when fewer than `minimum` (`_at_least`)
+            value = linear_alignment(z, r, torch.where(enough, count, float(minimum)), unbiased=unbiased)
+            return torch.where(enough, value, torch.zeros_like(value))
         classmates = classmates_of(task_labels, members)
-        z = centre_within_groups(as_batch_matrix(features, "features").to(dtype), classmates, members)
-        r = centre_within_groups(as_batch_matrix(reference, "irrelevant_features").to(dtype), classmates, members)
+        z = centre_within_groups(x, classmates, members)
+        r = centre_within_groups(x_ref, classmates, members)
         if kernel == "linear":  # linear HSIC is shift-invariant: rescale (as cka does) so no scale overflows
-            z, r = _centred_unit_scale(z, members), _centred_unit_scale(r, members)
+            z, r = _centred_unit_scale(z, members, x), _centred_unit_scale(r, members, x_ref)
         groups = members[:, None] & members[None, :]
         k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
         l = _group_kernel(r, groups, kernel=kernel, sigma=sigma)
         return _mean_over(_group_alignment(k, l, groups, unbiased=unbiased), members)
 
 
-# --- masked estimators: one value per group, every group at once ---------------------------------------
+# --- feature space: linear kernels, no B × B tensor ------------------------------------------------------
+
+
+def _linear_hsic(
+    x: Tensor,
+    labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int,
+    minimum: int,
+    unbiased: bool,
+    normalized: bool,
+) -> Tensor:
+    """`irrelevant_hsic` without task labels, linear kernel, in feature space: the samples whose label is known
+    (all of them or none, `_at_least`) centred over themselves, the one-hot labels likewise."""
+    dtype = x.dtype
+    members = _at_least(labels != ignore_index, minimum)
+    count = members.to(dtype).sum()
+    enough = count >= minimum
+    n = torch.where(enough, count, float(minimum))  # denominators stay positive; the value is then dropped
+    z = member_rows(x, members)
+    onehot = one_hot_known(labels, num_irrelevant, members, dtype)
+    mean_z, mean_u = z.sum(dim=0) / n, onehot.sum(dim=0) / n
+    zc, uc = member_rows(z - mean_z, members), member_rows(onehot - mean_u, members)
+    if normalized:  # the rounding test on the kernels of the uncentred rows, as the pairwise form's
+        value = linear_alignment(zc, uc, n, unbiased=unbiased, mean_x=mean_z, mean_y=mean_u)
+    else:
+        value = linear_hsic(zc, uc, n, unbiased=unbiased)
+    return torch.where(enough, value, torch.zeros_like(value))
+
+
+def _conditional_linear_hsic(
+    x: Tensor,
+    labels: Tensor,
+    task_labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int,
+    minimum: int,
+    unbiased: bool,
+) -> Tensor:
+    """`irrelevant_hsic` with task labels, linear kernel, not normalized, in feature space.
+
+    Each task class `c` is a slot; its eligible rows `x_i` are centred within the class (`x̂`, HSIC is invariant
+    to it), and with `S_ck = Σ_{i∈c, u_i=k} x̂_i` (a slot per `(c, k)` pair), `s_c = Σ_{i∈c} x̂_i`,
+    `d_i = ‖x̂_i‖²`, `n_ck` the label counts, the delta kernel being `L = UUᵀ` for the one-hot `U`:
+
+    - unbiased: `tr(K̃L̃) = Σ_k ‖S_ck‖² - Σ d_i`, `1ᵀK̃1 = ‖s_c‖² - Σ d_i`, `1ᵀL̃1 = Σ_k n_ck² - n_c`,
+      `1ᵀK̃L̃1 = Σ_i (x̂_iᵀ s_c - d_i)(n_{c,u_i} - 1)`;
+    - biased: `‖X̂_cᵀ Û_c‖²_F / (n_c-1)²` with `X̂_cᵀ Û_c = [S_ck - s_c n_ck / n_c]_k`.
+
+    Per-pair sums are read back per sample and divided by the pair's count, so that one more sum into the
+    class slots gives `Σ_k`. Returns `Σ_c n_c HSIC_c / Σ_c n_c` over the eligible classes (0 for none).
+    """
+    dtype = x.dtype
+    eligible, slots = within_class_slots(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
+    weights = eligible.to(dtype)
+    z = centre_within_slots(x, slots, eligible)
+    outside = torch.full_like(slots, x.shape[0] * num_irrelevant)  # one slot for every non-eligible row
+    pairs = dense_ranks(torch.where(eligible, slots * num_irrelevant + labels, outside))
+    pair_sums = slot_sums(z, pairs).index_select(0, pairs)  # S_{c, u_i} per sample
+    pair_size = slot_sums(weights, pairs).index_select(0, pairs).clamp_min(1.0)  # n_{c, u_i}
+    class_sums = slot_sums(z, slots)  # s_c per slot
+    class_size = slot_sums(weights, slots)  # n_c per slot (0 for a class that is not eligible)
+    enough = class_size >= minimum
+    n = torch.where(enough, class_size, float(minimum))
+    if unbiased:
+        norms = z.square().sum(dim=1)
+        rows_k = (z * class_sums.index_select(0, slots)).sum(dim=1) - norms
+        per_sample = torch.stack(
+            [
+                pair_sums.square().sum(dim=1) / pair_size * weights,  # Σ over the class: Σ_k ‖S_ck‖²
+                norms,
+                pair_size * weights,  # Σ over the class: Σ_k n_ck²
+                rows_k * (pair_size - 1.0) * weights,
+            ],
+            dim=1,
+        )
+        pair_square, norm_sum, label_square, cross = slot_sums(per_sample, slots).unbind(dim=1)
+        trace_term = pair_square - norm_sum
+        sum_k = class_sums.square().sum(dim=1) - norm_sum
+        sum_l = label_square - class_size
+        value = (trace_term + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+    else:
+        share = pair_size / class_size.index_select(0, slots).clamp_min(1.0)
+        centred = pair_sums - class_sums.index_select(0, slots) * share[:, None]
+        value = slot_sums(centred.square().sum(dim=1) / pair_size * weights, slots) / (n - 1) ** 2
+    value = torch.where(enough, value, torch.zeros_like(value))
+    return (class_size * value).sum() / class_size.sum().clamp_min(1.0)
+
+
+# --- pairwise: masked kernel matrices, one value per group, every group at once -------------------------
+
+
+def _pairwise_hsic(
+    x: Tensor,
+    labels: Tensor,
+    task_labels: Tensor | None,
+    num_irrelevant: int,
+    ignore_index: int,
+    minimum: int,
+    kernel: Kernel,
+    sigma: float | None,
+    unbiased: bool,
+    normalized: bool,
+) -> Tensor:
+    """`irrelevant_hsic` through the masked `(B, B)` kernel matrices (any kernel; the reference form)."""
+    if task_labels is None:
+        members = _at_least(labels != ignore_index, minimum)
+        groups = members[:, None] & members[None, :]
+    else:
+        members, groups = within_class_groups(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
+    z = member_rows(x, members)
+    onehot = one_hot_known(labels, num_irrelevant, members, x.dtype)
+    k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
+    l = onehot @ onehot.T
+    value = _group_alignment(k, l, groups, unbiased=unbiased) if normalized else _group_hsic(k, l, groups, unbiased)
+    return _mean_over(value, members)
 
 
 def _at_least(known: Tensor, minimum: int) -> Tensor:
@@ -323,15 +486,17 @@ def _group_median_distance(sq_dist: Tensor, groups: Tensor) -> Tensor:
     return torch.where(pairs >= 1, median.clamp_min(1e-12), ones)
 
 
-def _centred_unit_scale(x: Tensor, members: Tensor) -> Tensor:
+def _centred_unit_scale(x: Tensor, members: Tensor, source: Tensor | None = None) -> Tensor:
     """The member rows of `x` centred over the members and scaled to unit Frobenius norm; zero rows elsewhere.
 
     `cka`'s rescaling (`similarity.unit_frobenius`, the same core) on the member rows alone: features whose
     spread is at the rounding level of their magnitude are constant and become exactly zero, with a zero
-    gradient.
+    gradient. The magnitude is that of `source` when `x` was computed from it (the features before they were
+    centred within their classes: constant features leave a rounding residue there, which is no spread),
+    else of `x`.
     """
     weights = members.to(x.dtype)
     count = weights.sum()
     centred = member_rows(x - (weights @ x / count.clamp_min(1.0))[None, :], members)
-    largest = member_rows(x.detach(), members).abs().amax()
+    largest = member_rows((x if source is None else source).detach(), members).abs().amax()
     return unit_frobenius(centred, largest, count * x.shape[1])

@@ -1,0 +1,236 @@
+"""Time and peak memory of the suppression losses as the batch grows: forward + backward, eager PyTorch.
+
+Each (loss, batch) runs in a fresh subprocess. Features are `(B, 128)` float32 random, 10 irrelevant classes
+(`u`), 10 task classes (`y`), and for CKA a frozen network's `(B, 128)` features (random); the losses are
+`HSICSuppression(10)`, `HSICSuppression(10, conditional=True)`, `CKASuppression()` and
+`CKASuppression(conditional=True)` at their defaults (linear kernels). The time is the median of the repeats
+after one warm-up call; the peak memory is the growth of the peak resident set (`ru_maxrss`) over the resident
+set just before the first call (inputs not counted), on CUDA `torch.cuda.max_memory_allocated` over the
+allocation before it. A batch is skipped when the previous one, scaled by `(B / B_prev)²`, would take more than
+`--max-seconds` per call or more than `--max-gib` of memory (the pairwise form grows with `B²`).
+
+    python benchmarks/batch_scaling.py [--label after] [--batches 256 1024 ...] [--cases hsic cka ...]
+                                       [--device cpu] [--csv benchmarks/results/batch_scaling.csv]
+
+The library measured is whatever `import negtransfer_losses` finds: to measure another version, put its checkout
+first on `PYTHONPATH` (e.g. `git worktree add /tmp/before <commit>` and `PYTHONPATH=/tmp/before`).
+
+    python benchmarks/batch_scaling.py --precision
+
+prints the float32 error of the feature-space and pairwise forms against float64, for features with a growing
+mean (both forms forced in turn; needs a version that has both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CASES = ("hsic", "hsic-conditional", "cka", "cka-conditional")
+BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
+WIDTH = 128
+CLASSES = 10
+
+
+def measure(case: str, batch: int, device: str, repeats: int, threads: int) -> dict[str, float]:
+    """One (loss, batch) in this process: the median forward + backward time and the peak extra memory."""
+    import torch
+
+    import negtransfer_losses as ntl
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, WIDTH, generator=g).to(device).requires_grad_(True)
+    r = torch.randn(batch, WIDTH, generator=g).to(device)
+    u = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
+    losses: dict[str, Callable[[], torch.Tensor]] = {
+        "hsic": lambda: ntl.HSICSuppression(CLASSES)(z, u),
+        "hsic-conditional": lambda: ntl.HSICSuppression(CLASSES, conditional=True)(z, u, task_labels=y),
+        "cka": lambda: ntl.CKASuppression()(z, r),
+        "cka-conditional": lambda: ntl.CKASuppression(conditional=True)(z, r, task_labels=y),
+    }
+    loss = losses[case]
+
+    def step() -> float:
+        z.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = float(torch.cuda.memory_allocated())
+    else:
+        before = _rss_kib() * 1024.0
+    first = step()  # warm-up (and the only call when it is slow)
+    count = repeats if first < 1.0 else max(1, min(repeats, 3))
+    times = [step() for _ in range(count)] if first < 30.0 else [first]
+    if device == "cuda":
+        peak = float(torch.cuda.max_memory_allocated()) - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - before
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "repeats": float(len(times)),
+        "peak_mib": max(peak, 0.0) / 2**20,
+    }
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for case in args.cases:
+        previous: tuple[int, float, float] | None = None
+        for batch in args.batches:
+            if previous is not None:
+                factor = (batch / previous[0]) ** 2
+                if previous[1] * factor / 1e3 > args.max_seconds or previous[2] * factor / 1024 > args.max_gib:
+                    print(f"{case:18s} B={batch:6d}  skipped (the previous batch, scaled by B², exceeds the limits)")
+                    rows.append({"label": args.label, "case": case, "batch": batch, "skipped": 1})
+                    continue
+            load = _load()
+            command = [sys.executable, __file__, "--child", case, str(batch), args.device, str(args.repeats)]
+            command.append(str(args.threads))
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"{case:18s} B={batch:6d}  failed: {done.stderr.strip().splitlines()[-1:]}")
+                rows.append({"label": args.label, "case": case, "batch": batch, "failed": 1})
+                break
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row: dict[str, object] = {"label": args.label, "case": case, "batch": batch, **result, "load": load}
+            rows.append(row)
+            print(
+                f"{case:18s} B={batch:6d}  {result['median_ms']:10.2f} ms (min {result['min_ms']:.2f}, "
+                f"{int(result['repeats'])} runs)  peak +{result['peak_mib']:9.1f} MiB  load {load:.2f}",
+                flush=True,
+            )
+            previous = (batch, float(result["median_ms"]), float(result["peak_mib"]))
+    return rows
+
+
+def write_csv(rows: list[dict[str, object]], path: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    import negtransfer_losses
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["label", "case", "batch", "median_ms", "min_ms", "repeats", "peak_mib", "load", "skipped", "failed"]
+    extra = {
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "library": str(Path(negtransfer_losses.__file__).parent.parent),
+    }
+    new_file = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*fields, *extra])
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: row.get(k, "") for k in fields}, **extra})
+
+
+def precision() -> None:
+    """float32 against float64, feature-space and pairwise forms forced in turn, features with a growing mean."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import torch
+
+    import negtransfer_losses.functional as ntf
+    from negtransfer_losses.functional import similarity, suppression
+
+    def forced(form: str) -> ExitStack:
+        stack = ExitStack()
+        for module in (similarity, suppression):
+            rule = mock.patch.object(module, "feature_space_cheaper", lambda *a, **k: form == "features")
+            stack.enter_context(rule)
+        return stack
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 4096, 128
+    u = torch.randint(0, CLASSES, (n,), generator=g)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    signal = 0.2 * torch.randn(CLASSES, d, generator=g, dtype=torch.float64)[u]
+    r = torch.randn(n, d, generator=g, dtype=torch.float64) + noise[:, :1]
+    cases: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "HSIC (unbiased)": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES),
+        "HSIC (biased)": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, unbiased=False),
+        "HSIC normalized": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, normalized=True),
+        "conditional HSIC": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, task_labels=y),
+        "CKA": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype)),
+        "CKA (unbiased)": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype), unbiased=True),
+        "conditional CKA": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype), task_labels=y),
+    }
+    print(f"float32 relative error against float64, n={n}, d={d}, features N(0, 1) + 0.2·signal(u) + mean")
+    print("| measure | mean | feature space | pairwise |")
+    print("|---|---|---|---|")
+    for name, fn in cases.items():
+        for shift in (0.0, 10.0, 100.0, 1000.0):
+            z = noise + signal + shift
+            exact = fn(z).item()
+            errors = []
+            for form in ("features", "pairwise"):
+                with forced(form):
+                    errors.append(abs(fn(z.float()).double().item() - exact) / abs(exact))
+            print(f"| {name} | {shift:g} | {errors[0]:.1e} | {errors[1]:.1e} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", default="after", help="the name of the version measured, in the CSV")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument("--max-gib", type=float, default=14.0)
+    parser.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV")
+    parser.add_argument("--precision", action="store_true", help="the float32 error of both forms instead")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        case, batch, device, repeats, threads = args.child
+        print(json.dumps(measure(case, int(batch), device, int(repeats), int(threads))))
+        return
+    if args.precision:
+        precision()
+        return
+    rows = run(args)
+    if args.csv is not None:
+        write_csv(rows, args.csv, args)
+
+
+if __name__ == "__main__":
+    main()
