@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._validation import poll_pending_checks, raise_if_invalid, reads_values
+from ._validation import poll_pending_checks, raise_if_invalid, value_checks_run
 
 IGNORE_INDEX = -100
 
@@ -58,7 +58,7 @@ def check_labels(
         raise ValueError(
             f"'{name}' must have shape ({batch},) to match the batch of {batch}, got {tuple(labels.shape)}"
         )
-    if labels.numel() == 0 or not reads_values(labels.device):
+    if labels.numel() == 0 or not value_checks_run(labels.device):
         return labels
     invalid = (labels != ignore_index) & (labels < 0)
     if num_classes is not None:
@@ -127,12 +127,12 @@ def multilabel_targets(
     else:
         annotated = targets >= 0
     values = torch.where(annotated, targets.to(dtype), torch.zeros((), dtype=dtype, device=targets.device))
-    if values.numel() and reads_values(values.device):
+    if values.numel() and value_checks_run(values.device):
         outside = ((values < 0) | (values > 1)).reshape(-1)
         first = values.reshape(-1).gather(0, outside.to(torch.int32).argmax().reshape(1))
         flagged = torch.cat([outside.any().reshape(1).to(torch.float32), first.to(torch.float32)])
         raise_if_invalid(flagged, functools.partial(_target_message, name, shape))
-    elif reads_values(values.device):
+    elif value_checks_run(values.device):
         poll_pending_checks()
     return values, annotated
 

@@ -3,9 +3,10 @@
 Checks that read tensor values (NaN/inf, label ranges) go through `raise_if_invalid`, which never makes the
 host wait for the device: on the CPU it reads the values at once and raises at once; on a GPU (any device
 but the CPU) it copies the few values it needs into pinned host memory without blocking, records an event,
-and raises the error at the first check call after the device has finished that work (at the latest after
-`MAX_PENDING_CHECKS` more checks, or when `raise_pending_errors` is called). While `torch.compile` traces
-or a CUDA graph is being captured, such checks are skipped.
+and queues the check in `pending_checks` (a `PendingChecks`, the one queue of the process), which raises the
+error at the first check call after the device has finished that work (at the latest after
+`MAX_PENDING_CHECKS` more checks, or when `raise_pending_errors` flushes it). While `torch.compile` traces
+or a CUDA graph is being captured, such checks are skipped (`value_checks_run`).
 """
 
 from __future__ import annotations
@@ -98,24 +99,29 @@ def check_min_batch(n: int, minimum: int, *, what: str, name: str = "x") -> None
         raise ValueError(f"{what} needs at least {minimum} {samples} in '{name}', got a batch of {n}")
 
 
-def checks_values() -> bool:
-    """Whether checks that read tensor values (label ranges, NaN, signs) run: not while `torch.compile` traces.
+def compiling() -> bool:
+    """Whether `torch.compile` is tracing the code that runs now.
 
-    Such a check needs the data on the host, which breaks the graph; compiled code skips it. Run a step
-    eagerly first to validate a new data pipeline.
+    Then checks that read tensor values are skipped (they need the data on the host, which breaks the graph:
+    run a step eagerly first to validate a new data pipeline), and `backend="auto"` takes the torch path.
     """
     is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return not (is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
+    return bool(is_compiling() if is_compiling is not None else torch._dynamo.is_compiling())
 
 
-def reads_values(device: torch.device) -> bool:
-    """Whether a value check on `device` runs now: not while `torch.compile` traces, nor during CUDA-graph capture.
+def capturing(*devices: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream, for work on any of `devices`.
 
-    A captured graph replays device work only, so a check recorded during capture would never be read.
+    Only CUDA devices can be captured; a captured graph replays device work only, so nothing that the host
+    would read later (a check's values, a measurement) may be recorded during capture.
     """
-    if not checks_values():
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return any(device.type == "cuda" for device in devices) and torch.cuda.is_current_stream_capturing()
+
+
+def value_checks_run(device: torch.device) -> bool:
+    """Whether a check that reads tensor values on `device` runs now: not while `torch.compile` traces
+    (`compiling`), nor during CUDA-graph capture (`capturing`)."""
+    return not compiling() and not capturing(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,17 +145,19 @@ class DeviceEvent(Protocol):
     def synchronize(self) -> None: ...
 
 
-def defers_checks(device: torch.device) -> bool:
-    """Whether value checks on `device` are read later, without waiting: every device but the CPU.
-
-    On the CPU the values are in host memory already, so a check reads them at once and raises at once.
-    Tests replace this predicate (and `new_event`) to run the deferred path on CPU tensors.
-    """
-    return device.type != "cpu"
+EventSource: TypeAlias = Callable[[torch.device], DeviceEvent | None]
+"""`new_event(device)`: an unrecorded event to read values on `device` later, or None to read them at once."""
 
 
 def new_event(device: torch.device) -> DeviceEvent | None:
-    """An unrecorded event of `device`'s current stream, or None where the device has none (then checks block)."""
+    """An unrecorded event of `device`'s current stream, behind which a check's values are read later without
+    waiting; None where they are read at once.
+
+    On the CPU the values are in host memory already, so a check reads them at once and raises at once (None);
+    a device without events (None too) makes its checks block. Every other device defers its checks.
+    """
+    if device.type == "cpu":
+        return None
     if device.type == "cuda":
         return torch.cuda.Event()  # type: ignore[no-untyped-call]
     event_type = getattr(torch, "Event", None)  # torch >= 2.4: events of any accelerator
@@ -165,14 +173,18 @@ def new_event(device: torch.device) -> DeviceEvent | None:
 class HostCopy:
     """A small tensor's values on their way to the host: copied without blocking where reading would wait.
 
-    On the CPU (or a device without events) the values are read at once; elsewhere they are copied into
-    pinned host memory behind an event of the device's current stream, and `ready()` says, without waiting,
-    whether the copy has arrived.
+    Where `new_event` gives no event (the CPU, a device without events) the values are read at once;
+    elsewhere they are copied into pinned host memory behind an event of the device's current stream, and
+    `ready()` says, without waiting, whether the copy has arrived.
+
+    Args:
+        values: the tensor to read.
+        new_event: where the event comes from; by default `pending_checks`'s event source (`new_event`).
     """
 
-    def __init__(self, values: Tensor) -> None:
+    def __init__(self, values: Tensor, *, new_event: EventSource | None = None) -> None:
         device = values.device
-        event = new_event(device) if defers_checks(device) else None
+        event = (new_event or pending_checks.new_event)(device)
         if event is None:
             self.event: DeviceEvent | None = None
             self.host = values.detach().cpu()
@@ -205,9 +217,108 @@ class _PendingCheck:
     issued: int  # the check call that issued it
 
 
-_pending: deque[_PendingCheck] = deque()
-_pending_lock = threading.Lock()
-_check_calls = 0
+class PendingChecks:
+    """The queue of value checks whose values are still on their way to the host, and their explicit flush.
+
+    `add` reads a check's values at once where they are in host memory (raising at once) and queues it
+    otherwise; `poll` (made by every check call first) raises the errors of queued checks whose device work has
+    completed, waiting for none; `flush` waits for every queued check and raises what they found. The queue
+    holds at most `limit` checks: one more makes the oldest be waited for and read. Thread-safe.
+
+    The package has one queue, `pending_checks`, so that a check of any module reports the readable errors of
+    every earlier one; `raise_pending_errors` flushes it.
+
+    Args:
+        limit: how many checks may wait for their device (`MAX_PENDING_CHECKS`).
+        new_event: the event source (`new_event`); `override` replaces it for a while (tests run the deferred
+            path on CPU tensors so).
+    """
+
+    def __init__(self, *, limit: int = MAX_PENDING_CHECKS, new_event: EventSource = new_event) -> None:
+        self.limit = limit
+        self.new_event = new_event
+        self._queue: deque[_PendingCheck] = deque()
+        self._lock = threading.Lock()
+        self._calls = 0  # check calls so far (each polls once): how late an error is reported
+
+    def __len__(self) -> int:
+        """How many checks wait for their device."""
+        return len(self._queue)
+
+    def add(self, values: Tensor, message: Callable[[list[Any]], str | None]) -> None:
+        """Check `values` (after a `poll`): at once where they are read at once, else queued (see the class).
+
+        Raises:
+            ValueError: the errors of earlier checks that have become readable, this check's where its values
+                were read at once, or the oldest check's where the queue was full.
+        """
+        self.poll()
+        copy = HostCopy(values, new_event=self.new_event)
+        if copy.event is None:
+            _raise_messages([message(copy.tolist())])
+            return
+        with self._lock:
+            self._queue.append(_PendingCheck(copy, message, values.device, self._calls))
+            overdue = [self._queue.popleft() for _ in range(len(self._queue) - self.limit)]
+        for check in overdue:
+            check.copy.wait()  # normally complete long ago: a few steps have been queued since
+        _raise_messages([self._late_message(check) for check in overdue])
+
+    def poll(self) -> None:
+        """Count a check call, and raise the errors of queued checks whose device work has completed; wait for none.
+
+        Raises:
+            ValueError: naming every failed check that has become readable, oldest first.
+        """
+        with self._lock:
+            self._calls += 1
+            if not self._queue:
+                return
+            done = [check for check in self._queue if check.copy.ready()]
+            for check in done:
+                self._queue.remove(check)
+        _raise_messages([self._late_message(check) for check in done])
+
+    def flush(self) -> None:
+        """Wait for every queued check's values and raise the errors they found; the queue is left empty.
+
+        Raises:
+            ValueError: naming every failed check that had not been raised yet, oldest first.
+        """
+        with self._lock:
+            waiting = list(self._queue)
+            self._queue.clear()
+        for check in waiting:
+            check.copy.wait()
+        _raise_messages([self._late_message(check) for check in waiting])
+
+    @contextmanager
+    def override(self, *, new_event: EventSource) -> Iterator[PendingChecks]:
+        """Within the block, take events from `new_event`; on exit the old source is back, and the checks
+        queued within the block are dropped unread (their events came from the replaced source)."""
+        with self._lock:
+            saved_source, saved_queue = self.new_event, self._queue
+            self.new_event, self._queue = new_event, deque()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.new_event, self._queue = saved_source, saved_queue
+
+    def _late_message(self, check: _PendingCheck) -> str | None:
+        message = check.message(check.copy.tolist())
+        if message is None:
+            return None
+        later = self._calls - check.issued
+        return (
+            f"{message} [found on {check.device} by a check {later} check call(s) before this one: checks on "
+            f"{check.device.type} read their result without waiting; see raise_pending_errors]"
+        )
+
+
+pending_checks = PendingChecks()
+"""The package's one queue of deferred value checks (its owner): every value check goes through it, and
+`raise_pending_errors` flushes it."""
 
 
 def raise_if_invalid(values: Tensor, message: Callable[[list[Any]], str | None]) -> None:
@@ -224,23 +335,13 @@ def raise_if_invalid(values: Tensor, message: Callable[[list[Any]], str | None])
             the module's docstring. Errors of earlier checks that have become readable are raised first.
     """
     device = values.device
-    if device.type == "meta" or not reads_values(device):
+    if device.type == "meta" or not value_checks_run(device):
         return
-    poll_pending_checks()
-    copy = HostCopy(values)
-    if copy.event is None:
-        _raise_messages([message(copy.tolist())])
-        return
-    with _pending_lock:
-        _pending.append(_PendingCheck(copy, message, device, _check_calls))
-        overdue = [_pending.popleft() for _ in range(len(_pending) - MAX_PENDING_CHECKS)]
-    for check in overdue:
-        check.copy.wait()  # normally complete long ago: a few steps have been queued since
-    _raise_messages([_late_message(check) for check in overdue])
+    pending_checks.add(values, message)
 
 
 def poll_pending_checks() -> None:
-    """Raise the errors of deferred checks whose device work has completed; wait for none.
+    """Raise the errors of deferred checks whose device work has completed; wait for none (`pending_checks.poll`).
 
     Every value check calls it first, so an error surfaces at the first check after the device has
     finished the failing step.
@@ -248,15 +349,7 @@ def poll_pending_checks() -> None:
     Raises:
         ValueError: naming every failed check that has become readable, oldest first.
     """
-    global _check_calls
-    with _pending_lock:
-        _check_calls += 1
-        if not _pending:
-            return
-        done = [check for check in _pending if check.copy.ready()]
-        for check in done:
-            _pending.remove(check)
-    _raise_messages([_late_message(check) for check in done])
+    pending_checks.poll()
 
 
 def raise_pending_errors() -> None:
@@ -270,23 +363,7 @@ def raise_pending_errors() -> None:
     Raises:
         ValueError: naming every failed check that had not been raised yet, oldest first.
     """
-    with _pending_lock:
-        waiting = list(_pending)
-        _pending.clear()
-    for check in waiting:
-        check.copy.wait()
-    _raise_messages([_late_message(check) for check in waiting])
-
-
-def _late_message(check: _PendingCheck) -> str | None:
-    message = check.message(check.copy.tolist())
-    if message is None:
-        return None
-    later = _check_calls - check.issued
-    return (
-        f"{message} [found on {check.device} by a check {later} check call(s) before this one: checks on "
-        f"{check.device.type} read their result without waiting; see raise_pending_errors]"
-    )
+    pending_checks.flush()
 
 
 def _raise_messages(messages: Sequence[str | None]) -> None:
@@ -322,9 +399,9 @@ def guard_finite(
     if not tensors:
         return {}, None
     device = next(iter(tensors.values())).device
-    if nan_policy != "raise" and reads_values(device):
+    if nan_policy != "raise" and value_checks_run(device):
         poll_pending_checks()  # every check call reports the earlier checks' errors that are readable
-    if nan_policy == "propagate" or (nan_policy == "raise" and not reads_values(device)):
+    if nan_policy == "propagate" or (nan_policy == "raise" and not value_checks_run(device)):
         return dict(tensors), None
     check_same_device(tensors, layer=layer)
     flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import Self
 
-from ._validation import checks_values
+from ._validation import compiling
 
 LayerSpec: TypeAlias = str | nn.Module
 RepeatPolicy: TypeAlias = Literal["last", "all"]
@@ -389,7 +389,7 @@ def _in_backward() -> bool:
     Not asked while `torch.compile` traces: the answer would be the tracer's, and compiled graphs do not
     re-run Python hooks in their backward.
     """
-    if not checks_values():
+    if compiling():
         return False
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
     return graph_task_id is not None and graph_task_id() != -1

@@ -77,14 +77,8 @@ def checks_deferred_on_cpu(*, complete: bool = True) -> Iterator[list[FakeEvent]
         events.append(FakeEvent(complete))
         return events[-1]
 
-    saved = (_validation.defers_checks, _validation.new_event)
-    _validation.defers_checks = lambda device: True  # type: ignore[assignment]
-    _validation.new_event = new_event  # type: ignore[assignment]
-    try:
+    with _validation.pending_checks.override(new_event=new_event):
         yield events
-    finally:
-        _validation.defers_checks, _validation.new_event = saved  # type: ignore[assignment]
-        _validation._pending.clear()
 
 
 # Ops that make the host wait for the device: reading a value, or an output whose shape depends on values.

@@ -1,7 +1,7 @@
 """Value checks that never block: at once on the CPU, read later (without a sync) where reading would wait.
 
-The deferred path runs on CPU tensors here through `checks_deferred_on_cpu`, which makes the CPU defer its
-checks and hands out fake events whose completion the test controls.
+The deferred path runs on CPU tensors here through `checks_deferred_on_cpu`, which gives the checks' queue
+(`_validation.pending_checks`) fake events, so that the CPU defers its checks, whose completion the test controls.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_cpu_raises_at_once_naming_the_argument_layer_and_shapes() -> None:
         loss(features(nan=True), reference())
     assert "'student' (layer 'layer3') (4, 3, 2, 2)" in str(raised.value)
     assert "found on" not in str(raised.value)  # not a late report
-    assert not _validation._pending
+    assert not _validation.pending_checks
 
 
 def test_nothing_raises_while_the_device_has_not_finished_the_bad_step() -> None:
@@ -51,7 +51,7 @@ def test_nothing_raises_while_the_device_has_not_finished_the_bad_step() -> None
             loss(features(), reference())
         assert len(events) == 4
         assert all(event.recorded for event in events)
-        assert len(_validation._pending) == 4
+        assert len(_validation.pending_checks) == 4
 
 
 def test_the_error_arrives_at_the_first_check_after_the_device_finished() -> None:
@@ -63,10 +63,10 @@ def test_the_error_arrives_at_the_first_check_after_the_device_finished() -> Non
         with pytest.raises(ValueError, match=NAN_MESSAGE) as raised:
             good_check()  # any check reports it, not only the same module's
         assert "found on cpu by a check 2 check call(s) before this one" in str(raised.value)
-        assert len(_validation._pending) == 1  # the good step's check is still waiting, and passes
+        assert len(_validation.pending_checks) == 1  # the good step's check is still waiting, and passes
         events[1].done = True
         good_check()
-        assert len(_validation._pending) == 1  # only the last good check
+        assert len(_validation.pending_checks) == 1  # only the last good check
 
 
 def test_the_bound_forces_the_error_within_max_pending_checks_calls() -> None:
@@ -80,7 +80,7 @@ def test_the_bound_forces_the_error_within_max_pending_checks_calls() -> None:
                 good_check()
         assert events[0].done  # the oldest check was waited for
         assert not any(event.done for event in events[1:])
-        assert len(_validation._pending) == MAX_PENDING_CHECKS
+        assert len(_validation.pending_checks) == MAX_PENDING_CHECKS
 
 
 def test_a_step_with_many_checks_waits_for_none_of_them() -> None:
@@ -173,7 +173,7 @@ def test_valid_inputs_never_raise_and_leave_nothing_behind() -> None:
             loss(features(), reference())
         assert len(events) == 2 * MAX_PENDING_CHECKS
         ntl.raise_pending_errors()
-        assert not _validation._pending
+        assert not _validation.pending_checks
 
 
 def test_the_deferred_path_makes_no_host_read() -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, reads_values, zero_unless
+from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, value_checks_run, zero_unless
 from ..distributed import average_gradients_across_ranks, is_distributed, summed_across_ranks
 from ..functional.adversarial import (
     DEFAULT_STRENGTH,
@@ -244,7 +244,7 @@ class AdversarialSuppression(nn.Module):
         strength = self.current_strength()
         head_parameters = None
         if self.training:
-            watch = self._watch.active and reads_values(features.device)
+            watch = self._watch.active and value_checks_run(features.device)
             if watch:
                 self._watch.before_call(self.head)
             with torch.no_grad():

@@ -3,7 +3,7 @@ row cosines of `gram`, `mean`, `sum` and `max` run by a fused kernel where the d
 
 The one door from the modules to the anti-transfer math is `anti_transfer_terms_for`: for the cosine
 distances of those four aggregations it lets `functional.anti_transfer.prepare_anti_transfer` check and
-prepare the inputs, computes the row cosines by the path `dispatch.choose` takes (the functional core or the
+prepare the inputs, computes the row cosines by the path the dispatcher chooses (the functional core or the
 kernel), and hands them to `finish_anti_transfer`; everything else is the functional computation as it is.
 """
 
@@ -33,7 +33,7 @@ from ..functional.anti_transfer import (
     prepare_anti_transfer,
 )
 from ..functional.similarity import GramScope, _check_gram_pair, _gram_row_cosines
-from .dispatch import Backend, check_backend, choose
+from .dispatch import Backend, check_backend, default_dispatcher
 
 __all__ = ["aggregated_row_cosines", "anti_transfer", "gram_row_cosines"]
 
@@ -102,7 +102,9 @@ def aggregated_row_cosines(
 def _dispatched(
     op: str, backend: Backend, student: Tensor, reference: Tensor, torch_path: Path, kernel_path: Path
 ) -> Tensor:
-    chosen = choose(op, backend, (student, reference), torch_path=torch_path, kernel_path=kernel_path)
+    chosen = default_dispatcher.choose(
+        op, backend, (student, reference), torch_path=torch_path, kernel_path=kernel_path
+    )
     return (kernel_path if chosen == "triton" else torch_path)(student, reference)
 
 
@@ -113,7 +115,7 @@ def _gram_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps
         return _gram_row_cosines(s, r, gram_scope, eps)
 
     def kernel_path(s: Tensor, r: Tensor) -> Tensor:
-        from .gram_cosine import GramRowCosines
+        from ._kernel_gram_cosine import GramRowCosines
 
         cosines: Tensor = GramRowCosines.apply(s, r, gram_scope, eps)  # type: ignore[no-untyped-call]
         return cosines
@@ -130,7 +132,7 @@ def _channel_cosines(
         return _aggregated_row_cosines(s, r, aggregation, eps)
 
     def kernel_path(s: Tensor, r: Tensor) -> Tensor:
-        from .channel_cosine import AggregatedRowCosines
+        from ._kernel_channel_cosine import AggregatedRowCosines
 
         cosines: Tensor = AggregatedRowCosines.apply(s, r, aggregation, eps)  # type: ignore[no-untyped-call]
         return cosines

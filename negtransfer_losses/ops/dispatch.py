@@ -1,7 +1,7 @@
 """The backend dispatcher: which implementation runs an op, the functional (torch) path or a fused kernel.
 
-Every call site of `negtransfer_losses.ops` asks `choose(op, backend, tensors, torch_path=..., kernel_path=...)`,
-where the two paths are callables of the same tensors with the same result:
+Every op of `negtransfer_losses.ops` with a kernel asks `default_dispatcher.choose(op, backend, tensors,
+torch_path=..., kernel_path=...)`, where the two paths are callables of the same tensors with the same result:
 
 - `backend="torch"` or `"triton"` forces a path; with `backend="auto"` the environment variable
   `NEGTRANSFER_BACKEND` (`auto`, `torch` or `triton`) may force one instead.
@@ -10,9 +10,15 @@ where the two paths are callables of the same tensors with the same result:
   `fused_wins`). The first time a candidate's key comes (op, dtypes, device, every dimension rounded up to a
   power of two, whether gradients are needed), both paths run on copies of the inputs, forward and
   backward, and the kernel is kept only if its value and gradients agree with the exact result within
-  `TOLERANCES` and it is faster (`settings.margin`, 0.95). Otherwise the torch path, with one
+  `TOLERANCES` and it is faster (`MeasureSettings.margin`, 0.95). Otherwise the torch path, with one
   `KernelRejectedWarning` naming the op, dtype, shape and why. The decision is kept for the process
-  (`decisions()`), and across processes when `NEGTRANSFER_DISPATCH_CACHE` names a file.
+  (`decisions()`; at most `MAX_DECISIONS` keys, the least recently used dropped first), and across processes
+  when `NEGTRANSFER_DISPATCH_CACHE` names a file.
+
+Everything the dispatcher keeps (how it measures, its decisions, what it read from the disk cache) belongs to
+one `Dispatcher`; `default_dispatcher` is the one the ops use, and `decisions()`, `forget_decisions()`,
+`is_candidate()` and `resolve_backend()` ask it. Its settings are replaced for a while by
+`default_dispatcher.override(...)` (how the tests inject a timer, a prior and CPU candidates).
 
 The measurement is the one host synchronization of `auto`, once per key. While `torch.compile` traces,
 `auto` takes the torch path (inductor fuses it; a kernel launch would break the graph); during CUDA-graph
@@ -35,31 +41,35 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, TypeAlias
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, checks_values
+from .._validation import capturing, check_choice, compiling
 
 __all__ = [
     "BACKENDS",
     "CACHE_VARIABLE",
+    "MAX_DECISIONS",
     "TOLERANCES",
     "Backend",
     "Decision",
+    "Dispatcher",
     "KernelRejectedWarning",
     "MeasureSettings",
-    "choose",
+    "Timer",
     "decisions",
+    "default_dispatcher",
     "forget_decisions",
     "fused_wins",
     "interpreting",
     "is_candidate",
     "resolve_backend",
-    "settings",
     "time_path",
     "triton_available",
 ]
@@ -112,16 +122,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compiling() -> bool:
-    """Whether `torch.compile` is tracing: inductor fuses the torch path itself, so `auto` takes it."""
-    return not checks_values()
-
-
-def capturing(tensors: Sequence[Tensor]) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (then `auto` never measures)."""
-    return any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
-
-
 def check_backend(backend: object) -> Backend:
     """Raise `ValueError` unless `backend` is a valid choice; returns it."""
     check_choice(backend, "backend", BACKENDS)
@@ -144,7 +144,7 @@ def _next_power_of_2(n: int) -> int:
 def fused_wins(op: str, *tensors: Tensor) -> bool:
     """Whether the cost rule of docs/kernels.md expects the fused kernel of `op` to win on these inputs.
 
-    `op` is the kernel's name, optionally followed by `/` and its variant (what `choose` keys on):
+    `op` is the kernel's name, optionally followed by `/` and its variant (what the decisions key on):
 
     - `"gram_row_cosines/batch"`, `"gram_row_cosines/sample"` (`tensors`: student, reference): fewer
       positions than rows per group (`N < m`: the `N×N` identity kernel, 4 launches per pass where the torch
@@ -162,7 +162,7 @@ def fused_wins(op: str, *tensors: Tensor) -> bool:
 
     Args:
         op: the kernel's name and variant.
-        *tensors: the inputs, as the call site passes them to `choose`.
+        *tensors: the inputs, as the op passes them to `Dispatcher.choose`.
 
     Returns:
         True where the kernel is worth measuring.
@@ -194,21 +194,29 @@ def fused_wins(op: str, *tensors: Tensor) -> bool:
 
 # --- the measurement -----------------------------------------------------------------------------------
 
-Timer: TypeAlias = Callable[..., float]
-"""`timer(run, *, path, device) -> milliseconds`: the time of one call of `run` (forward and backward of
-`path`, `"torch"` or `"triton"`, on `device`)."""
+
+class Timer(Protocol):
+    """`timer(kernel, torch_path, *, device) -> (kernel_ms, torch_ms)`: milliseconds per call of the kernel's
+    run and of the torch path's (each a forward and backward on `device`), the kernel's timed first.
+
+    An exception raised by the kernel's run keeps the torch path (`KernelRejectedWarning`); one raised by the
+    torch path's reaches the caller.
+    """
+
+    def __call__(
+        self, kernel: Callable[[], object], torch_path: Callable[[], object], /, *, device: torch.device
+    ) -> tuple[float, float]: ...
 
 
-def time_path(run: Callable[[], object], *, path: str, device: torch.device) -> float:
-    """Milliseconds per call of `run`: the median of `settings.repeats` calls after `settings.warmup`, timed
-    with CUDA events on `device`'s current stream (wall clock elsewhere)."""
-    del path
-    for _ in range(settings.warmup):
+def time_path(run: Callable[[], object], *, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Milliseconds per call of `run`: the median of `repeats` calls after `warmup` untimed ones, timed with
+    CUDA events on `device`'s current stream (wall clock elsewhere)."""
+    for _ in range(warmup):
         run()
     times = []
     if device.type == "cuda":
         with torch.cuda.device(device):
-            for _ in range(settings.repeats):
+            for _ in range(repeats):
                 start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                 stop = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                 start.record()
@@ -217,35 +225,38 @@ def time_path(run: Callable[[], object], *, path: str, device: torch.device) -> 
                 stop.synchronize()
                 times.append(float(start.elapsed_time(stop)))
     else:
-        for _ in range(settings.repeats):
+        for _ in range(repeats):
             begin = time.perf_counter()
             run()
             times.append(1e3 * (time.perf_counter() - begin))
     return float(statistics.median(times))
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeasureSettings:
-    """How `auto` measures; `settings` is the one instance (tests replace its fields through monkeypatch).
+    """How a `Dispatcher` picks candidates and measures them; `Dispatcher.override` replaces fields for a while.
 
     Attributes:
         margin: the kernel is kept only if its time is at most `margin` × the torch path's.
         warmup: untimed calls of each path before timing (the first compiles the kernel).
         repeats: timed calls of each path; the median counts.
-        timer: what times a path (`time_path`: CUDA events).
-        cpu_candidates: treat CPU tensors as candidates (tests, with `TRITON_INTERPRET=1`).
-        prior: the cost rule that picks candidates (`fused_wins`).
+        timer: what times the two paths (`Timer`); None: `time_path` on each, the kernel first, with `warmup`
+            and `repeats`.
+        prior: the cost rule that picks candidates, `prior(op, *tensors) -> bool` (`fused_wins`).
+        cpu_candidates: treat CPU tensors as candidates too (tests, with `TRITON_INTERPRET=1`).
+        compiling: whether `torch.compile` is tracing (`compiling`); then no input is a candidate.
+        capturing: whether a CUDA graph is being captured for work on the given devices (`capturing`); then
+            nothing is measured.
     """
 
     margin: float = 0.95
     warmup: int = 2
     repeats: int = 5
-    timer: Timer = field(default=time_path)
-    cpu_candidates: bool = False
+    timer: Timer | None = None
     prior: Callable[..., bool] = field(default=fused_wins)
-
-
-settings = MeasureSettings()
+    cpu_candidates: bool = False
+    compiling: Callable[[], bool] = field(default=compiling)
+    capturing: Callable[..., bool] = field(default=capturing)
 
 
 class Decision(NamedTuple):
@@ -255,36 +266,13 @@ class Decision(NamedTuple):
     reason: str
 
 
-_decisions: dict[tuple[Any, ...], Decision] = {}
-_lock = threading.RLock()
-_disk: dict[str, dict[str, dict[str, str]]] = {}  # path -> {fingerprint|key: decision} as read from disk
+MAX_DECISIONS = 1024
+"""How many decisions a `Dispatcher` keeps by default (one per key met). Past it the least recently used
+decision is dropped; a key met again after that is read from the disk cache if there is one, else measured
+again (with its warning again). Keys are power-of-two shape buckets, so a run meets a few dozen; the bound only
+matters for a long run whose shapes keep changing."""
 
-
-def decisions() -> dict[str, Decision]:
-    """Every decision `auto` has made (or read from the disk cache) in this process, by key."""
-    with _lock:
-        return {_key_text(key): decision for key, decision in _decisions.items()}
-
-
-def forget_decisions() -> None:
-    """Drop the decisions kept in this process (the disk cache, if any, is left as it is)."""
-    with _lock:
-        _decisions.clear()
-        _disk.clear()
-
-
-def is_candidate(op: str, tensors: Sequence[Tensor]) -> bool:
-    """The prior: whether `auto` may take the kernel of `op` for `tensors` (then it measures, once per key).
-
-    CUDA tensors (CPU ones too with `settings.cpu_candidates`) of float16, bfloat16 or float32 (never
-    float64), Triton importable, `torch.compile` not tracing, and `settings.prior` (the cost rule).
-    """
-    if compiling() or not tensors:
-        return False
-    on_device = all(t.is_cuda or (settings.cpu_candidates and t.device.type == "cpu") for t in tensors)
-    if not on_device or not all(t.dtype in FUSED_DTYPES for t in tensors) or not triton_available():
-        return False
-    return bool(settings.prior(op, *tensors))
+Key: TypeAlias = tuple[Any, ...]
 
 
 def _forced(backend: Backend, tensors: Sequence[Tensor]) -> Chosen | None:
@@ -332,85 +320,6 @@ def _key_text(key: tuple[Any, ...]) -> str:
     op, dtypes, device, shapes, needs_grad = key
     buckets = " ".join("x".join(map(str, shape)) for shape in shapes)
     return f"{op} {','.join(dtypes)} {device} [{buckets}] {'grad' if needs_grad else 'no-grad'}"
-
-
-def resolve_backend(backend: Backend, op: str, *tensors: Tensor) -> Chosen:
-    """The path `choose` would take now, without measuring: the forced one, or for `"auto"` the decision
-    already made for this key (torch when there is none, or when the inputs are no candidate).
-
-    Args:
-        backend: `"auto"`, `"torch"` or `"triton"` (`NEGTRANSFER_BACKEND` replaces `"auto"`).
-        op: the op's name and variant, e.g. `"gram_row_cosines/batch"`.
-        tensors: the op's input tensors (the key is built from their dtypes, device and shapes).
-
-    Returns:
-        `"torch"` or `"triton"`.
-
-    Raises:
-        ValueError: for an invalid `backend` or `NEGTRANSFER_BACKEND`, and where a forced `"triton"` cannot run
-            (no Triton, not CUDA without the interpreter, float64).
-    """
-    forced = _forced(backend, tensors)
-    if forced is not None:
-        return forced
-    if not is_candidate(op, tensors):
-        return "torch"
-    decision = _decisions.get(_key(op, tensors, _needs_grad(tensors)))
-    return "torch" if decision is None else decision.backend
-
-
-def choose(
-    op: str,
-    backend: Backend,
-    tensors: Sequence[Tensor],
-    *,
-    torch_path: Callable[..., Any],
-    kernel_path: Callable[..., Any],
-) -> Chosen:
-    """The path that runs `op` on `tensors`: `"torch"` or `"triton"` (see the module's docstring).
-
-    Args:
-        op: the kernel's name and variant (`"gram_row_cosines/batch"`, `"aggregated_row_cosines/max"`…): the
-            first part of the decision's key.
-        backend: `"auto"`, `"torch"` or `"triton"`.
-        tensors: the inputs both paths take, positionally.
-        torch_path: the functional path, `torch_path(*tensors)`: a tensor, a tuple or a dict of tensors.
-        kernel_path: the fused path with the same contract.
-
-    Returns:
-        `"torch"` or `"triton"`; the caller runs that path.
-
-    Raises:
-        ValueError: as `resolve_backend`.
-    """
-    forced = _forced(backend, tensors)
-    if forced is not None:
-        return forced
-    if not is_candidate(op, tensors):
-        return "torch"
-    needs_grad = _needs_grad(tensors)
-    key = _key(op, tensors, needs_grad)
-    decision = _decisions.get(key)
-    if decision is not None:
-        return decision.backend
-    if capturing(tensors):  # a captured graph replays device work only: never measure inside one
-        return "torch"
-    with _lock:
-        decision = _decisions.get(key) or _read_disk(key, tensors)
-        if decision is None:
-            decision = _measure(op, tensors, needs_grad, torch_path, kernel_path)
-            _write_disk(key, tensors, decision)
-            if decision.backend == "torch":
-                shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
-                dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
-                warnings.warn(
-                    f"backend='auto' keeps the torch path for {op} ({dtypes}, shape {shapes}) on "
-                    f"{tensors[0].device}: {decision.reason}; backend='triton' forces the kernel",
-                    KernelRejectedWarning,
-                    stacklevel=3,
-                )
-        _decisions[key] = decision
-    return decision.backend
 
 
 def _outputs(result: Any) -> tuple[Tensor, ...]:
@@ -497,47 +406,24 @@ def _excess(got: _Run, exact: _Run, rtol: float, atol: float) -> tuple[float, fl
     return float(summary[0]), float(summary[1])
 
 
-def _measure(
-    op: str,
-    tensors: Sequence[Tensor],
-    needs_grad: bool,
-    torch_path: Callable[..., Any],
-    kernel_path: Callable[..., Any],
-) -> Decision:
-    """Check the kernel against the exact result and time both paths (the one host synchronization)."""
-    device = tensors[0].device
-    kernel_run = _runner(kernel_path, tensors, needs_grad)
-    torch_run = _runner(torch_path, tensors, needs_grad)
-    try:
-        kernel = kernel_run()
-    except Exception as error:  # a compile error, a launch past a limit, out of memory: the torch path runs
-        return Decision("torch", f"the kernel raised {type(error).__name__}: {error}")
-    try:
-        exact = _runner(torch_path, tensors, needs_grad, torch.float64)()
-    except Exception as error:  # e.g. no memory for float64 copies: unchecked kernels are not taken
-        return Decision("torch", f"the kernel could not be checked: the float64 reference raised {error!r}")
-    rtol, atol = _tolerance(tensors)
-    kernel_excess, kernel_difference = _excess(kernel, exact, rtol, atol)
-    torch_excess, _ = _excess(torch_run(), exact, rtol, atol)
-    if not kernel_excess <= max(1.0, ROUNDING_SLACK * torch_excess):
-        return Decision(
-            "torch",
-            f"the kernel's value or gradient differs from the exact result by up to {kernel_difference:.3g} "
-            f"({kernel_excess:.3g}× the tolerance: rtol {rtol:g}, atol {atol:g}; the torch path's "
-            f"{torch_excess:.3g}×)",
-        )
-    try:
-        kernel_ms = float(settings.timer(kernel_run, path="triton", device=device))
-    except Exception as error:
-        return Decision("torch", f"the kernel raised {type(error).__name__} while timed: {error}")
-    torch_ms = float(settings.timer(torch_run, path="torch", device=device))
-    timings = f"kernel {kernel_ms:.4g} ms, torch {torch_ms:.4g} ms per forward and backward"
-    if kernel_ms <= settings.margin * torch_ms:
-        return Decision("triton", timings)
-    return Decision("torch", f"the kernel is not faster by the margin {settings.margin:g} ({timings})")
+class _KernelRaised(Exception):
+    """The kernel's run raised while timed (told apart from the torch path's exceptions)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
-# --- the disk cache (opt-in: NEGTRANSFER_DISPATCH_CACHE=<path>) -----------------------------------------
+def _attributed(run: Callable[[], object]) -> Callable[[], object]:
+    """`run`, whose exceptions come out as `_KernelRaised`."""
+
+    def kernel() -> object:
+        try:
+            return run()
+        except Exception as error:
+            raise _KernelRaised(error) from error
+
+    return kernel
 
 
 def _fingerprint(device: torch.device) -> str:
@@ -556,47 +442,303 @@ def _fingerprint(device: torch.device) -> str:
     return f"{name}|negtransfer-losses {__version__}|torch {torch.__version__}|triton {triton_version}"
 
 
-def _disk_entry(key: tuple[Any, ...], tensors: Sequence[Tensor]) -> str:
+def _disk_entry(key: Key, tensors: Sequence[Tensor]) -> str:
     op, dtypes, _, shapes, needs_grad = key  # the device is in the fingerprint, by name
     return json.dumps([_fingerprint(tensors[0].device), op, dtypes, shapes, needs_grad])
 
 
-def _read_disk(key: tuple[Any, ...], tensors: Sequence[Tensor]) -> Decision | None:
-    path = os.environ.get(CACHE_VARIABLE, "")
-    if not path:
-        return None
-    if path not in _disk:
+# --- the dispatcher --------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """The backend choice of `backend="auto"`, and everything it keeps: how it measures (`settings`), its
+    decisions (at most `max_decisions`, the least recently used dropped first) and the decisions read from the
+    opt-in disk cache (`NEGTRANSFER_DISPATCH_CACHE`). Thread-safe: a key is measured once.
+
+    The ops use `default_dispatcher`; a new one starts with no decision.
+
+    Args:
+        settings: how candidates are picked and measured (`MeasureSettings()` when None).
+        max_decisions: how many decisions are kept (`MAX_DECISIONS`).
+    """
+
+    def __init__(self, settings: MeasureSettings | None = None, *, max_decisions: int = MAX_DECISIONS) -> None:
+        if isinstance(max_decisions, bool) or not isinstance(max_decisions, int) or max_decisions < 1:
+            raise ValueError(f"'max_decisions' must be a positive int, got {max_decisions!r}")
+        self.settings = settings if settings is not None else MeasureSettings()
+        self.max_decisions = max_decisions
+        self._decisions: OrderedDict[Key, Decision] = OrderedDict()  # least recently used first
+        self._disk: dict[str, dict[str, Any]] = {}  # path -> {fingerprint|key: decision} as read from disk
+        self._lock = threading.RLock()
+
+    def decisions(self) -> dict[str, Decision]:
+        """Every decision kept (measured, or read from the disk cache), by key, least recently used first."""
+        with self._lock:
+            return {_key_text(key): decision for key, decision in self._decisions.items()}
+
+    def forget_decisions(self) -> None:
+        """Drop the decisions kept (the disk cache's file, if any, is left as it is; it is read again)."""
+        with self._lock:
+            self._decisions.clear()
+            self._disk.clear()
+
+    @contextmanager
+    def override(self, **changes: Any) -> Iterator[MeasureSettings]:
+        """Within the block, measure with `changes` (fields of `MeasureSettings`); the settings are back after.
+
+        The decisions are kept as they are: `forget_decisions()` first where the block must measure afresh.
+
+        Yields:
+            the settings in force within the block.
+
+        Raises:
+            TypeError: a change names no field of `MeasureSettings`.
+        """
+        with self._lock:
+            saved = self.settings
+            self.settings = replace(saved, **changes)
+        try:
+            yield self.settings
+        finally:
+            with self._lock:
+                self.settings = saved
+
+    def is_candidate(self, op: str, tensors: Sequence[Tensor]) -> bool:
+        """The prior: whether `auto` may take the kernel of `op` for `tensors` (then it measures, once per key).
+
+        CUDA tensors (CPU ones too with `settings.cpu_candidates`) of float16, bfloat16 or float32 (never
+        float64), Triton importable, `torch.compile` not tracing, and `settings.prior` (the cost rule).
+        """
+        settings = self.settings
+        if settings.compiling() or not tensors:
+            return False
+        on_device = all(t.is_cuda or (settings.cpu_candidates and t.device.type == "cpu") for t in tensors)
+        if not on_device or not all(t.dtype in FUSED_DTYPES for t in tensors) or not triton_available():
+            return False
+        return bool(settings.prior(op, *tensors))
+
+    def resolve(self, backend: Backend, op: str, *tensors: Tensor) -> Chosen:
+        """The path `choose` would take now, without measuring (see `resolve_backend`)."""
+        forced = _forced(backend, tensors)
+        if forced is not None:
+            return forced
+        if not self.is_candidate(op, tensors):
+            return "torch"
+        decision = self._recall(_key(op, tensors, _needs_grad(tensors)))
+        return "torch" if decision is None else decision.backend
+
+    def choose(
+        self,
+        op: str,
+        backend: Backend,
+        tensors: Sequence[Tensor],
+        *,
+        torch_path: Callable[..., Any],
+        kernel_path: Callable[..., Any],
+    ) -> Chosen:
+        """The path that runs `op` on `tensors`: `"torch"` or `"triton"` (see the module's docstring).
+
+        Args:
+            op: the kernel's name and variant (`"gram_row_cosines/batch"`, `"aggregated_row_cosines/max"`…): the
+                first part of the decision's key.
+            backend: `"auto"`, `"torch"` or `"triton"`.
+            tensors: the inputs both paths take, positionally.
+            torch_path: the functional path, `torch_path(*tensors)`: a tensor, a tuple or a dict of tensors.
+            kernel_path: the fused path with the same contract.
+
+        Returns:
+            `"torch"` or `"triton"`; the caller runs that path.
+
+        Raises:
+            ValueError: as `resolve_backend`.
+        """
+        forced = _forced(backend, tensors)
+        if forced is not None:
+            return forced
+        if not self.is_candidate(op, tensors):
+            return "torch"
+        needs_grad = _needs_grad(tensors)
+        key = _key(op, tensors, needs_grad)
+        decision = self._recall(key)
+        if decision is not None:
+            return decision.backend
+        if self.settings.capturing(*(t.device for t in tensors)):  # a captured graph replays device work only
+            return "torch"
+        with self._lock:
+            decision = self._recall(key) or self._read_disk(key, tensors)
+            if decision is None:
+                decision = self._measure(op, tensors, needs_grad, torch_path, kernel_path)
+                self._write_disk(key, tensors, decision)
+                if decision.backend == "torch":
+                    shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+                    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
+                    warnings.warn(
+                        f"backend='auto' keeps the torch path for {op} ({dtypes}, shape {shapes}) on "
+                        f"{tensors[0].device}: {decision.reason}; backend='triton' forces the kernel",
+                        KernelRejectedWarning,
+                        stacklevel=3,
+                    )
+            self._keep(key, decision)
+        return decision.backend
+
+    def _recall(self, key: Key) -> Decision | None:
+        """The decision kept for `key` (now the most recently used), or None."""
+        with self._lock:
+            decision = self._decisions.get(key)
+            if decision is not None:
+                self._decisions.move_to_end(key)
+            return decision
+
+    def _keep(self, key: Key, decision: Decision) -> None:
+        """Keep `decision` for `key`, dropping the least recently used past `max_decisions`."""
+        with self._lock:
+            self._decisions[key] = decision
+            self._decisions.move_to_end(key)
+            while len(self._decisions) > self.max_decisions:
+                self._decisions.popitem(last=False)
+
+    def _measure(
+        self,
+        op: str,
+        tensors: Sequence[Tensor],
+        needs_grad: bool,
+        torch_path: Callable[..., Any],
+        kernel_path: Callable[..., Any],
+    ) -> Decision:
+        """Check the kernel against the exact result and time both paths (the one host synchronization)."""
+        settings = self.settings
+        device = tensors[0].device
+        kernel_run = _runner(kernel_path, tensors, needs_grad)
+        torch_run = _runner(torch_path, tensors, needs_grad)
+        try:
+            kernel = kernel_run()
+        except Exception as error:  # a compile error, a launch past a limit, out of memory: the torch path runs
+            return Decision("torch", f"the kernel raised {type(error).__name__}: {error}")
+        try:
+            exact = _runner(torch_path, tensors, needs_grad, torch.float64)()
+        except Exception as error:  # e.g. no memory for float64 copies: unchecked kernels are not taken
+            return Decision("torch", f"the kernel could not be checked: the float64 reference raised {error!r}")
+        rtol, atol = _tolerance(tensors)
+        kernel_excess, kernel_difference = _excess(kernel, exact, rtol, atol)
+        torch_excess, _ = _excess(torch_run(), exact, rtol, atol)
+        if not kernel_excess <= max(1.0, ROUNDING_SLACK * torch_excess):
+            return Decision(
+                "torch",
+                f"the kernel's value or gradient differs from the exact result by up to {kernel_difference:.3g} "
+                f"({kernel_excess:.3g}× the tolerance: rtol {rtol:g}, atol {atol:g}; the torch path's "
+                f"{torch_excess:.3g}×)",
+            )
+        timer = settings.timer or functools.partial(_time_both, warmup=settings.warmup, repeats=settings.repeats)
+        try:
+            kernel_ms, torch_ms = timer(_attributed(kernel_run), torch_run, device=device)
+        except _KernelRaised as raised:
+            return Decision("torch", f"the kernel raised {type(raised.error).__name__} while timed: {raised.error}")
+        kernel_ms, torch_ms = float(kernel_ms), float(torch_ms)
+        timings = f"kernel {kernel_ms:.4g} ms, torch {torch_ms:.4g} ms per forward and backward"
+        if kernel_ms <= settings.margin * torch_ms:
+            return Decision("triton", timings)
+        return Decision("torch", f"the kernel is not faster by the margin {settings.margin:g} ({timings})")
+
+    # --- the disk cache (opt-in: NEGTRANSFER_DISPATCH_CACHE=<path>) -------------------------------------
+
+    def _read_disk(self, key: Key, tensors: Sequence[Tensor]) -> Decision | None:
+        path = os.environ.get(CACHE_VARIABLE, "")
+        if not path:
+            return None
+        if path not in self._disk:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    loaded = json.load(file)
+                self._disk[path] = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._disk[path] = {}
+        entry = self._disk[path].get(_disk_entry(key, tensors))
+        if not isinstance(entry, dict) or entry.get("backend") not in ("torch", "triton"):
+            return None
+        return Decision(entry["backend"], f"{entry.get('reason', '')} (from {path})")
+
+    def _write_disk(self, key: Key, tensors: Sequence[Tensor], decision: Decision) -> None:
+        """Add the decision to the cache file (read again first, replaced atomically: concurrent ranks may lose
+        an entry to each other, never corrupt the file)."""
+        path = os.environ.get(CACHE_VARIABLE, "")
+        if not path:
+            return
         try:
             with open(path, encoding="utf-8") as file:
-                loaded = json.load(file)
-            _disk[path] = loaded if isinstance(loaded, dict) else {}
+                stored = json.load(file)
+            if not isinstance(stored, dict):
+                stored = {}
         except (OSError, ValueError):
-            _disk[path] = {}
-    entry = _disk[path].get(_disk_entry(key, tensors))
-    if not isinstance(entry, dict) or entry.get("backend") not in ("torch", "triton"):
-        return None
-    return Decision(entry["backend"], f"{entry.get('reason', '')} (from {path})")  # type: ignore[arg-type]
-
-
-def _write_disk(key: tuple[Any, ...], tensors: Sequence[Tensor], decision: Decision) -> None:
-    """Add the decision to the cache file (read again first, replaced atomically: concurrent ranks may lose an
-    entry to each other, never corrupt the file)."""
-    path = os.environ.get(CACHE_VARIABLE, "")
-    if not path:
-        return
-    try:
-        with open(path, encoding="utf-8") as file:
-            stored = json.load(file)
-        if not isinstance(stored, dict):
             stored = {}
-    except (OSError, ValueError):
-        stored = {}
-    stored[_disk_entry(key, tensors)] = {"backend": decision.backend, "reason": decision.reason}
-    _disk[path] = stored
-    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(stored, file, indent=1, sort_keys=True)
-        os.replace(temporary, path)
-    except OSError as error:
-        warnings.warn(f"{CACHE_VARIABLE}={path!r}: the dispatch decision could not be saved ({error})", stacklevel=4)
+        stored[_disk_entry(key, tensors)] = {"backend": decision.backend, "reason": decision.reason}
+        self._disk[path] = stored
+        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(stored, file, indent=1, sort_keys=True)
+            os.replace(temporary, path)
+        except OSError as error:
+            warnings.warn(
+                f"{CACHE_VARIABLE}={path!r}: the dispatch decision could not be saved ({error})", stacklevel=4
+            )
+
+
+def _time_both(
+    kernel: Callable[[], object], torch_path: Callable[[], object], *, device: torch.device, warmup: int, repeats: int
+) -> tuple[float, float]:
+    """The default `Timer`: `time_path` on the kernel's run, then on the torch path's."""
+    return (
+        time_path(kernel, device=device, warmup=warmup, repeats=repeats),
+        time_path(torch_path, device=device, warmup=warmup, repeats=repeats),
+    )
+
+
+default_dispatcher = Dispatcher()
+"""The dispatcher the ops use (the owner of the process's decisions); the functions below ask it."""
+
+
+def decisions() -> dict[str, Decision]:
+    """Every decision `backend="auto"` has made (or read from the disk cache) in this process, by key.
+
+    A key reads `op dtypes device [shape buckets] grad|no-grad`, every dimension rounded up to a power of two;
+    each `Decision` says the path taken (`"torch"` or `"triton"`) and why (both timings, the difference from
+    the exact result, or the kernel's exception). At most `MAX_DECISIONS` are kept, least recently used first.
+
+    Returns:
+        `{key: Decision}`, a copy (docs/kernels.md, "Cache", shows one).
+    """
+    return default_dispatcher.decisions()
+
+
+def forget_decisions() -> None:
+    """Drop the decisions `backend="auto"` has kept in this process, so that each key is measured again (or read
+    again from the disk cache `NEGTRANSFER_DISPATCH_CACHE`, whose file is left as it is)."""
+    default_dispatcher.forget_decisions()
+
+
+def is_candidate(op: str, tensors: Sequence[Tensor]) -> bool:
+    """The prior: whether `auto` may take the kernel of `op` for `tensors` (then it measures, once per key).
+
+    CUDA tensors of float16, bfloat16 or float32 (never float64), Triton importable, `torch.compile` not tracing,
+    and the cost rule (`fused_wins`); `default_dispatcher`'s settings decide.
+    """
+    return default_dispatcher.is_candidate(op, tensors)
+
+
+def resolve_backend(backend: Backend, op: str, *tensors: Tensor) -> Chosen:
+    """The path `backend` takes now for `op`, without measuring: the forced one, or for `"auto"` the decision
+    already made for this key (torch when there is none, or when the inputs are no candidate).
+
+    Args:
+        backend: `"auto"`, `"torch"` or `"triton"` (`NEGTRANSFER_BACKEND` replaces `"auto"`).
+        op: the op's name and variant, e.g. `"gram_row_cosines/batch"`.
+        tensors: the op's input tensors (the key is built from their dtypes, device and shapes).
+
+    Returns:
+        `"torch"` or `"triton"`.
+
+    Raises:
+        ValueError: for an invalid `backend` or `NEGTRANSFER_BACKEND`, and where a forced `"triton"` cannot run
+            (no Triton, not CUDA without the interpreter, float64).
+    """
+    return default_dispatcher.resolve(backend, op, *tensors)

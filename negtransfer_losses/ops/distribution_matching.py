@@ -18,7 +18,7 @@ from ..functional.distribution_matching import (
     _matching_terms_unchecked,
     _MatchingOptions,
 )
-from .dispatch import Backend, check_backend, choose
+from .dispatch import Backend, check_backend, default_dispatcher
 
 
 def distribution_matching(
@@ -108,7 +108,7 @@ def matching_terms(
         return _matching_terms_unchecked(a, b, relatedness, checked_prior, options)
 
     def kernel_path(a: Tensor, b: Tensor) -> dict[Direction, Tensor]:
-        from .fused_distribution_matching import FusedDistributionMatching
+        from ._kernel_distribution_matching import FusedDistributionMatching
 
         per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
             a, b, relatedness, checked_prior, options.divergence == "kl", options.detach_target, options.eps
@@ -117,5 +117,7 @@ def matching_terms(
         return {direction: means[DIRECTIONS.index(direction)] for direction in options.directions}
 
     op = f"distribution_matching/{options.divergence}{'/detached' if options.detach_target else ''}"
-    chosen = choose(op, backend, (logits_a, logits_b), torch_path=torch_path, kernel_path=kernel_path)
+    chosen = default_dispatcher.choose(
+        op, backend, (logits_a, logits_b), torch_path=torch_path, kernel_path=kernel_path
+    )
     return (kernel_path if chosen == "triton" else torch_path)(logits_a, logits_b)

@@ -24,7 +24,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from negtransfer_losses.ops import channel_cosine, fused_distribution_matching, gram_cosine
+from negtransfer_losses.ops import _kernel_channel_cosine as channel_cosine
+from negtransfer_losses.ops import _kernel_distribution_matching as distribution_matching
+from negtransfer_losses.ops import _kernel_gram_cosine as gram_cosine
 
 ELEMENT = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
 # (name, dot dtype, precision): the dtypes the wrappers pass, fp32 in both of its modes
@@ -75,7 +77,7 @@ def specializations() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]
                    {"w_ptr": data, "u_ptr": data, "scale_ptr": "*fp32", "coef_ptr": "*fp32", "dw_ptr": data,
                     "acc_ptr": "*fp32"}, {**common, **tiles, "ONE_CHUNK": one, "SPLIT": dot != tl.float32})  # fmt: skip
     yield from channel_cosine.compile_specializations()
-    yield from fused_distribution_matching.compile_specializations()
+    yield from distribution_matching.compile_specializations()
 
 
 def compile_ptx(kernel: Any, types: dict[str, str], constexprs: dict[str, Any], capability: int) -> str:

@@ -80,15 +80,14 @@ def test_candidates_are_cuda_tensors_of_a_fused_dtype_outside_compile(monkeypatc
     assert not dispatch.is_candidate("gram_row_cosines/batch", (big, big))  # not CUDA
     assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "torch"
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert dispatch.triton_available()  # this module is skipped without Triton
     assert dispatch.is_candidate("gram_row_cosines/batch", (big, big))
     # a candidate without a decision yet: resolve_backend (which never measures) answers torch
-    monkeypatch.setattr(dispatch, "capturing", lambda tensors: False)
     assert dispatch.resolve_backend("auto", "gram_row_cosines/batch", big, big) == "torch"
     wide = big.double()
     assert not dispatch.is_candidate("gram_row_cosines/batch", (wide, wide))
-    monkeypatch.setattr(dispatch, "compiling", lambda: True)
-    assert not dispatch.is_candidate("gram_row_cosines/batch", (big, big))
+    with dispatch.default_dispatcher.override(compiling=lambda: True):
+        assert not dispatch.is_candidate("gram_row_cosines/batch", (big, big))
 
 
 # --- the measurement ------------------------------------------------------------------------------------
@@ -101,11 +100,12 @@ class Measured:
     timings: dict[str, float] = field(default_factory=lambda: {"torch": 1.0, "triton": 0.5})
     timed: list[str] = field(default_factory=list)
 
-    def timer(self, run: Any, *, path: str, device: torch.device) -> float:
+    def timer(self, kernel: Any, torch_path: Any, /, *, device: torch.device) -> tuple[float, float]:
         assert device.type == "cpu"
-        run()
-        self.timed.append(path)
-        return self.timings[path]
+        for path, run in (("triton", kernel), ("torch", torch_path)):
+            run()
+            self.timed.append(path)
+        return self.timings["triton"], self.timings["torch"]
 
 
 @pytest.fixture
@@ -115,11 +115,10 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> Iterator[Measured]:
     monkeypatch.delenv("NEGTRANSFER_BACKEND", raising=False)
     monkeypatch.delenv(dispatch.CACHE_VARIABLE, raising=False)
     state = Measured()
-    monkeypatch.setattr(dispatch.settings, "cpu_candidates", True)
-    monkeypatch.setattr(dispatch.settings, "prior", lambda op, *tensors: True)
-    monkeypatch.setattr(dispatch.settings, "timer", state.timer)
+    settings = {"cpu_candidates": True, "prior": lambda op, *tensors: True, "timer": state.timer}
     dispatch.forget_decisions()
-    yield state
+    with dispatch.default_dispatcher.override(**settings):
+        yield state
     dispatch.forget_decisions()
 
 
@@ -199,7 +198,7 @@ class _WrongGradient(_WrongValue):
 def test_a_wrong_kernel_is_never_kept_however_fast(
     measured: Measured, monkeypatch: pytest.MonkeyPatch, wrong: type[torch.autograd.Function]
 ) -> None:
-    from negtransfer_losses.ops import channel_cosine
+    from negtransfer_losses.ops import _kernel_channel_cosine as channel_cosine
 
     monkeypatch.setattr(channel_cosine, "AggregatedRowCosines", wrong)
     measured.timings["triton"] = 0.01
@@ -227,7 +226,7 @@ def test_a_slower_kernel_is_never_kept(measured: Measured) -> None:
 
 
 def test_a_kernel_that_raises_is_not_kept(measured: Measured, monkeypatch: pytest.MonkeyPatch) -> None:
-    from negtransfer_losses.ops import channel_cosine
+    from negtransfer_losses.ops import _kernel_channel_cosine as channel_cosine
 
     class Broken(torch.autograd.Function):
         @staticmethod
@@ -263,9 +262,48 @@ def test_choose_keeps_a_kernel_that_rounds_like_the_torch_path(measured: Measure
     def off(t: Tensor) -> Tensor:
         return torch_path(t) * (1 + 1e-4)
 
-    assert dispatch.choose("squares/rounded", "auto", (x,), torch_path=torch_path, kernel_path=rounded) == "triton"
+    choose = dispatch.default_dispatcher.choose
+    assert choose("squares/rounded", "auto", (x,), torch_path=torch_path, kernel_path=rounded) == "triton"
     with pytest.warns(KernelRejectedWarning, match=r"squares/off \(float32, shape \(64, 33\)\)"):
-        assert dispatch.choose("squares/off", "auto", (x,), torch_path=torch_path, kernel_path=off) == "torch"
+        assert choose("squares/off", "auto", (x,), torch_path=torch_path, kernel_path=off) == "torch"
+
+
+def test_a_kernel_that_raises_while_timed_is_not_kept(measured: Measured) -> None:
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    calls = []
+
+    def torch_path(t: Tensor) -> Tensor:
+        return t.square().sum(dim=1)
+
+    def flaky(t: Tensor) -> Tensor:  # right the first time (checked), raises when timed
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return torch_path(t)
+
+    dispatcher = dispatch.Dispatcher(dispatch.MeasureSettings(cpu_candidates=True, prior=lambda op, *t: True))
+    with pytest.warns(KernelRejectedWarning, match=r"the kernel raised RuntimeError while timed: out of memory"):
+        assert dispatcher.choose("squares/flaky", "auto", (x,), torch_path=torch_path, kernel_path=flaky) == "torch"
+    assert measured.timed == [] and dispatch.decisions() == {}  # its own dispatcher: the default one is untouched
+
+
+def test_the_decisions_are_bounded_the_least_recently_used_dropped_first(measured: Measured) -> None:
+    settings = dispatch.MeasureSettings(cpu_candidates=True, prior=lambda op, *t: True, timer=measured.timer)
+    dispatcher = dispatch.Dispatcher(settings, max_decisions=2)
+
+    def choose(op: str) -> str:
+        x = torch.ones(4, 2, requires_grad=True)
+        return dispatcher.choose(op, "auto", (x,), torch_path=torch.square, kernel_path=torch.square)
+
+    assert choose("a") == choose("b") == "triton"
+    choose("a")  # "a" used again: "b" is now the least recently used
+    choose("c")
+    assert [key.split(" ")[0] for key in dispatcher.decisions()] == ["a", "c"]
+    assert len(measured.timed) == 2 * 3
+    choose("b")  # dropped: measured again
+    assert len(measured.timed) == 2 * 4 and len(dispatcher.decisions()) == 2
+    with pytest.raises(ValueError, match="'max_decisions' must be a positive int, got 0"):
+        dispatch.Dispatcher(max_decisions=0)
 
 
 def test_nothing_is_measured_inside_torch_compile(measured: Measured) -> None:
@@ -288,17 +326,19 @@ def test_nothing_is_measured_with_a_forced_backend(measured: Measured, monkeypat
     assert measured.timed == [] and dispatch.decisions() == {}
 
 
-def test_cuda_graph_capture_never_measures_but_keeps_a_decision(
-    measured: Measured, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cuda_graph_capture_never_measures_but_keeps_a_decision(measured: Measured) -> None:
     s, r = student_and_reference(3, 4, 5, 6)
-    monkeypatch.setattr(dispatch, "capturing", lambda tensors: True)
-    assert dispatch.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == "torch"
+    dispatcher = dispatch.default_dispatcher
+    with dispatcher.override(capturing=lambda *devices: True):
+        assert dispatcher.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == (
+            "torch"
+        )
     assert measured.timed == [] and dispatch.decisions() == {}
-    monkeypatch.setattr(dispatch, "capturing", lambda tensors: False)
     channel_cosines(s, r)  # measured outside the capture: the kernel wins
-    monkeypatch.setattr(dispatch, "capturing", lambda tensors: True)
-    assert dispatch.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == "triton"
+    with dispatcher.override(capturing=lambda *devices: True):
+        assert dispatcher.choose("aggregated_row_cosines/mean", "auto", (s, r), torch_path=None, kernel_path=None) == (
+            "triton"
+        )
     assert len(measured.timed) == 2
 
 
@@ -322,11 +362,9 @@ def test_decisions_persist_in_the_opt_in_disk_cache(
     assert decision.backend == "triton" and str(cache) in decision.reason
 
 
-def test_time_path_takes_the_median_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_path_takes_the_median_after_a_warm_up() -> None:
     calls = []
-    monkeypatch.setattr(dispatch.settings, "warmup", 2)
-    monkeypatch.setattr(dispatch.settings, "repeats", 3)
-    milliseconds = dispatch.time_path(lambda: calls.append(1), path="torch", device=torch.device("cpu"))
+    milliseconds = dispatch.time_path(lambda: calls.append(1), device=torch.device("cpu"), warmup=2, repeats=3)
     assert len(calls) == 5 and 0 <= milliseconds < 100
 
 

@@ -68,7 +68,7 @@ def test_anti_transfer_uses_the_kernel_with_the_same_result(scope: str) -> None:
 
 
 def test_rows_past_one_column_chunk_accumulate_over_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from negtransfer_losses.ops import gram_cosine
+    from negtransfer_losses.ops import _kernel_gram_cosine as gram_cosine
 
     monkeypatch.setattr(gram_cosine, "TILE_COLUMNS", 16)  # 40 rows: three chunks, as 600 rows with 256
     g = torch.Generator().manual_seed(2)
@@ -93,7 +93,7 @@ def test_huge_float32_maps_give_the_cosines_of_the_unscaled_maps(shape: tuple[in
 
 def test_identity_plan_and_grids_stay_within_cuda_limits_at_huge_sizes() -> None:
     from negtransfer_losses.ops._kernel_common import MAX_GRID_X, check_grid
-    from negtransfer_losses.ops.gram_cosine import BLOCK_DIM, BLOCK_ROWS, PARTIAL_BUDGET, identity_plan
+    from negtransfer_losses.ops._kernel_gram_cosine import BLOCK_DIM, BLOCK_ROWS, PARTIAL_BUDGET, identity_plan
 
     assert identity_plan(1, 15_360, 64) == (30, 512, 1, 64)  # the paper's batch scope: 30 chunks of 8·N rows
     for groups, rows, dim in [(1, 15_360, 64), (1, 2**31, 64), (1, 3 * 2**30, 1000), (4096, 2**20, 16), (1, 100, 99)]:
@@ -114,7 +114,7 @@ def test_batch_scope_identity_arithmetic_and_reads_are_bounded() -> None:
     times the kernels load each input element."""
     from triton.runtime import interpreter
 
-    from negtransfer_losses.ops.gram_cosine import identity_plan
+    from negtransfer_losses.ops._kernel_gram_cosine import identity_plan
 
     g = torch.Generator().manual_seed(5)
     s, r = torch.randn(30, 32, 8, 8, generator=g).requires_grad_(True), torch.randn(30, 32, 8, 8, generator=g)
@@ -159,7 +159,7 @@ def test_identity_partials_over_several_row_chunks(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype
 ) -> None:
     # at test sizes the plan takes one chunk (8·N rows each); force chunks of 64 rows, combined in order
-    from negtransfer_losses.ops import gram_cosine
+    from negtransfer_losses.ops import _kernel_gram_cosine as gram_cosine
 
     plan = gram_cosine.identity_plan
 

@@ -209,8 +209,8 @@ def test_backward_reads_the_student_only_for_max(aggregation: str, reads: int) -
 
 
 def test_launch_grid_is_one_dimensional_within_cuda_limits() -> None:
+    from negtransfer_losses.ops._kernel_channel_cosine import _blocks
     from negtransfer_losses.ops._kernel_common import MAX_GRID_X
-    from negtransfer_losses.ops.channel_cosine import _blocks
 
     # one program per (sample, block of 128 positions): past 2³¹ − 1 programs only with more than 2³⁸ positions,
     # 512 GiB of float16 for one channel (more than any GPU holds); check_grid raises before such a launch

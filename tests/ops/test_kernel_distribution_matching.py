@@ -33,7 +33,7 @@ class KernelCalls:
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> KernelCalls:
-    from negtransfer_losses.ops.fused_distribution_matching import FusedDistributionMatching
+    from negtransfer_losses.ops._kernel_distribution_matching import FusedDistributionMatching
 
     calls = KernelCalls()
     original = FusedDistributionMatching.apply
@@ -172,7 +172,7 @@ def test_both_paths_give_the_documented_errors(backend: str) -> None:
 
 def test_blocks_of_samples_and_grid_within_cuda_limits() -> None:
     from negtransfer_losses.ops._kernel_common import MAX_GRID_X
-    from negtransfer_losses.ops.fused_distribution_matching import TILE_BUDGET, block_sizes
+    from negtransfer_losses.ops._kernel_distribution_matching import TILE_BUDGET, block_sizes
 
     assert block_sizes(7, 17) == {"SAMPLES": 16, "BLOCK_K": 8, "BLOCK_M": 32}
     assert block_sizes(3, 5)["SAMPLES"] == 64 and block_sizes(300, 200)["SAMPLES"] == 1
@@ -184,7 +184,7 @@ def test_blocks_of_samples_and_grid_within_cuda_limits() -> None:
 
 
 def test_broadcast_gradient_is_read_through_its_strides() -> None:
-    from negtransfer_losses.ops.fused_distribution_matching import FusedDistributionMatching
+    from negtransfer_losses.ops._kernel_distribution_matching import FusedDistributionMatching
 
     za, zb, r, prior = problem(9, 5, 6, torch.float32)
     a, b = za.clone().requires_grad_(True), zb.clone().requires_grad_(True)
