@@ -25,6 +25,7 @@ from .losses import (
     MultiTaskLoss,
     Purify,
     SoftCoAnnotationLoss,
+    SuppressionLoss,
     make_suppression,
 )
 from .relatedness import TaskRelatedness
@@ -48,6 +49,7 @@ __all__ = [
     "Purify",
     "SoftCoAnnotationLoss",
     "StaleFeaturesError",
+    "SuppressionLoss",
     "TaskRelatedness",
     "__version__",
     "collect_terms",

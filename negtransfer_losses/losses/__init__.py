@@ -1,5 +1,6 @@
 """The `nn.Module` losses users construct: thin holders of configuration over `functional`."""
 
+from ._base import SuppressionLoss
 from .adversarial import AdversarialSuppression
 from .anti_transfer import AntiTransferLoss
 from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
@@ -15,5 +16,6 @@ __all__ = [
     "MultiTaskLoss",
     "Purify",
     "SoftCoAnnotationLoss",
+    "SuppressionLoss",
     "make_suppression",
 ]

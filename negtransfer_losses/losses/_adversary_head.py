@@ -3,6 +3,7 @@
 - `HeadAdam`: Adam, as `torch.optim.Adam` computes it, written on tensors for the head's own steps (no host
   read, one graph under `torch.compile`), its state in buffers that the adversary's `state_dict` saves, so a
   resumed run continues bitwise.
+- `own_head_steps`: those steps on a batch (over every rank's batch under `torch.distributed`).
 - `HeadWatch`: warns when the user's optimizer never moves the head, reading its flag without waiting.
 """
 
@@ -17,8 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import HostCopy
+from ..distributed import is_distributed, summed_across_ranks
+from ..functional.adversarial import AdversarialBatch, adversarial_cross_entropy
 
 Parameters = dict[str, Tensor]
+Gradient = Callable[[Parameters], Mapping[str, Tensor]]
 
 
 class HeadAdam(nn.Module):
@@ -69,7 +73,7 @@ class HeadAdam(nn.Module):
         )
 
     def propose(
-        self, params: Parameters, gradient: Callable[[Parameters], Mapping[str, Tensor]], steps: int
+        self, params: Parameters, gradient: Gradient, steps: int
     ) -> tuple[Parameters, list[Tensor], list[Tensor], Tensor]:
         """`steps` Adam steps from `params` and the stored state; the state itself is left as it is.
 
@@ -147,6 +151,70 @@ class HeadAdam(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, parameters={self.names}"
+
+
+def own_head_steps(
+    head: nn.Module,
+    optimizer: HeadAdam,
+    batch: AdversarialBatch,
+    finite: Tensor | None,
+    *,
+    num_irrelevant: int,
+    steps: int,
+) -> None:
+    """`steps` steps of `optimizer` on the head's cross-entropy over the batch's detached features.
+
+    Gradients by `torch.func.grad`; the head and the optimizer's state change only where the batch has a
+    sample of weight and `finite` (if given) is true, decided on the device. Under `torch.distributed` the
+    gradient is that of the ranks' batches together and the decision theirs together (see `_over_ranks`).
+
+    Args:
+        head: the adversary's head; its parameters named in `optimizer.names` are trained.
+        optimizer: the head's own `HeadAdam`.
+        batch: from `functional.adversarial.adversarial_batch` (with labels).
+        finite: whether the batch's features are finite (0-d bool), or None when that is not checked.
+        num_irrelevant: the head's number of classes.
+        steps: how many steps.
+    """
+    assert batch.weights is not None and batch.labels is not None
+    detached = batch._replace(features=batch.features.detach())
+    constant = {name: p.detach() for name, p in head.named_parameters()}
+
+    def head_loss(trained: Parameters) -> Tensor:
+        return adversarial_cross_entropy(
+            detached, head, num_irrelevant=num_irrelevant, strength=0.0, head_parameters={**constant, **trained}
+        )
+
+    gradient: Gradient = torch.func.grad(head_loss)
+    count = batch.weights.sum()
+    active = count > 0 if finite is None else (count > 0) & finite
+    if is_distributed():
+        gradient, active = _over_ranks(gradient, optimizer.names, count, finite)
+    proposal = optimizer.propose({name: constant[name] for name in optimizer.names}, gradient, steps)
+    optimizer.commit(proposal, {name: head.get_parameter(name) for name in optimizer.names}, active)
+
+
+def _over_ranks(gradient: Gradient, names: list[str], count: Tensor, finite: Tensor | None) -> tuple[Gradient, Tensor]:
+    """The gradient of the ranks' batches together, and whether any has a weighted sample and none is non-finite.
+
+    Each rank's gradient of its mean cross-entropy is multiplied by its count of weighted samples, the products
+    summed over ranks (one all-reduce per step, plus one for the counts) and divided by the total count: the
+    gradient of the mean over every rank's samples, the same on every rank.
+    """
+    usable = torch.ones((), dtype=torch.bool, device=count.device) if finite is None else finite
+    totals = summed_across_ranks(torch.stack([count.to(torch.float64), (~usable).to(torch.float64)]))
+    total, local = totals[0].clamp_min(1.0), count.to(torch.float64).clamp_min(1.0)
+
+    def summed(params: Parameters) -> Parameters:
+        grads = gradient(params)
+        flat = torch.cat([grads[name].reshape(-1).to(torch.float64) for name in names])
+        flat = torch.where(usable, flat * local, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        parts = torch.split(summed_across_ranks(flat) / total, [grads[name].numel() for name in names])
+        return {
+            name: part.reshape(grads[name].shape).to(grads[name].dtype) for name, part in zip(names, parts, strict=True)
+        }
+
+    return summed, (totals[0] > 0) & (totals[1] == 0)
 
 
 class HeadWatch:

@@ -18,6 +18,7 @@ from ..functional.erasure import (
     erasure_basis,
     newton_schulz_cut,
 )
+from ._base import check_count
 
 
 class Purify(nn.Module):
@@ -34,9 +35,8 @@ class Purify(nn.Module):
       batches that held class `k` so far: a plain average at first, an EMA once `n_k > 1 / momentum`; then
       `Q` is recomputed from the new means (`functional.erasure.erasure_basis`) and cached.
     - A small momentum matters: a batch's class means fluctuate along the features' high-variance
-      directions, which are usually the task's, and erasing those fluctuations erases the task. On the
-      synthetic benchmark (docs/task-irrelevant-labels.md) momentum 0.1 cost 23 points of task accuracy,
-      0.01 none.
+      directions, which are usually the task's, and erasing those fluctuations erases the task
+      (docs/task-irrelevant-labels.md).
     - **Identity until every class has been seen once.** `ready` (a 0-d bool tensor) says whether it has.
     - Eval mode, or no labels: no update; the cached `Q` is used; deterministic.
     - Running means and which classes were seen are buffers, saved in the `state_dict`; `Q` is recomputed
@@ -76,8 +76,8 @@ class Purify(nn.Module):
             erased input either way (NaN stays NaN).
 
     Raises:
-        ValueError: `num_irrelevant < 2`, `dim < 1`, `momentum` outside `(0, 1]`, `rtol` outside `[1e-12, 1)`
-            or an unknown `nan_policy`.
+        ValueError: `num_irrelevant` or `dim` not an int (or a bool), `num_irrelevant < 2`, `dim < 1`,
+            `momentum` outside `(0, 1]`, `rtol` outside `[1e-12, 1)` or an unknown `nan_policy`.
     """
 
     class_means: Tensor
@@ -97,10 +97,8 @@ class Purify(nn.Module):
         nan_policy: NanPolicy = "raise",
     ) -> None:
         super().__init__()
-        if num_irrelevant < 2:
-            raise ValueError(f"'num_irrelevant' must be ≥ 2 (one class has no mean differences), got {num_irrelevant}")
-        if dim < 1:
-            raise ValueError(f"'dim' must be ≥ 1, got {dim}")
+        check_count(num_irrelevant, "num_irrelevant", minimum=2, why="one class has no mean differences")
+        check_count(dim, "dim", minimum=1, meaning="the number of features per sample")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"'momentum' must be in (0, 1], got {momentum}")
         newton_schulz_cut(rtol)  # validates rtol
@@ -149,7 +147,7 @@ class Purify(nn.Module):
             irrelevant_labels: `(B,)` labels `u` in `[0, num_irrelevant)` or `ignore_index`; in training
                 mode they update the running statistics (none: no update).
             task_labels: `(B,)` task classes `y` or `ignore_index`; required with `irrelevant_labels` in
-                training when `conditional=True`, refused otherwise.
+                training when `conditional=True`, unused otherwise (as in the suppression losses).
 
         Returns:
             `features − features Q Qᵀ` in the features' shape and dtype; `features` itself until `ready`.
@@ -157,8 +155,8 @@ class Purify(nn.Module):
         Raises:
             TypeError: `features` is not a floating-point tensor, or labels are not integer tensors.
             ValueError: `features` do not hold `dim` values per sample, labels of the wrong shape, device or
-                range, `task_labels` given to an unconditional `Purify` or missing for a conditional one in
-                training, or NaN/inf features in training with `nan_policy="raise"`.
+                range, `task_labels` missing for a conditional `Purify` in training, or NaN/inf features in
+                training with `nan_policy="raise"`.
         """
         check_tensor(features, "features")
         check_min_batch(features.shape[0], 1, what="Purify", name="features")
@@ -168,8 +166,6 @@ class Purify(nn.Module):
                 f"'features' must be (B, {self.dim}) or maps with {self.dim} values per sample, "
                 f"got shape {tuple(features.shape)}"
             )
-        if task_labels is not None and not self.conditional:
-            raise ValueError("'task_labels' are used only by Purify(conditional=True)")
         if self.training and irrelevant_labels is not None:
             check_irrelevant_labels(irrelevant_labels, self.num_irrelevant, features, ignore_index=self.ignore_index)
             if self.conditional:

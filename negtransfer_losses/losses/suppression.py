@@ -9,20 +9,21 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal, TypeAlias, overload
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, guard_finite, zero_unless
+from .._validation import NanPolicy, check_choice, guard_finite
 from ..distributed import GATHERS, Gather
 from ..functional.similarity import KERNELS, Kernel, _check_kernel
 from ..functional.suppression import irrelevant_cka, irrelevant_hsic
+from ._base import SuppressionLoss, check_count
 from .adversarial import AdversarialSuppression
 
 SuppressionMethod: TypeAlias = Literal["adversarial", "hsic", "cka"]
 SUPPRESSION_METHODS: tuple[SuppressionMethod, ...] = ("adversarial", "hsic", "cka")
 
 
-class HSICSuppression(nn.Module):
+class HSICSuppression(SuppressionLoss):
     """`weight · HSIC(z, onehot(u))`: a penalty on what the features `z` say about irrelevant labels `u`.
 
     `HSIC(K_z, L_u)` between a linear (or RBF) kernel on the features and the delta kernel on `u`,
@@ -49,7 +50,9 @@ class HSICSuppression(nn.Module):
         kernel: the kernel on the features, `"linear"` or `"rbf"`.
         sigma: the RBF bandwidth (only with `kernel="rbf"`); None takes the median distance between rows.
         normalized: the CKA-style ratio instead of HSIC.
-        unbiased: the unbiased estimator (True) or the biased one.
+        unbiased: the unbiased estimator (True) or the biased one. The default differs from `CKASuppression`'s
+            on purpose: the biased HSIC of independent features and labels is positive, of order `1/n`, so a
+            penalty on it pushes towards a floor it cannot reach; the unbiased one is 0 there on average.
         gather: `"global"` computes it on every rank's batch concatenated (DDP); `"local"` on this rank's.
         ignore_index: the label of samples whose class is unknown (`u` and `y`).
         nan_policy: non-finite features raise a `ValueError` (`"raise"`), give a zero loss (`"skip"`), or
@@ -74,23 +77,16 @@ class HSICSuppression(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         nan_policy: NanPolicy = "raise",
     ) -> None:
-        super().__init__()
-        if isinstance(num_irrelevant, bool) or not isinstance(num_irrelevant, int) or num_irrelevant < 1:
-            raise ValueError(
-                f"'num_irrelevant' must be the number of irrelevant classes (an int ≥ 1), got {num_irrelevant!r}"
-            )
-        _check_options(kernel, sigma, gather, nan_policy)
-        self.num_irrelevant = num_irrelevant
-        self.weight = float(weight)
-        self.conditional = bool(conditional)
+        super().__init__(weight=weight, conditional=conditional, ignore_index=ignore_index, nan_policy=nan_policy)
+        self.num_irrelevant = check_count(
+            num_irrelevant, "num_irrelevant", minimum=1, meaning="the number of irrelevant classes"
+        )
+        _check_options(kernel, sigma, gather)
         self.kernel: Kernel = kernel
         self.sigma = sigma
         self.normalized = bool(normalized)
         self.unbiased = bool(unbiased)
         self.gather: Gather = gather
-        self.ignore_index = ignore_index
-        self.nan_policy: NanPolicy = nan_policy
-        self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, features: Tensor, irrelevant_labels: Tensor, *, task_labels: Tensor | None = None) -> Tensor:
         """The weighted penalty.
@@ -99,19 +95,17 @@ class HSICSuppression(nn.Module):
             features: `(B, ...)`, flattened to `(B, D)`.
             irrelevant_labels: `(B,)` integers in `[0, num_irrelevant)` or `ignore_index`.
             task_labels: `(B,)` task classes (`ignore_index` for unknown); required with `conditional=True`,
-                refused otherwise.
+                unused otherwise (one loop serves both forms).
 
         Returns:
             a scalar tensor; `last_terms` then holds `"loss"` (it) and `"value"` (the unweighted HSIC).
 
         Raises:
-            ValueError: for missing or unexpected `task_labels`, labels outside their range, non-finite
+            ValueError: for missing `task_labels` (conditional), labels outside their range, non-finite
                 features (`nan_policy="raise"`), or a batch smaller than the estimator needs.
             TypeError: for non-floating features or non-integer labels.
         """
-        _check_task_labels_given(
-            self.conditional, task_labels, "suppression(features, irrelevant_labels, task_labels=y)"
-        )
+        task_labels = self.task_labels_for(task_labels, "suppression(features, irrelevant_labels, task_labels=y)")
         guarded, finite = guard_finite({"features": features}, self.nan_policy)
         value = irrelevant_hsic(
             guarded["features"],
@@ -125,24 +119,17 @@ class HSICSuppression(nn.Module):
             ignore_index=self.ignore_index,
             task_labels=task_labels,
         )
-        value = zero_unless(finite, value)
-        loss = self.weight * value
-        self.last_terms = {"loss": loss.detach(), "value": value.detach()}
-        return loss
+        return self.weighted(value, finite)
+
+    def options(self) -> list[str]:
+        shown = [f"kernel={self.kernel!r}", f"normalized={self.normalized}", f"unbiased={self.unbiased}"]
+        return shown + _optional_options(self.sigma, self.gather)
 
     def extra_repr(self) -> str:
-        options = [
-            f"num_irrelevant={self.num_irrelevant}",
-            f"weight={self.weight}",
-            f"conditional={self.conditional}",
-            f"kernel={self.kernel!r}",
-            f"normalized={self.normalized}",
-            f"unbiased={self.unbiased}",
-        ]
-        return ", ".join(options + _optional_repr(self.sigma, self.gather, self.ignore_index, self.nan_policy))
+        return f"num_irrelevant={self.num_irrelevant}, " + super().extra_repr()
 
 
-class CKASuppression(nn.Module):
+class CKASuppression(SuppressionLoss):
     """`weight · CKA(z, r)`: a penalty on the similarity of the features `z` to a frozen irrelevant network's `r`.
 
     `CKA(Z, R) = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` (Kornblith et al. 2019) between the features
@@ -164,7 +151,10 @@ class CKASuppression(nn.Module):
         conditional: the within-task-class form (forward then needs `task_labels`).
         kernel: `"linear"` or `"rbf"`, the same on both sides.
         sigma: the RBF bandwidth (only with `kernel="rbf"`); None takes the median distance, per side.
-        unbiased: the unbiased HSIC (a batch of at least 4) instead of the biased one (at least 2).
+        unbiased: the unbiased HSIC (a batch of at least 4) instead of the biased one (at least 2). The default
+            (biased) differs from `HSICSuppression`'s on purpose: CKA divides out the biased estimator's scale
+            and is Kornblith et al.'s form, bounded in [0, 1]; the unbiased CKA can be negative and is noisy
+            at small batches.
         gather: `"global"` computes it on every rank's batch concatenated (DDP); `"local"` on this rank's.
         ignore_index: the task label of samples whose class is unknown.
         nan_policy: non-finite inputs raise a `ValueError` (`"raise"`), give a zero loss (`"skip"`), or pass
@@ -187,17 +177,12 @@ class CKASuppression(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         nan_policy: NanPolicy = "raise",
     ) -> None:
-        super().__init__()
-        _check_options(kernel, sigma, gather, nan_policy)
-        self.weight = float(weight)
-        self.conditional = bool(conditional)
+        super().__init__(weight=weight, conditional=conditional, ignore_index=ignore_index, nan_policy=nan_policy)
+        _check_options(kernel, sigma, gather)
         self.kernel: Kernel = kernel
         self.sigma = sigma
         self.unbiased = bool(unbiased)
         self.gather: Gather = gather
-        self.ignore_index = ignore_index
-        self.nan_policy: NanPolicy = nan_policy
-        self.last_terms: dict[str, Tensor] = {}
 
     def forward(self, features: Tensor, irrelevant_features: Tensor, *, task_labels: Tensor | None = None) -> Tensor:
         """The weighted penalty.
@@ -206,19 +191,17 @@ class CKASuppression(nn.Module):
             features: `(B, ...)`, flattened to `(B, D)`.
             irrelevant_features: `(B, ...)`, flattened to `(B, D')`: the frozen irrelevant network's features.
             task_labels: `(B,)` task classes (`ignore_index` for unknown); required with `conditional=True`,
-                refused otherwise.
+                unused otherwise (one loop serves both forms).
 
         Returns:
             a scalar tensor; `last_terms` then holds `"loss"` (it) and `"value"` (the unweighted CKA).
 
         Raises:
-            ValueError: for missing or unexpected `task_labels`, batches of different sizes, non-finite inputs
+            ValueError: for missing `task_labels` (conditional), batches of different sizes, non-finite inputs
                 (`nan_policy="raise"`), or a batch smaller than the estimator needs.
             TypeError: for non-floating features or non-integer task labels.
         """
-        _check_task_labels_given(
-            self.conditional, task_labels, "suppression(features, irrelevant_features, task_labels=y)"
-        )
+        task_labels = self.task_labels_for(task_labels, "suppression(features, irrelevant_features, task_labels=y)")
         guarded, finite = guard_finite(
             {"features": features, "irrelevant_features": irrelevant_features}, self.nan_policy
         )
@@ -232,43 +215,23 @@ class CKASuppression(nn.Module):
             ignore_index=self.ignore_index,
             task_labels=task_labels,
         )
-        value = zero_unless(finite, value)
-        loss = self.weight * value
-        self.last_terms = {"loss": loss.detach(), "value": value.detach()}
-        return loss
+        return self.weighted(value, finite)
 
-    def extra_repr(self) -> str:
-        options = [
-            f"weight={self.weight}",
-            f"conditional={self.conditional}",
-            f"kernel={self.kernel!r}",
-            f"unbiased={self.unbiased}",
-        ]
-        return ", ".join(options + _optional_repr(self.sigma, self.gather, self.ignore_index, self.nan_policy))
+    def options(self) -> list[str]:
+        return [f"kernel={self.kernel!r}", f"unbiased={self.unbiased}", *_optional_options(self.sigma, self.gather)]
 
 
-def _check_options(kernel: str, sigma: float | None, gather: str, nan_policy: str) -> None:
+def _check_options(kernel: str, sigma: float | None, gather: str) -> None:
     check_choice(kernel, "kernel", KERNELS)
     check_choice(gather, "gather", GATHERS)
-    check_choice(nan_policy, "nan_policy", NAN_POLICIES)
     if sigma is not None and kernel != "rbf":
         raise ValueError(f"'sigma' is the RBF bandwidth: it needs kernel='rbf', got kernel={kernel!r}")
     _check_kernel(kernel, sigma)
 
 
-def _check_task_labels_given(conditional: bool, task_labels: Tensor | None, call: str) -> None:
-    if conditional and task_labels is None:
-        raise ValueError(f"conditional=True needs 'task_labels' (the task classes): call it as {call}")
-    if not conditional and task_labels is not None:
-        raise ValueError("'task_labels' are used only with conditional=True; construct the module with it")
-
-
-def _optional_repr(sigma: float | None, gather: str, ignore_index: int, nan_policy: str) -> list[str]:
-    """The options shown only where they differ from their defaults."""
-    shown = [] if sigma is None else [f"sigma={sigma}"]
-    shown += [] if gather == "local" else [f"gather={gather!r}"]
-    shown += [] if ignore_index == IGNORE_INDEX else [f"ignore_index={ignore_index}"]
-    return shown + ([] if nan_policy == "raise" else [f"nan_policy={nan_policy!r}"])
+def _optional_options(sigma: float | None, gather: str) -> list[str]:
+    """The kernel options shown only where they differ from their defaults."""
+    return ([] if sigma is None else [f"sigma={sigma}"]) + ([] if gather == "local" else [f"gather={gather!r}"])
 
 
 @overload
@@ -278,8 +241,8 @@ def make_suppression(method: Literal["hsic"], /, **options: Any) -> HSICSuppress
 @overload
 def make_suppression(method: Literal["cka"], /, **options: Any) -> CKASuppression: ...
 @overload
-def make_suppression(method: SuppressionMethod, /, **options: Any) -> nn.Module: ...
-def make_suppression(method: SuppressionMethod, /, **options: Any) -> nn.Module:
+def make_suppression(method: SuppressionMethod, /, **options: Any) -> SuppressionLoss: ...
+def make_suppression(method: SuppressionMethod, /, **options: Any) -> SuppressionLoss:
     """The suppression module of `method`, built with `options`: for sweeps and configuration files.
 
     `make_suppression("hsic", num_irrelevant=10, weight=3.0)` is `HSICSuppression(num_irrelevant=10,
@@ -311,7 +274,7 @@ def make_suppression(method: SuppressionMethod, /, **options: Any) -> nn.Module:
     return module(**options)
 
 
-_CLASSES: dict[str, type[nn.Module]] = {
+_CLASSES: dict[str, type[SuppressionLoss]] = {
     "adversarial": AdversarialSuppression,
     "hsic": HSICSuppression,
     "cka": CKASuppression,

@@ -459,8 +459,9 @@ def test_bad_labels_are_clear_errors() -> None:
         loss(z[:, :4], u)
     with pytest.raises(ValueError, match=r"conditional=True needs 'task_labels'"):
         ntl.AdversarialSuppression(3, dim=5, conditional=True)(z, u)
-    with pytest.raises(ValueError, match=r"'task_labels' are used only with conditional=True"):
-        loss(z, u, task_labels=u)
+    loss.eval()  # the constructor decides the form: an unconditional module leaves task labels unused
+    assert torch.equal(loss(z, u, task_labels=u), loss(z, u))
+    loss.train()
     with pytest.raises(ValueError, match=r"'task_labels' holds -3, task classes are ≥ 0"):
         ntl.AdversarialSuppression(3, dim=5, conditional=True)(z, u, task_labels=u - 3)
 

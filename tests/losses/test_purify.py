@@ -208,7 +208,7 @@ def test_maps_and_low_precision_keep_shape_and_dtype() -> None:
 
 
 def test_hostile_input() -> None:
-    with pytest.raises(ValueError, match=r"'num_irrelevant' must be ≥ 2"):
+    with pytest.raises(ValueError, match=r"'num_irrelevant' must be an int ≥ 2 \(one class has no mean differences\)"):
         ntl.Purify(1, 4)
     with pytest.raises(ValueError, match=r"'momentum' must be in \(0, 1\]"):
         ntl.Purify(3, 4, momentum=0.0)
@@ -275,8 +275,9 @@ def test_conditional_hostile_batches_leave_it_the_identity() -> None:
     assert not purify.ready
     with pytest.raises(ValueError, match=r"needs 'task_labels' with the irrelevant labels in training"):
         purify(z, u)
-    with pytest.raises(ValueError, match=r"'task_labels' are used only by Purify\(conditional=True\)"):
-        ntl.Purify(3, 6)(z, u, task_labels=y)
+    plain, again = ntl.Purify(3, 6), ntl.Purify(3, 6)  # unconditional: task labels are left unused
+    assert torch.equal(plain(z, u, task_labels=y), again(z, u))
+    assert torch.equal(plain.class_means, again.class_means)
 
 
 def test_nan_policy_is_the_shared_one() -> None:

@@ -167,8 +167,9 @@ def test_forward_errors_are_clear() -> None:
         ntl.HSICSuppression(3, conditional=True)(z, u)
     with pytest.raises(ValueError, match=r"conditional=True needs 'task_labels'"):
         ntl.CKASuppression(conditional=True)(z, r)
-    with pytest.raises(ValueError, match=r"'task_labels' are used only with conditional=True"):
-        ntl.HSICSuppression(3)(z, u, task_labels=y)
+    # the constructor decides the form: an unconditional module leaves task labels unused
+    assert torch.equal(ntl.HSICSuppression(3)(z, u, task_labels=y), ntl.HSICSuppression(3)(z, u))
+    assert torch.equal(ntl.CKASuppression()(z, r, task_labels=y), ntl.CKASuppression()(z, r))
     with pytest.raises(ValueError, match=r"'irrelevant_labels' holds 3, outside \[0, 3\) for 3 irrelevant classes"):
         ntl.HSICSuppression(3)(z, u.clamp(0) + 1)
     with pytest.raises(ValueError, match=r"unbiased HSIC needs at least 4 samples in 'features', got a batch of 3"):
