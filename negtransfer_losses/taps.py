@@ -209,18 +209,9 @@ class FeatureTap:
         """Register the hooks (no-op when already attached)."""
         if self._handles:
             return self
-        # The hooks hold the tap weakly, so a tap that is dropped without remove() is collected and
-        # its __del__ removes them.
+        # The hooks hold the tap weakly, so a tap dropped without remove() is collected and its __del__ removes them.
         tap: weakref.ref[FeatureTap] = weakref.ref(self)
-
-        def on_model_forward(module: nn.Module, args: Any) -> None:
-            live = tap()
-            if live is not None:
-                live._start_forward()
-
-        # The pre-hook keeps the pass counter, so it runs outside torch.compile's graphs.
-        outside_graphs = torch.compiler.disable(on_model_forward)  # type: ignore[no-untyped-call]
-        self._handles.append(self._root.register_forward_pre_hook(outside_graphs))
+        self._handles.append(self._root.register_forward_pre_hook(_start_hook(tap)))
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_hook(_capture_hook(tap, name)))
         return self
@@ -266,35 +257,10 @@ class FeatureTap:
         features = {name: list(values) for name, values in self._current.items()}
         earlier = dict(self._earlier)
         self.clear()
-        stale = {name: earlier[name] for name, values in features.items() if not values and name in earlier}
-        if stale:
-            detail = ", ".join(f"{name!r} (forward #{index})" for name, index in stale.items())
-            raise StaleFeaturesError(
-                f"stale features: {detail} did not run in the latest forward pass of the model "
-                f"(#{self._forward_index}); their stored output is from an earlier pass and is not returned. "
-                f"Call pop() after every forward pass, or clear() before one whose features you do not need"
-            )
-        missing = [name for name, values in features.items() if not values]
-        if missing:
-            raise MissingFeaturesError(
-                f"layer(s) {', '.join(map(repr, missing))} captured nothing since the last pop(): they did "
-                f"not run in the forward pass (check the model's control flow), the forward ran outside "
-                f"the tap's `with` block, or pop() was called twice"
-            )
+        _check_popped(features, earlier, self._forward_index)
         if self.on_repeat == "last":
             return {name: values[-1] for name, values in features.items()}
         return features
-
-    def _warn_no_graph(self, name: str) -> None:
-        """Once per tap: a trainable model's layer ran without autograd, so a loss on it trains nothing."""
-        if any(p.requires_grad for p in self._root.parameters()):
-            self._warned_no_grad = True
-            warnings.warn(
-                f"layer {name!r} ran without autograd (torch.no_grad, or reentrant activation checkpointing), "
-                f"so its captured features carry no gradient: a loss on them will not train the model. With "
-                f"torch.utils.checkpoint, pass use_reentrant=False.",
-                stacklevel=4,
-            )
 
     def _start_forward(self) -> None:
         """A forward pass of the model begins: unpopped outputs become earlier ones."""
@@ -350,13 +316,7 @@ class FeatureTap:
             ValueError: `calls` names a layer that is not tapped, or a count below 1.
         """
         if calls is not None:
-            unknown = sorted(set(calls) - set(self._modules))
-            bad = {name: n for name, n in calls.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
-            if unknown or bad:
-                raise ValueError(
-                    f"stop_forward_after: {f'untapped layer(s) {unknown}' if unknown else f'counts {bad} below 1'}; "
-                    f"the tapped layers are {list(self._modules)}"
-                )
+            _check_stop_calls(calls, list(self._modules))
         run = ForwardRun()
         self._stop_after = calls
         try:
@@ -371,16 +331,71 @@ class FeatureTap:
         return f"FeatureTap(layers={list(self._modules)}, detach={self.detach}, on_repeat={self.on_repeat!r}, {state})"
 
 
+def _start_hook(tap: weakref.ref[FeatureTap]) -> Callable[[nn.Module, Any], None]:
+    """The model's forward pre-hook: a pass begins (it keeps the pass counter, so it runs outside compiled graphs)."""
+
+    def on_model_forward(module: nn.Module, args: Any) -> None:
+        live = tap()
+        if live is not None:
+            live._start_forward()
+
+    return torch.compiler.disable(on_model_forward)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def _capture_hook(tap: weakref.ref[FeatureTap], name: str) -> Callable[[nn.Module, Any, Any], None]:
+    """Layer `name`'s forward hook: hand its output to the tap (warning once when it carries no gradient)."""
+
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         live = tap()
         if live is None or _in_backward():  # activation checkpointing re-runs the layer during backward
             return
         if not live.detach and not live._warned_no_grad and not torch.is_grad_enabled():
-            live._warn_no_graph(name)
+            _warn_no_graph(live, name)
         live._capture(name, output)
 
     return hook
+
+
+def _warn_no_graph(tap: FeatureTap, name: str) -> None:
+    """Once per tap: a trainable model's layer ran without autograd, so a loss on it trains nothing."""
+    if any(p.requires_grad for p in tap._root.parameters()):
+        tap._warned_no_grad = True
+        warnings.warn(
+            f"layer {name!r} ran without autograd (torch.no_grad, or reentrant activation checkpointing), "
+            f"so its captured features carry no gradient: a loss on them will not train the model. With "
+            f"torch.utils.checkpoint, pass use_reentrant=False.",
+            stacklevel=4,
+        )
+
+
+def _check_popped(features: Mapping[str, list[Any]], earlier: Mapping[str, int], forward_index: int) -> None:
+    """Refuse a pop where a layer's output is from an earlier pass (stale) or where a layer captured nothing."""
+    stale = {name: earlier[name] for name, values in features.items() if not values and name in earlier}
+    if stale:
+        detail = ", ".join(f"{name!r} (forward #{index})" for name, index in stale.items())
+        raise StaleFeaturesError(
+            f"stale features: {detail} did not run in the latest forward pass of the model "
+            f"(#{forward_index}); their stored output is from an earlier pass and is not returned. "
+            f"Call pop() after every forward pass, or clear() before one whose features you do not need"
+        )
+    missing = [name for name, values in features.items() if not values]
+    if missing:
+        raise MissingFeaturesError(
+            f"layer(s) {', '.join(map(repr, missing))} captured nothing since the last pop(): they did "
+            f"not run in the forward pass (check the model's control flow), the forward ran outside "
+            f"the tap's `with` block, or pop() was called twice"
+        )
+
+
+def _check_stop_calls(calls: Mapping[str, int], layers: list[str]) -> None:
+    """Refuse `stop_forward_after` counts for untapped layers or below 1."""
+    unknown = sorted(set(calls) - set(layers))
+    bad = {name: n for name, n in calls.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+    if unknown or bad:
+        raise ValueError(
+            f"stop_forward_after: {f'untapped layer(s) {unknown}' if unknown else f'counts {bad} below 1'}; "
+            f"the tapped layers are {layers}"
+        )
 
 
 def _in_backward() -> bool:
