@@ -259,8 +259,7 @@ def adversarial_suppression(
     predicts `u` within a class beyond its prior.
 
     This is the loss of the head as it is. `AdversarialSuppression` in training mode first lets its head take
-    `head_steps` Adam steps of its own on the batch, so its value there is that of the head after them, lower
-    (at its defaults, on a fresh head and a batch of 16 samples of 8 features: 0.75 against this function's 1.45);
+    `head_steps` Adam steps of its own on the batch, so its value there is that of the head after them, lower;
     in eval mode, or with `head_steps=0`, the module's value is this function's times its `weight`.
 
     Args:
@@ -270,9 +269,8 @@ def adversarial_suppression(
         head: maps `(B, D)` to `(B, num_irrelevant)` logits.
         num_irrelevant: number of irrelevant classes `K`.
         strength: λ of the gradient reversal, a number or a 0-d tensor. The default, 0.3, is the library's
-            choice: at an effective 0.9 (weight 3 × strength 0.3) the module's conditional adversary lost 22–36
-            points of unbiased accuracy on the biased-digits case study at 90–95 % correlation, at 0.3 it
-            gained 8–18 points at every correlation (docs/task-irrelevant-labels.md).
+            choice: a stronger reversal cost the conditional adversary much of the task on the biased-digits
+            case study, where 0.3 helped at every correlation (docs/task-irrelevant-labels.md has the numbers).
         entropy_weight: `λ_ent` of the entropy term (0: none).
         ignore_index: the label of unknown samples (`u` and `y`).
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
@@ -319,6 +317,8 @@ def _head_logits(
         params = {name: p.detach() for name, p in params.items()}
     try:
         logits = head(z) if params is None else torch.func.functional_call(head, dict(params), (z,))
+    except torch.OutOfMemoryError:
+        raise  # not a shape problem: the device's own error says what it is
     except RuntimeError as error:  # e.g. a Linear head built for another feature size
         raise ValueError(
             f"the adversarial head could not take features of shape {tuple(z.shape)} (flattened): {error}"

@@ -135,14 +135,21 @@ class AdversarialSuppression(SuppressionLoss):
         """
         return [{"params": list(self.head.parameters()), "lr": float(lr) * self.head_lr_multiplier}]
 
-    def current_strength(self) -> Tensor:
-        """λ of the gradient reversal at the current step (DANN warm-up), a 0-d float32 tensor on the module's device.
+    def current_strength(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """λ of the gradient reversal at the current step (DANN warm-up), a 0-d tensor on the module's device.
 
-        Computed on the device from the `steps` buffer: no host read.
+        Computed on the device from the `steps` buffer: no host read. The loss uses it in its compute dtype
+        (float64 for float64 features, so that their reversed gradient is exactly `-λ` times theirs).
+
+        Args:
+            dtype: the tensor's dtype (float32 unless given).
+
+        Returns:
+            `strength` once warmed up, `strength · (2 / (1 + exp(-10 t)) - 1)` before.
         """
         if self.warmup_steps == 0:
-            return torch.full((), self.strength, dtype=torch.float32, device=self.steps.device)
-        progress = (self.steps.to(torch.float32) / self.warmup_steps).clamp(max=1.0)
+            return torch.full((), self.strength, dtype=dtype, device=self.steps.device)
+        progress = (self.steps.to(dtype) / self.warmup_steps).clamp(max=1.0)
         return self.strength * (2.0 / (1.0 + torch.exp(-10.0 * progress)) - 1.0)
 
     def forward(self, features: Tensor, irrelevant_labels: Tensor, *, task_labels: Tensor | None = None) -> Tensor:
@@ -180,7 +187,7 @@ class AdversarialSuppression(SuppressionLoss):
             ignore_index=self.ignore_index,
             task_labels=task_labels,
         )
-        strength = self.current_strength()
+        strength = self.current_strength(torch.promote_types(features.dtype, torch.float32))
         trained: dict[str, Tensor] = {name: self.head.get_parameter(name) for name in self.head_optimizer.names}
         if self.training:
             watch = self._watch.active and value_checks_run(features.device)

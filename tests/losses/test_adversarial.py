@@ -548,3 +548,24 @@ def test_a_float16_head_survives_large_features_over_several_calls() -> None:
     assert all(torch.isfinite(v) for v in values)
     assert all(torch.isfinite(p).all() for p in adversary.head.parameters())
     assert values[-1] <= values[0]  # the head learns the one label: its cross-entropy does not grow
+
+
+def test_float64_features_get_exactly_minus_strength_times_their_gradient() -> None:
+    z, u = batch()
+    z = z.double().requires_grad_()
+    module = ntl.AdversarialSuppression(3, dim=z.shape[1], head_steps=0, check_head_after=0).double()
+    module(z, u).backward()
+    expected = z.detach().clone().requires_grad_()
+    ntf.adversarial_suppression(expected, u, module.head, num_irrelevant=3, strength=0.3).backward()
+    assert torch.equal(z.grad, expected.grad)  # λ = 0.3 in float64, not float32's 0.30000001192...
+    assert module.last_terms["strength"].dtype == torch.float64
+
+
+def test_a_device_out_of_memory_error_is_not_disguised_as_a_shape_error() -> None:
+    class Exhausted(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    z, u = batch()
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory"):
+        ntl.AdversarialSuppression(3, head=Exhausted(), head_steps=0)(z, u)
