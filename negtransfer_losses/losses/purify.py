@@ -245,7 +245,7 @@ class Purify(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_irrelevant={self.num_irrelevant}, dim={self.dim}, momentum={self.momentum}, "
-            f"conditional={self.conditional}, ready={bool(self.ready)}"
+            f"conditional={self.conditional}"
         )
 
 

@@ -336,3 +336,11 @@ def test_a_training_step_makes_no_host_sync_and_compiles_to_one_graph(conditiona
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
     assert eager_layer.weight.grad is not None and compiled_layer.weight.grad is not None
     torch.testing.assert_close(compiled_layer.weight.grad, eager_layer.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_repr_reads_nothing_from_the_device() -> None:
+    from helpers import count_syncs
+
+    purify = ntl.Purify(3, 6, conditional=True)
+    assert repr(purify) == "Purify(num_irrelevant=3, dim=6, momentum=0.01, conditional=True)"
+    assert count_syncs(lambda: repr(purify)).total == 0  # `ready` is a tensor: read it when you want to wait
