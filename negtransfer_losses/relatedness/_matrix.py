@@ -46,36 +46,9 @@ class TaskRelatedness:
         prior: Tensor | Sequence[float] | None = None,
         support: Tensor | None = None,
     ) -> None:
-        if kind not in TASK_KINDS:
-            raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
-        r = torch.as_tensor(matrix, dtype=torch.float64)
-        if r.dim() != 2 or r.shape[0] < 1 or r.shape[1] < 1:
-            raise ValueError(f"'matrix' must be a (K, M) matrix with K, M ≥ 1, got shape {tuple(r.shape)}")
-        if not bool(torch.isfinite(r).all()) or bool(((r < 0) | (r > 1)).any()):
-            bad = r[~torch.isfinite(r) | (r < 0) | (r > 1)][0].item()
-            raise ValueError(f"'matrix' entries are probabilities and must lie in [0, 1]; found {bad}")
-        if kind == "multiclass":
-            sums = r.sum(dim=1)
-            off = (sums - 1).abs() > ROW_SUM_TOLERANCE
-            if bool(off.any()):
-                k = int(off.nonzero()[0])
-                raise ValueError(
-                    f"a multiclass relatedness matrix has rows P(b | a = k) that sum to 1; row {k} sums to "
-                    f"{sums[k].item():.6g}"
-                )
-        num_a = r.shape[0]
-        pi = (
-            torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
-            if prior is None
-            else torch.as_tensor(prior, dtype=torch.float64)
-        )
-        if pi.shape != (num_a,):
-            raise ValueError(f"'prior' must have shape ({num_a},) to match the matrix's rows, got {tuple(pi.shape)}")
-        if bool((pi < 0).any()) or abs(pi.sum().item() - 1) > ROW_SUM_TOLERANCE:
-            raise ValueError(f"'prior' must be non-negative and sum to 1, got sum {pi.sum().item():.6g}")
-        self.matrix = r
+        self.matrix = _checked_matrix(matrix, kind)
         self.kind: TaskKind = kind
-        self.prior = pi
+        self.prior = _checked_prior(prior, self.matrix.shape[0])
         self.support = support
 
     @property
@@ -175,42 +148,7 @@ class TaskRelatedness:
                 checks run without blocking (`negtransfer_losses.raise_pending_errors`); `estimate`, run once
                 before training, waits for them before it returns.
         """
-        if smoothing < 0:
-            raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
-        n = labels_a.shape[0] if isinstance(labels_a, Tensor) else 0
-        check_labels(labels_a, num_a, n, name="labels_a", what="classes of task A", ignore_index=ignore_index)
-        # one-hot rows by comparison, never by indexing: where the range check is deferred (a GPU), a label out
-        # of range gives a zero row here, and the check's ValueError (raised below) is what the caller sees
-        a_onehot = one_hot_known(labels_a, num_a, labels_a != ignore_index, torch.float64)
-        if kind == "multiclass":
-            check_labels(labels_b, num_b, n, name="labels_b", what="classes of task B", ignore_index=ignore_index)
-            b_onehot = one_hot_known(labels_b, num_b, labels_b != ignore_index, torch.float64)
-            joint = a_onehot.T @ b_onehot
-            rows = joint.sum(dim=1, keepdim=True)
-            r = (joint + smoothing) / (rows + num_b * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
-            support = rows[:, 0]
-        elif kind == "multilabel":
-            positive, annotated = multilabel_targets(labels_b, (n, num_b), torch.float64, name="labels_b")
-            raise_pending_errors()  # the range checks first: they name the value (estimate is no training step)
-            if bool(((positive != 0) & (positive != 1)).any()):
-                raise ValueError("multilabel 'labels_b' must be 0 or 1 where known (NaN or -1 where missing)")
-            ones = a_onehot.T @ positive
-            counts = a_onehot.T @ annotated.double()
-            r = (ones + smoothing) / (counts + 2 * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
-            support = a_onehot.T @ annotated.any(dim=1).double()
-        else:
-            raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
-        # not a training step: wait for the label checks (deferred on a GPU) rather than return a wrong R
-        raise_pending_errors()
-        if smoothing == 0:  # a row or entry with no data has no estimate: say so instead of dividing by zero
-            empty = (counts == 0) if kind == "multilabel" else (support[:, None] == 0).expand_as(r)
-            if bool(empty.any()):
-                k = int(empty.nonzero()[0, 0])
-                raise ValueError(f"class {k} of task A has no co-annotated sample; use smoothing > 0")
-        class_counts = a_onehot.sum(dim=0)
-        prior = (class_counts + smoothing) / (class_counts.sum() + num_a * smoothing)
-        if not bool(torch.isfinite(prior).all()):
-            prior = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
+        r, prior, support = _estimate(labels_a, labels_b, num_a, num_b, kind, smoothing, ignore_index)
         return cls(r, kind=kind, prior=prior, support=support)
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,3 +227,88 @@ def _index(key: Any, size: int, names: Sequence[str] | None, what: str) -> int:
     if not 0 <= index < size:
         raise ValueError(f"{what} index {index} is outside [0, {size})")
     return index
+
+
+def _checked_matrix(matrix: Tensor | Sequence[Sequence[float]], kind: str) -> Tensor:
+    """`matrix` as float64 `(K, M)` probabilities, checked (a multiclass row sums to 1), after `kind`."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
+    r = torch.as_tensor(matrix, dtype=torch.float64)
+    if r.dim() != 2 or r.shape[0] < 1 or r.shape[1] < 1:
+        raise ValueError(f"'matrix' must be a (K, M) matrix with K, M ≥ 1, got shape {tuple(r.shape)}")
+    if not bool(torch.isfinite(r).all()) or bool(((r < 0) | (r > 1)).any()):
+        bad = r[~torch.isfinite(r) | (r < 0) | (r > 1)][0].item()
+        raise ValueError(f"'matrix' entries are probabilities and must lie in [0, 1]; found {bad}")
+    if kind == "multiclass":
+        sums = r.sum(dim=1)
+        off = (sums - 1).abs() > ROW_SUM_TOLERANCE
+        if bool(off.any()):
+            k = int(off.nonzero()[0])
+            raise ValueError(
+                f"a multiclass relatedness matrix has rows P(b | a = k) that sum to 1; row {k} sums to "
+                f"{sums[k].item():.6g}"
+            )
+    return r
+
+
+def _checked_prior(prior: Tensor | Sequence[float] | None, num_a: int) -> Tensor:
+    """`prior` as a float64 `(K,)` distribution (uniform when None), checked."""
+    pi = (
+        torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
+        if prior is None
+        else torch.as_tensor(prior, dtype=torch.float64)
+    )
+    if pi.shape != (num_a,):
+        raise ValueError(f"'prior' must have shape ({num_a},) to match the matrix's rows, got {tuple(pi.shape)}")
+    if bool((pi < 0).any()) or abs(pi.sum().item() - 1) > ROW_SUM_TOLERANCE:
+        raise ValueError(f"'prior' must be non-negative and sum to 1, got sum {pi.sum().item():.6g}")
+    return pi
+
+
+def _estimate(
+    labels_a: Tensor,
+    labels_b: Tensor,
+    num_a: int,
+    num_b: int,
+    kind: str,
+    smoothing: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`R`, `π` and `support` from co-annotated samples (the formulas of `TaskRelatedness.estimate`), checked."""
+    if smoothing < 0:
+        raise ValueError(f"'smoothing' must be ≥ 0, got {smoothing}")
+    n = labels_a.shape[0] if isinstance(labels_a, Tensor) else 0
+    check_labels(labels_a, num_a, n, name="labels_a", what="classes of task A", ignore_index=ignore_index)
+    # one-hot rows by comparison, never by indexing: where the range check is deferred (a GPU), a label out
+    # of range gives a zero row here, and the check's ValueError (raised below) is what the caller sees
+    a_onehot = one_hot_known(labels_a, num_a, labels_a != ignore_index, torch.float64)
+    if kind == "multiclass":
+        check_labels(labels_b, num_b, n, name="labels_b", what="classes of task B", ignore_index=ignore_index)
+        b_onehot = one_hot_known(labels_b, num_b, labels_b != ignore_index, torch.float64)
+        joint = a_onehot.T @ b_onehot
+        rows = joint.sum(dim=1, keepdim=True)
+        r = (joint + smoothing) / (rows + num_b * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
+        support = rows[:, 0]
+    elif kind == "multilabel":
+        positive, annotated = multilabel_targets(labels_b, (n, num_b), torch.float64, name="labels_b")
+        raise_pending_errors()  # the range checks first: they name the value (estimate is no training step)
+        if bool(((positive != 0) & (positive != 1)).any()):
+            raise ValueError("multilabel 'labels_b' must be 0 or 1 where known (NaN or -1 where missing)")
+        ones = a_onehot.T @ positive
+        counts = a_onehot.T @ annotated.double()
+        r = (ones + smoothing) / (counts + 2 * smoothing).clamp_min(torch.finfo(torch.float64).tiny)
+        support = a_onehot.T @ annotated.any(dim=1).double()
+    else:
+        raise ValueError(f"'kind' must be one of 'multilabel', 'multiclass'; got {kind!r}")
+    # not a training step: wait for the label checks (deferred on a GPU) rather than return a wrong R
+    raise_pending_errors()
+    if smoothing == 0:  # a row or entry with no data has no estimate: say so instead of dividing by zero
+        empty = (counts == 0) if kind == "multilabel" else (support[:, None] == 0).expand_as(r)
+        if bool(empty.any()):
+            k = int(empty.nonzero()[0, 0])
+            raise ValueError(f"class {k} of task A has no co-annotated sample; use smoothing > 0")
+    class_counts = a_onehot.sum(dim=0)
+    prior = (class_counts + smoothing) / (class_counts.sum() + num_a * smoothing)
+    if not bool(torch.isfinite(prior).all()):
+        prior = torch.full((num_a,), 1.0 / num_a, dtype=torch.float64)
+    return r, prior, support
