@@ -4,7 +4,12 @@ conflict with an allowed option."""
 from __future__ import annotations
 
 import ast
+import collections
+import functools
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +70,31 @@ def test_only_ops_chooses_a_backend() -> None:
         if path.parent.name == "ops":
             continue
         assert "resolve_backend(" not in path.read_text(), f"{path} chooses a backend outside ops"
+
+
+# The only module-level objects that keep state across calls, each the documented owner of that state (DESIGN.md:
+# caches and queues are objects with an owner and an explicit flush).
+STATE_OWNERS = {
+    ("_validation", "pending_checks"): "the deferred value checks; raise_pending_errors() flushes them",
+    ("ops.dispatch", "default_dispatcher"): "the backend decisions; ops.forget_decisions() drops them",
+    ("ops.dispatch", "_find_triton"): "whether Triton is installed, looked up once per process",
+}
+
+
+def test_no_mutable_module_state_but_its_named_owners() -> None:
+    owners = {id(getattr(importlib.import_module(f"negtransfer_losses.{m}"), name)) for m, name in STATE_OWNERS}
+    for info in pkgutil.walk_packages(ntl.__path__, "negtransfer_losses."):
+        if info.name.rsplit(".", 1)[-1].startswith("_kernel") and importlib.util.find_spec("triton") is None:
+            continue  # the kernels import Triton
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if name.startswith("__") or id(value) in owners or isinstance(value, type) or inspect.ismodule(value):
+                continue
+            where = f"{info.name}.{name}"
+            if isinstance(value, (dict, list, set, collections.deque, bytearray)):
+                assert name.lstrip("_").isupper(), f"{where}: a mutable container at module level (not a constant)"
+            assert not isinstance(value, functools._lru_cache_wrapper), f"{where}: a module-level cache"
+            assert not type(value).__module__.startswith("negtransfer_losses"), f"{where}: state at module level"
 
 
 def test_every_penalty_takes_weight_as_a_keyword_only_argument() -> None:
