@@ -460,6 +460,9 @@ class Dispatcher:
     Args:
         settings: how candidates are picked and measured (`MeasureSettings()` when None).
         max_decisions: how many decisions are kept (`MAX_DECISIONS`).
+
+    Raises:
+        ValueError: `max_decisions` is not a positive int.
     """
 
     def __init__(self, settings: MeasureSettings | None = None, *, max_decisions: int = MAX_DECISIONS) -> None:
