@@ -16,6 +16,7 @@
 
 from . import diagnostics, functional, ops
 from ._validation import raise_pending_errors
+from ._version import __version__
 from .losses import (
     AdversarialSuppression,
     AntiTransferLoss,
@@ -32,8 +33,6 @@ from .relatedness import TaskRelatedness
 from .sampling import GroupBalancedBatchSampler
 from .taps import FeatureTap, FrozenReference, MissingFeaturesError, StaleFeaturesError
 from .terms import collect_terms
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdversarialSuppression",

@@ -65,6 +65,30 @@ def test_functional_imports_nothing_above_it() -> None:
                 assert name.split(".")[2] in ("_validation", "_labels", "distributed"), f"{path.name} imports {name}"
 
 
+def _resolved_imports(path: Path) -> list[str]:
+    """The absolute module of every `from X import ...` of a package module (relative ones resolved)."""
+    parts = ["negtransfer_losses", *path.relative_to(PACKAGE).with_suffix("").parts]
+    package = parts[:-1]  # a module's package, or an __init__'s own
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                found.append(node.module or "")
+            else:
+                base = package[: len(package) - node.level + 1]
+                found.append(".".join([*base, *([node.module] if node.module else [])]))
+    return found
+
+
+def test_no_module_imports_the_package_root() -> None:
+    # the root's __init__ imports every layer: a module below that imports it runs back up (e.g. for a version)
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "__init__.py":
+            continue
+        for name in _resolved_imports(path):
+            assert name != "negtransfer_losses", f"{path.relative_to(PACKAGE)} imports the package root"
+
+
 def test_only_ops_chooses_a_backend() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.parent.name == "ops":

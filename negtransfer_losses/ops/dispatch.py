@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .._validation import capturing, check_choice, compiling
+from .._version import __version__
 
 __all__ = [
     "BACKENDS",
@@ -428,8 +429,6 @@ def _attributed(run: Callable[[], object]) -> Callable[[], object]:
 
 def _fingerprint(device: torch.device) -> str:
     """The device's name and the library, torch and Triton versions: a decision holds only for all four."""
-    from .. import __version__
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     triton_version = "none"
     if triton_available():
