@@ -454,10 +454,10 @@ def _linear_kernel_hsic(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
     with full_precision(x, y):
         x2, y2 = _flat(x), _flat(y)
         n, p, q = x2.shape[0], x2.shape[1], y2.shape[1]
+        x2, y2 = x2 - x2.mean(dim=0), y2 - y2.mean(dim=0)  # HSIC of linear kernels is shift-invariant
         if not feature_space_cheaper(n, p, q):
             return _hsic_from_kernels(x2 @ x2.T, y2 @ y2.T, unbiased)
-        count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
-        return linear_hsic(x2 - x2.mean(dim=0), y2 - y2.mean(dim=0), count, unbiased=unbiased)
+        return linear_hsic(x2, y2, torch.tensor(float(n), dtype=x2.dtype, device=x2.device), unbiased=unbiased)
 
 
 def cka(
@@ -695,32 +695,21 @@ def linear_hsic(x: Tensor, y: Tensor, n: Tensor, *, unbiased: bool, cross: Tenso
     return (trace_term + sum_k * sum_l / ((n - 1) * (n - 2)) - cross_term) / (n * (n - 3))
 
 
-def linear_alignment(
-    x: Tensor,
-    y: Tensor,
-    n: Tensor,
-    *,
-    unbiased: bool,
-    mean_x: Tensor | None = None,
-    mean_y: Tensor | None = None,
-) -> Tensor:
+def linear_alignment(x: Tensor, y: Tensor, n: Tensor, *, unbiased: bool) -> Tensor:
     """`kernel_alignment` of the linear kernels of `x` and `y` from the features (`linear_hsic`): no `n × n` matrix.
 
     `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))` with `XᵀY`, `XᵀX` and `YᵀY` (`O(m·(p+q)²)` time, `O(p² + q²)`
     memory); rows as in `linear_hsic` (centred over the `n` samples, zero elsewhere). As in
     `kernel_alignment`, a self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`, the
-    mean over the `n × n` entries) counts as zero; `mean(K²) = ‖XᵀX‖²_F / n²`. When the rows were centred from
-    features with mean `mean_x` (resp. `mean_y`) and the test is about the kernel of those uncentred features
-    (as `irrelevant_hsic`'s is), `‖XᵀX‖²_F` is that of `X + 1 mean_xᵀ` over the samples, from the same `p × p`
-    product.
+    mean over the `n × n` entries) counts as zero; `mean(K²) = ‖XᵀX‖²_F / n²`, of the centred rows: callers also
+    zero rows whose spread is at the rounding level of the uncentred features (`unit_frobenius`), which the
+    test on a centred kernel cannot tell from a spread.
 
     Args:
         x: `(m, p)` rows, zero outside the samples.
         y: `(m, q)` rows, zero outside the samples.
         n: the number of samples, a 0-d tensor in the rows' dtype.
         unbiased: the unbiased HSIC instead of the biased one.
-        mean_x: the mean the rows of `x` were centred by, or None (the test is on `x`'s own kernel).
-        mean_y: likewise for `y`.
 
     Returns:
         a scalar tensor in the rows' dtype.
@@ -730,21 +719,10 @@ def linear_alignment(
     self_y = linear_hsic(y, y, n, unbiased=unbiased, cross=gram_y)
     eps = 64 * torch.finfo(self_x.dtype).eps
     entries = n.detach().square()
-    varies = (self_x > eps * _kernel_square_sum(x, gram_x, n, mean_x) / entries) & (
-        self_y > eps * _kernel_square_sum(y, gram_y, n, mean_y) / entries
+    varies = (self_x > eps * gram_x.detach().square().sum() / entries) & (
+        self_y > eps * gram_y.detach().square().sum() / entries
     )
     zero = torch.zeros_like(self_x)
     return safe_ratio(
         linear_hsic(x, y, n, unbiased=unbiased), torch.where(varies, self_x, zero), torch.where(varies, self_y, zero)
     )
-
-
-def _kernel_square_sum(x: Tensor, gram: Tensor, n: Tensor, mean: Tensor | None) -> Tensor:
-    """`Σ K²` of the linear kernel of the samples' rows `x + mean` (`x` when `mean` is None), from `gram = xᵀx`:
-    `‖(x + 1 meanᵀ)ᵀ(x + 1 meanᵀ)‖²_F` with `(x + 1mᵀ)ᵀ(x + 1mᵀ) = xᵀx + s mᵀ + m sᵀ + n m mᵀ`, `s = xᵀ1`."""
-    gram = gram.detach()
-    if mean is None:
-        return gram.square().sum()
-    mean, total = mean.detach(), x.detach().sum(dim=0)
-    full = gram + torch.outer(total, mean) + torch.outer(mean, total) + n.detach() * torch.outer(mean, mean)
-    return full.square().sum()

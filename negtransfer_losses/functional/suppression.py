@@ -86,7 +86,9 @@ def irrelevant_hsic(
     delta kernel on `u` (ReBias, Bahng et al. ICML 2020, uses HSIC this way against a biased network);
     Song et al.'s unbiased estimator `HSIC_1` by default (`n_min = 4` samples), the biased `HSIC_0` with
     `unbiased=False` (`n_min = 2`). `normalized=True` gives `HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))`, a
-    CKA-style value in about [0, 1] (0 where a side is constant, e.g. only one class known). With fewer than
+    CKA-style value in about [0, 1] (0 where a side is constant, e.g. only one class known; with a linear
+    kernel the features are centred, within each task class for the conditional form, and a spread at the
+    rounding level of their magnitude counts as constant, as in `cka`). With fewer than
     `n_min` known labels the estimator is undefined and the result is a zero loss with a zero gradient, as
     with no label known. None of this is claimed to be the TIRTL / PurifiedLearning papers' mechanism.
 
@@ -253,12 +255,11 @@ def _linear_hsic(
     n = torch.where(enough, count, float(minimum))  # denominators stay positive; the value is then dropped
     z = member_rows(x, members)
     onehot = one_hot_known(labels, num_irrelevant, members, dtype)
-    mean_z, mean_u = z.sum(dim=0) / n, onehot.sum(dim=0) / n
-    zc, uc = member_rows(z - mean_z, members), member_rows(onehot - mean_u, members)
-    if normalized:  # the rounding test on the kernels of the uncentred rows, as the pairwise form's
-        value = linear_alignment(zc, uc, n, unbiased=unbiased, mean_x=mean_z, mean_y=mean_u)
+    uc = member_rows(onehot - onehot.sum(dim=0) / n, members)
+    if normalized:  # a ratio: rows centred and scaled to unit norm, a spread at the rounding level is none
+        value = linear_alignment(_centred_unit_scale(z, members), uc, n, unbiased=unbiased)
     else:
-        value = linear_hsic(zc, uc, n, unbiased=unbiased)
+        value = linear_hsic(member_rows(z - z.sum(dim=0) / n, members), uc, n, unbiased=unbiased)
     return torch.where(enough, value, torch.zeros_like(value))
 
 
@@ -343,6 +344,10 @@ def _pairwise_hsic(
     else:
         members, groups = within_class_groups(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
     z = member_rows(x, members)
+    if kernel == "linear" and normalized:  # as the feature-space form: centred, unit norm, rounding-level spread 0
+        z = _centred_unit_scale(z, members) if task_labels is None else _unit_within_groups(z, groups, members)
+    elif kernel == "linear":  # linear HSIC is shift-invariant: centred rows round like the estimate, not like ‖z̄‖²
+        z = centre_within_groups(z, groups, members)
     onehot = one_hot_known(labels, num_irrelevant, members, x.dtype)
     k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
     l = onehot @ onehot.T
@@ -484,6 +489,26 @@ def _group_median_distance(sq_dist: Tensor, groups: Tensor) -> Tensor:
     high = sorted_distance[(start + rank.ceil().to(start.dtype)).clamp(0, last)]
     median = torch.lerp(low, high, rank - below)
     return torch.where(pairs >= 1, median.clamp_min(1e-12), ones)
+
+
+def _unit_within_groups(x: Tensor, groups: Tensor, members: Tensor) -> Tensor:
+    """The member rows of `x` centred within their group and scaled to unit Frobenius norm per group (each group's
+    rows by that group's norm); a group whose spread is at the rounding level of its rows' magnitude
+    (`similarity.unit_frobenius`'s floor) becomes exactly zero, with a zero gradient. Zero rows elsewhere.
+
+    The linear kernel of the result gives each group's CKA-style ratio as that of `x` (the ratio ignores
+    centring and scale), and its rounding test then sees a constant group as constant.
+    """
+    centred = centre_within_groups(x, groups, members)
+    weights = groups.to(x.dtype)
+    spread = weights @ centred.square().sum(dim=1)
+    magnitudes = member_rows(x.detach(), members).abs().amax(dim=1)
+    largest = torch.where(groups, magnitudes[None, :], torch.zeros((), dtype=x.dtype, device=x.device)).amax(dim=1)
+    rounding = 8 * torch.finfo(x.dtype).eps * largest
+    noise_floor = (rounding * rounding * weights.sum(dim=1) * x.shape[1]).clamp_min(torch.finfo(x.dtype).tiny)
+    varies = spread > noise_floor
+    norm = torch.where(varies, spread, torch.ones_like(spread)).sqrt()
+    return torch.where(varies[:, None], centred / norm[:, None], torch.zeros_like(centred))
 
 
 def _centred_unit_scale(x: Tensor, members: Tensor, source: Tensor | None = None) -> Tensor:

@@ -150,7 +150,9 @@ UNKNOWN = [[], [1, 5, 6], [1, 5], list(range(9))]
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
 @pytest.mark.parametrize("scale", SCALES)
-def test_irrelevant_hsic_agrees_in_both_forms(unknown: list[int], normalized: bool, unbiased: bool, scale: float) -> None:
+def test_irrelevant_hsic_agrees_in_both_forms(
+    unknown: list[int], normalized: bool, unbiased: bool, scale: float
+) -> None:
     z = randn(12, 4, seed=0, scale=scale, shift=1.5)
     u = torch.arange(12) % 3
     u[unknown] = -100
@@ -294,9 +296,13 @@ def no_batch_squared_cases(n: int) -> dict[str, Callable[[Tensor], Tensor]]:
     r = torch.randn(n, 12, generator=g)
     return {
         "hsic": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10),
-        "hsic-normalized-biased": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, normalized=True, unbiased=False),
+        "hsic-normalized-biased": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=10, normalized=True, unbiased=False
+        ),
         "hsic-conditional": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, task_labels=y),
-        "hsic-conditional-biased": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, task_labels=y, unbiased=False),
+        "hsic-conditional-biased": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=10, task_labels=y, unbiased=False
+        ),
         "cka": lambda f: ntf.irrelevant_cka(f, r),
         "cka-unbiased-conditional": lambda f: ntf.irrelevant_cka(f, r, unbiased=True, task_labels=y),
         "functional-hsic": lambda f: ntf.hsic(f, r),

@@ -282,12 +282,22 @@ def fixed_shape_cases() -> list[tuple[str, object]]:
         ("hsic", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3)),
         ("hsic-conditional", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, task_labels=y)),
         (
+            "hsic-conditional-biased",
+            lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, unbiased=False, task_labels=y),
+        ),
+        ("hsic-normalized", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, normalized=True)),
+        (
+            "hsic-normalized-conditional",
+            lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, normalized=True, task_labels=y),
+        ),
+        (
             "hsic-rbf-normalized-biased",
             lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel="rbf", normalized=True, unbiased=False),
         ),
         ("hsic-rbf-conditional", lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, kernel="rbf", task_labels=y)),
         ("cka", lambda f: ntf.irrelevant_cka(f, r)),
         ("cka-conditional", lambda f: ntf.irrelevant_cka(f, r, task_labels=y)),
+        ("cka-conditional-unbiased", lambda f: ntf.irrelevant_cka(f, r, unbiased=True, task_labels=y)),
         (
             "cka-rbf-conditional-unbiased",
             lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", unbiased=True, task_labels=y),
