@@ -19,6 +19,7 @@ from .distribution_matching import (
     DIRECTIONS,
     DIVERGENCES,
     INVERSIONS,
+    MULTI_TASK_PARTS,
     TASK_KINDS,
     Direction,
     Divergence,
@@ -29,6 +30,7 @@ from .distribution_matching import (
     infer_b_from_a,
     masked_binary_cross_entropy,
     masked_cross_entropy,
+    multi_task_terms,
     soft_co_annotation,
 )
 from .erasure import erase, erasure_basis
@@ -60,6 +62,7 @@ __all__ = [
     "IGNORE_INDEX",
     "INVERSIONS",
     "KERNELS",
+    "MULTI_TASK_PARTS",
     "NAN_POLICIES",
     "TASK_KINDS",
     "Aggregation",
@@ -96,6 +99,7 @@ __all__ = [
     "linear_cka",
     "masked_binary_cross_entropy",
     "masked_cross_entropy",
+    "multi_task_terms",
     "pairwise_row_cosines",
     "soft_co_annotation",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "DIVERGENCES",
     "EPS",
     "INVERSIONS",
+    "MULTI_TASK_PARTS",
     "TASK_KINDS",
     "Direction",
     "Divergence",
@@ -44,6 +45,7 @@ __all__ = [
     "infer_b_from_a",
     "masked_binary_cross_entropy",
     "masked_cross_entropy",
+    "multi_task_terms",
     "soft_co_annotation",
 ]
 
@@ -595,3 +597,121 @@ def _co_annotation_unchecked(
         target_a = _infer_a_from_b(labels.b.to(dtype), r, pi, kind, options.inversion, labels.known_b, eps)
         loss_a = _mean_over(_soft_categorical_divergence(z_a, target_a, "ce", eps), known_b & ~labels.known_a)
         return {"a": loss_a, "b": loss_b}
+
+
+# --- the multi-task loss's parts ---------------------------------------------------------------------------
+
+MULTI_TASK_PARTS = ("supervised_a", "supervised_b", "matching", "co_annotation")
+"""The parts of the multi-task loss, in the order `multi_task_terms` returns them."""
+
+
+def multi_task_terms(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    labels_a: Tensor,
+    labels_b: Tensor,
+    relatedness: Tensor,
+    *,
+    prior: Tensor | None = None,
+    kind: TaskKind = "multilabel",
+    parts: Sequence[str] = MULTI_TASK_PARTS,
+    directions: Sequence[Direction] = DIRECTIONS,
+    inversion: Inversion = "bayes",
+    divergence: Divergence = "kl",
+    detach_target: bool = False,
+    eps: float = EPS,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Tensor]:
+    """The multi-task loss's unweighted parts, each differentiable, by name (Methods §3).
+
+    - `"supervised_a"`: `L_A`, the cross-entropy over the samples whose A label is known;
+    - `"supervised_b"`: `L_B`, BCE over the annotated B entries with FaceBehaviorNet's per-sample normalization
+      (multilabel), or the cross-entropy of the known B class (multiclass);
+    - `"matching/a_to_b"`, `"matching/b_to_a"`: the terms of `distribution_matching` (the directions asked for);
+    - `"co_annotation/a"`, `"co_annotation/b"`: the terms of `soft_co_annotation`.
+
+    `L = λ_A L_A + λ_B L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B)`; `MultiTaskLoss` adds them so.
+    Handed to a multi-objective optimizer as separate losses (e.g. Jacobian descent), they keep their
+    gradients. Each tensor is checked once per call.
+
+    Args:
+        logits_a: `(N, K)` task A's logits.
+        logits_b: `(N, M)` task B's logits.
+        labels_a: `(N,)` integers in `[0, K)`, or `ignore_index` where unknown.
+        labels_b: multilabel B: `(N, M)` entries with NaN or -1 where unknown; multiclass B: `(N,)` integers.
+        relatedness: `R`, `(K, M)`.
+        prior: `π`, `(K,)`; uniform when None.
+        kind: `"multilabel"` or `"multiclass"` task B.
+        parts: which parts to compute, from `MULTI_TASK_PARTS`.
+        directions: the matching terms: `"a_to_b"`, `"b_to_a"` or both.
+        inversion: `"bayes"` or `"product"` (matching and co-annotation).
+        divergence: `"kl"` or `"ce"` (matching).
+        detach_target: treat the matching terms' inferred distributions as constants.
+        eps: the clamp of probabilities inside logarithms.
+        ignore_index: the label of samples whose class is unknown.
+
+    Returns:
+        `{name: scalar}` as listed above, for the parts asked for; float32 (float64 for float64 logits).
+
+    Raises:
+        TypeError: an input has the wrong type.
+        ValueError: an option is not one of its choices, a part is unknown, a shape does not match, or a label
+            is out of range.
+    """
+    options = _MatchingOptions.resolve(
+        kind=kind,
+        directions=directions,
+        inversion=inversion,
+        divergence=divergence,
+        detach_target=detach_target,
+        eps=eps,
+    )
+    wanted = _check_parts(parts)
+    checked_prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    labels = _task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
+    matching = (
+        _matching_terms_unchecked(logits_a, logits_b, relatedness, checked_prior, options)
+        if "matching" in wanted
+        else {}
+    )
+    return _multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, wanted, matching)
+
+
+def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
+    """`parts` as a tuple, every one of `MULTI_TASK_PARTS`, none twice."""
+    if isinstance(parts, str):
+        raise TypeError(f"'parts' must be a sequence of part names, e.g. ({parts!r},), got the string {parts!r}")
+    for part in parts:
+        check_choice(part, "parts", MULTI_TASK_PARTS)
+    return tuple(dict.fromkeys(parts))
+
+
+def _multi_task_unchecked(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    labels: _TaskLabels,
+    relatedness: Tensor,
+    prior: Tensor,
+    options: _MatchingOptions,
+    parts: tuple[str, ...],
+    matching: dict[Direction, Tensor],
+) -> dict[str, Tensor]:
+    """`multi_task_terms` for checked inputs, decoded labels and the matching terms already computed (by the
+    functional path or a kernel)."""
+    terms: dict[str, Tensor] = {}
+    with full_precision(logits_a, logits_b):
+        dtype = compute_dtype(logits_a, logits_b)
+        z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
+        if "supervised_a" in parts:
+            terms["supervised_a"] = _masked_cross_entropy(z_a, labels.a, labels.known_a)
+        if "supervised_b" in parts:
+            if options.kind == "multilabel":
+                terms["supervised_b"] = _masked_binary_cross_entropy(z_b, labels.b.to(dtype), labels.known_b)
+            else:  # one-hot targets: the cross-entropy of the known class
+                per_sample = _soft_categorical_divergence(z_b, labels.b.to(dtype), "ce", options.eps)
+                terms["supervised_b"] = _mean_over(per_sample, labels.known_b.any(dim=1))
+    terms.update({f"matching/{direction}": value for direction, value in matching.items()})
+    if "co_annotation" in parts:
+        co_annotation = _co_annotation_unchecked(logits_a, logits_b, labels, relatedness, prior, options)
+        terms.update({f"co_annotation/{name}": value for name, value in co_annotation.items()})
+    return terms

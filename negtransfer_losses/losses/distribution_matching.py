@@ -17,30 +17,16 @@ from .._validation import (
     NAN_POLICIES,
     NanPolicy,
     check_choice,
-    compute_dtype,
-    full_precision,
     guard_finite,
     zero_unless,
 )
-from ..functional.distribution_matching import (
-    DIRECTIONS,
-    EPS,
-    Direction,
-    Divergence,
-    Inversion,
-    TaskKind,
-    _check_heads,
-    _co_annotation_unchecked,
-    _masked_binary_cross_entropy,
-    _masked_cross_entropy,
-    _MatchingOptions,
-    _mean_over,
-    _soft_categorical_divergence,
-    _task_labels,
-)
+from ..functional._core import MatchingOptions, check_heads, co_annotation_unchecked, task_labels
+from ..functional.distribution_matching import DIRECTIONS, EPS, Direction, Divergence, Inversion, TaskKind
 from ..ops.dispatch import Backend, check_backend
-from ..ops.distribution_matching import matching_terms
+from ..ops.distribution_matching import matching_terms, multi_task_parts
 from ..relatedness import TaskRelatedness
+
+_COUPLINGS = ("matching", "co_annotation")
 
 
 def _parts(weight: float, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -59,7 +45,7 @@ class _Coupled(nn.Module):
     matrix: Tensor
     prior: Tensor
 
-    def __init__(self, relatedness: TaskRelatedness, options: _MatchingOptions, nan_policy: NanPolicy) -> None:
+    def __init__(self, relatedness: TaskRelatedness, options: MatchingOptions, nan_policy: NanPolicy) -> None:
         super().__init__()
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         if options.inversion == "product" and not bool((relatedness.matrix > 0).any()):
@@ -164,7 +150,7 @@ class DistributionMatchingLoss(_Matching):
         backend: Backend = "auto",
     ) -> None:
         relatedness = _relatedness(relatedness)
-        options = _MatchingOptions.resolve(
+        options = MatchingOptions.resolve(
             kind=relatedness.kind,
             directions=directions,
             inversion=inversion,
@@ -239,7 +225,7 @@ class SoftCoAnnotationLoss(_Coupled):
         nan_policy: NanPolicy = "raise",
     ) -> None:
         relatedness = _relatedness(relatedness)
-        options = _MatchingOptions.resolve(kind=relatedness.kind, inversion=inversion, eps=eps)
+        options = MatchingOptions.resolve(kind=relatedness.kind, inversion=inversion, eps=eps)
         super().__init__(relatedness, options, nan_policy)
         self.weight = float(weight)
         self.ignore_index = ignore_index
@@ -262,9 +248,9 @@ class SoftCoAnnotationLoss(_Coupled):
                 `nan_policy="raise"`.
         """
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        _check_heads(logits_a, logits_b, self.matrix)
-        labels = _task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
-        terms = _co_annotation_unchecked(logits_a, logits_b, labels, self.matrix, self.prior, self._options)
+        check_heads(logits_a, logits_b, self.matrix)
+        labels = task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
+        terms = co_annotation_unchecked(logits_a, logits_b, labels, self.matrix, self.prior, self._options)
         values = {name: zero_unless(finite, value) for name, value in terms.items()}
         loss = self.weight * (values["a"] + values["b"])
         self.last_terms = {"loss": loss.detach(), **_parts(self.weight, values)}
@@ -333,7 +319,7 @@ class MultiTaskLoss(_Matching):
         backend: Backend = "auto",
     ) -> None:
         relatedness = _relatedness(relatedness)
-        options = _MatchingOptions.resolve(
+        options = MatchingOptions.resolve(
             kind=relatedness.kind,
             directions=directions,
             inversion=inversion,
@@ -369,43 +355,72 @@ class MultiTaskLoss(_Matching):
             ValueError: a shape does not fit `R`, a label is out of range, or the logits hold NaN/inf with
                 `nan_policy="raise"`.
         """
-        logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        _check_heads(logits_a, logits_b, self.matrix)
-        labels = _task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
-        parts: dict[str, Tensor] = {}  # each part's unweighted value
-        nested: dict[str, Mapping[str, Tensor]] = {}  # the couplings' unweighted terms
-        with full_precision(logits_a, logits_b):
-            dtype = compute_dtype(logits_a, logits_b)
-            z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
-            parts["supervised_a"] = _masked_cross_entropy(z_a, labels.a, labels.known_a)
-            if self.kind == "multilabel":
-                parts["supervised_b"] = _masked_binary_cross_entropy(z_b, labels.b.to(dtype), labels.known_b)
-            else:  # one-hot targets: the cross-entropy of the known class
-                per_sample = _soft_categorical_divergence(z_b, labels.b.to(dtype), "ce", self.eps)
-                parts["supervised_b"] = _mean_over(per_sample, labels.known_b.any(dim=1))
-        if self.term_weights["matching"]:
-            matching = matching_terms(logits_a, logits_b, self.matrix, self.prior, self._options, backend=self.backend)
-            nested["matching"] = {direction: value for direction, value in matching.items()}
-        if self.term_weights["co_annotation"]:
-            nested["co_annotation"] = _co_annotation_unchecked(
-                logits_a, logits_b, labels, self.matrix, self.prior, self._options
-            )
-        for name, terms in nested.items():
-            parts[name] = sum(terms.values(), torch.zeros((), device=logits_a.device))
-        parts = {name: zero_unless(finite, value) for name, value in parts.items()}
-        total = sum(
-            (self.weight * self.term_weights[name] * value for name, value in parts.items()),
-            torch.zeros((), device=logits_a.device),
-        )
+        parts, nested = self._unweighted(logits_a, logits_b, labels_a, labels_b)
+        weighted = {name: self.weight * self.term_weights[name] * value for name, value in parts.items()}
+        total = sum(weighted.values(), torch.zeros((), device=logits_a.device))
         logged = {"loss": total.detach()}
         for name, value in parts.items():
             scale = self.weight * self.term_weights[name]
             logged.update(_parts(scale, {name: value}))
             if name in nested:
-                sub = {key: zero_unless(finite, value) for key, value in nested[name].items()}
-                logged.update({f"{name}/{key}": term for key, term in _parts(scale, sub).items()})
+                logged.update({f"{name}/{key}": term for key, term in _parts(scale, nested[name]).items()})
         self.last_terms = logged
         return total
+
+    def terms(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> dict[str, Tensor]:
+        """The loss's weighted parts, each differentiable: their sum is what `forward` returns.
+
+        For a multi-objective optimizer that takes the parts as separate losses (e.g. Jacobian descent:
+        `torchjd.autojac.mtl_backward(losses=list(parts.values()), ...)`; docs/distribution-matching.md).
+
+        Args:
+            logits_a: `(N, K)` task A's logits.
+            logits_b: `(N, M)` task B's logits.
+            labels_a: `(N,)` integers, `ignore_index` where unknown.
+            labels_b: `(N, M)` multilabel entries (NaN or -1 where unknown) or `(N,)` multiclass labels.
+
+        Returns:
+            `{part: weight · λ_part · value}` for `"supervised_a"`, `"supervised_b"` and the couplings whose
+            weight is not 0 (`"matching"`, `"co_annotation"`), in that order. `last_terms` is not changed.
+
+        Raises:
+            TypeError: an input has the wrong type.
+            ValueError: a shape does not fit `R`, a label is out of range, or the logits hold NaN/inf with
+                `nan_policy="raise"`.
+        """
+        parts, _ = self._unweighted(logits_a, logits_b, labels_a, labels_b)
+        return {name: self.weight * self.term_weights[name] * value for name, value in parts.items()}
+
+    def _unweighted(
+        self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """The parts' unweighted values (a coupling: the sum of its terms) and the couplings' own terms; zero
+        with a zero gradient for a batch skipped as non-finite."""
+        logits_a, logits_b, finite = self._guard(logits_a, logits_b)
+        wanted = ("supervised_a", "supervised_b", *(name for name in _COUPLINGS if self.term_weights[name]))
+        flat = multi_task_parts(
+            logits_a,
+            logits_b,
+            labels_a,
+            labels_b,
+            self.matrix,
+            self.prior,
+            self._options,
+            parts=wanted,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+        parts: dict[str, Tensor] = {}
+        nested: dict[str, dict[str, Tensor]] = {}
+        for key, value in flat.items():
+            name, _, term = key.partition("/")
+            if term:
+                nested.setdefault(name, {})[term] = zero_unless(finite, value)
+            else:
+                parts[name] = zero_unless(finite, value)
+        for name, terms in nested.items():
+            parts[name] = sum(terms.values(), torch.zeros((), device=logits_a.device))
+        return parts, nested
 
     def extra_repr(self) -> str:
         o = self._options

@@ -15,7 +15,8 @@ Kernels (one private file each, `_kernel_<name>.py`, beside the public wrappers 
   `anti_transfer` for the Gram aggregation with the cosine distances;
 - channel aggregation (mean/sum/max) fused with the row cosine (`aggregated_row_cosines`), used by
   `anti_transfer` for those aggregations with the cosine distances;
-- distribution matching for a multilabel task B with the Bayes inversion (`distribution_matching`), used by
+- distribution matching for a multilabel task B with the Bayes inversion (`distribution_matching`, and the
+  matching part of `multi_task_terms`), used by
   `DistributionMatchingLoss` and `MultiTaskLoss`.
 """
 
@@ -30,7 +31,7 @@ from .dispatch import (
     resolve_backend,
     triton_available,
 )
-from .distribution_matching import distribution_matching
+from .distribution_matching import distribution_matching, multi_task_terms
 
 __all__ = [
     "BACKENDS",
@@ -43,6 +44,7 @@ __all__ = [
     "forget_decisions",
     "gram_row_cosines",
     "interpreting",
+    "multi_task_terms",
     "resolve_backend",
     "triton_available",
 ]

@@ -7,16 +7,23 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._labels import IGNORE_INDEX
+from ..functional._core import (
+    MatchingOptions,
+    check_matching_tensors,
+    check_parts,
+    matching_terms_unchecked,
+    multi_task_unchecked,
+    task_labels,
+)
 from ..functional.distribution_matching import (
     DIRECTIONS,
     EPS,
+    MULTI_TASK_PARTS,
     Direction,
     Divergence,
     Inversion,
     TaskKind,
-    _check_matching_tensors,
-    _matching_terms_unchecked,
-    _MatchingOptions,
 )
 from .dispatch import Backend, check_backend, default_dispatcher
 
@@ -61,7 +68,7 @@ def distribution_matching(
         ValueError: an option is not one of its choices, a shape does not match, or `backend="triton"`
             cannot run here.
     """
-    options = _MatchingOptions.resolve(
+    options = MatchingOptions.resolve(
         kind=kind,
         directions=directions,
         inversion=inversion,
@@ -77,7 +84,7 @@ def matching_terms(
     logits_b: Tensor,
     relatedness: Tensor,
     prior: Tensor | None,
-    options: _MatchingOptions,
+    options: MatchingOptions,
     *,
     backend: Backend,
 ) -> dict[Direction, Tensor]:
@@ -90,7 +97,7 @@ def matching_terms(
         logits_b: `(N, M)` task B's logits.
         relatedness: `R`, `(K, M)`.
         prior: `π`, `(K,)`; uniform when None.
-        options: from `_MatchingOptions.resolve` (kind, directions, inversion, divergence, detach_target, eps).
+        options: from `MatchingOptions.resolve` (kind, directions, inversion, divergence, detach_target, eps).
         backend: a checked backend (`check_backend`).
 
     Returns:
@@ -100,18 +107,30 @@ def matching_terms(
         TypeError: an input has the wrong type.
         ValueError: a shape does not match, or `backend="triton"` cannot run here.
     """
-    checked_prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    checked_prior = check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    return _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
+
+
+def _matching_checked(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    relatedness: Tensor,
+    prior: Tensor,
+    options: MatchingOptions,
+    backend: Backend,
+) -> dict[Direction, Tensor]:
+    """The matching terms of checked tensors, by the backend the dispatcher takes."""
     if options.kind != "multilabel" or options.inversion != "bayes":  # no kernel for these
-        return _matching_terms_unchecked(logits_a, logits_b, relatedness, checked_prior, options)
+        return matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
 
     def torch_path(a: Tensor, b: Tensor) -> dict[Direction, Tensor]:
-        return _matching_terms_unchecked(a, b, relatedness, checked_prior, options)
+        return matching_terms_unchecked(a, b, relatedness, prior, options)
 
     def kernel_path(a: Tensor, b: Tensor) -> dict[Direction, Tensor]:
         from ._kernel_distribution_matching import FusedDistributionMatching
 
         per_sample: Tensor = FusedDistributionMatching.apply(  # type: ignore[no-untyped-call]
-            a, b, relatedness, checked_prior, options.divergence == "kl", options.detach_target, options.eps
+            a, b, relatedness, prior, options.divergence == "kl", options.detach_target, options.eps
         )
         means = per_sample.sum(dim=0) / max(per_sample.shape[0], 1)  # an empty batch gives 0, not NaN
         return {direction: means[DIRECTIONS.index(direction)] for direction in options.directions}
@@ -121,3 +140,113 @@ def matching_terms(
         op, backend, (logits_a, logits_b), torch_path=torch_path, kernel_path=kernel_path
     )
     return (kernel_path if chosen == "triton" else torch_path)(logits_a, logits_b)
+
+
+def multi_task_terms(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    labels_a: Tensor,
+    labels_b: Tensor,
+    relatedness: Tensor,
+    *,
+    prior: Tensor | None = None,
+    kind: TaskKind = "multilabel",
+    parts: Sequence[str] = MULTI_TASK_PARTS,
+    directions: Sequence[Direction] = DIRECTIONS,
+    inversion: Inversion = "bayes",
+    divergence: Divergence = "kl",
+    detach_target: bool = False,
+    eps: float = EPS,
+    ignore_index: int = IGNORE_INDEX,
+    backend: Backend = "auto",
+) -> dict[str, Tensor]:
+    """`negtransfer_losses.functional.multi_task_terms` with a choice of backend for the matching terms.
+
+    Args:
+        logits_a: `(N, K)` task A's logits.
+        logits_b: `(N, M)` task B's logits.
+        labels_a: `(N,)` integers in `[0, K)`, or `ignore_index` where unknown.
+        labels_b: multilabel B: `(N, M)` entries with NaN or -1 where unknown; multiclass B: `(N,)` integers.
+        relatedness: `R`, `(K, M)`.
+        prior: `π`, `(K,)`; uniform when None.
+        kind: `"multilabel"` or `"multiclass"` task B.
+        parts: which parts to compute, from `MULTI_TASK_PARTS`.
+        directions: the matching terms: `"a_to_b"`, `"b_to_a"` or both.
+        inversion: `"bayes"` or `"product"`.
+        divergence: `"kl"` or `"ce"`.
+        detach_target: treat the matching terms' inferred distributions as constants.
+        eps: the clamp of probabilities inside logarithms.
+        ignore_index: the label of samples whose class is unknown.
+        backend: `"auto"`, `"torch"` or `"triton"` (see `negtransfer_losses.ops`).
+
+    Returns:
+        `{name: scalar}`: `"supervised_a"`, `"supervised_b"`, `"matching/{direction}"`, `"co_annotation/a"`,
+        `"co_annotation/b"` for the parts asked for.
+
+    Raises:
+        TypeError: an input has the wrong type.
+        ValueError: an option is not one of its choices, a shape does not match, a label is out of range, or
+            `backend="triton"` cannot run here.
+    """
+    options = MatchingOptions.resolve(
+        kind=kind,
+        directions=directions,
+        inversion=inversion,
+        divergence=divergence,
+        detach_target=detach_target,
+        eps=eps,
+    )
+    return multi_task_parts(
+        logits_a,
+        logits_b,
+        labels_a,
+        labels_b,
+        relatedness,
+        prior,
+        options,
+        parts=check_parts(parts),
+        ignore_index=ignore_index,
+        backend=check_backend(backend),
+    )
+
+
+def multi_task_parts(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    labels_a: Tensor,
+    labels_b: Tensor,
+    relatedness: Tensor,
+    prior: Tensor | None,
+    options: MatchingOptions,
+    *,
+    parts: tuple[str, ...],
+    ignore_index: int,
+    backend: Backend,
+) -> dict[str, Tensor]:
+    """`multi_task_terms` for options resolved once: what `MultiTaskLoss` calls on every step.
+
+    Every tensor is checked once; the matching terms by the backend the dispatcher takes.
+
+    Args:
+        logits_a: `(N, K)` task A's logits.
+        logits_b: `(N, M)` task B's logits.
+        labels_a: `(N,)` task A's labels.
+        labels_b: task B's labels.
+        relatedness: `R`, `(K, M)`.
+        prior: `π`, `(K,)`; uniform when None.
+        options: from `MatchingOptions.resolve`.
+        parts: checked part names.
+        ignore_index: the label of samples whose class is unknown.
+        backend: a checked backend.
+
+    Returns:
+        the parts, as `multi_task_terms` gives them.
+    """
+    checked_prior = check_matching_tensors(logits_a, logits_b, relatedness, prior)
+    labels = task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
+    matching = (
+        _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
+        if "matching" in parts
+        else {}
+    )
+    return multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, parts, matching)

@@ -249,3 +249,64 @@ def test_a_training_step_makes_no_host_sync(options: dict[str, object], kind: st
         step()  # warm-up
         counter = count_syncs(step)
         assert counter.total == 0, f"{type(module).__name__}: {dict(counter.counts)}"
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "multiclass"])
+def test_multitask_terms_are_differentiable_parts_that_add_up_to_the_loss(kind: str) -> None:
+    r = R if kind == "multilabel" else ntl.TaskRelatedness([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]], kind="multiclass")
+    la, lb = _labelled(kind)
+    module = ntl.MultiTaskLoss(r, weight=1.7, matching_weight=0.3, co_annotation_weight=0.6, supervised_b_weight=1.9)
+    za, zb = heads()
+    total = module(za, zb, la, lb)
+    logged = dict(module.last_terms)
+    parts = module.terms(za, zb, la, lb)
+    assert list(parts) == ["supervised_a", "supervised_b", "matching", "co_annotation"]
+    assert module.last_terms == logged  # terms() does not log
+    assert torch.equal(sum(parts.values(), torch.zeros(())), total)
+    for name, part in parts.items():
+        assert torch.equal(part.detach(), logged[f"{name}/loss"]), name
+    # each part carries its own gradient: the sum of the parts' gradients is the loss's
+    grads = [torch.autograd.grad(part, (za, zb), retain_graph=True, allow_unused=True) for part in parts.values()]
+    expected = torch.autograd.grad(total, (za, zb))
+    for i, tensor in enumerate(expected):
+        summed = sum((g[i] for g in grads if g[i] is not None), torch.zeros_like(tensor))
+        torch.testing.assert_close(summed, tensor, rtol=1e-6, atol=1e-7)
+    assert list(ntl.MultiTaskLoss(r, matching_weight=0.0).terms(za, zb, la, lb)) == [
+        "supervised_a",
+        "supervised_b",
+        "co_annotation",
+    ]
+
+
+def test_functional_multi_task_terms_are_the_functions_they_are_made_of() -> None:
+    za, zb = heads()
+    la, lb = _labelled("multilabel")
+    r, pi = R.matrix.double(), R.prior.double()
+    za, zb = za.detach().double(), zb.detach().double()
+    terms = ntf.multi_task_terms(za, zb, la, lb, r, prior=pi, divergence="ce")
+    assert list(terms) == [
+        "supervised_a",
+        "supervised_b",
+        "matching/a_to_b",
+        "matching/b_to_a",
+        "co_annotation/a",
+        "co_annotation/b",
+    ]
+    matching = ntf.distribution_matching(za, zb, r, prior=pi, divergence="ce")
+    co_annotation = ntf.soft_co_annotation(za, zb, la, lb, r, prior=pi)
+    expected = {
+        "supervised_a": ntf.masked_cross_entropy(za, la),
+        "supervised_b": ntf.masked_binary_cross_entropy(zb, lb),
+        **{f"matching/{k}": v for k, v in matching.items()},
+        **{f"co_annotation/{k}": v for k, v in co_annotation.items()},
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    only = ntf.multi_task_terms(za, zb, la, lb, r, parts=("supervised_b",))
+    assert list(only) == ["supervised_b"]
+    ops_terms = ntl.ops.multi_task_terms(za, zb, la, lb, r, prior=pi, divergence="ce", backend="torch")
+    assert all(torch.equal(ops_terms[k], terms[k]) for k in terms)
+    with pytest.raises(ValueError, match=r"'parts'"):
+        ntf.multi_task_terms(za, zb, la, lb, r, parts=("supervised_c",))
+    with pytest.raises(TypeError, match=r"'parts' must be a sequence of part names"):
+        ntf.multi_task_terms(za, zb, la, lb, r, parts="matching")
