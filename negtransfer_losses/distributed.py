@@ -109,3 +109,47 @@ class _AverageGradients(torch.autograd.Function):
         flat = flat / dist.get_world_size()
         parts = torch.split(flat, [g.numel() for g in grads])
         return tuple(part.reshape(g.shape).to(g.dtype) for part, g in zip(parts, grads, strict=True))
+
+
+def sum_across_ranks(x: Tensor, gather: Gather = "local") -> Tensor:
+    """`x` itself (`"local"`, or no process group of several ranks), or `x` summed over every rank, differentiable.
+
+    What a feature-space estimate needs of the global batch: its sums (`XᵀY`, `Xᵀ1`, ...) add across ranks, so
+    they travel instead of the batch, at a cost that does not grow with the batch or the world size. Every
+    rank must call it at the same point with a tensor of the same shape and dtype (a collective). Its backward
+    pass sums the ranks' gradients, as `gather_batch`'s does: every rank computes the same global loss, so a rank
+    receives `world_size × ∂L/∂x_local`, and after `DistributedDataParallel` averages parameter gradients over
+    ranks they equal the single-process gradients on the concatenated batch.
+    """
+    if gather not in GATHERS:
+        raise ValueError(f"'gather' must be one of 'local', 'global'; got {gather!r}")
+    if gather == "local" or not is_distributed():
+        return x
+    summed: Tensor = _AllReduceSum.apply(x)  # type: ignore[no-untyped-call]
+    return summed
+
+
+def max_across_ranks(x: Tensor, gather: Gather = "local") -> Tensor:
+    """`x` itself (`"local"`, or no process group of several ranks), or its elementwise maximum over every rank,
+    detached (for scales and rounding floors, which carry no gradient). A collective, as `sum_across_ranks`."""
+    if gather not in GATHERS:
+        raise ValueError(f"'gather' must be one of 'local', 'global'; got {gather!r}")
+    if gather == "local" or not is_distributed():
+        return x.detach()
+    largest = x.detach().clone().contiguous()
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        total = x.detach().clone().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.detach().clone().contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad

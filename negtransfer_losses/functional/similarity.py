@@ -20,7 +20,7 @@ ones). Both forms are exact; they differ only in rounding.
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from .._validation import (
     compute_dtype,
     full_precision,
 )
-from ..distributed import Gather, gather_batch
+from ..distributed import Gather, gather_batch, is_distributed, max_across_ranks, sum_across_ranks
 
 __all__ = [
     "GRAM_SCOPES",
@@ -442,7 +442,13 @@ def hsic(
     sigma_y = sigma if sigma_y is None else sigma_y
     _check_kernel(kernel, sigma)
     _check_kernel(kernel_y, sigma_y, ("kernel_y", "sigma_y"))
-    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC")
+    minimum, what = 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC"
+    if kernel == "linear" and kernel_y == "linear":
+        pair = _across_ranks(x, y, gather, minimum, what, self_terms=False)
+        if pair is not None:
+            with full_precision(*pair):
+                return linear_across_ranks(*pair, unbiased=unbiased, measure="hsic", gather=gather)
+    x, y = _paired_batch(x, y, gather, minimum, what)
     if kernel == "linear" and kernel_y == "linear":
         return _linear_kernel_hsic(x, y, unbiased)
     return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
@@ -492,7 +498,13 @@ def cka(
         ValueError: an option is not valid, the batch sizes differ, or the batch is too small.
     """
     _check_kernel(kernel, sigma)
-    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} CKA")
+    minimum, what = 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} CKA"
+    if kernel == "linear":
+        pair = _across_ranks(x, y, gather, minimum, what, self_terms=True)
+        if pair is not None:
+            with full_precision(*pair):
+                return linear_across_ranks(*pair, unbiased=unbiased, measure="alignment", gather=gather)
+    x, y = _paired_batch(x, y, gather, minimum, what)
     return _cka(x, y, kernel, unbiased, sigma)
 
 
@@ -563,6 +575,11 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False, gather: Gather =
         ValueError: the batch sizes differ, or the batch is too small.
     """
     what = f"{'unbiased' if unbiased else 'biased'} CKA"
+    pair = _across_ranks(x, y, gather, 4 if unbiased else 2, what, self_terms=True)
+    if pair is not None:
+        with full_precision(*pair):
+            measure: GlobalMeasure = "alignment" if unbiased else "linear_cka"
+            return linear_across_ranks(*pair, unbiased=unbiased, measure=measure, gather=gather)
     x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, what)
     return _linear_cka(x, y, unbiased)
 
@@ -598,6 +615,25 @@ def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str)
     check_min_batch(x.shape[0], minimum, what=what)
     dtype = compute_dtype(x, y)  # float64 if either side is; mixed inputs meet in one dtype
     return x.to(dtype), y.to(dtype)
+
+
+def _across_ranks(
+    x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str, *, self_terms: bool
+) -> tuple[Tensor, Tensor] | None:
+    """The checked pair flattened in one compute dtype when a linear-kernel estimate runs on every rank's batch
+    from all-reduced sums (`linear_across_ranks`): `gather="global"` under a process group of several ranks, and
+    the feature-space form chosen at the global batch size. None otherwise (the caller gathers the batch)."""
+    if gather != "global" or not is_distributed():
+        return None
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_device({"x": x, "y": y})
+    check_same_batch(x, y, ("x", "y"))
+    n = global_count(x.shape[0], gather, x.device)
+    check_min_batch(n, minimum, what=what)
+    dtype = compute_dtype(x, y)
+    x2, y2 = x.to(dtype).reshape(x.shape[0], -1), y.to(dtype).reshape(y.shape[0], -1)
+    return (x2, y2) if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=self_terms) else None
 
 
 def _centred_unit_scale(x: Tensor) -> Tensor:
@@ -726,3 +762,144 @@ def linear_alignment(x: Tensor, y: Tensor, n: Tensor, *, unbiased: bool) -> Tens
     return safe_ratio(
         linear_hsic(x, y, n, unbiased=unbiased), torch.where(varies, self_x, zero), torch.where(varies, self_y, zero)
     )
+
+
+# --- the same sums across ranks: gather="global" without gathering the batch ------------------------------
+
+GlobalMeasure: TypeAlias = Literal["hsic", "alignment", "linear_cka"]
+
+
+class _RowSums(NamedTuple):
+    """Every sum over rows that `linear_hsic` needs of `(X, Y)`: they add across ranks."""
+
+    cross: Tensor  # XᵀY (p, q)
+    sum_x: Tensor  # Xᵀ1 (p,)
+    sum_y: Tensor  # Yᵀ1 (q,)
+    norms_x: Tensor  # Σ d_K
+    norms_y: Tensor  # Σ d_L
+    norms_xy: Tensor  # Σ d_K d_L
+    x_norms_y: Tensor  # Xᵀ d_L (p,)
+    y_norms_x: Tensor  # Yᵀ d_K (q,)
+
+
+def _row_sums(x: Tensor, y: Tensor) -> _RowSums:
+    norms_x, norms_y = x.square().sum(dim=1), y.square().sum(dim=1)
+    return _RowSums(
+        x.T @ y,
+        x.sum(dim=0),
+        y.sum(dim=0),
+        norms_x.sum(),
+        norms_y.sum(),
+        (norms_x * norms_y).sum(),
+        x.T @ norms_y,
+        y.T @ norms_x,
+    )
+
+
+def _hsic_of_sums(s: _RowSums, n: Tensor, unbiased: bool) -> Tensor:
+    """`linear_hsic` from the row sums alone: `1ᵀK̃L̃1 = Σ_i (x_iᵀs_X - d_K,i)(y_iᵀs_Y - d_L,i)` expands to
+    `s_Xᵀ M s_Y - s_Xᵀ (Xᵀd_L) - s_Yᵀ (Yᵀd_K) + Σ d_K d_L`."""
+    if not unbiased:
+        return s.cross.square().sum() / (n - 1) ** 2
+    trace_term = s.cross.square().sum() - s.norms_xy
+    sum_k = s.sum_x.square().sum() - s.norms_x
+    sum_l = s.sum_y.square().sum() - s.norms_y
+    rows = s.sum_x @ s.cross @ s.sum_y - s.sum_x @ s.x_norms_y - s.sum_y @ s.y_norms_x + s.norms_xy
+    return (trace_term + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows) / (n * (n - 3))
+
+
+def _summed(sums: list[_RowSums], gather: Gather) -> list[_RowSums]:
+    """The row sums of every rank added up, in one all-reduce (`distributed.sum_across_ranks`)."""
+    parts = [t for s in sums for t in s]
+    total = sum_across_ranks(torch.cat([t.reshape(-1) for t in parts]), gather)
+    pieces = iter(torch.split(total, [t.numel() for t in parts]))
+    return [_RowSums(*(next(pieces).reshape(t.shape) for t in s)) for s in sums]
+
+
+def linear_across_ranks(
+    x: Tensor,
+    y: Tensor,
+    *,
+    unbiased: bool,
+    measure: GlobalMeasure,
+    gather: Gather,
+    members: Tensor | None = None,
+    minimum: int = 2,
+) -> Tensor:
+    """A linear-kernel HSIC or CKA of every rank's rows together, from sums that add across ranks.
+
+    `gather="global"` in feature space: instead of gathering the `(B, D)` batches, two all-reduces of sums
+    whose size does not grow with the batch or the world size (`distributed.sum_across_ranks`): the count and
+    the column sums (for the global means), then the `_RowSums` of the centred rows (`XᵀY`, and `XᵀX`, `YᵀY`
+    for a ratio: `D × K` or `D × D` numbers). With `gather="local"` (or no process group) it is the local
+    estimate, the same value as the single-process functions.
+
+    - `"hsic"`: `linear_hsic` of the rows centred over all ranks' samples;
+    - `"alignment"`: `linear_alignment` (as `cka` with linear kernels, and `irrelevant_hsic(normalized=True)`),
+      after the rows are scaled by one power of two from the global largest magnitude (exact; no overflow),
+      and 0 where a side's spread is at the rounding level of that magnitude (`unit_frobenius`'s test);
+    - `"linear_cka"`: `linear_cka`'s biased ratio `‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`, with the same scaling and test
+      (`unbiased` does not apply: `linear_cka(unbiased=True)` is the `"alignment"`).
+
+    Args:
+        x: `(m, p)` this rank's rows.
+        y: `(m, q)` this rank's rows.
+        unbiased: the unbiased HSIC instead of the biased one.
+        measure: `"hsic"`, `"alignment"` or `"linear_cka"`.
+        gather: `"global"` for every rank's rows, `"local"` for this rank's.
+        members: `(m,)` booleans, the rows that are samples (the others may hold anything), or None for all.
+        minimum: the fewest samples (over all ranks) the estimate needs; fewer give 0 with a zero gradient.
+
+    Returns:
+        a scalar tensor in the rows' dtype, equal on every rank.
+    """
+    dtype = x.dtype
+    members = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if members is None else members
+    x = torch.where(members[:, None], x, torch.zeros((), dtype=dtype, device=x.device))
+    y = torch.where(members[:, None], y, torch.zeros((), dtype=dtype, device=y.device))
+    ratio = measure != "hsic"
+    if ratio:  # scale-free: one power of two for every rank, from the largest magnitude of them all
+        largest = max_across_ranks(torch.stack([x.detach().abs().amax(), y.detach().abs().amax()]), gather)
+        scale_x, scale_y = unit_scale(largest[0]), unit_scale(largest[1])
+        x, y = x * scale_x, y * scale_y
+        largest = largest * torch.stack([scale_x, scale_y])
+    weights = members.to(dtype)
+    first = sum_across_ranks(torch.cat([weights.sum()[None], weights @ x, weights @ y]), gather)
+    count, p = first[0], x.shape[1]
+    enough = count >= minimum
+    n = torch.where(enough, count, float(minimum))
+    xc = torch.where(members[:, None], x - first[1 : 1 + p] / n, torch.zeros((), dtype=dtype, device=x.device))
+    yc = torch.where(members[:, None], y - first[1 + p :] / n, torch.zeros((), dtype=dtype, device=y.device))
+    if not ratio:
+        (sums,) = _summed([_row_sums(xc, yc)], gather)
+        value = _hsic_of_sums(sums, n, unbiased)
+        return torch.where(enough, value, torch.zeros_like(value))
+    sums, self_x, self_y = _summed([_row_sums(xc, yc), _row_sums(xc, xc), _row_sums(yc, yc)], gather)
+    rounding = 8 * torch.finfo(dtype).eps * largest
+    noise_floor = rounding * rounding * n.detach() * torch.tensor([p, y.shape[1]], dtype=dtype, device=x.device)
+    noise_floor = noise_floor.clamp_min(torch.finfo(dtype).tiny)
+    varies = enough & (self_x.norms_x > noise_floor[0]) & (self_y.norms_x > noise_floor[1])
+    if measure == "linear_cka":
+        value = safe_ratio(sums.cross.square().sum(), self_x.cross.square().sum(), self_y.cross.square().sum())
+        return torch.where(varies, value, torch.zeros_like(value))
+    hsic_x, hsic_y = _hsic_of_sums(self_x, n, unbiased), _hsic_of_sums(self_y, n, unbiased)
+    eps = 64 * torch.finfo(dtype).eps
+    entries = n.detach().square()
+    varies = (
+        varies
+        & (hsic_x > eps * self_x.cross.detach().square().sum() / entries)
+        & (hsic_y > eps * self_y.cross.detach().square().sum() / entries)
+    )
+    zero = torch.zeros_like(hsic_x)
+    value = safe_ratio(
+        _hsic_of_sums(sums, n, unbiased), torch.where(varies, hsic_x, zero), torch.where(varies, hsic_y, zero)
+    )
+    return torch.where(varies, value, zero)
+
+
+def global_count(count: int, gather: Gather, device: torch.device) -> int:
+    """The number of rows over every rank (this rank's `count` under `"local"` or without a process group): a
+    host read, as the batch sizes `gather_batch` exchanges."""
+    if gather == "local" or not is_distributed():
+        return count
+    return int(sum_across_ranks(torch.tensor([count], device=device), gather).item())

@@ -39,7 +39,7 @@ from .._validation import (
     compute_dtype,
     full_precision,
 )
-from ..distributed import Gather, gather_batch
+from ..distributed import Gather, gather_batch, is_distributed
 from ._groups import (
     centre_within_groups,
     centre_within_slots,
@@ -54,11 +54,14 @@ from ._groups import (
     within_class_slots,
 )
 from .similarity import (
+    GlobalMeasure,
     Kernel,
     _check_kernel,
     _cka,
     feature_space_cheaper,
     gaussian,
+    global_count,
+    linear_across_ranks,
     linear_alignment,
     linear_hsic,
     safe_ratio,
@@ -131,8 +134,21 @@ def irrelevant_hsic(
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
         task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
+    what = f"{'unbiased' if unbiased else 'biased'} HSIC"
+    if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+        n = global_count(features.shape[0], gather, features.device)
+        check_min_batch(n, minimum, what=what, name="features")
+        x = as_batch_matrix(features, "features")
+        if feature_space_cheaper(n, x.shape[1], num_irrelevant, self_terms=normalized):
+            with full_precision(x):  # every rank's batch from all-reduced sums, not gathered
+                members = irrelevant_labels != ignore_index
+                onehot = one_hot_known(irrelevant_labels, num_irrelevant, members, x.dtype)
+                measure: GlobalMeasure = "alignment" if normalized else "hsic"
+                return linear_across_ranks(
+                    x, onehot, unbiased=unbiased, measure=measure, gather=gather, members=members, minimum=minimum
+                )
     features, labels = gather_batch(features, gather), gather_batch(irrelevant_labels, gather)
-    check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} HSIC", name="features")
+    check_min_batch(features.shape[0], minimum, what=what, name="features")
     with full_precision(features):
         x = as_batch_matrix(features, "features").to(compute_dtype(features))
         conditional_ratio = normalized and task_labels is not None
@@ -205,6 +221,15 @@ def irrelevant_cka(
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
         task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
+    if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+        n = global_count(features.shape[0], gather, features.device)
+        check_min_batch(n, minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
+        dtype = compute_dtype(features, irrelevant_features)
+        x = as_batch_matrix(features, "features").to(dtype)
+        x_ref = as_batch_matrix(irrelevant_features.detach(), "irrelevant_features").to(dtype)
+        if feature_space_cheaper(n, x.shape[1], x_ref.shape[1], self_terms=True):
+            with full_precision(x, x_ref):  # every rank's batch from all-reduced sums, not gathered
+                return linear_across_ranks(x, x_ref, unbiased=unbiased, measure="alignment", gather=gather)
     features, reference = gather_batch(features, gather), gather_batch(irrelevant_features.detach(), gather)
     check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
     if task_labels is None:  # checked above: the core of `cka`
