@@ -21,7 +21,7 @@ $(VENV)/.demo-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install --quiet $(PIP_CONSTRAINT_FLAG) -e ".[examples]"
 	touch $@
 
-LINTED = negtransfer_losses tests examples benchmarks
+LINTED = negtransfer_losses tests examples benchmarks studies
 
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check $(LINTED)
