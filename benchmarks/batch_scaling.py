@@ -13,7 +13,9 @@ allocation before it. A batch is skipped when the previous one, scaled by `(B / 
                                        [--device cpu] [--csv benchmarks/results/batch_scaling.csv]
 
 The library measured is whatever `import negtransfer_losses` finds: to measure another version, put its checkout
-first on `PYTHONPATH` (e.g. `git worktree add /tmp/before <commit>` and `PYTHONPATH=/tmp/before`).
+first on `PYTHONPATH` (e.g. `git worktree add /tmp/before <commit>` and `PYTHONPATH=/tmp/before`). To compare
+versions under the same load, `--versions before=/tmp/before after=.` runs each (loss, batch) for every version
+in turn, each child with that checkout first on `PYTHONPATH`.
 
     python benchmarks/batch_scaling.py --precision
 
@@ -106,33 +108,47 @@ def _load() -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    versions: dict[str, str | None] = {args.label: None}
+    if args.versions:
+        versions = dict(item.split("=", 1) for item in args.versions)  # type: ignore[misc]
     rows: list[dict[str, object]] = []
     for case in args.cases:
-        previous: tuple[int, float, float] | None = None
+        previous: dict[str, tuple[int, float, float]] = {}
+        stopped: set[str] = set()
         for batch in args.batches:
-            if previous is not None:
-                factor = (batch / previous[0]) ** 2
-                if previous[1] * factor / 1e3 > args.max_seconds or previous[2] * factor / 1024 > args.max_gib:
-                    print(f"{case:18s} B={batch:6d}  skipped (the previous batch, scaled by B², exceeds the limits)")
-                    rows.append({"label": args.label, "case": case, "batch": batch, "skipped": 1})
+            for label, path in versions.items():
+                base = {"label": label, "case": case, "batch": batch}
+                last = previous.get(label)
+                if label in stopped:
                     continue
-            load = _load()
-            command = [sys.executable, __file__, "--child", case, str(batch), args.device, str(args.repeats)]
-            command.append(str(args.threads))
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(f"{case:18s} B={batch:6d}  failed: {done.stderr.strip().splitlines()[-1:]}")
-                rows.append({"label": args.label, "case": case, "batch": batch, "failed": 1})
-                break
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            row: dict[str, object] = {"label": args.label, "case": case, "batch": batch, **result, "load": load}
-            rows.append(row)
-            print(
-                f"{case:18s} B={batch:6d}  {result['median_ms']:10.2f} ms (min {result['min_ms']:.2f}, "
-                f"{int(result['repeats'])} runs)  peak +{result['peak_mib']:9.1f} MiB  load {load:.2f}",
-                flush=True,
-            )
-            previous = (batch, float(result["median_ms"]), float(result["peak_mib"]))
+                if last is not None:
+                    factor = (batch / last[0]) ** 2
+                    if last[1] * factor / 1e3 > args.max_seconds or last[2] * factor / 1024 > args.max_gib:
+                        print(
+                            f"{label:7s} {case:18s} B={batch:6d}  skipped (previous batch × (B/B_prev)²: over limits)"
+                        )
+                        rows.append({**base, "skipped": 1})
+                        continue
+                load = _load()
+                command = [sys.executable, __file__, "--child", case, str(batch), args.device, str(args.repeats)]
+                command.append(str(args.threads))
+                env = dict(os.environ)
+                if path is not None:
+                    env["PYTHONPATH"] = os.pathsep.join([str(Path(path).resolve()), env.get("PYTHONPATH", "")])
+                done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+                if done.returncode != 0:
+                    print(f"{label:7s} {case:18s} B={batch:6d}  failed: {done.stderr.strip().splitlines()[-1:]}")
+                    rows.append({**base, "failed": 1})
+                    stopped.add(label)
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({**base, **result, "load": load})
+                print(
+                    f"{label:7s} {case:18s} B={batch:6d}  {result['median_ms']:10.2f} ms (min {result['min_ms']:.2f}, "
+                    f"{int(result['repeats'])} runs)  peak +{result['peak_mib']:9.1f} MiB  load {load:.2f}",
+                    flush=True,
+                )
+                previous[label] = (batch, float(result["median_ms"]), float(result["peak_mib"]))
     return rows
 
 
@@ -148,7 +164,7 @@ def write_csv(rows: list[dict[str, object]], path: Path, args: argparse.Namespac
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "library": str(Path(negtransfer_losses.__file__).parent.parent),
+        "library": " ".join(args.versions) if args.versions else str(Path(negtransfer_losses.__file__).parent.parent),
     }
     new_file = not path.exists()
     with path.open("a", newline="") as f:
@@ -219,6 +235,7 @@ def precision() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", default="after", help="the name of the version measured, in the CSV")
+    parser.add_argument("--versions", nargs="+", metavar="LABEL=PATH", help="compare checkouts, interleaved")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--device", default="cpu")

@@ -429,7 +429,8 @@ def hsic(
         sigma: RBF bandwidth for `x` (and `y` unless `sigma_y` is given); None = median heuristic.
         kernel_y: kernel on `y` when it differs from `kernel`.
         sigma_y: RBF bandwidth for `y` when it differs from `sigma`.
-        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
+            linear kernels in feature space from all-reduced sums, without gathering the batch.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -488,7 +489,8 @@ def cka(
         kernel: `"linear"` or `"rbf"` (the same on both sides; `sigma` None = median heuristic per side).
         unbiased: use the unbiased HSIC (n ≥ 4).
         sigma: the RBF bandwidth of both sides; None takes the median heuristic.
-        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
+            linear kernels in feature space from all-reduced sums, without gathering the batch.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).
@@ -565,7 +567,8 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False, gather: Gather =
         x: `(n, ...)`, flattened to `(n, p)`.
         y: `(n, ...)`, flattened to `(n, q)`; `p ≠ q` allowed.
         unbiased: use the unbiased HSIC (n ≥ 4).
-        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
+            in feature space from all-reduced sums (`linear_across_ranks`), without gathering the batch.
 
     Returns:
         a scalar tensor, float32 (float64 for float64 input).

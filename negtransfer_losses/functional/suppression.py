@@ -115,7 +115,8 @@ def irrelevant_hsic(
         normalized: the CKA-style ratio instead of HSIC.
         sigma: RBF bandwidth; None takes the median distance between distinct rows of each group.
         unbiased: Song et al.'s unbiased estimator (True) or the biased one.
-        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
+            a linear kernel without task labels from all-reduced sums, without gathering the batch.
         ignore_index: the label of samples whose class is unknown.
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
 
@@ -200,7 +201,8 @@ def irrelevant_cka(
         kernel: `"linear"` or `"rbf"`, the same on both sides.
         sigma: RBF bandwidth; None takes the median distance between distinct rows, per side.
         unbiased: the unbiased HSIC (a batch of at least 4) instead of the biased one (at least 2).
-        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`).
+        gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
+            a linear kernel without task labels from all-reduced sums, without gathering the batch.
         ignore_index: the task label of samples whose class is unknown.
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
 
