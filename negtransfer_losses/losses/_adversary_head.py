@@ -95,16 +95,17 @@ class HeadAdam(nn.Module):
         for _ in range(steps):
             grads = gradient(params)
             step = step + 1
-            t = step.to(torch.float32)
-            bias_correction1 = 1.0 - torch.pow(beta1, t)
+            t = step.to(torch.float64)  # the bias corrections in float64, as torch.optim.Adam's Python floats
+            step_size = self.lr / (1.0 - torch.pow(beta1, t))
             bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t))
             updated = {}
             for i, name in enumerate(self.names):
                 p, g = params[name], grads[name].to(moments[i].dtype)
                 moments[i] = torch.lerp(moments[i], g, 1.0 - beta1)
                 squares[i] = squares[i] * beta2 + (1.0 - beta2) * g * g
-                denom = (squares[i].sqrt() / bias_correction2_sqrt).clamp_min(floors[i]) + self.eps
-                updated[name] = (p.to(moments[i].dtype) - (self.lr / bias_correction1) * moments[i] / denom).to(p.dtype)
+                denom = (squares[i].sqrt() / bias_correction2_sqrt.to(squares[i].dtype)).clamp_min(floors[i]) + self.eps
+                shift = step_size.to(moments[i].dtype) * (moments[i] / denom)
+                updated[name] = (p.to(moments[i].dtype) - shift).to(p.dtype)
             params = updated
         return params, moments, squares, step
 
