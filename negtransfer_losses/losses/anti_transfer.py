@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,32 @@ class AntiTransferLoss(nn.Module):
         assert total is not None  # pair_features never returns an empty list
         self.last_terms = {"loss": total.detach(), **terms}
         return total
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        """What `state_dict` saves beside the (absent) parameters: the state of a `generator` you passed, so
+        that a resumed run draws the same `"stochastic_pairwise"` windows as the uninterrupted one."""
+        return {} if self.generator is None else {"generator_state": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the generator's state from `get_extra_state` (nothing without a generator)."""
+        if self.generator is not None and isinstance(state, dict) and "generator_state" in state:
+            self.generator.set_state(state["generator_state"])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a checkpoint written before the generator's state was saved has no extra state: it loads as it did
+        state_dict.setdefault(prefix + "_extra_state", {})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         options = self.options

@@ -135,3 +135,28 @@ def test_a_step_makes_no_host_sync_and_compiles_without_a_graph_break(aggregatio
     torch._dynamo.reset()
     explained = torch._dynamo.explain(loss)(s, r)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_a_generator_you_pass_resumes_with_the_module() -> None:
+    import io
+
+    def module() -> ntl.AntiTransferLoss:
+        return ntl.AntiTransferLoss(
+            aggregation="stochastic_pairwise", distance="cos", generator=torch.Generator().manual_seed(3)
+        )
+
+    g = torch.Generator().manual_seed(0)
+    s, r = torch.randn(4, 12, 3, 3, generator=g), torch.randn(4, 12, 3, 3, generator=g)
+    uninterrupted = module()
+    for _ in range(3):
+        uninterrupted(s, r)
+    buffer = io.BytesIO()
+    torch.save(uninterrupted.state_dict(), buffer)
+    expected = [uninterrupted(s, r) for _ in range(5)]
+    resumed = module()
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(torch.equal(resumed(s, r), value) for value in expected)  # the same windows drawn
+    # a checkpoint without the generator's state (written before it was saved) loads as it did
+    module().load_state_dict({})
+    assert ntl.AntiTransferLoss().state_dict()["_extra_state"] == {}
