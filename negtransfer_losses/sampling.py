@@ -41,7 +41,8 @@ def _as_labels(labels: Tensor | Sequence[int], name: str) -> Tensor:
         tensor = labels.detach().cpu()
     else:
         try:
-            tensor = torch.as_tensor(list(labels))
+            values = list(labels)
+            tensor = torch.as_tensor(values, dtype=torch.long if not values else None)  # [] would be float32
         except (TypeError, ValueError) as error:
             raise TypeError(f"'{name}' must be a 1-d tensor or sequence of integer labels: {error}") from None
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
@@ -231,9 +232,13 @@ def _check_layout(state: object) -> None:
 def _check_same_data(state: Mapping[str, Any], sampler: GroupBalancedBatchSampler) -> None:
     """Refuse a state saved for other labels, groups, `batch_size` or `num_replicas`, naming each difference."""
     saved_groups = state["groups"]
-    if not isinstance(saved_groups, Tensor):
-        raise ValueError(f"state['groups'] must be a tensor of (task, irrelevant) pairs, got {type(saved_groups)}")
-    saved_groups = [(int(a), int(b)) for a, b in saved_groups.reshape(-1, 2).tolist()]
+    if not isinstance(saved_groups, Tensor) or saved_groups.dim() != 2 or saved_groups.shape[1:] != (2,):
+        shape = tuple(saved_groups.shape) if isinstance(saved_groups, Tensor) else type(saved_groups).__name__
+        raise ValueError(f"state['groups'] must be a (groups, 2) tensor of (task, irrelevant) pairs, got {shape}")
+    for name in ("num_samples", "batch_size", "num_replicas"):
+        if isinstance(state[name], bool) or not isinstance(state[name], int):
+            raise ValueError(f"state[{name!r}] must be an int, got {type(state[name]).__name__}")
+    saved_groups = [(int(a), int(b)) for a, b in saved_groups.tolist()]
     differences = [
         f"{name} {saved!r} (saved) vs {mine!r} (this sampler)"
         for name, saved, mine in (

@@ -401,3 +401,14 @@ def test_invalid_ddp_arguments_are_named(kwargs: dict[str, Any], error: type[Exc
     y, u = biased_labels()
     with pytest.raises(error, match=match):
         GroupBalancedBatchSampler(y, u, 8, **kwargs)
+
+
+def test_hostile_inputs_found_by_review_get_value_errors() -> None:
+    y, u = torch.arange(60) % 3, (torch.arange(60) // 3) % 2
+    with pytest.raises(ValueError, match=r"are empty: there is nothing to sample"):
+        GroupBalancedBatchSampler([], [], 8)
+    state = GroupBalancedBatchSampler(y, u, 8, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"state\['groups'\] must be a \(groups, 2\) tensor"):
+        GroupBalancedBatchSampler(y, u, 8, seed=0).load_state_dict({**state, "groups": torch.tensor([1, 2, 3])})
+    with pytest.raises(ValueError, match=r"state\['batch_size'\] must be an int, got Tensor"):
+        GroupBalancedBatchSampler(y, u, 8, seed=0).load_state_dict({**state, "batch_size": torch.tensor([8, 8])})
