@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "weights": DEFAULTS,
         "threads": torch.get_num_threads(),
         "results": table,
-        # per method, seed 0, 1, ...: what a fresh run of one seed must reproduce (tests/test_case_studies.py)
+        # per method, seed 0, 1, ...: the spread a fresh run's cell is allowed (tests/test_case_studies.py)
         "runs": {method: [100 * r["accuracy"] for r in method_runs] for method, method_runs in runs.items()},
     }
     (args.out / "biased_digits.json").write_text(json.dumps(record, indent=2))

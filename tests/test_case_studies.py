@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
+from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
 import negtransfer_losses as ntl
 
@@ -215,19 +219,71 @@ def test_biased_sweep_never_reuses_runs_cached_under_an_older_version(tmp_path: 
     assert all(r["accuracy_mean"] == 100 * runs[1]["test_accuracy"] for r in rows)
 
 
+TEST_IMAGES = 1797 - 1300  # biased_digits.make_splits: the test split is what follows 1,000 train and 300 val
+
+
+def demo_tolerance(committed: dict[str, Any], method: str) -> float:
+    """How far a fresh `make demo` cell (the mean test accuracy % over the n seeds) may lie from the committed one:
+    t · √2 · s / √n, where s is the std of the committed per-seed accuracies and t Student's 97.5 % quantile at
+    n − 1 degrees of freedom (2.78 for 5 seeds); at least one test image (100 / 497 points).
+
+    Not bit for bit: that holds on one machine (the test below), not across CPUs. Another vector unit (AVX-512,
+    AVX2, NEON) or BLAS / oneDNN build sums in another order, and 30 epochs turn the last bit into another
+    trajectory: `make demo` on an AMD EPYC gave the conditional adversary 37.8 % where the committed cell holds
+    34.6 %; on an AVX-512 Xeon under the ISA limits of oneDNN, MKL and ATen (AVX2, SSE4) or one thread, its seed 0
+    gave 29.4–35.6 % for the committed 26.6 %, its cell 34.3–39.1 % (plain's 24.7–24.9 %, committed 24.7). A run
+    on another CPU is another draw of that run-to-run noise, whose std is at most the seed-to-seed std σ (another
+    seed changes the split and the initialization as well); two means over n seeds then differ with a std of at
+    most √2·σ/√n, and with σ estimated by s from the same n seeds, a run of the same computation lands inside
+    t·√2·s/√n at least 95 % of the time: 4.1 points for plain (s 2.3), 11.2 for the conditional adversary (s 6.4).
+    A change of the computation that moves a cell further fails, and so does a committed cell off by more (every
+    seed shifted; one seed's number off by δ moves the cell by δ / n)."""
+    runs = committed["runs"][method]
+    n = len(runs)
+    spread = float(student_t.ppf(0.975, n - 1)) * math.sqrt(2) * statistics.stdev(runs) / math.sqrt(n)
+    return max(spread, 100 / TEST_IMAGES)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 5 seeds of 30 epochs: about a minute on one idle core, several on a busy machine
 @pytest.mark.parametrize("method", ["plain", "adversarial_conditional"])
-def test_the_committed_demo_table_is_what_a_fresh_run_of_one_seed_gives(tmp_path: Path, method: str) -> None:
-    # docs/img/biased_digits.json is what `make demo` wrote (docs/case-studies.md, 1a); seed 0 of a method, re-run
-    # with today's library at the same settings and thread count, must give the same test accuracy
+def test_the_committed_demo_table_is_what_a_fresh_run_gives(tmp_path: Path, method: str) -> None:
+    # docs/img/biased_digits.json is what `make demo` wrote (docs/case-studies.md, 1a): a method's cell, re-run with
+    # today's library at the same settings and seeds, must come back within `demo_tolerance`. On one thread, not the
+    # committed two: the thread count is one more floating-point path, inside the tolerance (one thread gave the
+    # cells 24.7 and 34.5 %), and one thread does not wait on a busy machine's other cores
     committed = json.loads((ROOT / "docs" / "img" / "biased_digits.json").read_text())
+    assert committed["results"][method]["accuracy_mean"] == pytest.approx(statistics.mean(committed["runs"][method]))
     biased = example("biased_digits")
+    argv = ["--seeds", str(committed["seeds"]), "--correlation", str(committed["correlation"])]
+    argv += ["--epochs", str(committed["epochs"]), "--methods", method, "--out", str(tmp_path)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(committed["threads"])
+    torch.set_num_threads(1)  # `main` keeps min(2, this)
     try:
-        fresh = biased.main(["--seeds", "1", "--methods", method, "--out", str(tmp_path)])
+        fresh = biased.main(argv)[method]["accuracy_mean"]
     finally:
         torch.set_num_threads(threads)
-    expected = committed["runs"][method][0]
-    assert json.loads((tmp_path / "biased_digits.json").read_text())["runs"][method][0] == pytest.approx(expected)
-    assert fresh[method]["accuracy_mean"] == pytest.approx(expected)
+    assert statistics.mean(json.loads((tmp_path / "biased_digits.json").read_text())["runs"][method]) == fresh
+    expected, tolerance = committed["results"][method]["accuracy_mean"], demo_tolerance(committed, method)
+    assert abs(fresh - expected) <= tolerance, f"fresh {fresh:.1f} %, committed {expected:.1f} ± {tolerance:.1f}"
+
+
+@pytest.mark.parametrize("method", ["plain", "adversarial_conditional"])
+def test_the_demo_trains_bit_for_bit_alike_twice_in_one_process(method: str) -> None:
+    # what does hold bit for bit: the same training (colour network, then the method; 2 epochs) twice on one machine
+    biased = example("biased_digits")
+
+    def train() -> dict[str, torch.Tensor]:
+        train_split, colour_data, _, _ = biased.make_splits(0, 0.99)
+        colour_net = biased.colour_network(colour_data, 2, 0)
+        model = biased.train_method(method, biased.DEFAULTS.get(method, 0.0), train_split, colour_net, 2, 0)
+        return {**model.state_dict(), **{f"colour.{k}": v for k, v in colour_net.state_dict().items()}}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # any fixed count holds it; one does not wait on a busy machine's other cores
+    try:
+        first, second = train(), train()
+    finally:
+        torch.set_num_threads(threads)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
