@@ -31,7 +31,7 @@ test: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo-installed
-	$(PY) examples/demo.py
+	$(PY) studies/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis results

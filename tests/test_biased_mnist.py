@@ -1,4 +1,4 @@
-"""The Biased MNIST case study (examples/biased_mnist.py): the protocol's data, EnD's regularizer, a smoke run."""
+"""The Biased MNIST case study (studies/biased_mnist.py): the protocol's data, EnD's regularizer, a smoke run."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def study() -> ModuleType:
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
+    if str(ROOT / "studies") not in sys.path:
+        sys.path.insert(0, str(ROOT / "studies"))
     return importlib.import_module("biased_mnist")
 
 
@@ -137,7 +137,7 @@ def test_quick_run_writes_the_study(tmp_path: Path) -> None:
     assert len(runs) == 5 and {r["epochs"] for r in runs} == {1}
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["library"] for r in runs)
     assert "| purify_conditional |" in (tmp_path / "biased_mnist.md").read_text()
-    assert json.loads((tmp_path / "biased_mnist.json").read_text())["command"].startswith("python examples/")
+    assert json.loads((tmp_path / "biased_mnist.json").read_text())["command"].startswith("python studies/")
     assert (tmp_path / "biased_mnist.png").stat().st_size > 0
     # a second call trains nothing: every run is cached
     before = (tmp_path / "biased_mnist_runs.json").stat().st_mtime_ns
@@ -276,7 +276,7 @@ def test_the_pages_commands_train_nothing_on_the_committed_cache() -> None:
     commands = [
         shlex.split(line.split("#")[0])[2:]
         for line in page.splitlines()
-        if line.startswith("python examples/biased_mnist.py")
+        if line.startswith("python studies/biased_mnist.py")
         and not any(flag in line for flag in ("--summarize", "--check", "--quick"))
     ]
     assert len(commands) >= 10

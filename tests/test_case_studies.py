@@ -19,17 +19,17 @@ from scipy.stats import t as student_t  # scipy comes with scikit-learn
 import negtransfer_losses as ntl
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+STUDIES = ROOT / "studies"
 
 
-def example(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
+def study(name: str) -> ModuleType:
+    if str(STUDIES) not in sys.path:
+        sys.path.insert(0, str(STUDIES))
     return importlib.import_module(name)
 
 
 def test_multitask_sweep_writes_one_row_per_ratio_and_config(tmp_path: Path) -> None:
-    mt = example("multitask_digits")
+    mt = study("multitask_digits")
     argv = ["--sweep", "--seeds", "2", "--steps", "3", "--ratios", "30/100", "100/30", "--grid", "0.5", "2"]
     mt.main([*argv, "--out", str(tmp_path)])
     record = json.loads((tmp_path / "multitask_sweep.json").read_text())
@@ -49,7 +49,7 @@ def test_multitask_sweep_writes_one_row_per_ratio_and_config(tmp_path: Path) -> 
 
 
 def test_multitask_data_layout_keeps_evaluation_splits_apart() -> None:
-    mt = example("multitask_digits")
+    mt = study("multitask_digits")
     data = mt.make_data(0, list(mt.ATTRIBUTES), num_a=30, num_b=1000)
     assert data.x_train.shape[0] == 1030 and data.x_test.shape[0] == 400 and data.x_val.shape[0] == 300
     assert int((data.labels_a != -100).sum()) == 30 and int(data.labels_b[:, 0].isfinite().sum()) == 1000
@@ -63,7 +63,7 @@ def test_multitask_data_layout_keeps_evaluation_splits_apart() -> None:
 
 
 def test_multitask_sweep_selects_the_weight_on_validation_not_test() -> None:
-    mt = example("multitask_digits")
+    mt = study("multitask_digits")
 
     def run(config: str, weight: float, seed: int, val: float, test: float) -> dict[str, float | int | str]:
         return {
@@ -92,7 +92,7 @@ def test_multitask_sweep_selects_the_weight_on_validation_not_test() -> None:
 
 
 def test_biased_sweep_runs_every_method_and_resumes_from_its_cache(tmp_path: Path) -> None:
-    bd = example("biased_digits")
+    bd = study("biased_digits")
     methods = ["plain", "hsic_conditional", "adversarial_conditional", "cka_conditional", "purify_conditional"]
     argv = ["--sweep", "--seeds", "1", "--epochs", "1", "--correlations", "0.99", "--methods", *methods]
     bd.main([*argv, "--out", str(tmp_path)])
@@ -115,7 +115,7 @@ def test_biased_sweep_runs_every_method_and_resumes_from_its_cache(tmp_path: Pat
 
 
 def test_biased_sweep_selects_the_weight_on_validation_not_test() -> None:
-    bd = example("biased_digits")
+    bd = study("biased_digits")
 
     def run(method: str, weight: float, seed: int, val: float, test: float) -> dict[str, float | int | str]:
         return {
@@ -144,7 +144,7 @@ def test_biased_sweep_selects_the_weight_on_validation_not_test() -> None:
 
 
 def test_anti_transfer_layers_study_runs_with_its_diagnostics(tmp_path: Path) -> None:
-    at = example("anti_transfer_layers")
+    at = study("anti_transfer_layers")
     rows = at.main(["--seeds", "1", "--epochs", "1", "--layers", "conv2", "--distances", "cka", "--out", str(tmp_path)])
     assert [(r["layer"], r["distance"]) for r in rows] == [("plain", "—"), ("conv2", "cka")]
     record = json.loads((tmp_path / "anti_transfer_layers.json").read_text())
@@ -157,7 +157,7 @@ def test_anti_transfer_layers_study_runs_with_its_diagnostics(tmp_path: Path) ->
 
 
 def test_the_studies_defaults_are_the_librarys_and_every_sweep_grid_holds_them() -> None:
-    bd, mt = example("biased_digits"), example("multitask_digits")
+    bd, mt = study("biased_digits"), study("multitask_digits")
 
     def default(module: object, name: str) -> object:
         return inspect.signature(module).parameters[name].default  # type: ignore[arg-type]
@@ -194,7 +194,7 @@ def test_runs_at_takes_the_fixed_weight_the_validation_best_or_a_baselines_only_
 
 
 def test_biased_sweep_never_reuses_runs_cached_under_an_older_version(tmp_path: Path) -> None:
-    bd = example("biased_digits")
+    bd = study("biased_digits")
     stale = {"correlation": 0.99, "method": "plain", "weight": 0.0, "seed": 0, "epochs": 1}
     stale |= {"val_accuracy": 1.0, "test_accuracy": 1.0, "colour_probe": 0.0}  # no version: an older library's
     (tmp_path / "biased_sweep_runs.json").write_text(json.dumps([stale]))
@@ -254,7 +254,7 @@ def test_the_committed_demo_table_is_what_a_fresh_run_gives(tmp_path: Path, meth
     # cells 24.7 and 34.5 %), and one thread does not wait on a busy machine's other cores
     committed = json.loads((ROOT / "docs" / "img" / "biased_digits.json").read_text())
     assert committed["results"][method]["accuracy_mean"] == pytest.approx(statistics.mean(committed["runs"][method]))
-    biased = example("biased_digits")
+    biased = study("biased_digits")
     argv = ["--seeds", str(committed["seeds"]), "--correlation", str(committed["correlation"])]
     argv += ["--epochs", str(committed["epochs"]), "--methods", method, "--out", str(tmp_path)]
     threads = torch.get_num_threads()
@@ -271,7 +271,7 @@ def test_the_committed_demo_table_is_what_a_fresh_run_gives(tmp_path: Path, meth
 @pytest.mark.parametrize("method", ["plain", "adversarial_conditional"])
 def test_the_demo_trains_bit_for_bit_alike_twice_in_one_process(method: str) -> None:
     # what does hold bit for bit: the same training (colour network, then the method; 2 epochs) twice on one machine
-    biased = example("biased_digits")
+    biased = study("biased_digits")
 
     def train() -> dict[str, torch.Tensor]:
         train_split, colour_data, _, _ = biased.make_splits(0, 0.99)

@@ -1,4 +1,5 @@
-"""Smoke runs of the examples: a few steps each, in a fresh interpreter."""
+"""Smoke runs of the examples (examples/) and of the studies' entry points (studies/): a few steps each, in a fresh
+interpreter."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, *args: str) -> str:
+def run_example(path: str, *args: str) -> str:
+    """Run `path` (relative to the repository: `examples/...` or `studies/...`) with `args`; its stdout."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name), *args],
+        [sys.executable, str(ROOT / path), *args],
         capture_output=True,
         text=True,
         timeout=240,
@@ -24,23 +26,23 @@ def run_example(name: str, *args: str) -> str:
 
 
 def test_anti_transfer_hooks_example_runs() -> None:
-    out = run_example("anti_transfer_hooks.py", "--steps", "5", "--train-size", "64")
+    out = run_example("examples/anti_transfer_hooks.py", "--steps", "5", "--train-size", "64")
     assert "anti-transfer" in out and "student_norm" in out
 
 
 def test_suppression_synthetic_example_runs() -> None:
-    out = run_example("suppression_synthetic.py", "--steps", "5", "--seeds", "1")
+    out = run_example("studies/suppression_synthetic.py", "--steps", "5", "--seeds", "1")
     assert "| purify |" in out and "| adversarial |" in out
 
 
 def test_biased_digits_smoke(tmp_path: Path) -> None:
-    out = run_example("biased_digits.py", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path))
+    out = run_example("studies/biased_digits.py", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path))
     assert "| cka |" in out and "| anti_transfer |" in out
     assert (tmp_path / "biased_digits.json").exists() and (tmp_path / "biased_digits.png").exists()
 
 
 def test_multitask_digits_smoke(tmp_path: Path) -> None:
-    out = run_example("multitask_digits.py", "--seeds", "1", "--steps", "5", "--out", str(tmp_path))
+    out = run_example("studies/multitask_digits.py", "--seeds", "1", "--steps", "5", "--out", str(tmp_path))
     assert "| + both |" in out and "negative transfer" in out
     assert (tmp_path / "multitask_digits.json").exists() and (tmp_path / "multitask_digits.png").exists()
 
@@ -48,11 +50,11 @@ def test_multitask_digits_smoke(tmp_path: Path) -> None:
 def test_demo_entry_point_runs_both_studies(tmp_path: Path) -> None:
     # the full demo is `make demo`; here a smoke run of each study (one seed, one epoch / five steps) through the
     # same entry point, so the verdict does not depend on the machine's load
-    out = run_example("demo.py", "--out", str(tmp_path), "--quick")
+    out = run_example("studies/demo.py", "--out", str(tmp_path), "--quick")
     assert "Case study 1" in out and "Case study 2" in out and "make demo finished" in out
 
 
 def test_lightning_example_runs_when_lightning_is_installed() -> None:
     pytest.importorskip("lightning", reason="optional: pip install lightning")
-    out = run_example("lightning_module.py", "--steps", "3")
+    out = run_example("examples/lightning_module.py", "--steps", "3")
     assert "trained 3 steps" in out

@@ -1,13 +1,13 @@
 """Why conditional `Purify` fails or works on Biased MNIST: what its erased subspace takes from the features.
 
-On one seed of examples/biased_mnist.py (background colour, `--rho`), a network is trained with
+On one seed of studies/biased_mnist.py (background colour, `--rho`), a network is trained with
 `Purify(10, 64, conditional=True)` between its 64 features and its head, and after every epoch this logs, on
 the training images: the training cross-entropy, the rank `r` of the erased basis, and how much of the
 features' structure lies in the erased subspace — the share of their total (centred) variance, of the digit
 classes' between-class scatter (the task's directions) and of the colours' within-digit scatter (what it
 should remove). Variants of `Purify`'s settings (`--variants`) run the same way, each from the same start.
 
-    python examples/purify_diagnostic.py [--rho 0.99] [--epochs 4] [--variants default rtol=0.1 momentum=0.1]
+    python studies/purify_diagnostic.py [--rho 0.99] [--epochs 4] [--variants default rtol=0.1 momentum=0.1]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     torch.set_num_threads(1)
     logs = {f"{rho} {v}": diagnose(rho, args.epochs, v) for rho in args.rhos or [args.rho] for v in args.variants}
     if args.out is not None:
-        command = shlex.join(["python", "examples/purify_diagnostic.py", *(sys.argv[1:] if argv is None else argv)])
+        command = shlex.join(["python", "studies/purify_diagnostic.py", *(sys.argv[1:] if argv is None else argv)])
         args.out.write_text(json.dumps({"command": command, "epochs": args.epochs, "logs": logs}, indent=1))
     return logs
 

@@ -42,11 +42,11 @@ second conv layer's; `AT_LAYERS`).
 `--sampler balanced` draws every batch with `ntl.GroupBalancedBatchSampler` (every (class, colour) group
 in every batch; the batch grows to the number of groups where there are more than 64) instead of a shuffle.
 
-    python examples/biased_mnist.py [--rhos 0.9 0.95 0.98 0.99] [--seeds 3] [--methods ...] [--out results]
-    python examples/biased_mnist.py --quick            # a smoke run of seconds
-    python examples/biased_mnist.py --split heldout --rhos 0.99 --methods vanilla at_gram at_cka --out results
-    python examples/biased_mnist.py --summarize --out docs/img   # tables and plot of every cached run
-    python examples/biased_mnist.py --check --rhos 0.99 --methods vanilla --out docs/img
+    python studies/biased_mnist.py [--rhos 0.9 0.95 0.98 0.99] [--seeds 3] [--methods ...] [--out results]
+    python studies/biased_mnist.py --quick            # a smoke run of seconds
+    python studies/biased_mnist.py --split heldout --rhos 0.99 --methods vanilla at_gram at_cka --out results
+    python studies/biased_mnist.py --summarize --out docs/img   # tables and plot of every cached run
+    python studies/biased_mnist.py --check --rhos 0.99 --methods vanilla --out docs/img
         # re-train seed 0 of the given methods and compare with the committed runs
 
 Every run is cached in `--out`/biased_mnist_runs.json, keyed by its settings, so an interrupted study

@@ -1,11 +1,11 @@
 """`make demo`: the case studies on data that ships with scikit-learn, tables printed, plots and JSON in results/.
 
-1. Biased digits (examples/biased_digits.py): colour spuriously tied to the digit; anti-transfer and the
+1. Biased digits (studies/biased_digits.py): colour spuriously tied to the digit; anti-transfer and the
    task-irrelevant-label methods against plain training.
-2. Multi-task digits (examples/multitask_digits.py): digit and attribute labels on disjoint, scarce samples;
+2. Multi-task digits (studies/multitask_digits.py): digit and attribute labels on disjoint, scarce samples;
    distribution matching and co-annotation against single-task and plain multi-task models.
 
-    python examples/demo.py [--out results] [--seeds 5] [--quick]
+    python studies/demo.py [--out results] [--seeds 5] [--quick]
 
 `--quick` trains one seed of each study for one epoch (biased digits) and five steps (multi-task): a smoke run of
 seconds that checks the pipeline, not the numbers.

@@ -17,8 +17,8 @@ than a single-task model on a task is flagged as negative transfer. No weight wa
 the single-task models, plain multi-task and each coupling, the coupling weight chosen per ratio on the
 validation split (mean of the two tasks' validation accuracies over the seeds), the test split reported.
 
-    python examples/multitask_digits.py [--seeds 5] [--steps 300] [--out results]
-    python examples/multitask_digits.py --sweep [--seeds 5] [--out docs/img]
+    python studies/multitask_digits.py [--seeds 5] [--steps 300] [--out results]
+    python studies/multitask_digits.py --sweep [--seeds 5] [--out docs/img]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def study_record(script: str, argv: list[str] | None, args: argparse.Namespace, 
     every option it ran with, then `results` (its grid, summary rows, raw runs)."""
     given = list(sys.argv[1:] if argv is None else argv)
     options = {name: str(v) if isinstance(v, Path) else v for name, v in vars(args).items() if name != "argv"}
-    return {"command": shlex.join(["python", f"examples/{script}", *given]), "options": options, **results}
+    return {"command": shlex.join(["python", f"studies/{script}", *given]), "options": options, **results}
 
 
 Record = dict[str, Any]

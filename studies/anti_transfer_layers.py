@@ -1,6 +1,6 @@
 """Anti-transfer in the paper's terms on biased digits: one layer at a time, chosen with the diagnostics.
 
-The setting of `examples/biased_digits.py` (colour tied to the digit on `--correlation` of the training
+The setting of `studies/biased_digits.py` (colour tied to the digit on `--correlation` of the training
 images; random colours in validation and test). The frozen network is trained to predict the colour on its
 own randomly coloured copy of the training images, as in the paper (an irrelevant task, its own data).
 
@@ -13,7 +13,7 @@ own randomly coloured copy of the training images, as in the paper (an irrelevan
    scope) and with the library's CKA distance, side by side; the weight chosen on the validation split per
    (layer, distance), test accuracy reported, mean ± std over seeds, gain over plain paired by seed.
 
-    python examples/anti_transfer_layers.py [--seeds 3] [--correlation 0.99] [--epochs 30] [--out results]
+    python studies/anti_transfer_layers.py [--seeds 3] [--correlation 0.99] [--epochs 30] [--out results]
 """
 
 from __future__ import annotations

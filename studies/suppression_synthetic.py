@@ -8,9 +8,9 @@ parameters are in one Adam optimizer at one learning rate, the adversarial head 
 training, a logistic-regression probe fitted on the training features measures how well `u` can still be
 read from `z` on test data (chance: 25 %).
 
-    python examples/suppression_synthetic.py [--steps 300] [--seeds 3]          # documented defaults
-    python examples/suppression_synthetic.py --tune                              # + weights tuned on validation
-    python examples/suppression_synthetic.py --ablation                          # the adversary's head speed-ups
+    python studies/suppression_synthetic.py [--steps 300] [--seeds 3]          # documented defaults
+    python studies/suppression_synthetic.py --tune                              # + weights tuned on validation
+    python studies/suppression_synthetic.py --ablation                          # the adversary's head speed-ups
 
 `--tune` picks each method's weight from a grid on a validation split (seeds 100-102, never the test
 seeds) and reports it beside the default.

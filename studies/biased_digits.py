@@ -21,7 +21,7 @@ Reported: test accuracy (random colours, so unbiased), mean ± std over seeds, a
 linear-probe accuracy of the learned features (logistic regression fitted on validation features, scored
 on test; chance 10 %). Every method runs at the library's defaults (`DEFAULTS`): nothing is tuned.
 
-    python examples/biased_digits.py [--seeds 5] [--correlation 0.99] [--epochs 30] [--out results]
+    python studies/biased_digits.py [--seeds 5] [--correlation 0.99] [--epochs 30] [--out results]
 
 `--sweep` runs the correlation study: every method at each of `--correlations` (0.90 0.95 0.98 0.99), each
 weight of `SWEEP_GRID` (which holds the default) trained once per seed; per method and correlation it
@@ -29,7 +29,7 @@ reports the test accuracy at the default weight beside that of the weight with t
 accuracy (never the test split). Runs are cached in `--out`/biased_sweep_runs.json, so an
 interrupted or extended sweep (new methods, seeds) only trains what is missing.
 
-    python examples/biased_digits.py --sweep [--seeds 3] [--out docs/img]
+    python studies/biased_digits.py --sweep [--seeds 3] [--out docs/img]
 """
 
 from __future__ import annotations
