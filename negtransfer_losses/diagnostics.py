@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional.similarity import feature_space_cheaper, hsic_from_kernels, linear_hsic, safe_ratio
+from .functional import hsic_from_kernels
+from .functional._core import feature_space_cheaper, linear_hsic, safe_ratio
 from .taps import FeatureTap, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -89,6 +89,83 @@ def test_no_module_imports_the_package_root() -> None:
             assert name != "negtransfer_losses", f"{path.relative_to(PACKAGE)} imports the package root"
 
 
+# the bottom helpers every layer shares by design (DESIGN.md): private modules, importable from anywhere
+SHARED_HELPERS = ("_validation", "_labels", "_version")
+# the layers with an internal door: another layer imports from them only their public names or `<layer>._core`
+DOORS = ("functional", "ops")
+
+
+def _imported_names(path: Path) -> list[tuple[int, str, list[str]]]:
+    """`(line, absolute module, names)` of every import of a package module from the package (relative imports
+    resolved; `import a.b` as the module `a.b` with no names)."""
+    parts = ["negtransfer_losses", *path.relative_to(PACKAGE).with_suffix("").parts]
+    package = parts[:-1]  # a module's package, or an __init__'s own
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                module = node.module or ""
+            else:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            found.append((node.lineno, module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+    return [(line, module, names) for line, module, names in found if module.split(".")[0] == "negtransfer_losses"]
+
+
+def _imports_across_layers(path: Path) -> list[tuple[str, str, list[str]]]:
+    """`(where, module, names)` of the imports by a package module from another top-level part of the package
+    (`functional`, `ops`, `losses`, `taps`, ...) than its own, the shared bottom helpers left out."""
+    own = path.relative_to(PACKAGE).with_suffix("").parts[0]
+    found = []
+    for line, module, names in _imported_names(path):
+        target = module.split(".")[1:]
+        if target and target[0] != own and target[0] not in SHARED_HELPERS:
+            found.append((f"{path.relative_to(PACKAGE)}:{line}", module, names))
+    return found
+
+
+def test_no_module_reaches_into_another_layers_private_names() -> None:
+    """DESIGN.md: layers talk through public names or one internal module per layer (`_core`)."""
+    back_doors = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for where, module, names in _imports_across_layers(path):
+            private = [p for p in module.split(".")[1:] if p.startswith("_") and p != "_core"]
+            private += [name for name in names if name.startswith("_")]
+            if private:
+                back_doors.append(f"{where} imports {private} from {module}")
+    assert not back_doors, "\n".join(back_doors)
+
+
+def test_other_layers_use_functional_and_ops_through_their_public_names_or_their_core() -> None:
+    back_doors = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for where, module, names in _imports_across_layers(path):
+            layer = module.split(".")[1]
+            if layer not in DOORS or module == f"negtransfer_losses.{layer}._core":
+                continue
+            public = set(importlib.import_module(f"negtransfer_losses.{layer}").__all__)
+            outside = [name for name in names if name not in public] or ([] if names else [module])
+            if outside:
+                back_doors.append(f"{where} imports {outside} from {module}: use {layer}'s public names or _core")
+    assert not back_doors, "\n".join(back_doors)
+
+
+@pytest.mark.parametrize("layer", DOORS)
+def test_every_name_of_a_core_is_used_by_another_layer(layer: str) -> None:
+    """A `_core` lists what other layers need and nothing more: each of its names is imported by one of them."""
+    core = importlib.import_module(f"negtransfer_losses.{layer}._core")
+    used = {
+        name
+        for path in PACKAGE.rglob("*.py")
+        for _, module, names in _imports_across_layers(path)
+        if module == core.__name__
+        for name in names
+    }
+    assert set(core.__all__) - used == set(), f"{layer}._core exports names no other layer imports"
+
+
 def test_only_ops_chooses_a_backend() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.parent.name == "ops":

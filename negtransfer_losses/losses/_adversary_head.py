@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._validation import HostCopy
 from ..distributed import is_distributed, summed_across_ranks
-from ..functional.adversarial import AdversarialBatch, adversarial_cross_entropy
+from ..functional._core import AdversarialBatch, adversarial_cross_entropy
 
 Parameters = dict[str, Tensor]
 Gradient = Callable[[Parameters], Mapping[str, Tensor]]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._labels import IGNORE_INDEX
 from .._validation import NanPolicy, guard_finite, value_checks_run
 from ..distributed import average_gradients_across_ranks, is_distributed
-from ..functional.adversarial import DEFAULT_STRENGTH, adversarial_batch, adversarial_loss
+from ..functional._core import DEFAULT_STRENGTH, adversarial_batch, adversarial_loss
 from ._adversary_head import HeadAdam, HeadWatch, own_head_steps
 from ._base import SuppressionLoss, check_count
 

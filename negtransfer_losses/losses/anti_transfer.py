@@ -10,10 +10,10 @@ from torch import Tensor, nn
 
 from .._validation import NanPolicy
 from ..distributed import Gather
-from ..functional.anti_transfer import AntiTransferAggregation, AntiTransferOptions, Distance
-from ..functional.similarity import GramScope
-from ..ops.anti_transfer import anti_transfer_terms_for
-from ..ops.dispatch import Backend, check_backend
+from ..functional import AntiTransferAggregation, Distance, GramScope
+from ..functional._core import AntiTransferOptions
+from ..ops import Backend
+from ..ops._core import anti_transfer_terms_for, check_backend
 from ._features import Features, pair_features
 
 

@@ -20,10 +20,10 @@ from .._validation import (
     guard_finite,
     zero_unless,
 )
-from ..functional._core import MatchingOptions, check_heads, co_annotation_unchecked, task_labels
-from ..functional.distribution_matching import DIRECTIONS, EPS, Direction, Divergence, Inversion, TaskKind
-from ..ops.dispatch import Backend, check_backend
-from ..ops.distribution_matching import matching_terms, multi_task_parts
+from ..functional import DIRECTIONS, Direction, Divergence, Inversion, TaskKind
+from ..functional._core import EPS, MatchingOptions, check_heads, co_annotation_unchecked, task_labels
+from ..ops import Backend
+from ..ops._core import check_backend, matching_terms, multi_task_parts
 from ..relatedness import TaskRelatedness
 
 _COUPLINGS = ("matching", "co_annotation")

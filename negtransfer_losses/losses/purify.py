@@ -10,13 +10,14 @@ from torch import Tensor, nn
 from .._labels import IGNORE_INDEX
 from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
 from ..distributed import is_distributed, summed_across_ranks
-from ..functional._groups import check_irrelevant_labels, check_task_labels, member_rows
-from ..functional.erasure import (
-    _within_class_cross_covariance,
+from ..functional import erase, erasure_basis
+from ..functional._core import (
+    check_irrelevant_labels,
+    check_task_labels,
     column_basis,
-    erase,
-    erasure_basis,
+    member_rows,
     newton_schulz_cut,
+    within_class_cross_covariance_unchecked,
 )
 from ._base import check_count
 
@@ -217,7 +218,7 @@ class Purify(nn.Module):
     def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
         """`S ← (1 − w) S + w S_batch` (the sums) when the batch has eligible samples (and is finite)."""
         # the labels were checked in forward
-        batch_sum, count = _within_class_cross_covariance(
+        batch_sum, count = within_class_cross_covariance_unchecked(
             z, labels, task_labels, self.num_irrelevant, self.ignore_index
         )
         dtype = self.cross_covariance_sum.dtype

@@ -14,8 +14,8 @@ from torch import Tensor
 from .._labels import IGNORE_INDEX
 from .._validation import NanPolicy, check_choice, guard_finite
 from ..distributed import GATHERS, Gather
-from ..functional.similarity import KERNELS, Kernel, _check_kernel
-from ..functional.suppression import irrelevant_cka, irrelevant_hsic
+from ..functional import KERNELS, Kernel, irrelevant_cka, irrelevant_hsic
+from ..functional._core import check_kernel
 from ._base import SuppressionLoss, check_count
 from .adversarial import AdversarialSuppression
 
@@ -226,7 +226,7 @@ def _check_options(kernel: str, sigma: float | None, gather: str) -> None:
     check_choice(gather, "gather", GATHERS)
     if sigma is not None and kernel != "rbf":
         raise ValueError(f"'sigma' is the RBF bandwidth: it needs kernel='rbf', got kernel={kernel!r}")
-    _check_kernel(kernel, sigma)
+    check_kernel(kernel, sigma)
 
 
 def _optional_options(sigma: float | None, gather: str) -> list[str]:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..functional.similarity import scaled_floor
+from ..functional._core import scaled_floor
 from ._kernel_common import check_grid, frexp_exponent, program_block
 
 AGGREGATION_CODES = {"sum": 0, "mean": 1, "max": 2}

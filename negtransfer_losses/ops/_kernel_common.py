@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional.similarity import unit_scale as _unit_scale
+from ..functional._core import unit_scale as _unit_scale
 from .dispatch import interpreting
 
 MAX_GRID_X = 2**31 - 1

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..functional.similarity import scaled_floor as _scaled_floor
+from ..functional._core import scaled_floor as _scaled_floor
 from ._kernel_common import (
     check_grid,
     dot_precision,

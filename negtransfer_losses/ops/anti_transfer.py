@@ -16,23 +16,19 @@ from torch import Tensor
 
 from .._validation import NanPolicy
 from ..distributed import Gather
-from ..functional.aggregation import (
-    ROW_AGGREGATIONS,
-    Aggregation,
-    _aggregated_row_cosines,
-    _check_row_aggregation_pair,
-)
-from ..functional.anti_transfer import (
+from ..functional import Aggregation, AntiTransferAggregation, AntiTransferTerms, Distance, GramScope
+from ..functional._core import (
     COSINE_DISTANCES,
-    AntiTransferAggregation,
+    ROW_AGGREGATIONS,
     AntiTransferOptions,
-    AntiTransferTerms,
-    Distance,
+    aggregated_row_cosines_unchecked,
+    check_gram_pair,
+    check_row_aggregation_pair,
     compute_anti_transfer_terms,
     finish_anti_transfer,
+    gram_row_cosines_unchecked,
     prepare_anti_transfer,
 )
-from ..functional.similarity import GramScope, _check_gram_pair, _gram_row_cosines
 from .dispatch import Backend, check_backend, default_dispatcher
 
 __all__ = ["aggregated_row_cosines", "anti_transfer", "gram_row_cosines"]
@@ -65,7 +61,7 @@ def gram_row_cosines(
         ValueError: the shapes differ, an option is not valid, or `backend="triton"` cannot run here.
     """
     check_backend(backend)
-    _check_gram_pair(student, reference, gram_scope)
+    check_gram_pair(student, reference, gram_scope)
     return _gram_cosines(student, reference.detach(), gram_scope, eps, backend)
 
 
@@ -95,7 +91,7 @@ def aggregated_row_cosines(
         ValueError: the sizes disagree, an option is not valid, or `backend="triton"` cannot run here.
     """
     check_backend(backend)
-    _check_row_aggregation_pair(student, reference, aggregation)
+    check_row_aggregation_pair(student, reference, aggregation)
     return _channel_cosines(student, reference.detach(), aggregation, eps, backend)
 
 
@@ -112,7 +108,7 @@ def _gram_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps
     """Checked inputs' Gram row cosines by the chosen path (the reference already detached)."""
 
     def torch_path(s: Tensor, r: Tensor) -> Tensor:
-        return _gram_row_cosines(s, r, gram_scope, eps)
+        return gram_row_cosines_unchecked(s, r, gram_scope, eps)
 
     def kernel_path(s: Tensor, r: Tensor) -> Tensor:
         from ._kernel_gram_cosine import GramRowCosines
@@ -129,7 +125,7 @@ def _channel_cosines(
     """Checked inputs' aggregated row cosines by the chosen path (the reference already detached)."""
 
     def torch_path(s: Tensor, r: Tensor) -> Tensor:
-        return _aggregated_row_cosines(s, r, aggregation, eps)
+        return aggregated_row_cosines_unchecked(s, r, aggregation, eps)
 
     def kernel_path(s: Tensor, r: Tensor) -> Tensor:
         from ._kernel_channel_cosine import AggregatedRowCosines

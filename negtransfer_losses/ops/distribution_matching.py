@@ -8,22 +8,15 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._labels import IGNORE_INDEX
+from ..functional import DIRECTIONS, MULTI_TASK_PARTS, Direction, Divergence, Inversion, TaskKind
 from ..functional._core import (
+    EPS,
     MatchingOptions,
     check_matching_tensors,
     check_parts,
     matching_terms_unchecked,
     multi_task_unchecked,
     task_labels,
-)
-from ..functional.distribution_matching import (
-    DIRECTIONS,
-    EPS,
-    MULTI_TASK_PARTS,
-    Direction,
-    Divergence,
-    Inversion,
-    TaskKind,
 )
 from .dispatch import Backend, check_backend, default_dispatcher
 

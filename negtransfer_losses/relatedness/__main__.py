@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._labels import IGNORE_INDEX
-from ..functional.distribution_matching import TASK_KINDS, TaskKind
+from ..functional import TASK_KINDS, TaskKind
 from ._matrix import TaskRelatedness
 
 

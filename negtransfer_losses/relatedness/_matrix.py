@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .._labels import IGNORE_INDEX, check_labels, multilabel_targets
 from .._validation import raise_pending_errors
-from ..functional._groups import one_hot_known
-from ..functional.distribution_matching import TASK_KINDS, TaskKind
+from ..functional import TASK_KINDS, TaskKind
+from ..functional._core import one_hot_known
 
 ROW_SUM_TOLERANCE = 1e-4
 
