@@ -14,8 +14,12 @@ Methods (all on the same CNN, the same data and seeds):
   features;
 - cka: `CKASuppression` against the frozen colour network's penultimate features;
 - purify: `Purify` with the colour labels before the classifier;
-- hsic_conditional / adversarial_conditional / purify_conditional: the conditional variants
+- hsic_conditional / adversarial_conditional / cka_conditional / purify_conditional: the conditional variants
   (`conditional=True`, given the digit labels too), which remove what the colour says beyond the digit.
+
+Every suppression module is built by name and called alike, `module(z, signal, task_labels=digits)` (an
+unconditional one leaves the digits unused): the signal is the colour labels (HSIC, the adversary) or the
+frozen colour network's features (CKA). `Purify` is a transform before the head, `purify(z, u, task_labels=y)`.
 
 Reported: test accuracy (random colours, so unbiased), mean ± std over seeds, and the colour
 linear-probe accuracy of the learned features (logistic regression fitted on validation features, scored
@@ -55,7 +59,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import SETTINGS, Record, runs_at, study_record, write_study
+from study_results import SETTINGS, SIGNALS, Record, runs_at, study_record, suppression_module, write_study
 
 PALETTE = torch.tensor(
     [
@@ -134,17 +138,15 @@ class Net(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * 4 * 4, 64)
-        self.purify: nn.Module = nn.Identity()
+        self.purify: ntl.Purify | None = None  # a transform before the head (the purify methods)
         self.head = nn.Linear(64, num_classes)
 
     def features(self, x: Tensor, colours: Tensor | None = None, digits: Tensor | None = None) -> Tensor:
         h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
         z = F.relu(self.fc(h.flatten(1)))
-        if not isinstance(self.purify, ntl.Purify):
+        if self.purify is None:
             return z
-        if self.purify.conditional and self.training:
-            return self.purify(z, colours, task_labels=digits)  # type: ignore[no-any-return]
-        return self.purify(z, colours)  # type: ignore[no-any-return]
+        return self.purify(z, colours, task_labels=digits)  # type: ignore[no-any-return]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -157,12 +159,12 @@ def fit(
     epochs: int,
     seed: int,
     penalty: Callable[[Net, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
-    adversary: ntl.AdversarialSuppression | None = None,
+    suppression: ntl.SuppressionLoss | None = None,
 ) -> Net:
-    # an adversary's head is trained by the same optimizer, in its own parameter group at `head_lr_multiplier`
-    # times the learning rate, and takes steps of its own on each batch (`head_steps`)
+    # an adversary's head (the one suppression module with parameters) is trained by the same optimizer, in its own
+    # parameter group at `head_lr_multiplier` times the learning rate, and takes steps of its own on each batch
     lr = 1e-3
-    heads = adversary.parameter_groups(lr) if adversary is not None else []
+    heads = suppression.parameter_groups(lr) if isinstance(suppression, ntl.AdversarialSuppression) else []
     optimizer = torch.optim.Adam([{"params": model.parameters()}, *heads], lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -207,26 +209,15 @@ def train_method(method: str, weight: float, train: Split, colour_net: Net, epoc
             return fit(model, train, train.digits, epochs, seed, anti_transfer)
         finally:
             tap.remove()
-    if base == "cka":
-        reference = ntl.FrozenReference(colour_net, "fc")
-        cka = ntl.CKASuppression(weight=weight, conditional=conditional)
-
-        def cka_penalty(net: Net, x: Tensor, z: Tensor, colours: Tensor, digits: Tensor) -> Tensor:
-            if conditional:
-                return cka(z, reference(x)["fc"], task_labels=digits)
-            return cka(z, reference(x)["fc"])
-
-        return fit(model, train, train.digits, epochs, seed, cka_penalty)
-    options = {"dim": 64} if base == "adversarial" else {}
-    suppression = ntl.make_suppression(base, num_irrelevant=10, weight=weight, conditional=conditional, **options)  # type: ignore[call-overload]
+    # hsic, adversarial, cka: the signal is the colour labels, or the frozen colour network's features
+    reference = ntl.FrozenReference(colour_net, "fc") if SIGNALS[base] == "features" else None
+    suppression = suppression_module(base, num_irrelevant=10, dim=64, weight=weight, conditional=conditional)
 
     def suppress(net: Net, x: Tensor, z: Tensor, colours: Tensor, digits: Tensor) -> Tensor:
-        if conditional:
-            return suppression(z, colours, task_labels=digits)
-        return suppression(z, colours)
+        signal = colours if reference is None else reference(x)["fc"]
+        return suppression(z, signal, task_labels=digits)  # type: ignore[no-any-return]
 
-    adversary = suppression if isinstance(suppression, ntl.AdversarialSuppression) else None
-    return fit(model, train, train.digits, epochs, seed, suppress, adversary)
+    return fit(model, train, train.digits, epochs, seed, suppress, suppression)
 
 
 @torch.no_grad()

@@ -27,7 +27,9 @@ Methods, all on `z`:
 - the library's suppression methods (`library_method`, the one place that constructs them), each at its
   default and, in the grid, at 3× (`Purify`: momentum ÷ 3): conditional CKA (against a frozen network
   trained to predict the factor on its own randomly coloured copy of the training images), conditional
-  adversary, conditional HSIC, conditional `Purify`, and the unconditional four;
+  adversary, conditional HSIC, conditional `Purify`, and the unconditional four. Every suppression module is
+  built by name and called alike, `module(z, signal, task_labels=digit)`: the signal is the colour's labels
+  (HSIC, the adversary) or the frozen network's features (CKA); `Purify` is a transform before the head;
 - `adversarial_warmup`, `adversarial_conditional_warmup`: the adversary with `warmup_steps=200`, not the
   library's default (0) but the setting its docs recommend with `--sampler balanced`.
 `--split heldout` is the anti-transfer paper's regime (test factor values never seen in training): training,
@@ -68,7 +70,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -82,7 +84,7 @@ from torch import Tensor, nn
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_results import Record, runs_at, study_record, write_study
+from study_results import SIGNALS, Record, runs_at, study_record, suppression_module, write_study
 
 # ReBias' ten background colours (RGB / 255); the patch factor uses black instead of grey, its background
 PALETTE = (
@@ -238,8 +240,8 @@ class Net(nn.Module):
         self.conv3, self.bn3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
         self.fc = nn.Linear(32 * (size // 4) ** 2, 64)
         self.head = nn.Linear(64, num_classes)
-        # a transform between the features and the head (Purify): called with the batch's labels in training
-        self.transform: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+        # a transform between the features and the head: `purify(z, u, task_labels=y)` in training, `purify(z)` else
+        self.purify: ntl.Purify | None = None
 
     def features(self, x: Tensor) -> Tensor:
         h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
@@ -249,8 +251,8 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.features(x)
-        if self.transform is not None:
-            z = self.transform(z, torch.empty(0), torch.empty(0))
+        if self.purify is not None:
+            z = self.purify(z)
         return self.head(z)  # type: ignore[no-any-return]
 
 
@@ -262,24 +264,25 @@ class Regularizer:
     """What a method adds to plain training: a penalty on `z`, a transform before the head, extra parameters."""
 
     penalty: Penalty | None = None
-    transform: nn.Module | None = None
+    transform: ntl.Purify | None = None
     param_groups: list[dict[str, Any]] | None = None
     tap: ntl.FeatureTap | None = None  # attached around each training step's forward (anti-transfer)
 
 
 def library_method(method: str, weight: float, factor_net: Net | None, model: Net | None = None) -> Regularizer:
-    """The one place that calls the library's suppression API: the module for `method` at `weight`.
+    """The one place that calls the library's API: the module for `method` at `weight`.
 
-    Conditional variants get the digit as `task_labels`; CKA compares `z` with the frozen factor network's
-    features on the same batch; the adversary's head joins the optimizer through its `parameter_groups`;
-    anti-transfer compares `model`'s layer `AT_LAYERS[method]` (a `FeatureTap`) with the frozen factor
-    network's.
+    A suppression module is built by name (`suppression_module`) and called alike for every method,
+    `module(z, signal, task_labels=digits)` (an unconditional one leaves the digits unused): the signal is the
+    colour's labels (HSIC, the adversary) or the frozen factor network's features on the same batch (CKA,
+    `SIGNALS`); the adversary's head joins the optimizer through its `parameter_groups`. `Purify` is a transform
+    before the head. Anti-transfer compares `model`'s layer `AT_LAYERS[method]` (a `FeatureTap`) with the frozen
+    factor network's.
     """
     # the warm-up variants set it; every other method leaves the library's default
     warmup = {"warmup_steps": ADVERSARY_WARMUP_STEPS} if method.endswith("_warmup") else {}
     conditional = method.removesuffix("_warmup").endswith("_conditional")
     base = method.removesuffix("_warmup").removesuffix("_conditional")
-    labels = {"task_labels": None}  # filled per call for the conditional variants
     if base.startswith("at_"):
         assert factor_net is not None and model is not None
         frozen = ntl.FrozenReference(factor_net, AT_LAYERS[method])
@@ -296,31 +299,19 @@ def library_method(method: str, weight: float, factor_net: Net | None, model: Ne
         return Regularizer(penalty=at_penalty, tap=tap)
     if base == "purify":
         return Regularizer(transform=ntl.Purify(10, 64, momentum=weight, conditional=conditional))
-    if base == "adversarial":
-        adversary = ntl.AdversarialSuppression(10, dim=64, weight=weight, conditional=conditional, **warmup)
-
-        def adversarial(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
-            labels["task_labels"] = digits if conditional else None
-            return adversary(z, factors, **labels)  # type: ignore[no-any-return]
-
-        return Regularizer(penalty=adversarial, param_groups=adversary.parameter_groups(LR))
-    if base == "cka":
+    reference = None
+    if SIGNALS[base] == "features":
         assert factor_net is not None
         reference = ntl.FrozenReference(factor_net, "fc")
-        cka = ntl.CKASuppression(weight=weight, conditional=conditional)
+    suppression = suppression_module(base, num_irrelevant=10, dim=64, weight=weight, conditional=conditional, **warmup)
 
-        def cka_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
-            labels["task_labels"] = digits if conditional else None
-            return cka(z, F.relu(reference(x)["fc"]), **labels)  # type: ignore[no-any-return]
+    def penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
+        signal = factors if reference is None else F.relu(reference(x)["fc"])
+        return suppression(z, signal, task_labels=digits)  # type: ignore[no-any-return]
 
-        return Regularizer(penalty=cka_penalty)
-    hsic = ntl.HSICSuppression(10, weight=weight, conditional=conditional)
-
-    def hsic_penalty(z: Tensor, x: Tensor, factors: Tensor, digits: Tensor) -> Tensor:
-        labels["task_labels"] = digits if conditional else None
-        return hsic(z, factors, **labels)  # type: ignore[no-any-return]
-
-    return Regularizer(penalty=hsic_penalty)
+    # the adversary is the one module with parameters of its own (its head)
+    groups = suppression.parameter_groups(LR) if isinstance(suppression, ntl.AdversarialSuppression) else None
+    return Regularizer(penalty=penalty, param_groups=groups)
 
 
 def end_penalty(z: Tensor, digits: Tensor, factors: Tensor, alpha: float, beta: float) -> Tensor:
@@ -365,8 +356,8 @@ def factor_probe(model: Net, fit_on: Split, score_on: Split) -> float:
 
     def feats(split: Split) -> np.ndarray:
         z = model.features(split.images)
-        if model.transform is not None:
-            z = model.transform(z, torch.empty(0), torch.empty(0))
+        if model.purify is not None:
+            z = model.purify(z)
         return z.numpy()
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
@@ -391,18 +382,8 @@ def train(
     groups = [{"params": list(model.parameters())}, *(reg.param_groups or [])]
     optimizer = torch.optim.Adam(groups, lr=LR, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    transform = reg.transform
-    if transform is not None:
-        conditional = bool(getattr(transform, "conditional", False))
-
-        def apply(z: Tensor, u: Tensor, y: Tensor) -> Tensor:
-            if not model.training or u.numel() == 0:
-                return transform(z)  # type: ignore[no-any-return]
-            return transform(z, u, task_labels=y) if conditional else transform(z, u)  # type: ignore[no-any-return]
-
-        model.transform = apply
-        if isinstance(transform, nn.Module):  # its buffers (Purify's running estimates) go with the state_dict
-            model.add_module("transform_module", transform)
+    if reg.transform is not None:
+        model.purify = reg.transform  # a submodule: its running estimates go with the state_dict
     batches: Callable[[], list[Tensor]]
     if sampler == "balanced":
         # every batch holds every group: at ρ 0.98 the 3,000 images form about 70 (class, colour) groups
@@ -420,8 +401,8 @@ def train(
             x, u, y = train_split.images[idx], train_split.factors[idx], labels[idx]
             with reg.tap if reg.tap is not None else contextlib.nullcontext():
                 z = model.features(x)
-            if model.transform is not None:
-                z = model.transform(z, u, y)
+            if model.purify is not None:
+                z = model.purify(z, u, task_labels=y)
             ce = F.cross_entropy(model.head(z), y, reduction="none")
             loss = (ce * loss_weights[idx]).mean() if loss_weights is not None else ce.mean()
             if reg.penalty is not None:
@@ -512,20 +493,34 @@ def library_commit() -> str:
         return "unknown"
 
 
-Job = tuple[str, float, str, float, str, int, str]  # factor, rho, method, weight, sampler, seed, split
+class Job(NamedTuple):
+    """One run of the study: a method at a weight on one seed's data. With the epochs, it keys the run cache."""
+
+    factor: str  # "background" or "patch" (FACTORS)
+    rho: float  # share of each training class with its own colour
+    method: str  # METHODS
+    weight: float  # the method's weight (Purify: its momentum; 0 for vanilla and reweight)
+    sampler: str  # "shuffle" or "balanced" (SAMPLERS)
+    seed: int
+    split: str = "unbiased"  # or "heldout" (SPLITS)
+
+
+def job_of(r: Record) -> Job:
+    """The job a cached run record comes from (records made before `--split` have none: the unbiased split)."""
+    return Job(
+        factor=r["factor"],
+        rho=float(r["rho"]),
+        method=r["method"],
+        weight=float(r["weight"]),
+        sampler=r["sampler"],
+        seed=int(r["seed"]),
+        split=r.get("split", "unbiased"),
+    )
 
 
 def job_key(r: Record) -> tuple[object, ...]:
-    return (
-        r["factor"],
-        float(r["rho"]),
-        r["method"],
-        float(r["weight"]),
-        r["sampler"],
-        int(r["seed"]),
-        r.get("split", "unbiased"),
-        int(r["epochs"]),
-    )
+    """A run record's key in the cache: its job's fields, then its epochs."""
+    return (*job_of(r), int(r["epochs"]))
 
 
 def runs_by_key(records: list[Record], size: int) -> dict[tuple[object, ...], Record]:
@@ -540,20 +535,21 @@ def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> lis
     todo = [j for j in jobs if (*j, epochs) not in current]
     commit = library_commit()
     factor_nets: dict[tuple[str, int, str], Net] = {}
-    for i, (factor, rho, method, weight, sampler, seed, split) in enumerate(todo):
-        splits = make_splits(seed, rho, factor, size, split=split)
-        needs_net = method.startswith(("cka", "at_"))
+    for i, job in enumerate(todo):
+        factor, seed, split = job.factor, job.seed, job.split
+        splits = make_splits(seed, job.rho, factor, size, split=split)
+        needs_net = job.method.startswith(("cka", "at_"))  # CKA's signal and anti-transfer's reference
         if needs_net and (factor, seed, split) not in factor_nets:  # its data do not depend on ρ
             factor_nets[(factor, seed, split)] = factor_network(splits[1], max(3, epochs // 4), seed)
         net = factor_nets.get((factor, seed, split))
-        result = run_one(method, weight, sampler, splits, net, epochs, seed, split)
+        result = run_one(job.method, job.weight, job.sampler, splits, net, epochs, seed, split)
         run: Record = {
             "version": RUNS_VERSION,
             "factor": factor,
-            "rho": rho,
-            "method": method,
-            "weight": weight,
-            "sampler": sampler,
+            "rho": job.rho,
+            "method": job.method,
+            "weight": job.weight,
+            "sampler": job.sampler,
             "seed": seed,
             **({"split": split} if split != "unbiased" else {}),  # the original runs' records have no split
             "epochs": epochs,
@@ -562,7 +558,8 @@ def run_jobs(jobs: list[Job], epochs: int, size: int, cache: Path | None) -> lis
             **result,
         }
         print(
-            f"[{i + 1}/{len(todo)}] {factor} {split} ρ={rho} {method} w={weight:g} {sampler} seed {seed}: "
+            f"[{i + 1}/{len(todo)}] {factor} {split} ρ={job.rho} {job.method} w={job.weight:g} {job.sampler} "
+            f"seed {seed}: "
             f"test {100 * run['test_accuracy']:.1f} (val {100 * run['val_accuracy']:.1f}, epoch {run['epoch']}), "
             f"train loss {run['train_loss']:.3f}, probe {100 * run['factor_probe']:.0f}, {run['seconds']} s",
             flush=True,
@@ -712,7 +709,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 if method == "end":
                     weights = GRID["end"]  # a baseline: chosen on validation
                 for weight in weights:
-                    jobs.append((args.factor, rho, method, weight, args.sampler, seed, args.split))
+                    jobs.append(Job(args.factor, rho, method, weight, args.sampler, seed, args.split))
     return jobs
 
 
@@ -731,11 +728,14 @@ def check_tolerance(committed: dict[tuple[object, ...], Record], run: Record) ->
     run of the same computation lands inside t·√2·s at least 99 % of the time (one run is compared, not a mean).
     At ρ 0.99 (14×14): 10.6 points for vanilla (s 2.3, 9 degrees of freedom), 8.5 for that adversary (s 1.7, 7);
     a change that moves a run further fails."""
-    target = job_key(run)
-    groups: dict[tuple[object, ...], list[float]] = {}
-    for key, r in committed.items():
-        if key[2:5] == target[2:5] and key[6:] == target[6:] and key != target:  # key[5] is the seed
-            groups.setdefault(key[:2], []).append(float(r["test_accuracy"]))  # per (factor, ρ)
+    target, epochs = job_of(run), int(run["epochs"])
+    setting = (target.method, target.weight, target.sampler, target.split, epochs)
+    groups: dict[tuple[str, float], list[float]] = {}
+    for r in committed.values():
+        job = job_of(r)
+        # the same setting at another seed, ρ or factor: the compared run itself is left out
+        if (job.method, job.weight, job.sampler, job.split, int(r["epochs"])) == setting and job != target:
+            groups.setdefault((job.factor, job.rho), []).append(float(r["test_accuracy"]))
     dof = sum(len(accuracies) - 1 for accuracies in groups.values())
     if dof == 0:
         return 2 / TEST
@@ -749,7 +749,7 @@ def check(args: argparse.Namespace) -> int:
     cache = args.out / "biased_mnist_runs.json"
     committed = runs_by_key(json.loads(cache.read_text()), args.size)
     fresh = run_jobs(
-        [(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0, args.split) for m in args.methods],
+        [Job(args.factor, args.rhos[0], m, DEFAULTS.get(m, 0.0), args.sampler, 0, args.split) for m in args.methods],
         args.epochs,
         args.size,
         None,

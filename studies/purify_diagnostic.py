@@ -94,7 +94,7 @@ def diagnose(rho: float, epochs: int, variant: str, seed: int = 0) -> list[dict[
     purify = ntl.Purify(10, 64, momentum=momentum, conditional=True, **options)  # type: ignore[arg-type]
     torch.manual_seed(seed)
     model = Net()
-    model.add_module("purify", purify)
+    model.purify = purify  # a submodule of the model (its running estimates in its state); applied by hand below
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     log = []

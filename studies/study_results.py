@@ -1,4 +1,5 @@
-"""Writing a study's results: its record as JSON, its table as markdown, its plot as PNG, side by side."""
+"""What the studies share: the suppression module of a method, built by name, and writing a study's results (its
+record as JSON, its table as markdown, its plot as PNG, side by side)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,31 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
+
+import negtransfer_losses as ntl
+
+# what each suppression module is given besides the features: the factor's labels, or a frozen network's features
+# on the same batch. Every one is called alike, `module(features, signal, task_labels=y)`: an unconditional
+# module leaves the task labels unused, so a study's loop has no other per-method branch.
+SIGNALS: dict[str, Literal["labels", "features"]] = {"adversarial": "labels", "hsic": "labels", "cka": "features"}
+
+
+def suppression_module(method: str, *, num_irrelevant: int, dim: int, **options: Any) -> ntl.SuppressionLoss:
+    """The library's suppression module of `method` ("adversarial", "hsic" or "cka"), by `ntl.make_suppression`.
+
+    Only the sizes differ by method: HSIC and the adversary count the factor's `num_irrelevant` values, the
+    adversary's default head takes `dim` features, CKA needs neither. `options` (weight, conditional, ...) go to
+    the class as given."""
+    if method not in SIGNALS:
+        raise ValueError(f"unknown suppression method {method!r}: one of {sorted(SIGNALS)}")
+    sizes: dict[str, dict[str, int]] = {
+        "adversarial": {"num_irrelevant": num_irrelevant, "dim": dim},
+        "hsic": {"num_irrelevant": num_irrelevant},
+        "cka": {},
+    }
+    name = cast(Literal["adversarial", "hsic", "cka"], method)
+    return ntl.make_suppression(name, **sizes[method], **options)
 
 
 def study_record(script: str, argv: list[str] | None, args: argparse.Namespace, **results: Any) -> dict[str, Any]:

@@ -6,7 +6,9 @@ is Φ(2)² ≈ 95 %). An MLP encoder gives features `z ∈ R^16` and a linear he
 parameters are in one Adam optimizer at one learning rate, the adversarial head in its own parameter group
 (`parameter_groups`: `head_lr_multiplier` times that rate). After
 training, a logistic-regression probe fitted on the training features measures how well `u` can still be
-read from `z` on test data (chance: 25 %).
+read from `z` on test data (chance: 25 %). Every suppression module is built by name and called alike,
+`module(z, signal, task_labels=y)`: the signal is `u`'s labels (HSIC, the adversary) or a frozen `u`-network's
+features (CKA); `Purify` is a transform before the head.
 
     python studies/suppression_synthetic.py [--steps 300] [--seeds 3]          # documented defaults
     python studies/suppression_synthetic.py --tune                              # + weights tuned on validation
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import negtransfer_losses as ntl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study_results import SIGNALS, suppression_module
 
 NUM_CLASSES = 4
 PROTOTYPES = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
@@ -74,9 +81,7 @@ class Model(nn.Module):
         z = self.encoder(x)
         if self.purify is None:
             return z
-        if self.purify.conditional and self.training and u is not None:
-            return self.purify(z, u, task_labels=y)  # type: ignore[no-any-return]
-        return self.purify(z, u if self.training else None)  # type: ignore[no-any-return]
+        return self.purify(z, u if self.training else None, task_labels=y)  # type: ignore[no-any-return]
 
 
 def frozen_u_network(x: torch.Tensor, u: torch.Tensor, steps: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -106,17 +111,14 @@ def train(
     base = method.removesuffix("_conditional")
     purify = ntl.Purify(NUM_CLASSES, 16, momentum=weight, conditional=conditional) if base == "purify" else None
     model = Model(purify)
-    suppression: nn.Module | None = None
-    heads: list[dict[str, Any]] = []
-    if base == "hsic":
-        suppression = ntl.HSICSuppression(NUM_CLASSES, weight=weight, conditional=conditional)
-    elif base == "adversarial":
+    suppression: ntl.SuppressionLoss | None = None
+    if base in SIGNALS:  # hsic, adversarial, cka: built by name (the ablation's options are the adversary's)
         options: dict[str, Any] = dict(adversary or {})
-        suppression = ntl.AdversarialSuppression(NUM_CLASSES, dim=16, weight=weight, conditional=conditional, **options)
-        heads = suppression.parameter_groups(LR)
-    elif base == "cka":
-        suppression = ntl.CKASuppression(weight=weight, conditional=conditional)
-    reference = frozen_u_network(x, u, steps) if base == "cka" else None
+        sizes = {"num_irrelevant": NUM_CLASSES, "dim": 16}
+        suppression = suppression_module(base, **sizes, weight=weight, conditional=conditional, **options)
+    # the adversary's head, the one module with parameters of its own, joins the optimizer in its own group
+    heads = suppression.parameter_groups(LR) if isinstance(suppression, ntl.AdversarialSuppression) else []
+    reference = frozen_u_network(x, u, steps) if SIGNALS.get(base) == "features" else None
     optimizer = torch.optim.Adam([{"params": model.parameters()}, *heads], lr=LR)  # one optimizer
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -124,8 +126,7 @@ def train(
         z = model.features(x[idx], u[idx], y[idx])
         loss = F.cross_entropy(model.head(z), y[idx])
         if suppression is not None:
-            extra = {"task_labels": y[idx]} if conditional else {}
-            loss = loss + suppression(z, u[idx] if reference is None else reference(x[idx]), **extra)
+            loss = loss + suppression(z, u[idx] if reference is None else reference(x[idx]), task_labels=y[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

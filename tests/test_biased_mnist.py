@@ -182,7 +182,7 @@ def test_a_run_trains_bit_for_bit_alike_twice_in_one_process() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        job = ("background", 0.99, "adversarial_warmup", bm.DEFAULTS["adversarial_warmup"], "balanced", 0, "unbiased")
+        job = bm.Job("background", 0.99, "adversarial_warmup", bm.DEFAULTS["adversarial_warmup"], "balanced", 0)
         first, second = (bm.run_jobs([job], 1, 14, None)[0] for _ in range(2))
     finally:
         torch.set_num_threads(threads)
