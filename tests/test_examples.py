@@ -30,7 +30,18 @@ def test_anti_transfer_hooks_example_runs() -> None:
     assert "anti-transfer" in out and "student_norm" in out
 
 
-def test_suppression_synthetic_example_runs() -> None:
+def test_suppression_methods_example_swaps_every_method_in_one_loop() -> None:
+    out = run_example("examples/suppression_methods.py", "--steps", "5")
+    for method in ("hsic", "adversarial", "cka", "purify"):
+        assert f"| {method} | unconditional |" in out and f"| {method} | conditional |" in out
+
+
+def test_multitask_matching_example_runs() -> None:
+    out = run_example("examples/multitask_matching.py", "--steps", "5")
+    assert "plain multi-task" in out and "+ distribution matching" in out and "mtl/matching/loss" in out
+
+
+def test_suppression_synthetic_study_runs() -> None:
     out = run_example("studies/suppression_synthetic.py", "--steps", "5", "--seeds", "1")
     assert "| purify |" in out and "| adversarial |" in out
 
