@@ -53,13 +53,6 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def as_batch_matrix(x: Tensor, name: str, *, layer: str | None = None) -> Tensor:
-    """Flatten `(n, ...)` to `(n, d)` in the compute dtype (float32, or float64 for float64 input)."""
-    check_tensor(x, name, layer=layer)
-    x = x.to(compute_dtype(x))
-    return x.reshape(x.shape[0], -1)
-
-
 def check_same_batch(x: Tensor, y: Tensor, names: Sequence[str], *, layer: str | None = None) -> None:
     """Raise `ValueError` unless `x` and `y` have the same first (batch) dimension."""
     if x.shape[0] != y.shape[0]:
@@ -76,6 +69,16 @@ def check_same_device(tensors: Mapping[str, Tensor], *, layer: str | None = None
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{describe(name, layer)} on {device}" for name, device in devices.items())
         raise ValueError(f"inputs must be on the same device: {listed}; move them with .to(device)")
+
+
+def check_same_batch_and_device(x: Tensor, y: Tensor, names: Sequence[str], *, layer: str | None = None) -> None:
+    """`check_same_device`, then `check_same_batch`: two tensors of one batch on one device (one check of a pair).
+
+    Raises:
+        ValueError: as `check_same_device` (naming both tensors and their devices), or as `check_same_batch`.
+    """
+    check_same_device({names[0]: x, names[1]: y}, layer=layer)
+    check_same_batch(x, y, names, layer=layer)
 
 
 def check_channel_pair(student: Tensor, reference: Tensor) -> None:
@@ -446,7 +449,12 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
 
 @contextmanager
 def full_precision(*tensors: Tensor) -> Iterator[None]:
-    """Disable autocast on the inputs' device types, so that reductions really run in float32/64."""
+    """Disable autocast on the inputs' device types, so that reductions really run in float32/64.
+
+    Entered once per public call, by its entry point (a public function of `functional` or `ops`, or a module's
+    `forward`) around its whole computation, after its checks; the private cores below never enter it again
+    (`tests/ops/test_checks_once.py` counts).
+    """
     device_types = sorted({t.device.type for t in tensors if _has_autocast(t.device.type)})
     with _autocast_off(device_types):
         yield

@@ -15,7 +15,8 @@ ntd.plot_probes(accuracy); ntd.plot_similarity(similarity)    # matplotlib (the 
   accumulating unbiased HSIC estimates ("minibatch CKA", Nguyen, Raghu & Kornblith, ICLR 2021), so its
   memory does not grow with the data set:
   `CKA = Σ_b HSIC_1(K_b, L_b) / sqrt(Σ_b HSIC_1(K_b, K_b) · Σ_b HSIC_1(L_b, L_b))`, `K_b`, `L_b` the
-  linear Gram matrices of batch `b`'s features at the two layers.
+  linear Gram matrices of batch `b`'s features at the two layers (each batch counted once; the authors' code
+  weights a batch of `n` by `n(n−3)`, the same for batches of one size: see `layer_similarity`).
 
 Both run the models in eval mode under `torch.no_grad()` (their training mode is restored afterwards) and
 capture features with `FeatureTap`. `inputs` is a tensor (split into batches of `batch_size`) or an
@@ -48,7 +49,7 @@ Inputs = Tensor | Iterable[Any]
 class LayerSimilarity(NamedTuple):
     """`matrix[i, j]`: the minibatch linear CKA of `layers_a[i]` (model A) and `layers_b[j]` (model B).
 
-    Args:
+    Attributes:
         matrix: `(len(layers_a), len(layers_b))` CKA values in [0, 1], on the CPU.
         layers_a: model A's layer names, in row order.
         layers_b: model B's layer names, in column order.
@@ -229,6 +230,10 @@ def layer_similarity(
     `CKA_ij = Σ_b HSIC_1(K_b^i, L_b^j) / sqrt(Σ_b HSIC_1(K_b^i, K_b^i) · Σ_b HSIC_1(L_b^j, L_b^j))`
     (Nguyen, Raghu & Kornblith 2021). Memory is that of one batch. With a single batch it equals the
     unbiased linear CKA of that batch; a pair with a non-positive denominator (a constant layer) gives 0.
+    Each batch's `HSIC_1` counts once: Nguyen et al.'s released code (`efficient_CKA.py`) sums the
+    unnormalized statistic `n(n−3) · HSIC_1`, which weights a batch of `n` by `n(n−3)`. The two agree when every
+    batch has the same size (the factor cancels in the ratio) and differ slightly when one differs, e.g. a last
+    partial batch of at least 4 samples.
     Computed in float64. Both models see the same batches (they may be one model). Each HSIC is computed from
     the batch's centred features (`XᵀY`, `O(n·p·q)`, no `n × n` matrix) unless the two layers are so much
     wider than the batch that their `n × n` Gram matrices are cheaper (`functional.similarity.

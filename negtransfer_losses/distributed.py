@@ -6,6 +6,10 @@ different batch sizes) through a differentiable all-gather. Its backward pass su
 gradient with respect to each rank's slice: every rank computes the same global loss, so a rank receives
 `world_size × ∂L/∂x_local`, and after `DistributedDataParallel` averages parameter gradients over ranks they
 equal the single-process gradients on the concatenated batch.
+
+Sums over ranks come in two kinds, one function each: `sum_across_ranks` (differentiable, and only under
+`gather="global"`: what a loss's feature-space estimate adds across ranks) and `sum_across_ranks_detached` (no
+gradient, always over every rank: the statistics a module keeps identical on every rank).
 """
 
 from __future__ import annotations
@@ -67,14 +71,21 @@ class _AllGatherBatch(torch.autograd.Function):
         return grad[ctx.start : ctx.stop]
 
 
-def summed_across_ranks(x: Tensor) -> Tensor:
-    """`x` summed over every rank (a new tensor), or `x` itself without a process group of several ranks.
+def sum_across_ranks_detached(x: Tensor) -> Tensor:
+    """`x` summed over every rank, as a new tensor without gradient history; `x` itself without a process group
+    of several ranks. The non-differentiable twin of `sum_across_ranks`, for values that carry no gradient: the
+    statistics a module keeps (`Purify`'s class sums, the adversary's own head steps).
 
     Every rank must call it at the same point with a tensor of the same shape and dtype (a collective): the
     modules that keep state call it on every training call, whatever the batch holds, so no rank waits alone.
     """
     if not is_distributed():
         return x
+    return _summed_copy(x)
+
+
+def _summed_copy(x: Tensor) -> Tensor:
+    """A detached, contiguous copy of `x` summed over every rank (one all-reduce)."""
     total = x.detach().clone().contiguous()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
@@ -112,7 +123,8 @@ class _AverageGradients(torch.autograd.Function):
 
 
 def sum_across_ranks(x: Tensor, gather: Gather = "local") -> Tensor:
-    """`x` itself (`"local"`, or no process group of several ranks), or `x` summed over every rank, differentiable.
+    """`x` itself (`"local"`, or no process group of several ranks), or `x` summed over every rank, differentiable
+    (`sum_across_ranks_detached` is the twin without gradient, for a module's statistics).
 
     What a feature-space estimate needs of the global batch: its sums (`XᵀY`, `Xᵀ1`, ...) add across ranks, so
     they travel instead of the batch, at a cost that does not grow with the batch or the world size. Every
@@ -144,12 +156,8 @@ def max_across_ranks(x: Tensor, gather: Gather = "local") -> Tensor:
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        total = x.detach().clone().contiguous()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        return _summed_copy(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.detach().clone().contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _summed_copy(grad)

@@ -3,7 +3,9 @@
 Public means listed in an `__all__` of the package or one of its public subpackages. The sections that apply:
 `Args:` when the callable takes parameters, `Returns:` for a function that returns a value, `Raises:` for a
 callable that takes parameters (every public entry point checks its inputs). Records (named tuples) document
-their fields under `Args:`. Exceptions and type aliases are left out.
+their fields under `Attributes:` (they are attributes, not parameters a user passes; griffe renders an `Args:`
+section of a named tuple as parameters, and newer releases warn about it). Exceptions and type aliases are left
+out.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def is_record(cls: type) -> bool:
 def expected_sections(obj: Any) -> list[str]:
     if inspect.isclass(obj):
         if is_record(obj):
-            return ["Args:"]
+            return ["Attributes:"]
         params = [p for p in inspect.signature(obj.__init__).parameters if p not in ("self", "args", "kwargs")]
         return ["Args:", "Raises:"] if params else []
     signature = inspect.signature(obj)

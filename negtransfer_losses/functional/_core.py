@@ -18,8 +18,8 @@ a computation, or a helper whose rule must be the same on every path. The contra
   `with _validation.full_precision(...)`, around its whole computation; a core never switches it again.
 - **Shared rules**: `unit_scale` and `scaled_floor` (the one scale and norm floor of every cosine, kernels
   included), `feature_space_cheaper` (the one choice of the linear-kernel form), `linear_hsic` and
-  `safe_ratio` (pure arithmetic on checked rows), `column_basis` / `newton_schulz_cut`, `member_rows`,
-  `one_hot_known`: plain functions of tensors that neither check nor switch precision.
+  `safe_ratio` (pure arithmetic on checked rows), `newton_schulz_cut` (the check of `rtol` and its cut),
+  `member_rows`, `one_hot_known`: plain functions of tensors that neither check nor switch precision.
 - **Records and constants**: the validated option records (`AntiTransferOptions`, `MatchingOptions`), what a
   stage hands to the next (`AdversarialBatch`), and the defaults the modules share with the
   functions (`EPS`, `DEFAULT_STRENGTH`, `ROW_AGGREGATIONS`, `COSINE_DISTANCES`).
@@ -48,6 +48,7 @@ from .anti_transfer import (
     finish_anti_transfer,
     prepare_anti_transfer,
 )
+from .anti_transfer import _check_anti_transfer_inputs as check_anti_transfer_inputs
 from .distribution_matching import EPS
 from .distribution_matching import _check_heads as check_heads
 from .distribution_matching import _check_matching_tensors as check_matching_tensors
@@ -57,8 +58,11 @@ from .distribution_matching import _matching_terms_unchecked as matching_terms_u
 from .distribution_matching import _MatchingOptions as MatchingOptions
 from .distribution_matching import _multi_task_unchecked as multi_task_unchecked
 from .distribution_matching import _task_labels as task_labels
+from .erasure import _column_basis as column_basis_unchecked
+from .erasure import _erase as erase_unchecked
+from .erasure import _erasure_basis as erasure_basis_unchecked
 from .erasure import _within_class_cross_covariance as within_class_cross_covariance_unchecked
-from .erasure import column_basis, newton_schulz_cut
+from .erasure import newton_schulz_cut
 from .similarity import _check_gram_pair as check_gram_pair
 from .similarity import _check_kernel as check_kernel
 from .similarity import _gram_row_cosines as gram_row_cosines_unchecked
@@ -76,6 +80,7 @@ __all__ = [
     "adversarial_cross_entropy",
     "adversarial_loss",
     "aggregated_row_cosines_unchecked",
+    "check_anti_transfer_inputs",
     "check_gram_pair",
     "check_heads",
     "check_irrelevant_labels",
@@ -85,8 +90,10 @@ __all__ = [
     "check_row_aggregation_pair",
     "check_task_labels",
     "co_annotation_unchecked",
-    "column_basis",
+    "column_basis_unchecked",
     "compute_anti_transfer_terms",
+    "erase_unchecked",
+    "erasure_basis_unchecked",
     "feature_space_cheaper",
     "finish_anti_transfer",
     "gram_row_cosines_unchecked",

@@ -69,7 +69,8 @@ def aggregate_channels(
     """
     check_tensor(x, name, layer=layer, min_dim=2)
     check_choice(aggregation, "aggregation", AGGREGATIONS)
-    return _aggregate_channels(x, aggregation, mul_exponent=mul_exponent, name=name, layer=layer)
+    with full_precision(x):
+        return _aggregate_channels(x, aggregation, mul_exponent=mul_exponent, name=name, layer=layer)
 
 
 def _aggregate_channels(
@@ -81,21 +82,20 @@ def _aggregate_channels(
     layer: str | None = None,
 ) -> Tensor:
     """`aggregate_channels` of a checked input (`name` and `layer` still name it in the `"mul"` sign check)."""
-    with full_precision(x):
-        offset = max(MUL_OFFSET, torch.finfo(x.dtype).tiny)
-        x = x.to(compute_dtype(x))
-        if aggregation == "none":
-            return x
-        if aggregation == "mean":
-            return x.mean(dim=1, keepdim=True)
-        if aggregation == "sum":
-            return x.sum(dim=1, keepdim=True)
-        if aggregation == "max":
-            return x.amax(dim=1, keepdim=True)
-        if x.numel():  # read on the host without a sync (later on a GPU): see raise_if_invalid
-            sign = torch.stack([(x < 0).any().to(x.dtype), x.amin()])
-            raise_if_invalid(sign, functools.partial(_negative_map_message, describe(name, layer), tuple(x.shape)))
-        return torch.exp(mul_exponent * torch.log(x + offset).sum(dim=1, keepdim=True))
+    offset = max(MUL_OFFSET, torch.finfo(x.dtype).tiny)
+    x = x.to(compute_dtype(x))
+    if aggregation == "none":
+        return x
+    if aggregation == "mean":
+        return x.mean(dim=1, keepdim=True)
+    if aggregation == "sum":
+        return x.sum(dim=1, keepdim=True)
+    if aggregation == "max":
+        return x.amax(dim=1, keepdim=True)
+    if x.numel():  # read on the host without a sync (later on a GPU): see raise_if_invalid
+        sign = torch.stack([(x < 0).any().to(x.dtype), x.amin()])
+        raise_if_invalid(sign, functools.partial(_negative_map_message, describe(name, layer), tuple(x.shape)))
+    return torch.exp(mul_exponent * torch.log(x + offset).sum(dim=1, keepdim=True))
 
 
 def _negative_map_message(described: str, shape: tuple[int, ...], sign: list[float]) -> str | None:
@@ -142,17 +142,17 @@ def aggregated_row_cosines(
         ValueError: `aggregation` is not one of the three, or the batch or spatial sizes differ.
     """
     _check_row_aggregation_pair(student, reference, aggregation)
-    return _aggregated_row_cosines(student, reference.detach(), aggregation, eps)
+    with full_precision(student, reference):
+        return _aggregated_row_cosines(student, reference.detach(), aggregation, eps)
 
 
 def _aggregated_row_cosines(student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float) -> Tensor:
     """`aggregated_row_cosines` of inputs checked by `_check_row_aggregation_pair` (the torch path of the
     fused kernel)."""
-    with full_precision(student, reference):
-        dtype = compute_dtype(student, reference)
-        student, reference = student.to(dtype), reference.to(dtype)
-        scale_s, scale_r = unit_scale(student), unit_scale(reference)
-        a = _aggregate_channels(student * scale_s, aggregation)
-        c = _aggregate_channels(reference * scale_r, aggregation)
-        floor_s, floor_r = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
-        return _cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), floor_s, floor_r)
+    dtype = compute_dtype(student, reference)
+    student, reference = student.to(dtype), reference.to(dtype)
+    scale_s, scale_r = unit_scale(student), unit_scale(reference)
+    a = _aggregate_channels(student * scale_s, aggregation)
+    c = _aggregate_channels(reference * scale_r, aggregation)
+    floor_s, floor_r = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
+    return _cosine_rows(a.reshape(a.shape[0], -1), c.reshape(c.shape[0], -1), floor_s, floor_r)

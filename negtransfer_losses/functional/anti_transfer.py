@@ -3,8 +3,9 @@
 `L_AT = d(A(S), A(R))` for the student's map `S` and the frozen reference's map `R` at one layer, with
 an aggregation `A` and a distance `d` (docs: Methods §1).
 
-Plain PyTorch. A call runs in two stages that other layers may also call apart: `prepare_anti_transfer`
-(the one pass of input checks, the gather, the NaN policy, the student's norm, the stochastic window) and
+Plain PyTorch. A call checks its inputs once (`_check_anti_transfer_inputs`), switches autocast off once
+(`full_precision`), and runs in two stages that other layers may also call apart (`functional._core`):
+`prepare_anti_transfer` (the gather, the NaN policy, the student's norm, the stochastic window) and
 `finish_anti_transfer` (the distance), which takes the row cosines `s_i` ready-made when given them, so
 that `negtransfer_losses.ops` can compute those by another implementation without this module knowing of it.
 """
@@ -74,7 +75,7 @@ class AntiTransferTerms(NamedTuple):
     - `student_norm`: the mean L2 norm of a student sample's features, detached. Zero rows give
       `s_i = 0`, so a network can lower the cosine losses by killing channels: watch this fall.
 
-    Args:
+    Attributes:
         loss: the unweighted `L_AT`, a scalar tensor (with gradient to the student).
         similarity: the raw similarity, detached scalar.
         student_norm: the student's mean sample norm, detached scalar.
@@ -234,7 +235,9 @@ def anti_transfer(
             (naming the layer and the shapes), or an input holds NaN or inf with `nan_policy="raise"`.
     """
     options = AntiTransferOptions.resolve(aggregation, distance, gram_scope, eps, mul_exponent, nan_policy, gather)
-    return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator).loss
+    _check_anti_transfer_inputs(student, reference, options, layer)
+    with full_precision(student, reference):
+        return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator).loss
 
 
 def compute_anti_transfer_terms(
@@ -246,7 +249,8 @@ def compute_anti_transfer_terms(
     generator: torch.Generator | None = None,
 ) -> AntiTransferTerms:
     """`anti_transfer` with the raw similarity and the student's activation norm, for options validated once
-    (`AntiTransferOptions.resolve`): `prepare_anti_transfer`, then `finish_anti_transfer`."""
+    (`AntiTransferOptions.resolve`) and inputs checked once (`_check_anti_transfer_inputs`), with autocast off
+    (`full_precision`): `prepare_anti_transfer`, then `finish_anti_transfer`."""
     prepared = prepare_anti_transfer(student, reference, options, layer=layer, generator=generator)
     return finish_anti_transfer(prepared, options, layer=layer)
 
@@ -259,15 +263,13 @@ def prepare_anti_transfer(
     layer: str | None = None,
     generator: torch.Generator | None = None,
 ) -> PreparedPair:
-    """The one pass of input checks, then the gather, the NaN policy, the student's norm and (for
-    `stochastic_pairwise`) the channel window: what every path of the distance starts from."""
-    _check_anti_transfer_inputs(student, reference, options, layer)
+    """The gather, the NaN policy, the student's norm and (for `stochastic_pairwise`) the channel window of inputs
+    checked once (`_check_anti_transfer_inputs`), with autocast off: what every path of the distance starts from."""
     student, reference = gather_batch(student, options.gather), gather_batch(reference.detach(), options.gather)
-    with full_precision(student, reference):
-        guarded, finite = guard_finite({"student": student, "reference": reference}, options.nan_policy, layer=layer)
-        student, reference = guarded["student"], guarded["reference"]
-        flat = student.detach().reshape(student.shape[0], -1)
-        student_norm = torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(student, reference)).mean()
+    guarded, finite = guard_finite({"student": student, "reference": reference}, options.nan_policy, layer=layer)
+    student, reference = guarded["student"], guarded["reference"]
+    flat = student.detach().reshape(student.shape[0], -1)
+    student_norm = torch.linalg.vector_norm(flat, dim=1, dtype=compute_dtype(student, reference)).mean()
     if options.aggregation == "stochastic_pairwise":  # after the norm: it watches every channel
         window = stochastic_window(student.shape[1], student.shape[0], generator)
         student, reference = student[:, window], reference[:, window]
@@ -281,18 +283,18 @@ def finish_anti_transfer(
 
     `row_cosines`, for the cosine distances only, are the cosines `s_i` of the matching rows computed
     elsewhere (`negtransfer_losses.ops` runs them by the backend it chooses); when None they are computed
-    here. Every path reduces in float32 (float64) whatever the inputs' dtype.
+    here. Every path reduces in float32 (float64) whatever the inputs' dtype, with autocast off (switched by the
+    entry point of the call).
     """
     student, reference = prepared.student, prepared.reference
-    with full_precision(student, reference):
-        if options.distance in COSINE_DISTANCES:
-            cosines = _row_cosines(student, reference, options, layer) if row_cosines is None else row_cosines
-            similarity = cosines.abs().mean()
-            loss = similarity.square() if options.distance == "cos_squared" else similarity
-        else:
-            if row_cosines is not None:
-                raise ValueError(f"row cosines apply to the cosine distances only, not distance={options.distance!r}")
-            loss, similarity = _distance(student, reference, options, layer)
+    if options.distance in COSINE_DISTANCES:
+        cosines = _row_cosines(student, reference, options, layer) if row_cosines is None else row_cosines
+        similarity = cosines.abs().mean()
+        loss = similarity.square() if options.distance == "cos_squared" else similarity
+    else:
+        if row_cosines is not None:
+            raise ValueError(f"row cosines apply to the cosine distances only, not distance={options.distance!r}")
+        loss, similarity = _distance(student, reference, options, layer)
     finite = prepared.finite
     return AntiTransferTerms(zero_unless(finite, loss), zero_unless(finite, similarity).detach(), prepared.student_norm)
 

@@ -239,7 +239,7 @@ def _safe_index(labels: Tensor, known: Tensor, num_classes: int) -> Tensor:
 def _masked_cross_entropy(logits: Tensor, index: Tensor, known: Tensor) -> Tensor:
     """Mean over `known` samples of `-log softmax(logits)[index]` (checked inputs, compute dtype)."""
     picked = F.log_softmax(logits, dim=1).gather(1, index[:, None])[:, 0]
-    return _mean_over(-picked, known)
+    return _masked_mean(-picked, known)
 
 
 def _masked_binary_cross_entropy(logits: Tensor, values: Tensor, annotated: Tensor) -> Tensor:
@@ -247,12 +247,17 @@ def _masked_binary_cross_entropy(logits: Tensor, values: Tensor, annotated: Tens
     per_entry = F.binary_cross_entropy_with_logits(logits, values, reduction="none")
     counts = annotated.sum(dim=1)
     per_sample = torch.where(annotated, per_entry, 0.0).sum(dim=1) / counts.clamp_min(1)
-    return _mean_over(per_sample, counts > 0)
+    return _masked_mean(per_sample, counts > 0)
 
 
-def _mean_over(values: Tensor, keep: Tensor) -> Tensor:
+def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
     """Mean of the kept `values`, or a zero connected to `values` (zero gradient) when nothing is kept;
-    fixed shapes, no device synchronization."""
+    fixed shapes, no device synchronization.
+
+    The values not kept are replaced by zeros with `torch.where` before the sum, so NaN or inf there (a sample
+    without a label, whose divergence is undefined) never reaches the mean or its gradient (unlike
+    `functional.suppression._member_weighted_mean`, which multiplies by 0/1 weights).
+    """
     kept = torch.where(keep, values, torch.zeros_like(values))
     return kept.sum() / keep.sum().clamp_min(1)
 
@@ -461,30 +466,31 @@ def distribution_matching(
         eps=eps,
     )
     prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
-    return _matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
+    with full_precision(logits_a, logits_b):
+        return _matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
 
 
 def _matching_terms_unchecked(
     logits_a: Tensor, logits_b: Tensor, relatedness: Tensor, prior: Tensor, options: _MatchingOptions
 ) -> dict[Direction, Tensor]:
-    """`distribution_matching` for inputs already checked by `_check_matching_tensors` (the one check of a call)."""
-    with full_precision(logits_a, logits_b):
-        dtype = compute_dtype(logits_a, logits_b)
-        z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
-        r, pi = relatedness.to(device=z_a.device, dtype=dtype), prior.to(device=z_a.device, dtype=dtype)
-        kind, divergence, eps = options.kind, options.divergence, options.eps
-        terms: dict[Direction, Tensor] = {}
-        everyone = torch.ones(z_a.shape[0], dtype=torch.bool, device=z_a.device)  # an empty batch gives 0, not NaN
-        if "a_to_b" in options.directions:
-            p_a = torch.softmax(z_a, dim=1)
-            q_b = _infer_b_from_a(p_a.detach() if options.detach_target else p_a, r)
-            terms["a_to_b"] = _mean_over(_task_b_divergence(z_b, q_b, kind, divergence, eps), everyone)
-        if "b_to_a" in options.directions:
-            p_b = _task_b_probs(z_b, kind)
-            p_b = p_b.detach() if options.detach_target else p_b
-            q_a = _infer_a_from_b(p_b, r, pi, kind, options.inversion, None, eps)
-            terms["b_to_a"] = _mean_over(_soft_categorical_divergence(z_a, q_a, divergence, eps), everyone)
-        return terms
+    """`distribution_matching` for inputs already checked by `_check_matching_tensors` (the one check of a call),
+    with autocast off (switched by the entry point of the call)."""
+    dtype = compute_dtype(logits_a, logits_b)
+    z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
+    r, pi = relatedness.to(device=z_a.device, dtype=dtype), prior.to(device=z_a.device, dtype=dtype)
+    kind, divergence, eps = options.kind, options.divergence, options.eps
+    terms: dict[Direction, Tensor] = {}
+    everyone = torch.ones(z_a.shape[0], dtype=torch.bool, device=z_a.device)  # an empty batch gives 0, not NaN
+    if "a_to_b" in options.directions:
+        p_a = torch.softmax(z_a, dim=1)
+        q_b = _infer_b_from_a(p_a.detach() if options.detach_target else p_a, r)
+        terms["a_to_b"] = _masked_mean(_task_b_divergence(z_b, q_b, kind, divergence, eps), everyone)
+    if "b_to_a" in options.directions:
+        p_b = _task_b_probs(z_b, kind)
+        p_b = p_b.detach() if options.detach_target else p_b
+        q_a = _infer_a_from_b(p_b, r, pi, kind, options.inversion, None, eps)
+        terms["b_to_a"] = _masked_mean(_soft_categorical_divergence(z_a, q_a, divergence, eps), everyone)
+    return terms
 
 
 # --- soft co-annotation ------------------------------------------------------------------------------------
@@ -574,7 +580,8 @@ def soft_co_annotation(
     options = _MatchingOptions.resolve(kind=kind, inversion=inversion, eps=eps)
     prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
     labels = _task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
-    return _co_annotation_unchecked(logits_a, logits_b, labels, relatedness, prior, options)
+    with full_precision(logits_a, logits_b):
+        return _co_annotation_unchecked(logits_a, logits_b, labels, relatedness, prior, options)
 
 
 def _co_annotation_unchecked(
@@ -585,18 +592,18 @@ def _co_annotation_unchecked(
     prior: Tensor,
     options: _MatchingOptions,
 ) -> dict[str, Tensor]:
-    """`soft_co_annotation` for checked inputs and decoded labels (its options: kind, inversion, eps)."""
-    with full_precision(logits_a, logits_b):
-        dtype = compute_dtype(logits_a, logits_b)
-        z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
-        r, pi = relatedness.to(device=z_a.device, dtype=dtype), prior.to(device=z_a.device, dtype=dtype)
-        kind, eps = options.kind, options.eps
-        known_b = labels.known_b.any(dim=1)
-        target_b = r.index_select(0, labels.a)
-        loss_b = _mean_over(_task_b_divergence(z_b, target_b, kind, "ce", eps), labels.known_a & ~known_b)
-        target_a = _infer_a_from_b(labels.b.to(dtype), r, pi, kind, options.inversion, labels.known_b, eps)
-        loss_a = _mean_over(_soft_categorical_divergence(z_a, target_a, "ce", eps), known_b & ~labels.known_a)
-        return {"a": loss_a, "b": loss_b}
+    """`soft_co_annotation` for checked inputs and decoded labels (its options: kind, inversion, eps), with
+    autocast off (switched by the entry point of the call)."""
+    dtype = compute_dtype(logits_a, logits_b)
+    z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
+    r, pi = relatedness.to(device=z_a.device, dtype=dtype), prior.to(device=z_a.device, dtype=dtype)
+    kind, eps = options.kind, options.eps
+    known_b = labels.known_b.any(dim=1)
+    target_b = r.index_select(0, labels.a)
+    loss_b = _masked_mean(_task_b_divergence(z_b, target_b, kind, "ce", eps), labels.known_a & ~known_b)
+    target_a = _infer_a_from_b(labels.b.to(dtype), r, pi, kind, options.inversion, labels.known_b, eps)
+    loss_a = _masked_mean(_soft_categorical_divergence(z_a, target_a, "ce", eps), known_b & ~labels.known_a)
+    return {"a": loss_a, "b": loss_b}
 
 
 # --- the multi-task loss's parts ---------------------------------------------------------------------------
@@ -669,12 +676,13 @@ def multi_task_terms(
     wanted = _check_parts(parts)
     checked_prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
     labels = _task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
-    matching = (
-        _matching_terms_unchecked(logits_a, logits_b, relatedness, checked_prior, options)
-        if "matching" in wanted
-        else {}
-    )
-    return _multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, wanted, matching)
+    with full_precision(logits_a, logits_b):
+        matching = (
+            _matching_terms_unchecked(logits_a, logits_b, relatedness, checked_prior, options)
+            if "matching" in wanted
+            else {}
+        )
+        return _multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, wanted, matching)
 
 
 def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
@@ -697,19 +705,18 @@ def _multi_task_unchecked(
     matching: dict[Direction, Tensor],
 ) -> dict[str, Tensor]:
     """`multi_task_terms` for checked inputs, decoded labels and the matching terms already computed (by the
-    functional path or a kernel)."""
+    functional path or a kernel), with autocast off (switched by the entry point of the call)."""
     terms: dict[str, Tensor] = {}
-    with full_precision(logits_a, logits_b):
-        dtype = compute_dtype(logits_a, logits_b)
-        z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
-        if "supervised_a" in parts:
-            terms["supervised_a"] = _masked_cross_entropy(z_a, labels.a, labels.known_a)
-        if "supervised_b" in parts:
-            if options.kind == "multilabel":
-                terms["supervised_b"] = _masked_binary_cross_entropy(z_b, labels.b.to(dtype), labels.known_b)
-            else:  # one-hot targets: the cross-entropy of the known class
-                per_sample = _soft_categorical_divergence(z_b, labels.b.to(dtype), "ce", options.eps)
-                terms["supervised_b"] = _mean_over(per_sample, labels.known_b.any(dim=1))
+    dtype = compute_dtype(logits_a, logits_b)
+    z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
+    if "supervised_a" in parts:
+        terms["supervised_a"] = _masked_cross_entropy(z_a, labels.a, labels.known_a)
+    if "supervised_b" in parts:
+        if options.kind == "multilabel":
+            terms["supervised_b"] = _masked_binary_cross_entropy(z_b, labels.b.to(dtype), labels.known_b)
+        else:  # one-hot targets: the cross-entropy of the known class
+            per_sample = _soft_categorical_divergence(z_b, labels.b.to(dtype), "ce", options.eps)
+            terms["supervised_b"] = _masked_mean(per_sample, labels.known_b.any(dim=1))
     terms.update({f"matching/{direction}": value for direction, value in matching.items()})
     if "co_annotation" in parts:
         co_annotation = _co_annotation_unchecked(logits_a, logits_b, labels, relatedness, prior, options)

@@ -57,9 +57,16 @@ def erasure_basis(class_means: Tensor, *, rtol: float = 1e-6) -> Tensor:
         ValueError: `class_means` has fewer than 2 dimensions, or `rtol` is outside `[1e-12, 1)`.
     """
     check_tensor(class_means, "class_means", min_dim=2)
+    newton_schulz_cut(rtol)  # checks rtol
+    with full_precision(class_means):
+        return _erasure_basis(class_means, rtol)
+
+
+def _erasure_basis(class_means: Tensor, rtol: float) -> Tensor:
+    """`erasure_basis` of checked class means and `rtol`, with autocast off (switched by the entry point)."""
     means = class_means.reshape(class_means.shape[0], -1).to(torch.float64)
     differences = means - means.mean(dim=0, keepdim=True)
-    return column_basis(differences.T, rtol=rtol)
+    return _column_basis(differences.T, rtol)
 
 
 def column_basis(matrix: Tensor, *, rtol: float = 1e-6) -> Tensor:
@@ -93,34 +100,41 @@ def column_basis(matrix: Tensor, *, rtol: float = 1e-6) -> Tensor:
     check_tensor(matrix, "matrix", min_dim=2)
     if matrix.dim() != 2:
         raise ValueError(f"'matrix' must be 2-D (D, K), got shape {tuple(matrix.shape)}")
+    newton_schulz_cut(rtol)  # checks rtol
+    with full_precision(matrix):
+        return _column_basis(matrix, rtol)
+
+
+def _column_basis(matrix: Tensor, rtol: float) -> Tensor:
+    """`column_basis` of a checked `(D, K)` matrix and `rtol`, with autocast off (switched by the entry point of
+    the call)."""
     steps, gain = newton_schulz_cut(rtol)
     tiny = torch.finfo(torch.float64).tiny
-    with full_precision(matrix):
-        x = matrix.to(torch.float64)
-        x = x / x.abs().amax().clamp_min(tiny)  # no overflow in the Gram matrix
-        tall = x.shape[0] >= x.shape[1]
+    x = matrix.to(torch.float64)
+    x = x / x.abs().amax().clamp_min(tiny)  # no overflow in the Gram matrix
+    tall = x.shape[0] >= x.shape[1]
 
-        def gram(x: Tensor) -> Tensor:
-            return x.T @ x if tall else x @ x.T
+    def gram(x: Tensor) -> Tensor:
+        return x.T @ x if tall else x @ x.T
 
-        def times(x: Tensor, polynomial: Tensor) -> Tensor:
-            return x @ polynomial if tall else polynomial @ x
+    def times(x: Tensor, polynomial: Tensor) -> Tensor:
+        return x @ polynomial if tall else polynomial @ x
 
+    g = gram(x)
+    # power iteration from the column of largest norm: its Rayleigh quotient only grows (g is PSD)
+    v = g.index_select(1, g.diagonal().argmax().reshape(1))
+    for _ in range(POWER_STEPS):
+        v = g @ v
+        v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
+    largest_squared = torch.maximum((v.T @ g @ v).reshape(()), torch.linalg.matrix_norm(g) / MAX_SCALED**2)
+    x = x * (gain / largest_squared.clamp_min(tiny).sqrt())
+    eye = torch.eye(g.shape[0], dtype=x.dtype, device=x.device)
+    for _ in range(steps):
+        x = times(x, 1.5 * eye - 0.5 * gram(x))
+    for _ in range(PURIFY_STEPS):
         g = gram(x)
-        # power iteration from the column of largest norm: its Rayleigh quotient only grows (g is PSD)
-        v = g.index_select(1, g.diagonal().argmax().reshape(1))
-        for _ in range(POWER_STEPS):
-            v = g @ v
-            v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
-        largest_squared = torch.maximum((v.T @ g @ v).reshape(()), torch.linalg.matrix_norm(g) / MAX_SCALED**2)
-        x = x * (gain / largest_squared.clamp_min(tiny).sqrt())
-        eye = torch.eye(g.shape[0], dtype=x.dtype, device=x.device)
-        for _ in range(steps):
-            x = times(x, 1.5 * eye - 0.5 * gram(x))
-        for _ in range(PURIFY_STEPS):
-            g = gram(x)
-            x = times(x, 2.5 * g - 1.5 * (g @ g))
-        return x
+        x = times(x, 2.5 * g - 1.5 * (g @ g))
+    return x
 
 
 def newton_schulz_cut(rtol: float) -> tuple[int, float]:
@@ -173,14 +187,15 @@ def within_class_cross_covariance(
     check_tensor(features, "features")
     check_irrelevant_labels(labels, num_irrelevant, features, ignore_index=ignore_index)
     check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
-    return _within_class_cross_covariance(features, labels, task_labels, num_irrelevant, ignore_index)
+    with full_precision(features):
+        return _within_class_cross_covariance(features, labels, task_labels, num_irrelevant, ignore_index)
 
 
 def _within_class_cross_covariance(
     features: Tensor, labels: Tensor, task_labels: Tensor, num_irrelevant: int, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
-    """`within_class_cross_covariance` for checked inputs."""
-    with torch.no_grad(), full_precision(features):
+    """`within_class_cross_covariance` for checked inputs, with autocast off (switched by the entry point)."""
+    with torch.no_grad():
         dtype = compute_dtype(features)
         eligible, classmates = within_class_groups(labels, task_labels, num_irrelevant, ignore_index)
         z = features.detach().reshape(features.shape[0], -1).to(dtype)
@@ -214,6 +229,12 @@ def erase(features: Tensor, basis: Tensor) -> Tensor:
             f"basis has shape {tuple(basis.shape)}, not ({z.shape[1]}, r)"
         )
     with full_precision(features):
-        dtype = compute_dtype(features)
-        zc, q = z.to(dtype), basis.detach().to(dtype)
-        return (zc - (zc @ q) @ q.T).to(features.dtype).reshape(features.shape)
+        return _erase(features, basis)
+
+
+def _erase(features: Tensor, basis: Tensor) -> Tensor:
+    """`erase` of checked features and a `(D, r)` basis that fits them, with autocast off (switched by the entry
+    point of the call)."""
+    dtype = compute_dtype(features)
+    zc, q = features.reshape(features.shape[0], -1).to(dtype), basis.detach().to(dtype)
+    return (zc - (zc @ q) @ q.T).to(features.dtype).reshape(features.shape)

@@ -63,19 +63,19 @@ def pairwise_row_cosines(student: Tensor, reference: Tensor, *, eps: float = 1e-
         ValueError: an input has fewer than 2 dimensions, or the batch or spatial sizes differ.
     """
     check_channel_pair(student, reference)
-    return _pairwise_row_cosines(student, reference.detach(), eps)
+    with full_precision(student, reference):
+        return _pairwise_row_cosines(student, reference.detach(), eps)
 
 
 def _pairwise_row_cosines(student: Tensor, reference: Tensor, eps: float) -> Tensor:
     """`pairwise_row_cosines` of checked inputs."""
-    with full_precision(student, reference):
-        dtype = compute_dtype(student, reference)
-        student, reference = student.to(dtype), reference.to(dtype)
-        scale_s, scale_r = unit_scale(student), unit_scale(reference)
-        dot, sq_a, sq_b = _pairwise_dot_and_norms(student * scale_s, reference * scale_r)
-        floor_a, floor_b = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
-        # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
-        return dot / (sq_a.clamp_min(floor_a * floor_a).sqrt() * sq_b.clamp_min(floor_b * floor_b).sqrt())
+    dtype = compute_dtype(student, reference)
+    student, reference = student.to(dtype), reference.to(dtype)
+    scale_s, scale_r = unit_scale(student), unit_scale(reference)
+    dot, sq_a, sq_b = _pairwise_dot_and_norms(student * scale_s, reference * scale_r)
+    floor_a, floor_b = scaled_floor(eps, scale_s), scaled_floor(eps, scale_r)
+    # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
+    return dot / (sq_a.clamp_min(floor_a * floor_a).sqrt() * sq_b.clamp_min(floor_b * floor_b).sqrt())
 
 
 def _pairwise_mse(student: Tensor, reference: Tensor) -> Tensor:

@@ -3,9 +3,10 @@
 Inputs of shape `(n, ...)` are flattened to `(n, d)`. Everything is computed in float32, or in float64
 when an input is float64, with autocast disabled, whatever the input dtype.
 
-Tensors are positional, every option keyword-only. Each public function checks its inputs once and calls a
-private core (`_cosine_rows`, `_gram`, `_gram_row_cosines`, `_kernel_matrix`, `_hsic_from_kernels`,
-`_kernel_alignment`, `_cka`, `_linear_cka`) that takes checked inputs: what the package's own callers use.
+Tensors are positional, every option keyword-only. Each public function checks its inputs once, switches
+autocast off once (`full_precision`) and calls a private core (`_cosine_rows`, `_gram`, `_gram_row_cosines`,
+`_kernel_matrix`, `_hsic_from_kernels`, `_kernel_alignment`, `_cka`, `_linear_cka`) that takes checked inputs and
+runs with autocast already off: what the package's own callers use (other layers through `functional._core`).
 
 **Two forms of every linear-kernel estimate** (docs: Methods §4, "Linear kernels never need an n × n matrix").
 With `K = XXᵀ`, `L = YYᵀ` every sum that HSIC and CKA need follows from `XᵀY`, `Xᵀ1`, `Yᵀ1` and the row norms
@@ -28,8 +29,7 @@ from torch import Tensor
 from .._validation import (
     check_choice,
     check_min_batch,
-    check_same_batch,
-    check_same_device,
+    check_same_batch_and_device,
     check_tensor,
     compute_dtype,
     full_precision,
@@ -88,7 +88,8 @@ def cosine_rows(a: Tensor, b: Tensor, *, eps: float = 1e-8) -> Tensor:
     check_tensor(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"'a' and 'b' must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return _cosine_rows(a, b, eps)
+    with full_precision(a, b):
+        return _cosine_rows(a, b, eps)
 
 
 def _cosine_rows(a: Tensor, b: Tensor, eps: float | Tensor, eps_b: float | Tensor | None = None) -> Tensor:
@@ -96,16 +97,15 @@ def _cosine_rows(a: Tensor, b: Tensor, eps: float | Tensor, eps_b: float | Tenso
     in `a`'s and `b`'s units: Python numbers, or 0-d tensors from `scaled_floor` when `a` and `b` are rows of
     maps scaled by `unit_scale`."""
     eps_b = eps if eps_b is None else eps_b
-    with full_precision(a, b):
-        dtype = compute_dtype(a, b)
-        a2, b2 = a.to(dtype).reshape(a.shape[0], -1), b.to(dtype).reshape(b.shape[0], -1)
-        # each row scaled to magnitude < 1 and its floor with it: the same cosine, no overflow of |a|²
-        scale_a, scale_b = unit_scale(a2, per_row=True), unit_scale(b2, per_row=True)
-        a2, b2 = a2 * scale_a[:, None], b2 * scale_b[:, None]
-        dot = (a2 * b2).sum(dim=1)
-        norm_a = torch.maximum(torch.linalg.vector_norm(a2, dim=1), scaled_floor(eps, scale_a))
-        norm_b = torch.maximum(torch.linalg.vector_norm(b2, dim=1), scaled_floor(eps_b, scale_b))
-        return torch.div(dot, norm_a * norm_b)
+    dtype = compute_dtype(a, b)
+    a2, b2 = a.to(dtype).reshape(a.shape[0], -1), b.to(dtype).reshape(b.shape[0], -1)
+    # each row scaled to magnitude < 1 and its floor with it: the same cosine, no overflow of |a|²
+    scale_a, scale_b = unit_scale(a2, per_row=True), unit_scale(b2, per_row=True)
+    a2, b2 = a2 * scale_a[:, None], b2 * scale_b[:, None]
+    dot = (a2 * b2).sum(dim=1)
+    norm_a = torch.maximum(torch.linalg.vector_norm(a2, dim=1), scaled_floor(eps, scale_a))
+    norm_b = torch.maximum(torch.linalg.vector_norm(b2, dim=1), scaled_floor(eps_b, scale_b))
+    return torch.div(dot, norm_a * norm_b)
 
 
 def unit_scale(x: Tensor, *, per_row: bool = False, dtype: torch.dtype | None = None) -> Tensor:
@@ -193,17 +193,17 @@ def gram(x: Tensor, *, gram_scope: GramScope = "sample") -> Tensor:
     """
     check_tensor(x, "x", min_dim=2)
     check_choice(gram_scope, "gram_scope", GRAM_SCOPES)
-    return _gram(x, gram_scope)
+    with full_precision(x):
+        return _gram(x, gram_scope)
 
 
 def _gram(x: Tensor, gram_scope: GramScope) -> Tensor:
     """`gram` of a checked input."""
-    with full_precision(x):
-        v = x.to(compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
-        if gram_scope == "sample":
-            return v @ v.transpose(1, 2)
-        w = v.reshape(-1, v.shape[-1])
-        return w @ w.T
+    v = x.to(compute_dtype(x)).reshape(x.shape[0], x.shape[1], -1)
+    if gram_scope == "sample":
+        return v @ v.transpose(1, 2)
+    w = v.reshape(-1, v.shape[-1])
+    return w @ w.T
 
 
 def gram_row_cosines(
@@ -233,33 +233,33 @@ def gram_row_cosines(
         ValueError: the shapes differ or have fewer than 2 dimensions, or `gram_scope` is not a valid choice.
     """
     _check_gram_pair(student, reference, gram_scope)
-    return _gram_row_cosines(student, reference.detach(), gram_scope, eps)
+    with full_precision(student, reference):
+        return _gram_row_cosines(student, reference.detach(), gram_scope, eps)
 
 
 def _gram_row_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps: float) -> Tensor:
     """`gram_row_cosines` of inputs checked by `_check_gram_pair` (the torch path of the fused kernel)."""
-    with full_precision(student, reference):
-        dtype = compute_dtype(student, reference)
-        batch, channels = student.shape[0], student.shape[1]
-        student, reference = student.to(dtype), reference.to(dtype)
-        scale_s, scale_r = unit_scale(student), unit_scale(reference)
-        floor_s, floor_r = scaled_floor(eps, scale_s, degree=2), scaled_floor(eps, scale_r, degree=2)
-        w = (student * scale_s).reshape(batch, channels, -1)
-        u = (reference * scale_r).reshape(batch, channels, -1)
-        if gram_scope == "batch":
-            w, u = w.reshape(1, batch * channels, -1), u.reshape(1, batch * channels, -1)
-        rows, length = w.shape[1], w.shape[2]
-        if length >= rows:
-            gram_s, gram_r = w @ w.transpose(1, 2), u @ u.transpose(1, 2)
-            return _cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), floor_s, floor_r)
-        wt, ut = w.transpose(1, 2), u.transpose(1, 2)
-        dot = ((w @ (wt @ u)) * u).sum(dim=2)
-        sq_norm_s = ((w @ (wt @ w)) * w).sum(dim=2)
-        sq_norm_r = ((u @ (ut @ u)) * u).sum(dim=2)
-        # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
-        norm_s = sq_norm_s.clamp_min(floor_s * floor_s).sqrt()
-        norm_r = sq_norm_r.clamp_min(floor_r * floor_r).sqrt()
-        return (dot / (norm_s * norm_r)).reshape(-1)
+    dtype = compute_dtype(student, reference)
+    batch, channels = student.shape[0], student.shape[1]
+    student, reference = student.to(dtype), reference.to(dtype)
+    scale_s, scale_r = unit_scale(student), unit_scale(reference)
+    floor_s, floor_r = scaled_floor(eps, scale_s, degree=2), scaled_floor(eps, scale_r, degree=2)
+    w = (student * scale_s).reshape(batch, channels, -1)
+    u = (reference * scale_r).reshape(batch, channels, -1)
+    if gram_scope == "batch":
+        w, u = w.reshape(1, batch * channels, -1), u.reshape(1, batch * channels, -1)
+    rows, length = w.shape[1], w.shape[2]
+    if length >= rows:
+        gram_s, gram_r = w @ w.transpose(1, 2), u @ u.transpose(1, 2)
+        return _cosine_rows(gram_s.reshape(-1, rows), gram_r.reshape(-1, rows), floor_s, floor_r)
+    wt, ut = w.transpose(1, 2), u.transpose(1, 2)
+    dot = ((w @ (wt @ u)) * u).sum(dim=2)
+    sq_norm_s = ((w @ (wt @ w)) * w).sum(dim=2)
+    sq_norm_r = ((u @ (ut @ u)) * u).sum(dim=2)
+    # floored before the root (floor² is a normal number): a zero row gives s = 0 with a finite gradient
+    norm_s = sq_norm_s.clamp_min(floor_s * floor_s).sqrt()
+    norm_r = sq_norm_r.clamp_min(floor_r * floor_r).sqrt()
+    return (dot / (norm_s * norm_r)).reshape(-1)
 
 
 def _check_gram_pair(student: Tensor, reference: Tensor, gram_scope: str) -> None:
@@ -301,16 +301,16 @@ def kernel_matrix(x: Tensor, *, kernel: Kernel = "linear", sigma: float | None =
     """
     check_tensor(x, "x")
     _check_kernel(kernel, sigma)
-    return _kernel_matrix(x, kernel, sigma)
+    with full_precision(x):
+        return _kernel_matrix(x, kernel, sigma)
 
 
 def _kernel_matrix(x: Tensor, kernel: Kernel, sigma: float | None) -> Tensor:
     """`kernel_matrix` of a checked input (options checked too)."""
-    with full_precision(x):
-        x2 = _flat(x)
-        if kernel == "linear":
-            return x2 @ x2.T
-        return _rbf_kernel(x2, sigma)
+    x2 = _flat(x)
+    if kernel == "linear":
+        return x2 @ x2.T
+    return _rbf_kernel(x2, sigma)
 
 
 def _rbf_kernel(x: Tensor, sigma: float | None) -> Tensor:
@@ -380,23 +380,23 @@ def hsic_from_kernels(k: Tensor, l: Tensor, *, unbiased: bool = True) -> Tensor:
         ValueError: the matrices are not square of one size, or too small for the estimator.
     """
     _check_kernels(k, l, unbiased)
-    return _hsic_from_kernels(k, l, unbiased)
+    with full_precision(k, l):
+        return _hsic_from_kernels(k, l, unbiased)
 
 
 def _hsic_from_kernels(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
     """`hsic_from_kernels` of checked kernels."""
     n = k.shape[0]
-    with full_precision(k, l):
-        dtype = compute_dtype(k, l)
-        k, l = k.to(dtype), l.to(dtype)
-        if not unbiased:
-            return (_double_centre(k) * _double_centre(l)).sum() / (n - 1) ** 2
-        k0 = k - torch.diag_embed(torch.diagonal(k))
-        l0 = l - torch.diag_embed(torch.diagonal(l))
-        trace_term = (k0 * l0.T).sum()
-        sums_term = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
-        cross_term = 2.0 / (n - 2) * (k0.sum(dim=0) * l0.sum(dim=1)).sum()
-        return (trace_term + sums_term - cross_term) / (n * (n - 3))
+    dtype = compute_dtype(k, l)
+    k, l = k.to(dtype), l.to(dtype)
+    if not unbiased:
+        return (_double_centre(k) * _double_centre(l)).sum() / (n - 1) ** 2
+    k0 = k - torch.diag_embed(torch.diagonal(k))
+    l0 = l - torch.diag_embed(torch.diagonal(l))
+    trace_term = (k0 * l0.T).sum()
+    sums_term = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
+    cross_term = 2.0 / (n - 2) * (k0.sum(dim=0) * l0.sum(dim=1)).sum()
+    return (trace_term + sums_term - cross_term) / (n * (n - 3))
 
 
 def _double_centre(k: Tensor) -> Tensor:
@@ -444,27 +444,27 @@ def hsic(
     _check_kernel(kernel, sigma)
     _check_kernel(kernel_y, sigma_y, ("kernel_y", "sigma_y"))
     minimum, what = 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} HSIC"
-    if kernel == "linear" and kernel_y == "linear":
-        pair = _across_ranks(x, y, gather, minimum, what, self_terms=False)
-        if pair is not None:
-            with full_precision(*pair):
+    _check_pair(x, y)
+    with full_precision(x, y):
+        if kernel == "linear" and kernel_y == "linear":
+            pair = _across_ranks(x, y, gather, minimum, what, self_terms=False)
+            if pair is not None:
                 return linear_across_ranks(*pair, unbiased=unbiased, measure="hsic", gather=gather)
-    x, y = _paired_batch(x, y, gather, minimum, what)
-    if kernel == "linear" and kernel_y == "linear":
-        return _linear_kernel_hsic(x, y, unbiased)
-    return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
+        x, y = _paired_batch(x, y, gather, minimum, what)
+        if kernel == "linear" and kernel_y == "linear":
+            return _linear_kernel_hsic(x, y, unbiased)
+        return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
 
 
 def _linear_kernel_hsic(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
     """`hsic` with linear kernels on both sides, of a checked pair: in feature space when
     `feature_space_cheaper`, else through the kernel matrices."""
-    with full_precision(x, y):
-        x2, y2 = _flat(x), _flat(y)
-        n, p, q = x2.shape[0], x2.shape[1], y2.shape[1]
-        x2, y2 = x2 - x2.mean(dim=0), y2 - y2.mean(dim=0)  # HSIC of linear kernels is shift-invariant
-        if not feature_space_cheaper(n, p, q):
-            return _hsic_from_kernels(x2 @ x2.T, y2 @ y2.T, unbiased)
-        return linear_hsic(x2, y2, torch.tensor(float(n), dtype=x2.dtype, device=x2.device), unbiased=unbiased)
+    x2, y2 = _flat(x), _flat(y)
+    n, p, q = x2.shape[0], x2.shape[1], y2.shape[1]
+    x2, y2 = x2 - x2.mean(dim=0), y2 - y2.mean(dim=0)  # HSIC of linear kernels is shift-invariant
+    if not feature_space_cheaper(n, p, q):
+        return _hsic_from_kernels(x2 @ x2.T, y2 @ y2.T, unbiased)
+    return linear_hsic(x2, y2, torch.tensor(float(n), dtype=x2.dtype, device=x2.device), unbiased=unbiased)
 
 
 def cka(
@@ -501,26 +501,26 @@ def cka(
     """
     _check_kernel(kernel, sigma)
     minimum, what = 4 if unbiased else 2, f"{'unbiased' if unbiased else 'biased'} CKA"
-    if kernel == "linear":
-        pair = _across_ranks(x, y, gather, minimum, what, self_terms=True)
-        if pair is not None:
-            with full_precision(*pair):
+    _check_pair(x, y)
+    with full_precision(x, y):
+        if kernel == "linear":
+            pair = _across_ranks(x, y, gather, minimum, what, self_terms=True)
+            if pair is not None:
                 return linear_across_ranks(*pair, unbiased=unbiased, measure="alignment", gather=gather)
-    x, y = _paired_batch(x, y, gather, minimum, what)
-    return _cka(x, y, kernel, unbiased, sigma)
+        x, y = _paired_batch(x, y, gather, minimum, what)
+        return _cka(x, y, kernel, unbiased, sigma)
 
 
 def _cka(x: Tensor, y: Tensor, kernel: Kernel, unbiased: bool, sigma: float | None) -> Tensor:
     """`cka` of a checked pair (`_paired_batch`)."""
-    with full_precision(x, y):
-        x2, y2 = _flat(x), _flat(y)
-        if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
-            x2, y2 = _centred_unit_scale(x2), _centred_unit_scale(y2)
-            n = x2.shape[0]
-            if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=True):
-                count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
-                return linear_alignment(x2, y2, count, unbiased=unbiased)
-        return _kernel_alignment(_kernel_matrix(x2, kernel, sigma), _kernel_matrix(y2, kernel, sigma), unbiased)
+    x2, y2 = _flat(x), _flat(y)
+    if kernel == "linear":  # HSIC with a linear kernel is shift-invariant, biased or not
+        x2, y2 = _centred_unit_frobenius(x2), _centred_unit_frobenius(y2)
+        n = x2.shape[0]
+        if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=True):
+            count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
+            return linear_alignment(x2, y2, count, unbiased=unbiased)
+    return _kernel_alignment(_kernel_matrix(x2, kernel, sigma), _kernel_matrix(y2, kernel, sigma), unbiased)
 
 
 def kernel_alignment(k: Tensor, l: Tensor, *, unbiased: bool) -> Tensor:
@@ -542,7 +542,8 @@ def kernel_alignment(k: Tensor, l: Tensor, *, unbiased: bool) -> Tensor:
         ValueError: the matrices are not square of one size, or too small for the estimator.
     """
     _check_kernels(k, l, unbiased)
-    return _kernel_alignment(k, l, unbiased)
+    with full_precision(k, l):
+        return _kernel_alignment(k, l, unbiased)
 
 
 def _kernel_alignment(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
@@ -578,13 +579,14 @@ def linear_cka(x: Tensor, y: Tensor, *, unbiased: bool = False, gather: Gather =
         ValueError: the batch sizes differ, or the batch is too small.
     """
     what = f"{'unbiased' if unbiased else 'biased'} CKA"
-    pair = _across_ranks(x, y, gather, 4 if unbiased else 2, what, self_terms=True)
-    if pair is not None:
-        with full_precision(*pair):
+    _check_pair(x, y)
+    with full_precision(x, y):
+        pair = _across_ranks(x, y, gather, 4 if unbiased else 2, what, self_terms=True)
+        if pair is not None:
             measure: GlobalMeasure = "alignment" if unbiased else "linear_cka"
             return linear_across_ranks(*pair, unbiased=unbiased, measure=measure, gather=gather)
-    x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, what)
-    return _linear_cka(x, y, unbiased)
+        x, y = _paired_batch(x, y, gather, 4 if unbiased else 2, what)
+        return _linear_cka(x, y, unbiased)
 
 
 def _linear_cka(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
@@ -592,28 +594,31 @@ def _linear_cka(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
     if unbiased:
         return _cka(x, y, "linear", True, None)
     n, dtype = x.shape[0], compute_dtype(x, y)
-    with full_precision(x, y):
-        xc = _centred_unit_scale(x.to(dtype).reshape(n, -1))
-        yc = _centred_unit_scale(y.to(dtype).reshape(n, -1))
-        p, q = xc.shape[1], yc.shape[1]
-        if feature_space_cheaper(n, p, q, self_terms=True):
-            cross = (yc.T @ xc).square().sum()
-            self_x = (xc.T @ xc).square().sum()
-            self_y = (yc.T @ yc).square().sum()
-        else:
-            kx, ky = xc @ xc.T, yc @ yc.T
-            cross = (kx * ky).sum()
-            self_x = kx.square().sum()
-            self_y = ky.square().sum()
-        return safe_ratio(cross, self_x, self_y)
+    xc = _centred_unit_frobenius(x.to(dtype).reshape(n, -1))
+    yc = _centred_unit_frobenius(y.to(dtype).reshape(n, -1))
+    p, q = xc.shape[1], yc.shape[1]
+    if feature_space_cheaper(n, p, q, self_terms=True):
+        cross = (yc.T @ xc).square().sum()
+        self_x = (xc.T @ xc).square().sum()
+        self_y = (yc.T @ yc).square().sum()
+    else:
+        kx, ky = xc @ xc.T, yc @ yc.T
+        cross = (kx * ky).sum()
+        self_x = kx.square().sum()
+        self_y = ky.square().sum()
+    return safe_ratio(cross, self_x, self_y)
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    """The checks of the two `(n, ...)` inputs of `hsic`, `cka` and `linear_cka`: floating-point tensors with one
+    batch size on one device."""
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_same_batch_and_device(x, y, ("x", "y"))
 
 
 def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str) -> tuple[Tensor, Tensor]:
-    """Check two `(n, ...)` inputs, gather them across ranks if asked, and check the (global) batch size."""
-    check_tensor(x, "x")
-    check_tensor(y, "y")
-    check_same_device({"x": x, "y": y})
-    check_same_batch(x, y, ("x", "y"))
+    """A checked pair (`_check_pair`) gathered across ranks if asked, with its (global) batch size checked."""
     x, y = gather_batch(x, gather), gather_batch(y, gather)
     check_min_batch(x.shape[0], minimum, what=what)
     dtype = compute_dtype(x, y)  # float64 if either side is; mixed inputs meet in one dtype
@@ -623,15 +628,12 @@ def _paired_batch(x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str)
 def _across_ranks(
     x: Tensor, y: Tensor, gather: Gather, minimum: int, what: str, *, self_terms: bool
 ) -> tuple[Tensor, Tensor] | None:
-    """The checked pair flattened in one compute dtype when a linear-kernel estimate runs on every rank's batch
-    from all-reduced sums (`linear_across_ranks`): `gather="global"` under a process group of several ranks, and
-    the feature-space form chosen at the global batch size. None otherwise (the caller gathers the batch)."""
+    """The checked pair (`_check_pair`) flattened in one compute dtype when a linear-kernel estimate runs on every
+    rank's batch from all-reduced sums (`linear_across_ranks`): `gather="global"` under a process group of several
+    ranks, and the feature-space form chosen at the global batch size. None otherwise (the caller gathers the
+    batch)."""
     if gather != "global" or not is_distributed():
         return None
-    check_tensor(x, "x")
-    check_tensor(y, "y")
-    check_same_device({"x": x, "y": y})
-    check_same_batch(x, y, ("x", "y"))
     n = global_count(x.shape[0], gather, x.device)
     check_min_batch(n, minimum, what=what)
     dtype = compute_dtype(x, y)
@@ -639,9 +641,10 @@ def _across_ranks(
     return (x2, y2) if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=self_terms) else None
 
 
-def _centred_unit_scale(x: Tensor) -> Tensor:
-    """`(x - mean) / ‖x - mean‖_F`: CKA is invariant to isotropic scaling, and this keeps any scale finite
-    (`unit_frobenius`)."""
+def _centred_unit_frobenius(x: Tensor) -> Tensor:
+    """`(x - mean) / ‖x - mean‖_F` over every row of `x`: CKA is invariant to isotropic scaling, and this keeps
+    any scale finite (`unit_frobenius`). `functional.suppression._members_centred_unit_frobenius` is the same on
+    the member rows of a masked batch."""
     centred = x - x.mean(dim=0, keepdim=True)
     return unit_frobenius(centred, x.detach().abs().amax(), x.numel())
 

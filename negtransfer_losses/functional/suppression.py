@@ -31,10 +31,8 @@ from torch import Tensor
 
 from .._labels import IGNORE_INDEX
 from .._validation import (
-    as_batch_matrix,
     check_min_batch,
-    check_same_batch,
-    check_same_device,
+    check_same_batch_and_device,
     check_tensor,
     compute_dtype,
     full_precision,
@@ -58,6 +56,7 @@ from .similarity import (
     Kernel,
     _check_kernel,
     _cka,
+    _flat,
     feature_space_cheaper,
     gaussian,
     global_count,
@@ -136,22 +135,22 @@ def irrelevant_hsic(
         task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
     what = f"{'unbiased' if unbiased else 'biased'} HSIC"
-    if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
-        n = global_count(features.shape[0], gather, features.device)
-        check_min_batch(n, minimum, what=what, name="features")
-        x = as_batch_matrix(features, "features")
-        if feature_space_cheaper(n, x.shape[1], num_irrelevant, self_terms=normalized):
-            with full_precision(x):  # every rank's batch from all-reduced sums, not gathered
+    with full_precision(features):
+        if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+            n = global_count(features.shape[0], gather, features.device)
+            check_min_batch(n, minimum, what=what, name="features")
+            x = _flat(features)
+            if feature_space_cheaper(n, x.shape[1], num_irrelevant, self_terms=normalized):
+                # every rank's batch from all-reduced sums, not gathered
                 members = irrelevant_labels != ignore_index
                 onehot = one_hot_known(irrelevant_labels, num_irrelevant, members, x.dtype)
                 measure: GlobalMeasure = "alignment" if normalized else "hsic"
                 return linear_across_ranks(
                     x, onehot, unbiased=unbiased, measure=measure, gather=gather, members=members, minimum=minimum
                 )
-    features, labels = gather_batch(features, gather), gather_batch(irrelevant_labels, gather)
-    check_min_batch(features.shape[0], minimum, what=what, name="features")
-    with full_precision(features):
-        x = as_batch_matrix(features, "features").to(compute_dtype(features))
+        features, labels = gather_batch(features, gather), gather_batch(irrelevant_labels, gather)
+        check_min_batch(features.shape[0], minimum, what=what, name="features")
+        x = _flat(features)
         conditional_ratio = normalized and task_labels is not None
         if (
             kernel == "linear"
@@ -217,48 +216,69 @@ def irrelevant_cka(
     check_tensor(features, "features")
     check_tensor(irrelevant_features, "irrelevant_features")
     _check_kernel(kernel, sigma)
-    check_same_device({"features": features, "irrelevant_features": irrelevant_features})
-    check_same_batch(features, irrelevant_features, ("features", "irrelevant_features"))
+    check_same_batch_and_device(features, irrelevant_features, ("features", "irrelevant_features"))
     if task_labels is not None:
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
         task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
-    if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
-        n = global_count(features.shape[0], gather, features.device)
-        check_min_batch(n, minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
-        dtype = compute_dtype(features, irrelevant_features)
-        x = as_batch_matrix(features, "features").to(dtype)
-        x_ref = as_batch_matrix(irrelevant_features.detach(), "irrelevant_features").to(dtype)
-        if feature_space_cheaper(n, x.shape[1], x_ref.shape[1], self_terms=True):
-            with full_precision(x, x_ref):  # every rank's batch from all-reduced sums, not gathered
+    with full_precision(features, irrelevant_features):
+        if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+            n = global_count(features.shape[0], gather, features.device)
+            check_min_batch(n, minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
+            dtype = compute_dtype(features, irrelevant_features)
+            x = _flat(features).to(dtype)
+            x_ref = _flat(irrelevant_features.detach()).to(dtype)
+            if feature_space_cheaper(n, x.shape[1], x_ref.shape[1], self_terms=True):
+                # every rank's batch from all-reduced sums, not gathered
                 return linear_across_ranks(x, x_ref, unbiased=unbiased, measure="alignment", gather=gather)
-    features, reference = gather_batch(features, gather), gather_batch(irrelevant_features.detach(), gather)
-    check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
-    if task_labels is None:  # checked above: the core of `cka`
+        features, reference = gather_batch(features, gather), gather_batch(irrelevant_features.detach(), gather)
+        check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
         dtype = compute_dtype(features, reference)
-        return _cka(features.to(dtype), reference.to(dtype), kernel, unbiased, sigma)
-    with full_precision(features, reference):
-        dtype = compute_dtype(features, reference)
-        members = _at_least(task_labels != ignore_index, minimum)
-        x = as_batch_matrix(features, "features").to(dtype)
-        x_ref = as_batch_matrix(reference, "irrelevant_features").to(dtype)
-        if kernel == "linear" and feature_space_cheaper(x.shape[0], x.shape[1], x_ref.shape[1], self_terms=True):
-            slots = dense_ranks(task_labels)
-            z = _centred_unit_scale(centre_within_slots(x, slots, members), members, x)
-            r = _centred_unit_scale(centre_within_slots(x_ref, slots, members), members, x_ref)
-            count = members.to(dtype).sum()
-            enough = count >= minimum  # no member at all when fewer than `minimum` (`_at_least`)
-            value = linear_alignment(z, r, torch.where(enough, count, float(minimum)), unbiased=unbiased)
-            return torch.where(enough, value, torch.zeros_like(value))
-        classmates = classmates_of(task_labels, members)
-        z = centre_within_groups(x, classmates, members)
-        r = centre_within_groups(x_ref, classmates, members)
-        if kernel == "linear":  # linear HSIC is shift-invariant: rescale (as cka does) so no scale overflows
-            z, r = _centred_unit_scale(z, members, x), _centred_unit_scale(r, members, x_ref)
-        groups = members[:, None] & members[None, :]
-        k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
-        l = _group_kernel(r, groups, kernel=kernel, sigma=sigma)
-        return _mean_over(_group_alignment(k, l, groups, unbiased=unbiased), members)
+        if task_labels is None:  # checked above: the core of `cka`
+            return _cka(features.to(dtype), reference.to(dtype), kernel, unbiased, sigma)
+        return _conditional_cka(
+            _flat(features).to(dtype),
+            _flat(reference).to(dtype),
+            task_labels,
+            ignore_index,
+            minimum,
+            kernel,
+            sigma,
+            unbiased,
+        )
+
+
+def _conditional_cka(
+    x: Tensor,
+    x_ref: Tensor,
+    task_labels: Tensor,
+    ignore_index: int,
+    minimum: int,
+    kernel: Kernel,
+    sigma: float | None,
+    unbiased: bool,
+) -> Tensor:
+    """`irrelevant_cka` with task labels, of checked `(B, D)` and `(B, D')` rows in one compute dtype: in feature
+    space (linear kernels, sums into slots) or through the masked `(B, B)` kernel matrices."""
+    dtype = x.dtype
+    members = _at_least(task_labels != ignore_index, minimum)
+    if kernel == "linear" and feature_space_cheaper(x.shape[0], x.shape[1], x_ref.shape[1], self_terms=True):
+        slots = dense_ranks(task_labels)
+        z = _members_centred_unit_frobenius(centre_within_slots(x, slots, members), members, x)
+        r = _members_centred_unit_frobenius(centre_within_slots(x_ref, slots, members), members, x_ref)
+        count = members.to(dtype).sum()
+        enough = count >= minimum  # no member at all when fewer than `minimum` (`_at_least`)
+        value = linear_alignment(z, r, torch.where(enough, count, float(minimum)), unbiased=unbiased)
+        return torch.where(enough, value, torch.zeros_like(value))
+    classmates = classmates_of(task_labels, members)
+    z = centre_within_groups(x, classmates, members)
+    r = centre_within_groups(x_ref, classmates, members)
+    if kernel == "linear":  # linear HSIC is shift-invariant: rescale (as cka does) so no scale overflows
+        z, r = _members_centred_unit_frobenius(z, members, x), _members_centred_unit_frobenius(r, members, x_ref)
+    groups = members[:, None] & members[None, :]
+    k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
+    l = _group_kernel(r, groups, kernel=kernel, sigma=sigma)
+    return _member_weighted_mean(_group_alignment(k, l, groups, unbiased=unbiased), members)
 
 
 # --- feature space: linear kernels, no B × B tensor ------------------------------------------------------
@@ -284,7 +304,7 @@ def _linear_hsic(
     onehot = one_hot_known(labels, num_irrelevant, members, dtype)
     uc = member_rows(onehot - onehot.sum(dim=0) / n, members)
     if normalized:  # a ratio: rows centred and scaled to unit norm, a spread at the rounding level is none
-        value = linear_alignment(_centred_unit_scale(z, members), uc, n, unbiased=unbiased)
+        value = linear_alignment(_members_centred_unit_frobenius(z, members), uc, n, unbiased=unbiased)
     else:
         value = linear_hsic(member_rows(z - z.sum(dim=0) / n, members), uc, n, unbiased=unbiased)
     return torch.where(enough, value, torch.zeros_like(value))
@@ -372,14 +392,18 @@ def _pairwise_hsic(
         members, groups = within_class_groups(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
     z = member_rows(x, members)
     if kernel == "linear" and normalized:  # as the feature-space form: centred, unit norm, rounding-level spread 0
-        z = _centred_unit_scale(z, members) if task_labels is None else _unit_within_groups(z, groups, members)
+        z = (
+            _members_centred_unit_frobenius(z, members)
+            if task_labels is None
+            else _unit_within_groups(z, groups, members)
+        )
     elif kernel == "linear":  # linear HSIC is shift-invariant: centred rows round like the estimate, not like ‖z̄‖²
         z = centre_within_groups(z, groups, members)
     onehot = one_hot_known(labels, num_irrelevant, members, x.dtype)
     k = _group_kernel(z, groups, kernel=kernel, sigma=sigma)
     l = onehot @ onehot.T
     value = _group_alignment(k, l, groups, unbiased=unbiased) if normalized else _group_hsic(k, l, groups, unbiased)
-    return _mean_over(value, members)
+    return _member_weighted_mean(value, members)
 
 
 def _at_least(known: Tensor, minimum: int) -> Tensor:
@@ -387,9 +411,14 @@ def _at_least(known: Tensor, minimum: int) -> Tensor:
     return known & (known.sum() >= minimum)
 
 
-def _mean_over(values: Tensor, members: Tensor) -> Tensor:
+def _member_weighted_mean(values: Tensor, members: Tensor) -> Tensor:
     """`Σ_{i ∈ members} values_i / |members|` (0 for no member): per-sample group values give the class-size
-    weighted mean over groups, `Σ_c n_c v_c / Σ_c n_c`."""
+    weighted mean over groups, `Σ_c n_c v_c / Σ_c n_c`.
+
+    The values are multiplied by 0/1 weights, so NaN or inf in a non-member's value would propagate (unlike
+    `functional.distribution_matching._masked_mean`, which selects with `torch.where`); here a non-member's value
+    is always a finite 0 (its group is empty: `_group_hsic` gives 0 there).
+    """
     weights = members.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -538,10 +567,11 @@ def _unit_within_groups(x: Tensor, groups: Tensor, members: Tensor) -> Tensor:
     return torch.where(varies[:, None], centred / norm[:, None], torch.zeros_like(centred))
 
 
-def _centred_unit_scale(x: Tensor, members: Tensor, source: Tensor | None = None) -> Tensor:
+def _members_centred_unit_frobenius(x: Tensor, members: Tensor, source: Tensor | None = None) -> Tensor:
     """The member rows of `x` centred over the members and scaled to unit Frobenius norm; zero rows elsewhere.
 
-    `cka`'s rescaling (`similarity.unit_frobenius`, the same core) on the member rows alone: features whose
+    `cka`'s rescaling (`similarity._centred_unit_frobenius`, which takes every row; both end in
+    `similarity.unit_frobenius`) on the member rows of a masked batch: features whose
     spread is at the rounding level of their magnitude are constant and become exactly zero, with a zero
     gradient. The magnitude is that of `source` when `x` was computed from it (the features before they were
     centred within their classes: constant features leave a rounding residue there, which is no spread),

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import HostCopy
-from ..distributed import is_distributed, summed_across_ranks
+from ..distributed import is_distributed, sum_across_ranks_detached
 from ..functional._core import AdversarialBatch, adversarial_cross_entropy
 
 Parameters = dict[str, Tensor]
@@ -203,14 +203,14 @@ def _over_ranks(gradient: Gradient, names: list[str], count: Tensor, finite: Ten
     gradient of the mean over every rank's samples, the same on every rank.
     """
     usable = torch.ones((), dtype=torch.bool, device=count.device) if finite is None else finite
-    totals = summed_across_ranks(torch.stack([count.to(torch.float64), (~usable).to(torch.float64)]))
+    totals = sum_across_ranks_detached(torch.stack([count.to(torch.float64), (~usable).to(torch.float64)]))
     total, local = totals[0].clamp_min(1.0), count.to(torch.float64).clamp_min(1.0)
 
     def summed(params: Parameters) -> Parameters:
         grads = gradient(params)
         flat = torch.cat([grads[name].reshape(-1).to(torch.float64) for name in names])
         flat = torch.where(usable, flat * local, torch.zeros((), dtype=flat.dtype, device=flat.device))
-        parts = torch.split(summed_across_ranks(flat) / total, [grads[name].numel() for name in names])
+        parts = torch.split(sum_across_ranks_detached(flat) / total, [grads[name].numel() for name in names])
         return {
             name: part.reshape(grads[name].shape).to(grads[name].dtype) for name, part in zip(names, parts, strict=True)
         }

@@ -17,6 +17,7 @@ from .._validation import (
     NAN_POLICIES,
     NanPolicy,
     check_choice,
+    full_precision,
     guard_finite,
     zero_unless,
 )
@@ -250,7 +251,8 @@ class SoftCoAnnotationLoss(_Coupled):
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
         check_heads(logits_a, logits_b, self.matrix)
         labels = task_labels(labels_a, labels_b, logits_a, self.matrix, self.kind, self.ignore_index)
-        terms = co_annotation_unchecked(logits_a, logits_b, labels, self.matrix, self.prior, self._options)
+        with full_precision(logits_a, logits_b):
+            terms = co_annotation_unchecked(logits_a, logits_b, labels, self.matrix, self.prior, self._options)
         values = {name: zero_unless(finite, value) for name, value in terms.items()}
         loss = self.weight * (values["a"] + values["b"])
         self.last_terms = {"loss": loss.detach(), **_parts(self.weight, values)}

@@ -8,13 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from .._labels import IGNORE_INDEX
-from .._validation import NAN_POLICIES, NanPolicy, check_choice, check_min_batch, check_tensor, guard_finite
-from ..distributed import is_distributed, summed_across_ranks
-from ..functional import erase, erasure_basis
+from .._validation import (
+    NAN_POLICIES,
+    NanPolicy,
+    check_choice,
+    check_min_batch,
+    check_tensor,
+    full_precision,
+    guard_finite,
+)
+from ..distributed import is_distributed, sum_across_ranks_detached
 from ..functional._core import (
     check_irrelevant_labels,
     check_task_labels,
-    column_basis,
+    column_basis_unchecked,
+    erase_unchecked,
+    erasure_basis_unchecked,
     member_rows,
     newton_schulz_cut,
     within_class_cross_covariance_unchecked,
@@ -184,13 +193,15 @@ class Purify(nn.Module):
                 # the error may come later (a GPU reads its flag a few checks on, compiled code skips it):
                 # meanwhile the running statistics never take in a non-finite batch
                 finite = torch.isfinite(z).all()
-            if self.conditional:
-                assert task_labels is not None
-                self._update_conditional(z, irrelevant_labels, task_labels, finite)
-            else:
+            if not self.conditional:  # under the caller's autocast, as it always ran (its class sums are a matmul)
                 self._update(z, irrelevant_labels, finite)
-            self._refresh_projection()
-        erased = erase(features, self.projection)
+        with full_precision(features):  # once, for the conditional statistics, the basis and the erasure
+            if self.training and irrelevant_labels is not None:
+                if self.conditional:
+                    assert task_labels is not None
+                    self._update_conditional(z, irrelevant_labels, task_labels, finite)
+                self._refresh_projection()
+            erased = erase_unchecked(features, self.projection)
         return torch.where(self.ready, erased, features)
 
     @torch.no_grad()
@@ -218,7 +229,7 @@ class Purify(nn.Module):
     def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
         """`S ← (1 − w) S + w S_batch` (the sums) when the batch has eligible samples (and is finite)."""
         # the labels were checked in forward
-        batch_sum, count = within_class_cross_covariance_unchecked(
+        batch_sum, count = within_class_cross_covariance_unchecked(  # autocast off (forward)
             z, labels, task_labels, self.num_irrelevant, self.ignore_index
         )
         dtype = self.cross_covariance_sum.dtype
@@ -235,11 +246,12 @@ class Purify(nn.Module):
 
     @torch.no_grad()
     def _refresh_projection(self) -> None:
-        """Recompute the cached `Q` from the running statistics (zero until `ready`)."""
+        """Recompute the cached `Q` from the running statistics (zero until `ready`); the caller has switched
+        autocast off (`forward`, or `_refresh_after_load`)."""
         if self.conditional:
-            q = column_basis(self.cross_covariance_sum, rtol=self.rtol)  # |E| would only scale it
+            q = column_basis_unchecked(self.cross_covariance_sum, self.rtol)  # |E| would only scale it
         else:
-            q = erasure_basis(self.class_means, rtol=self.rtol)
+            q = erasure_basis_unchecked(self.class_means, self.rtol)
         q = torch.where(self.ready, q, torch.zeros((), dtype=q.dtype, device=q.device))
         self.projection.copy_(q.to(self.projection.dtype))
 
@@ -252,7 +264,8 @@ class Purify(nn.Module):
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     assert isinstance(module, Purify)
-    module._refresh_projection()
+    with full_precision(module.projection):
+        module._refresh_projection()
 
 
 def _summed_over_ranks(sums: Tensor, counts: Tensor, finite: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,7 +283,7 @@ def _summed_over_ranks(sums: Tensor, counts: Tensor, finite: Tensor | None) -> t
             (~usable).to(sums.dtype).reshape(1),
         ]
     )
-    total = summed_across_ranks(packed)
+    total = sum_across_ranks_detached(packed)
     summed = total[: sums.numel()].reshape(sums.shape)
     summed_counts = total[sums.numel() : -1].reshape(counts.shape).to(counts.dtype)
     return summed, summed_counts, (summed_counts > 0) & (total[-1] == 0)

@@ -1,10 +1,11 @@
 """Anti-transfer with the backend choice: `negtransfer_losses.functional.anti_transfer`'s contract, with the
 row cosines of `gram`, `mean`, `sum` and `max` run by a fused kernel where the dispatcher takes one.
 
-The one door from the modules to the anti-transfer math is `anti_transfer_terms_for`: for the cosine
-distances of those four aggregations it lets `functional.anti_transfer.prepare_anti_transfer` check and
-prepare the inputs, computes the row cosines by the path the dispatcher chooses (the functional core or the
-kernel), and hands them to `finish_anti_transfer`; everything else is the functional computation as it is.
+The one door from the modules to the anti-transfer math is `anti_transfer_terms_for`: it checks the inputs
+once and switches autocast off once; for the cosine distances of those four aggregations it lets
+`functional.anti_transfer.prepare_anti_transfer` prepare the inputs, computes the row cosines by the path the
+dispatcher chooses (the functional core or the kernel), and hands them to `finish_anti_transfer`; everything
+else is the functional computation as it is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._validation import NanPolicy
+from .._validation import NanPolicy, full_precision
 from ..distributed import Gather
 from ..functional import Aggregation, AntiTransferAggregation, AntiTransferTerms, Distance, GramScope
 from ..functional._core import (
@@ -22,6 +23,7 @@ from ..functional._core import (
     ROW_AGGREGATIONS,
     AntiTransferOptions,
     aggregated_row_cosines_unchecked,
+    check_anti_transfer_inputs,
     check_gram_pair,
     check_row_aggregation_pair,
     compute_anti_transfer_terms,
@@ -62,7 +64,8 @@ def gram_row_cosines(
     """
     check_backend(backend)
     check_gram_pair(student, reference, gram_scope)
-    return _gram_cosines(student, reference.detach(), gram_scope, eps, backend)
+    with full_precision(student, reference):
+        return _gram_cosines(student, reference.detach(), gram_scope, eps, backend)
 
 
 def aggregated_row_cosines(
@@ -92,7 +95,8 @@ def aggregated_row_cosines(
     """
     check_backend(backend)
     check_row_aggregation_pair(student, reference, aggregation)
-    return _channel_cosines(student, reference.detach(), aggregation, eps, backend)
+    with full_precision(student, reference):
+        return _channel_cosines(student, reference.detach(), aggregation, eps, backend)
 
 
 def _dispatched(
@@ -105,7 +109,7 @@ def _dispatched(
 
 
 def _gram_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps: float, backend: Backend) -> Tensor:
-    """Checked inputs' Gram row cosines by the chosen path (the reference already detached)."""
+    """Checked inputs' Gram row cosines by the chosen path (the reference already detached; autocast off)."""
 
     def torch_path(s: Tensor, r: Tensor) -> Tensor:
         return gram_row_cosines_unchecked(s, r, gram_scope, eps)
@@ -122,7 +126,7 @@ def _gram_cosines(student: Tensor, reference: Tensor, gram_scope: GramScope, eps
 def _channel_cosines(
     student: Tensor, reference: Tensor, aggregation: Aggregation, eps: float, backend: Backend
 ) -> Tensor:
-    """Checked inputs' aggregated row cosines by the chosen path (the reference already detached)."""
+    """Checked inputs' aggregated row cosines by the chosen path (the reference already detached; autocast off)."""
 
     def torch_path(s: Tensor, r: Tensor) -> Tensor:
         return aggregated_row_cosines_unchecked(s, r, aggregation, eps)
@@ -191,15 +195,18 @@ def anti_transfer_terms_for(
     backend: Backend = "auto",
 ) -> AntiTransferTerms:
     """The terms for options resolved once (`AntiTransferOptions.resolve`) and a checked `backend`: what
-    `AntiTransferLoss` calls on every step. The inputs are checked once, by `prepare_anti_transfer`."""
-    has_kernel = options.aggregation == "gram" or options.aggregation in ROW_AGGREGATIONS
-    if options.distance not in COSINE_DISTANCES or not has_kernel:
-        return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator)
-    prepared = prepare_anti_transfer(student, reference, options, layer=layer, generator=generator)
-    if options.aggregation == "gram":
-        assert options.gram_scope is not None
-        cosines = _gram_cosines(prepared.student, prepared.reference, options.gram_scope, options.eps, backend)
-    else:
-        aggregation: Aggregation = options.aggregation  # type: ignore[assignment]  # one of ROW_AGGREGATIONS
-        cosines = _channel_cosines(prepared.student, prepared.reference, aggregation, options.eps, backend)
-    return finish_anti_transfer(prepared, options, layer=layer, row_cosines=cosines)
+    `AntiTransferLoss` calls on every step. The inputs are checked once, here, and autocast is switched off once,
+    here, around every stage."""
+    check_anti_transfer_inputs(student, reference, options, layer)
+    with full_precision(student, reference):
+        has_kernel = options.aggregation == "gram" or options.aggregation in ROW_AGGREGATIONS
+        if options.distance not in COSINE_DISTANCES or not has_kernel:
+            return compute_anti_transfer_terms(student, reference, options, layer=layer, generator=generator)
+        prepared = prepare_anti_transfer(student, reference, options, layer=layer, generator=generator)
+        if options.aggregation == "gram":
+            assert options.gram_scope is not None
+            cosines = _gram_cosines(prepared.student, prepared.reference, options.gram_scope, options.eps, backend)
+        else:
+            aggregation: Aggregation = options.aggregation  # type: ignore[assignment]  # one of ROW_AGGREGATIONS
+            cosines = _channel_cosines(prepared.student, prepared.reference, aggregation, options.eps, backend)
+        return finish_anti_transfer(prepared, options, layer=layer, row_cosines=cosines)

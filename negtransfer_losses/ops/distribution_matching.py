@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._labels import IGNORE_INDEX
+from .._validation import full_precision
 from ..functional import DIRECTIONS, MULTI_TASK_PARTS, Direction, Divergence, Inversion, TaskKind
 from ..functional._core import (
     EPS,
@@ -83,7 +84,7 @@ def matching_terms(
 ) -> dict[Direction, Tensor]:
     """`distribution_matching` for options resolved once: what the modules call on every step.
 
-    The tensors are checked once, then one backend computes the terms.
+    The tensors are checked once, autocast is switched off once, then one backend computes the terms.
 
     Args:
         logits_a: `(N, K)` task A's logits.
@@ -101,7 +102,8 @@ def matching_terms(
         ValueError: a shape does not match, or `backend="triton"` cannot run here.
     """
     checked_prior = check_matching_tensors(logits_a, logits_b, relatedness, prior)
-    return _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
+    with full_precision(logits_a, logits_b):
+        return _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
 
 
 def _matching_checked(
@@ -112,7 +114,7 @@ def _matching_checked(
     options: MatchingOptions,
     backend: Backend,
 ) -> dict[Direction, Tensor]:
-    """The matching terms of checked tensors, by the backend the dispatcher takes."""
+    """The matching terms of checked tensors (autocast off), by the backend the dispatcher takes."""
     if options.kind != "multilabel" or options.inversion != "bayes":  # no kernel for these
         return matching_terms_unchecked(logits_a, logits_b, relatedness, prior, options)
 
@@ -218,7 +220,8 @@ def multi_task_parts(
 ) -> dict[str, Tensor]:
     """`multi_task_terms` for options resolved once: what `MultiTaskLoss` calls on every step.
 
-    Every tensor is checked once; the matching terms by the backend the dispatcher takes.
+    Every tensor is checked once and autocast switched off once; the matching terms by the backend the dispatcher
+    takes.
 
     Args:
         logits_a: `(N, K)` task A's logits.
@@ -237,9 +240,10 @@ def multi_task_parts(
     """
     checked_prior = check_matching_tensors(logits_a, logits_b, relatedness, prior)
     labels = task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
-    matching = (
-        _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
-        if "matching" in parts
-        else {}
-    )
-    return multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, parts, matching)
+    with full_precision(logits_a, logits_b):
+        matching = (
+            _matching_checked(logits_a, logits_b, relatedness, checked_prior, options, backend)
+            if "matching" in parts
+            else {}
+        )
+        return multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, parts, matching)

@@ -85,13 +85,13 @@ def test_output_is_the_projection_of_the_running_means_and_cached(monkeypatch: p
     expected = z[30:60].double() - z[30:60].double() @ p
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
     calls: list[int] = []
-    counting = purify_module.erasure_basis
+    counting = purify_module.erasure_basis_unchecked
 
     def erasure_basis(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
         return counting(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(purify_module, "erasure_basis", erasure_basis)
+    monkeypatch.setattr(purify_module, "erasure_basis_unchecked", erasure_basis)
     cached = purify.projection.clone()
     purify(z[60:])  # training without labels: no update, the cached Q
     purify.eval()
