@@ -38,7 +38,7 @@ def test_fifty_steps_are_torch_adams(dtype: torch.dtype, tolerance: float) -> No
     optimizer.commit(proposal, targets, torch.tensor(True))
     assert int(optimizer.step) == 50
     state = adam.state_dict()["state"]
-    for i, name in enumerate(optimizer.names):
+    for i in range(len(optimizer.names)):  # the names in the order the reference optimizer holds them
         torch.testing.assert_close(optimizer.get_buffer(f"exp_avg_{i}"), state[i]["exp_avg"], rtol=0, atol=tolerance)
 
 
