@@ -194,55 +194,15 @@ class Purify(nn.Module):
                 # meanwhile the running statistics never take in a non-finite batch
                 finite = torch.isfinite(z).all()
             if not self.conditional:  # under the caller's autocast, as it always ran (its class sums are a matmul)
-                self._update(z, irrelevant_labels, finite)
+                _update_class_means(self, z, irrelevant_labels, finite)
         with full_precision(features):  # once, for the conditional statistics, the basis and the erasure
             if self.training and irrelevant_labels is not None:
                 if self.conditional:
                     assert task_labels is not None
-                    self._update_conditional(z, irrelevant_labels, task_labels, finite)
+                    _update_cross_covariance(self, z, irrelevant_labels, task_labels, finite)
                 self._refresh_projection()
             erased = erase_unchecked(features, self.projection)
         return torch.where(self.ready, erased, features)
-
-    @torch.no_grad()
-    def _update(self, z: Tensor, labels: Tensor, finite: Tensor | None) -> None:
-        """`μ_k ← (1 − w_k) μ_k + w_k · mean(z | u = k)` for the classes present (and a finite batch)."""
-        dtype = self.class_means.dtype
-        classes = torch.arange(self.num_irrelevant, device=labels.device)
-        members = (labels[:, None] == classes[None, :]).to(dtype)  # (n, K); ignore_index matches no class
-        counts = members.sum(dim=0)
-        present = counts > 0
-        if finite is not None:
-            present = present & finite
-        z = member_rows(z.to(dtype), labels != self.ignore_index)  # unknown rows: no NaN
-        sums = members.T @ z
-        if is_distributed():
-            sums, counts, present = _summed_over_ranks(sums, counts, finite)
-        batch_means = sums / counts.clamp_min(1.0)[:, None]
-        seen = self.batches_seen + present.long()
-        weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)[:, None]
-        updated = (1.0 - weight) * self.class_means + weight * batch_means
-        self.class_means.copy_(torch.where(present[:, None], updated, self.class_means))
-        self.batches_seen.copy_(seen)
-
-    @torch.no_grad()
-    def _update_conditional(self, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None) -> None:
-        """`S ← (1 − w) S + w S_batch` (the sums) when the batch has eligible samples (and is finite)."""
-        # the labels were checked in forward
-        batch_sum, count = within_class_cross_covariance_unchecked(  # autocast off (forward)
-            z, labels, task_labels, self.num_irrelevant, self.ignore_index
-        )
-        dtype = self.cross_covariance_sum.dtype
-        update = count > 0
-        if finite is not None:
-            update = update & finite
-        if is_distributed():
-            batch_sum, count, update = _summed_over_ranks(batch_sum, count, finite)
-        seen = self.batches_seen + update.long()
-        weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(self.momentum)
-        new_sum = (1.0 - weight) * self.cross_covariance_sum + weight * batch_sum.to(dtype)
-        self.cross_covariance_sum.copy_(torch.where(update, new_sum, self.cross_covariance_sum))
-        self.batches_seen.copy_(seen)
 
     @torch.no_grad()
     def _refresh_projection(self) -> None:
@@ -260,6 +220,50 @@ class Purify(nn.Module):
             f"num_irrelevant={self.num_irrelevant}, dim={self.dim}, momentum={self.momentum}, "
             f"conditional={self.conditional}"
         )
+
+
+@torch.no_grad()
+def _update_class_means(purify: Purify, z: Tensor, labels: Tensor, finite: Tensor | None) -> None:
+    """`μ_k ← (1 − w_k) μ_k + w_k · mean(z | u = k)` for the classes present (and a finite batch), in place."""
+    dtype = purify.class_means.dtype
+    classes = torch.arange(purify.num_irrelevant, device=labels.device)
+    members = (labels[:, None] == classes[None, :]).to(dtype)  # (n, K); ignore_index matches no class
+    counts = members.sum(dim=0)
+    present = counts > 0
+    if finite is not None:
+        present = present & finite
+    z = member_rows(z.to(dtype), labels != purify.ignore_index)  # unknown rows: no NaN
+    sums = members.T @ z
+    if is_distributed():
+        sums, counts, present = _summed_over_ranks(sums, counts, finite)
+    batch_means = sums / counts.clamp_min(1.0)[:, None]
+    seen = purify.batches_seen + present.long()
+    weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(purify.momentum)[:, None]
+    updated = (1.0 - weight) * purify.class_means + weight * batch_means
+    purify.class_means.copy_(torch.where(present[:, None], updated, purify.class_means))
+    purify.batches_seen.copy_(seen)
+
+
+@torch.no_grad()
+def _update_cross_covariance(
+    purify: Purify, z: Tensor, labels: Tensor, task_labels: Tensor, finite: Tensor | None
+) -> None:
+    """`S ← (1 − w) S + w S_batch` (the sums) when the batch has eligible samples (and is finite), in place."""
+    # the labels were checked in forward
+    batch_sum, count = within_class_cross_covariance_unchecked(  # autocast off (forward)
+        z, labels, task_labels, purify.num_irrelevant, purify.ignore_index
+    )
+    dtype = purify.cross_covariance_sum.dtype
+    update = count > 0
+    if finite is not None:
+        update = update & finite
+    if is_distributed():
+        batch_sum, count, update = _summed_over_ranks(batch_sum, count, finite)
+    seen = purify.batches_seen + update.long()
+    weight = (1.0 / seen.clamp_min(1).to(dtype)).clamp_min(purify.momentum)
+    new_sum = (1.0 - weight) * purify.cross_covariance_sum + weight * batch_sum.to(dtype)
+    purify.cross_covariance_sum.copy_(torch.where(update, new_sum, purify.cross_covariance_sum))
+    purify.batches_seen.copy_(seen)
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
