@@ -470,7 +470,7 @@ class Dispatcher:
         self.settings = settings if settings is not None else MeasureSettings()
         self.max_decisions = max_decisions
         self._decisions: OrderedDict[Key, Decision] = OrderedDict()  # least recently used first
-        self._disk: dict[str, dict[str, Any]] = {}  # path -> {fingerprint|key: decision} as read from disk
+        self._disk = _DiskCache()
         self._lock = threading.RLock()
 
     def decisions(self) -> dict[str, Decision]:
@@ -567,10 +567,10 @@ class Dispatcher:
         if self.settings.capturing(*(t.device for t in tensors)):  # a captured graph replays device work only
             return "torch"
         with self._lock:
-            decision = self._recall(key) or self._read_disk(key, tensors)
+            decision = self._recall(key) or self._disk.read(key, tensors)
             if decision is None:
                 decision = self._measure(op, tensors, needs_grad, torch_path, kernel_path)
-                self._write_disk(key, tensors, decision)
+                self._disk.write(key, tensors, decision)
                 if decision.backend == "torch":
                     shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
                     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
@@ -643,23 +643,35 @@ class Dispatcher:
 
     # --- the disk cache (opt-in: NEGTRANSFER_DISPATCH_CACHE=<path>) -------------------------------------
 
-    def _read_disk(self, key: Key, tensors: Sequence[Tensor]) -> Decision | None:
+
+class _DiskCache:
+    """The opt-in cache file of decisions (`NEGTRANSFER_DISPATCH_CACHE`), as read from disk, by path."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, dict[str, Any]] = {}  # path -> {fingerprint|key: decision}
+
+    def clear(self) -> None:
+        """Forget what was read (the file itself is left alone)."""
+        self._files.clear()
+
+    def read(self, key: Key, tensors: Sequence[Tensor]) -> Decision | None:
+        """The decision the cache file holds for the key on this device and versions, or None."""
         path = os.environ.get(CACHE_VARIABLE, "")
         if not path:
             return None
-        if path not in self._disk:
+        if path not in self._files:
             try:
                 with open(path, encoding="utf-8") as file:
                     loaded = json.load(file)
-                self._disk[path] = loaded if isinstance(loaded, dict) else {}
+                self._files[path] = loaded if isinstance(loaded, dict) else {}
             except (OSError, ValueError):
-                self._disk[path] = {}
-        entry = self._disk[path].get(_disk_entry(key, tensors))
+                self._files[path] = {}
+        entry = self._files[path].get(_disk_entry(key, tensors))
         if not isinstance(entry, dict) or entry.get("backend") not in ("torch", "triton"):
             return None
         return Decision(entry["backend"], f"{entry.get('reason', '')} (from {path})")
 
-    def _write_disk(self, key: Key, tensors: Sequence[Tensor], decision: Decision) -> None:
+    def write(self, key: Key, tensors: Sequence[Tensor], decision: Decision) -> None:
         """Add the decision to the cache file (read again first, replaced atomically: concurrent ranks may lose
         an entry to each other, never corrupt the file)."""
         path = os.environ.get(CACHE_VARIABLE, "")
@@ -673,7 +685,7 @@ class Dispatcher:
         except (OSError, ValueError):
             stored = {}
         stored[_disk_entry(key, tensors)] = {"backend": decision.backend, "reason": decision.reason}
-        self._disk[path] = stored
+        self._files[path] = stored
         temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as file:
