@@ -372,8 +372,10 @@ class MultiTaskLoss(_Matching):
     def terms(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> dict[str, Tensor]:
         """The loss's weighted parts, each differentiable: their sum is what `forward` returns.
 
-        For a multi-objective optimizer that takes the parts as separate losses (e.g. Jacobian descent:
-        `torchjd.autojac.mtl_backward(losses=list(parts.values()), ...)`; docs/distribution-matching.md).
+        For a multi-objective optimizer that takes the parts as separate losses (e.g. Jacobian descent over
+        every parameter, `torchjd.autojac.backward(list(parts.values()), inputs=params)`: the couplings share
+        both heads, so `mtl_backward`, which needs each objective's head to be its own, does not apply;
+        docs/distribution-matching.md).
 
         Args:
             logits_a: `(N, K)` task A's logits.
