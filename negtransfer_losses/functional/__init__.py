@@ -34,6 +34,7 @@ from .distribution_matching import (
     soft_co_annotation,
 )
 from .erasure import erase, erasure_basis
+from .gce import REDUCTIONS, Reduction, generalized_cross_entropy
 from .pairwise import pairwise_row_cosines
 from .similarity import (
     GRAM_SCOPES,
@@ -64,6 +65,7 @@ __all__ = [
     "KERNELS",
     "MULTI_TASK_PARTS",
     "NAN_POLICIES",
+    "REDUCTIONS",
     "TASK_KINDS",
     "Aggregation",
     "AntiTransferAggregation",
@@ -75,6 +77,7 @@ __all__ = [
     "Inversion",
     "Kernel",
     "NanPolicy",
+    "Reduction",
     "TaskKind",
     "adversarial_suppression",
     "aggregate_channels",
@@ -85,6 +88,7 @@ __all__ = [
     "distribution_matching",
     "erase",
     "erasure_basis",
+    "generalized_cross_entropy",
     "gradient_reversal",
     "gram",
     "gram_row_cosines",

@@ -63,6 +63,7 @@ from .erasure import _erase as erase_unchecked
 from .erasure import _erasure_basis as erasure_basis_unchecked
 from .erasure import _within_class_cross_covariance as within_class_cross_covariance_unchecked
 from .erasure import newton_schulz_cut
+from .gce import DEFAULT_Q, check_q, generalized_cross_entropy_unchecked
 from .similarity import _check_gram_pair as check_gram_pair
 from .similarity import _check_kernel as check_kernel
 from .similarity import _gram_row_cosines as gram_row_cosines_unchecked
@@ -70,6 +71,7 @@ from .similarity import feature_space_cheaper, linear_hsic, safe_ratio, scaled_f
 
 __all__ = [
     "COSINE_DISTANCES",
+    "DEFAULT_Q",
     "DEFAULT_STRENGTH",
     "EPS",
     "ROW_AGGREGATIONS",
@@ -87,6 +89,7 @@ __all__ = [
     "check_kernel",
     "check_matching_tensors",
     "check_parts",
+    "check_q",
     "check_row_aggregation_pair",
     "check_task_labels",
     "co_annotation_unchecked",
@@ -96,6 +99,7 @@ __all__ = [
     "erasure_basis_unchecked",
     "feature_space_cheaper",
     "finish_anti_transfer",
+    "generalized_cross_entropy_unchecked",
     "gram_row_cosines_unchecked",
     "linear_hsic",
     "matching_terms_unchecked",
