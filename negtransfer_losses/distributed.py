@@ -42,6 +42,22 @@ def gather_batch(x: Tensor, gather: Gather = "local") -> Tensor:
     return gathered
 
 
+def gather_labels(labels: Tensor, gather: Gather = "local") -> tuple[Tensor, int]:
+    """Every rank's integer `labels` concatenated along dim 0 in rank order (no gradient), and the row where this
+    rank's own labels start in it; `(labels, 0)` under `"local"` or without a process group.
+
+    What a feature-space estimate over groups of samples needs under `gather="global"`: every rank numbers the
+    groups (task classes) alike from the labels of all ranks, then all-reduces its sums per group; the labels
+    travel (one integer a sample), the features do not.
+    """
+    if gather not in GATHERS:
+        raise ValueError(f"'gather' must be one of 'local', 'global'; got {gather!r}")
+    if gather == "local" or not is_distributed():
+        return labels, 0
+    gathered, counts = _all_gather_padded(labels.detach())
+    return gathered, sum(counts[: dist.get_rank()])
+
+
 def _all_gather_padded(x: Tensor) -> tuple[Tensor, list[int]]:
     """Every rank's `x` concatenated (dim 0), and the ranks' batch sizes."""
     world = dist.get_world_size()

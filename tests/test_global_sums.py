@@ -1,5 +1,6 @@
 """gather="global" for linear kernels in feature space: 2 processes (gloo, CPU) exchange the sums (`XᵀY`, `Xᵀ1`,
-...), never the batch, and give the single-process values and gradients on the concatenated batch."""
+..., and per task class for the conditional forms, whose labels travel), never the features, and give the
+single-process values and gradients on the concatenated batch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import global_sums_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import conditional_data, value_and_grads
 
 import negtransfer_losses.functional as ntf
+from negtransfer_losses.functional import suppression
 from negtransfer_losses.functional.similarity import linear_across_ranks
 
 
@@ -60,3 +63,29 @@ def test_the_sums_alone_give_the_local_estimates(measure: str, unbiased: bool) -
     masked = linear_across_ranks(x, y, unbiased=unbiased, measure=measure, gather="local", members=members)  # type: ignore[arg-type]
     expected_masked = linear_across_ranks(x[members], y[members], unbiased=unbiased, measure=measure, gather="local")  # type: ignore[arg-type]
     torch.testing.assert_close(masked, expected_masked, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_the_class_sums_alone_give_the_local_conditional_estimates(unbiased: bool, scale: float) -> None:
+    """Without a process group the per-class sums (what `gather="global"` all-reduces) give the conditional HSIC
+    of the per-sample form, `_conditional_linear_hsic` (values and gradients, float64)."""
+    z, u, y = conditional_data()
+    u[[6, 12]] = 1
+    minimum = 4 if unbiased else 2
+    for task in (y, torch.where(y >= 0, y * 1_000_003 + 7, y)):
+        (value, (grad,)), (expected, (expected_grad,)) = (
+            value_and_grads(
+                lambda f: suppression._conditional_hsic_in_slots(
+                    f, u, task, 3, -100, minimum, unbiased, False, "local"
+                ),
+                scale * (z + 2.0),
+            ),
+            value_and_grads(
+                lambda f: suppression._conditional_linear_hsic(f, u, task, 3, -100, minimum, unbiased),
+                scale * (z + 2.0),
+            ),
+        )
+        assert expected.item() != 0.0
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=0.0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10 * float(expected_grad.abs().max()))

@@ -673,7 +673,7 @@ def safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
 # --- linear kernels in feature space (docs: Methods §4) -------------------------------------------------
 
 
-def feature_space_cheaper(n: int, p: int, q: int, *, self_terms: bool = False) -> bool:
+def feature_space_cheaper(n: int, p: int, q: int, *, self_terms: bool = False, grams: int = 1) -> bool:
     """The one rule that picks the form of a linear-kernel HSIC or CKA: True for the feature-space form.
 
     The feature-space form costs `n·Σ p_a·p_b` multiply-adds for its products (`XᵀY`, and `XᵀX`, `YᵀY` with
@@ -682,17 +682,24 @@ def feature_space_cheaper(n: int, p: int, q: int, *, self_terms: bool = False) -
     `Σ p_a·p_b ≤ n·(p + q + #products)`. Its memory, `O(n·(p+q) + Σ p_a·p_b)`, is then within a small factor
     of the pairwise form's `O(n²)` at worst, and far below it for features narrower than the batch.
 
+    A per-group ratio (the normalized conditional HSIC) needs `XᵀX` once per group, `grams` of them: the same
+    multiply-adds (each row enters one group), but `grams·p²` numbers. It takes the feature-space form when the
+    count above holds and `grams·p² ≤ 4·n²` as well: the pairwise form holds at least four `n × n` tensors at
+    once (the two kernels and their zero-diagonal or centred copies).
+
     Args:
         n: the batch size (rows of both sides).
         p: the width of `X`.
         q: the width of `Y`.
         self_terms: whether `XᵀX` and `YᵀY` are needed too (CKA, normalized HSIC).
+        grams: the number of groups that need their own `XᵀX` (1: the whole batch).
 
     Returns:
         True for the feature-space form, False for the pairwise one.
     """
     products = p * q + (p * p + q * q if self_terms else 0)
-    return products <= n * (p + q + (3 if self_terms else 1))
+    cheaper = products <= n * (p + q + (3 if self_terms else 1))
+    return cheaper and (grams == 1 or grams * p * p <= 4 * n * n)
 
 
 def linear_hsic(x: Tensor, y: Tensor, n: Tensor, *, unbiased: bool, cross: Tensor | None = None) -> Tensor:
@@ -831,6 +838,7 @@ def linear_across_ranks(
     gather: Gather,
     members: Tensor | None = None,
     minimum: int = 2,
+    largest: Tensor | None = None,
 ) -> Tensor:
     """A linear-kernel HSIC or CKA of every rank's rows together, from sums that add across ranks.
 
@@ -855,6 +863,9 @@ def linear_across_ranks(
         gather: `"global"` for every rank's rows, `"local"` for this rank's.
         members: `(m,)` booleans, the rows that are samples (the others may hold anything), or None for all.
         minimum: the fewest samples (over all ranks) the estimate needs; fewer give 0 with a zero gradient.
+        largest: `(2,)` this rank's largest magnitudes of the values that `x` and `y` were computed from (e.g.
+            the features before they were centred within their classes), for the scale and the rounding test
+            of a ratio; None: those of `x` and `y`'s member rows.
 
     Returns:
         a scalar tensor in the rows' dtype, equal on every rank.
@@ -865,10 +876,11 @@ def linear_across_ranks(
     y = torch.where(members[:, None], y, torch.zeros((), dtype=dtype, device=y.device))
     ratio = measure != "hsic"
     if ratio:  # scale-free: one power of two for every rank, from the largest magnitude of them all
-        largest = max_across_ranks(torch.stack([x.detach().abs().amax(), y.detach().abs().amax()]), gather)
-        scale_x, scale_y = unit_scale(largest[0]), unit_scale(largest[1])
+        local = torch.stack([x.detach().abs().amax(), y.detach().abs().amax()]) if largest is None else largest
+        top = max_across_ranks(local.to(dtype), gather)
+        scale_x, scale_y = unit_scale(top[0]), unit_scale(top[1])
         x, y = x * scale_x, y * scale_y
-        largest = largest * torch.stack([scale_x, scale_y])
+        top = top * torch.stack([scale_x, scale_y])
     weights = members.to(dtype)
     first = sum_across_ranks(torch.cat([weights.sum()[None], weights @ x, weights @ y]), gather)
     count, p = first[0], x.shape[1]
@@ -881,7 +893,7 @@ def linear_across_ranks(
         value = _hsic_of_sums(sums, n, unbiased)
         return torch.where(enough, value, torch.zeros_like(value))
     sums, self_x, self_y = _summed([_row_sums(xc, yc), _row_sums(xc, xc), _row_sums(yc, yc)], gather)
-    rounding = 8 * torch.finfo(dtype).eps * largest
+    rounding = 8 * torch.finfo(dtype).eps * top
     noise_floor = rounding * rounding * n.detach() * torch.tensor([p, y.shape[1]], dtype=dtype, device=x.device)
     noise_floor = noise_floor.clamp_min(torch.finfo(dtype).tiny)
     varies = enough & (self_x.norms_x > noise_floor[0]) & (self_y.norms_x > noise_floor[1])

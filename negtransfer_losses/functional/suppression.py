@@ -16,15 +16,21 @@ Two forms, one rule (`similarity.feature_space_cheaper`; docs: Methods §4):
   rows, `O(B·D·(D+K))` time and `O(B·D + D²)` memory, no `B × B` tensor. A task class is a *slot*
   (`_groups.within_class_slots`), its sums an `index_add` into `B` slots: per class `Σ_k ‖Σ_{i∈(c,k)} x_i‖²`,
   `Σ_i ‖x_i‖²`, `‖Σ_{i∈c} x_i‖²` and the class's label counts give its unbiased or biased HSIC. Used by
-  `irrelevant_hsic` (plain, normalized, conditional) and `irrelevant_cka` (plain, conditional), except the
-  normalized conditional HSIC (below).
+  `irrelevant_hsic` (plain, normalized, conditional) and `irrelevant_cka` (plain, conditional). The normalized
+  conditional HSIC also needs each class's self-HSIC `HSIC(K_c, K_c)`, from its `D × D` Gram matrix: one
+  per class, in `B // n_min + 1` slots (`_conditional_hsic_in_slots`; the rule then also bounds their
+  `(B // n_min + 1)·D²` numbers by `4·B²`).
 - **pairwise**: the `(B, B)` kernel matrices, masked by the `(B, B)` boolean matrix `groups[i, j]` ("`j` is
-  in the group of `i`"): RBF kernels, features much wider than the batch, and the normalized conditional
-  HSIC, whose per-class self-HSIC `HSIC(K_c, K_c)` needs a `D × D` Gram matrix per task class (an unknown
-  number of them without a host read; `B` slots of `D × D` would exceed the `B × B` matrices).
+  in the group of `i`"): RBF kernels, and features much wider than the batch.
+
+Under `gather="global"` the feature-space forms all-reduce their sums (`similarity.linear_across_ranks`; per
+task class `_conditional_hsic_in_slots` and `_conditional_cka_across_ranks`, whose task labels travel, one
+integer a sample); the pairwise forms gather the batch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,7 +43,7 @@ from .._validation import (
     compute_dtype,
     full_precision,
 )
-from ..distributed import Gather, gather_batch, is_distributed
+from ..distributed import Gather, gather_batch, gather_labels, is_distributed, max_across_ranks, sum_across_ranks
 from ._groups import (
     centre_within_groups,
     centre_within_slots,
@@ -66,6 +72,7 @@ from .similarity import (
     safe_ratio,
     squared_distances,
     unit_frobenius,
+    unit_scale,
 )
 
 
@@ -102,9 +109,10 @@ def irrelevant_hsic(
     with a zero gradient. It measures what `z` says about `u` within each task class, i.e. beyond `y`.
 
     A linear kernel is computed in feature space, `O(B·D·(D+K))` time and `O(B·D + D²)` memory with no
-    `B × B` tensor (`similarity.linear_hsic`, per task class as sums into slots), unless the features are
-    much wider than the batch (`similarity.feature_space_cheaper`) or for the normalized conditional form;
-    RBF kernels and those cases form the masked `(B, B)` kernel matrices.
+    `B × B` tensor (`similarity.linear_hsic`, per task class as sums into slots; the normalized conditional
+    form holds a `D × D` Gram matrix per class slot, `(B // n_min + 1)·D²` numbers), unless the features are
+    much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels and that case form the masked
+    `(B, B)` kernel matrices.
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -115,7 +123,8 @@ def irrelevant_hsic(
         sigma: RBF bandwidth; None takes the median distance between distinct rows of each group.
         unbiased: Song et al.'s unbiased estimator (True) or the biased one.
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
-            a linear kernel without task labels from all-reduced sums, without gathering the batch.
+            a linear kernel in feature space from all-reduced sums (per task class for the conditional form,
+            whose labels are gathered), without gathering the features.
         ignore_index: the label of samples whose class is unknown.
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
 
@@ -132,16 +141,21 @@ def irrelevant_hsic(
     check_irrelevant_labels(irrelevant_labels, num_irrelevant, features, ignore_index=ignore_index)
     if task_labels is not None:
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
-        task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
     what = f"{'unbiased' if unbiased else 'biased'} HSIC"
     with full_precision(features):
-        if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+        if kernel == "linear" and gather == "global" and is_distributed():
             n = global_count(features.shape[0], gather, features.device)
             check_min_batch(n, minimum, what=what, name="features")
             x = _flat(features)
-            if feature_space_cheaper(n, x.shape[1], num_irrelevant, self_terms=normalized):
+            grams = n // minimum + 1 if normalized and task_labels is not None else 1
+            if feature_space_cheaper(n, x.shape[1], num_irrelevant, self_terms=normalized, grams=grams):
                 # every rank's batch from all-reduced sums, not gathered
+                if task_labels is not None:
+                    return _conditional_hsic_in_slots(
+                        x, irrelevant_labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased, normalized,
+                        gather,
+                    )  # fmt: skip
                 members = irrelevant_labels != ignore_index
                 onehot = one_hot_known(irrelevant_labels, num_irrelevant, members, x.dtype)
                 measure: GlobalMeasure = "alignment" if normalized else "hsic"
@@ -149,16 +163,18 @@ def irrelevant_hsic(
                     x, onehot, unbiased=unbiased, measure=measure, gather=gather, members=members, minimum=minimum
                 )
         features, labels = gather_batch(features, gather), gather_batch(irrelevant_labels, gather)
+        task_labels = None if task_labels is None else gather_batch(task_labels, gather)
         check_min_batch(features.shape[0], minimum, what=what, name="features")
         x = _flat(features)
-        conditional_ratio = normalized and task_labels is not None
-        if (
-            kernel == "linear"
-            and not conditional_ratio
-            and feature_space_cheaper(x.shape[0], x.shape[1], num_irrelevant, self_terms=normalized)
-        ):
+        n, width = x.shape
+        grams = n // minimum + 1 if normalized and task_labels is not None else 1
+        if kernel == "linear" and feature_space_cheaper(n, width, num_irrelevant, self_terms=normalized, grams=grams):
             if task_labels is None:
                 return _linear_hsic(x, labels, num_irrelevant, ignore_index, minimum, unbiased, normalized)
+            if normalized:
+                return _conditional_hsic_in_slots(
+                    x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased, True, "local"
+                )
             return _conditional_linear_hsic(x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased)
         return _pairwise_hsic(
             x, labels, task_labels, num_irrelevant, ignore_index, minimum, kernel, sigma, unbiased, normalized
@@ -201,7 +217,8 @@ def irrelevant_cka(
         sigma: RBF bandwidth; None takes the median distance between distinct rows, per side.
         unbiased: the unbiased HSIC (a batch of at least 4) instead of the biased one (at least 2).
         gather: `"global"` computes it on every rank's batch concatenated (`negtransfer_losses.distributed`);
-            a linear kernel without task labels from all-reduced sums, without gathering the batch.
+            linear kernels in feature space from all-reduced sums (per task class for the conditional form,
+            whose labels are gathered), without gathering the features.
         ignore_index: the task label of samples whose class is unknown.
         task_labels: `(B,)` task classes (`ignore_index` for unknown) for the conditional form, or None.
 
@@ -219,10 +236,9 @@ def irrelevant_cka(
     check_same_batch_and_device(features, irrelevant_features, ("features", "irrelevant_features"))
     if task_labels is not None:
         check_task_labels(task_labels, features.shape[0], ignore_index=ignore_index, device=features.device)
-        task_labels = gather_batch(task_labels, gather)
     minimum = 4 if unbiased else 2
     with full_precision(features, irrelevant_features):
-        if task_labels is None and kernel == "linear" and gather == "global" and is_distributed():
+        if kernel == "linear" and gather == "global" and is_distributed():
             n = global_count(features.shape[0], gather, features.device)
             check_min_batch(n, minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
             dtype = compute_dtype(features, irrelevant_features)
@@ -230,7 +246,10 @@ def irrelevant_cka(
             x_ref = _flat(irrelevant_features.detach()).to(dtype)
             if feature_space_cheaper(n, x.shape[1], x_ref.shape[1], self_terms=True):
                 # every rank's batch from all-reduced sums, not gathered
+                if task_labels is not None:
+                    return _conditional_cka_across_ranks(x, x_ref, task_labels, ignore_index, minimum, unbiased, gather)
                 return linear_across_ranks(x, x_ref, unbiased=unbiased, measure="alignment", gather=gather)
+        task_labels = None if task_labels is None else gather_batch(task_labels, gather)
         features, reference = gather_batch(features, gather), gather_batch(irrelevant_features.detach(), gather)
         check_min_batch(features.shape[0], minimum, what=f"{'unbiased' if unbiased else 'biased'} CKA", name="features")
         dtype = compute_dtype(features, reference)
@@ -367,6 +386,205 @@ def _conditional_linear_hsic(
         value = slot_sums(centred.square().sum(dim=1) / pair_size * weights, slots) / (n - 1) ** 2
     value = torch.where(enough, value, torch.zeros_like(value))
     return (class_size * value).sum() / class_size.sum().clamp_min(1.0)
+
+
+# --- per class as sums into one slot per class: what adds across ranks ---------------------------------------
+
+
+class _ClassSums(NamedTuple):
+    """The sums over each class's rows `z_i` (centred within the class) that its HSIC needs; they add across ranks.
+
+    `C` classes, `K` irrelevant labels, `D` features; the last three only for a ratio (`normalized=True`).
+    """
+
+    pairs: Tensor  # (C, K, D): S_ck = Σ_{i∈c, u_i=k} z_i
+    pair_norms: Tensor  # (C, K): Σ_{i∈c, u_i=k} ‖z_i‖²
+    grams: Tensor | None  # (C, D, D): G_c = Σ_{i∈c} z_i z_iᵀ
+    norm_rows: Tensor | None  # (C, D): Σ_{i∈c} ‖z_i‖² z_i
+    norm_squares: Tensor | None  # (C,): Σ_{i∈c} ‖z_i‖⁴
+
+
+def _class_sums(z: Tensor, labels: Tensor, slots: Tensor, classes: int, num_irrelevant: int, ratio: bool) -> _ClassSums:
+    """`_ClassSums` of the rows of `z` (zero rows outside the classes' members add nothing)."""
+    dtype, width = z.dtype, z.shape[1]
+    pair = slots * num_irrelevant + labels.clamp(0, num_irrelevant - 1)
+    norms = z.square().sum(dim=1)
+    pairs = z.new_zeros(classes * num_irrelevant, width).index_add(0, pair, z)
+    pair_norms = z.new_zeros(classes * num_irrelevant).index_add(0, pair, norms)
+    shape = (classes, num_irrelevant)
+    if not ratio:
+        return _ClassSums(pairs.reshape(*shape, width), pair_norms.reshape(shape), None, None, None)
+    grams = z.new_zeros(classes, width * width)
+    chunk = max(1, 4 * z.shape[0] // max(width, 1))  # outer products of `chunk` rows at a time: ≤ 4·B·D numbers
+    for start in range(0, z.shape[0], chunk):
+        part = z[start : start + chunk]
+        grams.index_add_(0, slots[start : start + chunk], (part[:, :, None] * part[:, None, :]).flatten(1))
+    norm_rows = z.new_zeros(classes, width).index_add(0, slots, norms[:, None] * z)
+    norm_squares = torch.zeros(classes, dtype=dtype, device=z.device).index_add(0, slots, norms.square())
+    return _ClassSums(
+        pairs.reshape(*shape, width),
+        pair_norms.reshape(shape),
+        grams.reshape(classes, width, width),
+        norm_rows,
+        norm_squares,
+    )
+
+
+def _summed_class_sums(sums: _ClassSums, gather: Gather) -> _ClassSums:
+    """The `_ClassSums` of every rank added up, in one all-reduce (`distributed.sum_across_ranks`)."""
+    parts = [t for t in sums if t is not None]
+    total = sum_across_ranks(torch.cat([t.reshape(-1) for t in parts]), gather)
+    pieces = iter(torch.split(total, [t.numel() for t in parts]))
+    summed = [None if t is None else next(pieces).reshape(t.shape) for t in sums]
+    pairs, pair_norms = summed[0], summed[1]
+    assert pairs is not None and pair_norms is not None
+    return _ClassSums(pairs, pair_norms, summed[2], summed[3], summed[4])
+
+
+def _unbiased_of_sums(trace: Tensor, sum_k: Tensor, sum_l: Tensor, cross: Tensor, n: Tensor) -> Tensor:
+    """Song et al.'s `HSIC_1` from `tr(K̃L̃)`, `1ᵀK̃1`, `1ᵀL̃1` and `1ᵀK̃L̃1` (per class)."""
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def _class_hsic(sums: _ClassSums, counts: Tensor, minimum: int, unbiased: bool, ratio: bool) -> Tensor:
+    """`Σ_c n_c v_c / Σ_c n_c` over the classes with at least `minimum` members, `v_c` the class's HSIC of its
+    (centred) rows and its delta kernel `L = UUᵀ` (or, with `ratio`, `HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`).
+
+    With `s_c = Σ_k S_ck`, `d_i = ‖z_i‖²`, `n_ck` the `(C, K)` label `counts` and `n_c = Σ_k n_ck`:
+
+    - `HSIC(K, L)`: unbiased from `tr(K̃L̃) = Σ_k ‖S_ck‖² - Σ d_i`, `1ᵀK̃1 = ‖s_c‖² - Σ d_i`,
+      `1ᵀL̃1 = Σ_k n_ck² - n_c`, `1ᵀK̃L̃1 = Σ_k (n_ck - 1)(S_ckᵀ s_c - Σ_{i∈(c,k)} d_i)`; biased
+      `Σ_k ‖S_ck - s_c n_ck / n_c‖² / (n_c - 1)²`;
+    - `HSIC(K, K)`: unbiased from `tr(K̃K̃) = ‖G_c‖²_F - Σ d_i²`, `1ᵀK̃K̃1 = s_cᵀ G_c s_c - 2 s_cᵀ Σ d_i z_i + Σ d_i²`;
+      biased `‖G_c - s_c s_cᵀ / n_c‖²_F / (n_c - 1)²`;
+    - `HSIC(L, L)`: unbiased from `tr(L̃L̃) = Σ_k n_ck² - n_c`, `1ᵀL̃L̃1 = Σ_k n_ck (n_ck - 1)²`; biased
+      `‖diag(n_c·) - n_c· n_c·ᵀ / n_c‖²_F / (n_c - 1)²`.
+
+    A self-HSIC at the rounding level of its kernel's entries (`≤ 64 eps · mean(K²)`, `mean(K²) = ‖G_c‖²_F / n_c²`
+    and `Σ_k n_ck² / n_c²`) counts as zero, as in `_group_alignment`.
+    """
+    class_size = counts.sum(dim=1)
+    enough = class_size >= minimum
+    n = torch.where(enough, class_size, float(minimum))  # denominators stay positive; the value is then dropped
+    class_sums = sums.pairs.sum(dim=1)
+    norm_sum = sums.pair_norms.sum(dim=1)
+    label_square = counts.square().sum(dim=1)
+    if unbiased:
+        sum_k, sum_l = class_sums.square().sum(dim=1) - norm_sum, label_square - class_size
+        cross = ((counts - 1.0) * ((sums.pairs * class_sums[:, None, :]).sum(dim=2) - sums.pair_norms)).sum(dim=1)
+        value = _unbiased_of_sums(sums.pairs.square().sum(dim=(1, 2)) - norm_sum, sum_k, sum_l, cross, n)
+    else:
+        share = counts / class_size.clamp_min(1.0)[:, None]
+        value = (sums.pairs - class_sums[:, None, :] * share[:, :, None]).square().sum(dim=(1, 2)) / (n - 1) ** 2
+    if ratio:
+        assert sums.grams is not None and sums.norm_rows is not None and sums.norm_squares is not None
+        grams = sums.grams
+        if unbiased:
+            rows = torch.einsum("cd,cde,ce->c", class_sums, grams, class_sums)
+            rows = rows - 2.0 * (class_sums * sums.norm_rows).sum(dim=1) + sums.norm_squares
+            trace = grams.square().sum(dim=(1, 2)) - sums.norm_squares
+            self_k = _unbiased_of_sums(trace, sum_k, sum_k, rows, n)
+            labels_cross = (counts * (counts - 1.0).square()).sum(dim=1)
+            self_l = _unbiased_of_sums(sum_l, sum_l, sum_l, labels_cross, n)
+        else:
+            centred = grams - class_sums[:, :, None] * class_sums[:, None, :] / n[:, None, None]
+            self_k = centred.square().sum(dim=(1, 2)) / (n - 1) ** 2
+            label_gram = torch.diag_embed(counts) - counts[:, :, None] * counts[:, None, :] / n[:, None, None]
+            self_l = label_gram.square().sum(dim=(1, 2)) / (n - 1) ** 2
+        eps = 64 * torch.finfo(value.dtype).eps
+        entries = class_size.square().clamp_min(1.0)
+        varies = enough & (self_k > eps * grams.detach().square().sum(dim=(1, 2)) / entries)
+        varies = varies & (self_l > eps * label_square / entries)
+        zero = torch.zeros_like(self_k)
+        value = safe_ratio(value, torch.where(varies, self_k, zero), torch.where(varies, self_l, zero))
+    value = torch.where(enough, value, torch.zeros_like(value))
+    return (class_size * value).sum() / class_size.sum().clamp_min(1.0)
+
+
+def _conditional_hsic_in_slots(
+    x: Tensor,
+    labels: Tensor,
+    task_labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int,
+    minimum: int,
+    unbiased: bool,
+    normalized: bool,
+    gather: Gather,
+) -> Tensor:
+    """`irrelevant_hsic` with task labels, linear kernel, in feature space from per-class sums (`_ClassSums`).
+
+    What the normalized conditional form takes (its per-class self-HSIC needs a `D × D` Gram matrix per class),
+    and every conditional form under `gather="global"`: then every rank numbers the classes alike from all
+    ranks' labels (`distributed.gather_labels`: one integer a sample), and all-reduces its per-class sums (the
+    class sums for the means; with `normalized`, the spreads; then the `_ClassSums`: `C·(K·D + D²)` numbers),
+    never the features. The classes are those of `within_class_slots`' eligible samples, in
+    `B // minimum + 1` slots (each eligible class holds `minimum` samples or more; one slot for the others), or
+    under `gather="global"` in as many slots as there are eligible classes (a host read, as the batch sizes).
+
+    Each class's rows are centred within the class; with `normalized` they are then scaled to unit Frobenius
+    norm per class, a class whose spread is at the rounding level of its values' magnitude being zero
+    (`_unit_within_groups`), and all rows first by one power of two from the largest magnitude (exact).
+    """
+    dtype, width = x.dtype, x.shape[1]
+    both, start = gather_labels(torch.stack([labels.to(torch.int64), task_labels.to(torch.int64)], dim=1), gather)
+    eligible_all, _ = within_class_slots(both[:, 0], both[:, 1], num_irrelevant, ignore_index, min_size=minimum)
+    slots_all = dense_ranks(torch.where(eligible_all, both[:, 1], -1))
+    across_ranks = gather == "global" and is_distributed()  # then a host read, as gather="global"'s batch sizes are
+    classes = int(slots_all.max()) + 1 if across_ranks else x.shape[0] // minimum + 1
+    counts = x.new_zeros(classes, num_irrelevant).index_add(
+        0, slots_all, one_hot_known(both[:, 0], num_irrelevant, eligible_all, dtype)
+    )
+    rows = slice(start, start + x.shape[0])
+    eligible, slots = eligible_all[rows], slots_all[rows]
+    class_size = counts.sum(dim=1)
+    xm = member_rows(x, eligible)
+    if normalized:
+        magnitudes = x.new_zeros(classes).scatter_reduce(0, slots, xm.detach().abs().amax(dim=1), "amax")
+        magnitudes = max_across_ranks(magnitudes, gather)
+        scale = unit_scale(magnitudes)
+        xm, magnitudes = xm * scale, magnitudes * scale
+    means = sum_across_ranks(x.new_zeros(classes, width).index_add(0, slots, xm), gather)
+    z = member_rows(xm - (means / class_size.clamp_min(1.0)[:, None]).index_select(0, slots), eligible)
+    if normalized:
+        spread = sum_across_ranks(x.new_zeros(classes).index_add(0, slots, z.square().sum(dim=1)), gather)
+        rounding = 8 * torch.finfo(dtype).eps * magnitudes
+        varies = spread > (rounding * rounding * class_size * width).clamp_min(torch.finfo(dtype).tiny)
+        norm = torch.where(varies, spread, torch.ones_like(spread)).sqrt()
+        z = torch.where(varies.index_select(0, slots)[:, None], z / norm.index_select(0, slots)[:, None], 0.0)
+    sums = _summed_class_sums(_class_sums(z, labels, slots, classes, num_irrelevant, normalized), gather)
+    return _class_hsic(sums, counts, minimum, unbiased, normalized)
+
+
+def _conditional_cka_across_ranks(
+    x: Tensor, x_ref: Tensor, task_labels: Tensor, ignore_index: int, minimum: int, unbiased: bool, gather: Gather
+) -> Tensor:
+    """`irrelevant_cka` with task labels, linear kernels, in feature space from sums added across ranks: every rank
+    numbers the classes alike from all ranks' task labels (`distributed.gather_labels`), all-reduces the class
+    sums (`C × (D + D')`) to centre its rows within their classes, then `linear_across_ranks` (never the
+    features)."""
+    dtype, width = x.dtype, x.shape[1]
+    all_labels, start = gather_labels(task_labels.to(torch.int64), gather)
+    members_all = _at_least(all_labels != ignore_index, minimum)
+    slots_all = dense_ranks(torch.where(members_all, all_labels, -1))
+    classes = int(slots_all.max()) + 1  # a host read, as gather="global"'s batch sizes are
+    class_size = x.new_zeros(classes).index_add(0, slots_all, members_all.to(dtype))
+    rows = slice(start, start + x.shape[0])
+    members, slots = members_all[rows], slots_all[rows]
+    both = member_rows(torch.cat([x, x_ref], dim=1), members)
+    sums = sum_across_ranks(x.new_zeros(classes, both.shape[1]).index_add(0, slots, both), gather)
+    centred = member_rows(both - (sums / class_size.clamp_min(1.0)[:, None]).index_select(0, slots), members)
+    largest = both.detach().abs()
+    return linear_across_ranks(
+        centred[:, :width],
+        centred[:, width:],
+        unbiased=unbiased,
+        measure="alignment",
+        gather=gather,
+        members=members,
+        minimum=minimum,
+        largest=torch.stack([largest[:, :width].amax(), largest[:, width:].amax()]),
+    )
 
 
 # --- pairwise: masked kernel matrices, one value per group, every group at once -------------------------

@@ -189,7 +189,30 @@ def test_conditional_hsic_and_cka_agree_in_both_forms(case: str, unbiased: bool,
     z = scale * (z + 2.0)
     r = randn(24, 6, seed=5) + z[:, :1] / scale
     assert_forms_agree(lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, unbiased=unbiased, task_labels=y), z)
+    assert_forms_agree(
+        lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, unbiased=unbiased, normalized=True, task_labels=y), z
+    )
     assert_forms_agree(lambda f: ntf.irrelevant_cka(f, r, unbiased=unbiased, task_labels=y), z)
+
+
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+def test_normalized_conditional_hsic_of_a_constant_class_is_that_class_left_at_zero(unbiased: bool) -> None:
+    """A class whose features are constant (at the rounding level of their magnitude) has a ratio of 0 in both
+    forms: the other classes' ratios, weighted by their sizes over every eligible sample."""
+    z, u, y = conditional_data()
+    z = z + 3.0
+    u[[6, 12]] = 1  # class 0: u values 0 and 1, twice or more each
+    z[y == 1] = 410.00129463736744  # class 1 constant; class 0 varies; class 2 has one u value
+    for form in ("features", "pairwise"):
+        with forced(form):
+            value = ntf.irrelevant_hsic(z, u, num_irrelevant=3, unbiased=unbiased, normalized=True, task_labels=y)
+            only_0 = ntf.irrelevant_hsic(
+                z, u, num_irrelevant=3, unbiased=unbiased, normalized=True, task_labels=torch.where(y == 0, y, -100)
+            )
+        eligible = ((y == 0) | (y == 1)) & (u != -100)
+        share = float(((y == 0) & (u != -100)).sum()) / float(eligible.sum())
+        assert value.item() != 0.0
+        torch.testing.assert_close(value, only_0 * share, rtol=1e-12, atol=0.0)
 
 
 @pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
@@ -221,6 +244,7 @@ def test_unknown_rows_never_reach_the_feature_space_value_or_gradient() -> None:
             (unknown_u, lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, normalized=True)),
             (unknown_u_or_y, lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, task_labels=y)),
             (unknown_u_or_y, lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, task_labels=y, unbiased=False)),
+            (unknown_u_or_y, lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=3, task_labels=y, normalized=True)),
         ):
             poisoned = z.clone()
             poisoned[outside] = torch.tensor([float("nan"), float("inf"), 1e30, -1e30], dtype=torch.float64)
@@ -303,6 +327,9 @@ def no_batch_squared_cases(n: int) -> dict[str, Callable[[Tensor], Tensor]]:
         "hsic-conditional-biased": lambda f: ntf.irrelevant_hsic(
             f, u, num_irrelevant=10, task_labels=y, unbiased=False
         ),
+        "hsic-conditional-normalized": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=10, task_labels=y, normalized=True
+        ),
         "cka": lambda f: ntf.irrelevant_cka(f, r),
         "cka-unbiased-conditional": lambda f: ntf.irrelevant_cka(f, r, unbiased=True, task_labels=y),
         "functional-hsic": lambda f: ntf.hsic(f, r),
@@ -327,6 +354,9 @@ def test_the_rule_picks_feature_space_for_narrow_features_and_pairwise_for_wide_
     assert similarity.feature_space_cheaper(256, 128, 128, self_terms=True)
     assert not similarity.feature_space_cheaper(256, 16384, 16384, self_terms=True)  # conv maps, flattened
     assert not similarity.feature_space_cheaper(6, 400, 300)
+    # per-class Gram matrices (normalized conditional HSIC): B // 4 + 1 of D × D within 4·B²
+    assert similarity.feature_space_cheaper(8192, 128, 10, self_terms=True, grams=8192 // 4 + 1)
+    assert not similarity.feature_space_cheaper(1024, 128, 10, self_terms=True, grams=1024 // 4 + 1)
 
 
 # --- float32: the two forms' rounding ----------------------------------------------------------------------
