@@ -4,6 +4,8 @@
 - anti-transfer: `AntiTransferLoss`;
 - suppression of task-irrelevant factors: `AdversarialSuppression`, `HSICSuppression`, `CKASuppression`
   (`make_suppression` builds one by name), `Purify`;
+- when no one labelled the bias: `BiasTwin`, a twin of your model that learns the shortcut (its features,
+  LfF's per-sample weights, its predictions as the bias's labels);
 - batches that hold every (task class, irrelevant factor) group: `GroupBalancedBatchSampler`;
 - multi-task distribution matching: `TaskRelatedness`, `DistributionMatchingLoss`, `SoftCoAnnotationLoss`,
   `MultiTaskLoss`;
@@ -20,6 +22,7 @@ from ._version import __version__
 from .losses import (
     AdversarialSuppression,
     AntiTransferLoss,
+    BiasTwin,
     CKASuppression,
     DistributionMatchingLoss,
     HSICSuppression,
@@ -27,6 +30,7 @@ from .losses import (
     Purify,
     SoftCoAnnotationLoss,
     SuppressionLoss,
+    TwinOutput,
     make_suppression,
 )
 from .relatedness import TaskRelatedness
@@ -37,6 +41,7 @@ from .terms import collect_terms
 __all__ = [
     "AdversarialSuppression",
     "AntiTransferLoss",
+    "BiasTwin",
     "CKASuppression",
     "DistributionMatchingLoss",
     "FeatureTap",
@@ -50,6 +55,7 @@ __all__ = [
     "StaleFeaturesError",
     "SuppressionLoss",
     "TaskRelatedness",
+    "TwinOutput",
     "__version__",
     "collect_terms",
     "diagnostics",

@@ -331,3 +331,32 @@ def _adversarial_conditional() -> Case:
         Network(features=(B, 8)),
         lambda loss, net: loss(net["features"](), u, task_labels=y),
     )
+
+
+# The bias-capturing twin: a tiny MLP twin (fixed initial values) on fixed inputs; its features, LfF's weights and
+# the twin's own step all enter the scalar (the features and weights are detached: a value, not a gradient).
+
+
+def _twin_network() -> nn.Module:
+    generator = torch.Generator().manual_seed(60)
+    twin = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) / 8**0.5)
+    return twin
+
+
+@case("BiasTwin")
+def _bias_twin() -> Case:
+    y = labels(3, seed=61)
+    inputs = frozen(B, 8, seed=62)
+    indices = torch.randperm(2 * B, generator=torch.Generator().manual_seed(63))[:B]
+
+    def forward(twin: nn.Module, net: Network) -> Tensor:
+        logits = net["logits"]()
+        out: ntl.TwinOutput = twin(inputs, y, indices, logits)
+        assert out.weights is not None
+        ce = nn.functional.cross_entropy(logits, y, reduction="none")
+        return (out.weights * ce).mean() + 0.1 * out.features["1"].square().mean() + 0.01 * out.twin_loss
+
+    return Case(ntl.BiasTwin(_twin_network, 2 * B, layers=["1"]), Network(logits=(B, 3)), forward)

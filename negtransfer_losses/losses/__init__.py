@@ -3,6 +3,7 @@
 from ._base import SuppressionLoss
 from .adversarial import AdversarialSuppression
 from .anti_transfer import AntiTransferLoss
+from .bias_twin import BiasTwin, TwinOutput
 from .distribution_matching import DistributionMatchingLoss, MultiTaskLoss, SoftCoAnnotationLoss
 from .purify import Purify
 from .suppression import CKASuppression, HSICSuppression, make_suppression
@@ -10,6 +11,7 @@ from .suppression import CKASuppression, HSICSuppression, make_suppression
 __all__ = [
     "AdversarialSuppression",
     "AntiTransferLoss",
+    "BiasTwin",
     "CKASuppression",
     "DistributionMatchingLoss",
     "HSICSuppression",
@@ -17,5 +19,6 @@ __all__ = [
     "Purify",
     "SoftCoAnnotationLoss",
     "SuppressionLoss",
+    "TwinOutput",
     "make_suppression",
 ]
