@@ -76,15 +76,18 @@ class BiasTwin(nn.Module):
         `num_samples`), each normalised by the largest of its class (LfF's `EMA` and `max_loss`; LfF's
         α = 0.7 is `1 − momentum`). Train your model on `(weights * cross_entropy(logits, y, reduction="none"))
         .mean()`;
-    (c) `pseudo_labels`, the twin's argmax: labels of the bias for the suppression methods and the sampler.
+    (c) `pseudo_labels`, the twin's argmax: labels of the bias for the suppression methods. The buffers
+        `sample_labels` and `sample_pseudo_labels` keep each dataset index's label and the twin's latest
+        prediction of it (-1 until the index is seen): after an epoch, `GroupBalancedBatchSampler(
+        twin.sample_labels, twin.sample_pseudo_labels, batch_size)` balances the groups the twin found.
 
     Nothing is read on the host (LfF's released code moves the losses to the host every step). The state (the
-    twin's weights and buffers, its Adam state and step count, both averages, which indices were seen and their
-    labels) is in `state_dict`: a resumed run continues bitwise. Under `torch.distributed` each rank updates the
-    indices of its batch and the updates are summed over ranks (one all-reduce of `(num_samples, 4)` values),
-    the twin's step follows the ranks' batches together and its floating-point buffers (BatchNorm statistics)
-    are averaged: the state stays identical on every rank, which must all call it on every training step. In
-    eval mode it only reads (the twin in eval mode, no step, no update).
+    twin's weights and buffers, its Adam state and step count, both averages, which indices were seen, their
+    labels and pseudo-labels) is in `state_dict`: a resumed run continues bitwise. Under `torch.distributed`
+    each rank updates the indices of its batch and the updates are summed over ranks (one all-reduce of
+    `(num_samples, 5)` values), the twin's step follows the ranks' batches together and its floating-point
+    buffers (BatchNorm statistics) are averaged: the state stays identical on every rank, which must all call it
+    on every training step. In eval mode it only reads (the twin in eval mode, no step, no update).
 
     Example::
 
@@ -123,6 +126,7 @@ class BiasTwin(nn.Module):
     twin_seen: Tensor
     main_seen: Tensor
     sample_labels: Tensor
+    sample_pseudo_labels: Tensor
 
     def __init__(
         self,
@@ -156,6 +160,7 @@ class BiasTwin(nn.Module):
         self.register_buffer("twin_seen", torch.zeros(self.num_samples, dtype=torch.bool))
         self.register_buffer("main_seen", torch.zeros(self.num_samples, dtype=torch.bool))
         self.register_buffer("sample_labels", torch.full((self.num_samples,), -1, dtype=torch.long))
+        self.register_buffer("sample_pseudo_labels", torch.full((self.num_samples,), -1, dtype=torch.long))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -192,6 +197,7 @@ class BiasTwin(nn.Module):
                 twin_logits = _twin_logits(self.twin(inputs), batch, logits)
                 features = {} if self._tap is None else self._features(self._tap.pop())
         check_labels(labels, twin_logits.shape[1], batch, name="labels", ignore_index=self.ignore_index)
+        pseudo_labels = twin_logits.argmax(dim=1)
         with full_precision(twin_logits):
             finite = self._finite(twin_logits, logits)
             twin_ce = _cross_entropy(twin_logits, labels, known)
@@ -200,9 +206,9 @@ class BiasTwin(nn.Module):
             if self.training:
                 self._twin_step(grads, saved, known, finite)
                 main_ce = None if logits is None else _cross_entropy(logits.detach(), labels, known)
-                self._update_averages(indices, labels, known & finite, twin_ce, main_ce)
+                self._update_averages(indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
             weights = None if logits is None else self._weights(indices, labels, known & finite, z.shape[1])
-        return TwinOutput(features, twin_logits.argmax(dim=1), weights, twin_loss)
+        return TwinOutput(features, pseudo_labels, weights, twin_loss)
 
     def _twin_gradient(
         self, inputs: Tensor, labels: Tensor, known: Tensor, logits: Tensor | None
@@ -263,13 +269,21 @@ class BiasTwin(nn.Module):
 
     @torch.no_grad()
     def _update_averages(
-        self, indices: Tensor, labels: Tensor, update: Tensor, twin_ce: Tensor, main_ce: Tensor | None
+        self,
+        indices: Tensor,
+        labels: Tensor,
+        update: Tensor,
+        twin_ce: Tensor,
+        main_ce: Tensor | None,
+        pseudo_labels: Tensor,
     ) -> None:
-        """LfF's moving averages at the batch's indices (summed over ranks first), and each index's label."""
+        """LfF's moving averages at the batch's indices (summed over ranks first), each index's label and prediction."""
         weight = update.to(torch.float64)
         main = torch.zeros_like(weight) if main_ce is None else main_ce.double() * weight
-        values = torch.stack([twin_ce.double() * weight, main, weight, labels.double() * weight], dim=1)
-        stats = values.new_zeros(self.num_samples, 4).index_add_(0, indices.clamp(0, self.num_samples - 1), values)
+        values = [twin_ce.double() * weight, main, weight, labels.double() * weight, pseudo_labels.double() * weight]
+        stats = weight.new_zeros(self.num_samples, 5).index_add_(
+            0, indices.clamp(0, self.num_samples - 1), torch.stack(values, 1)
+        )
         if is_distributed():
             stats = sum_across_ranks_detached(stats)
         count = stats[:, 2]
@@ -282,6 +296,7 @@ class BiasTwin(nn.Module):
             average.copy_(torch.where(hit, torch.where(seen, torch.lerp(average, new, self.momentum), new), average))
             seen.copy_(seen | hit)
         self.sample_labels.copy_(torch.where(hit, means[:, 3].round().long(), self.sample_labels))
+        self.sample_pseudo_labels.copy_(torch.where(hit, means[:, 4].round().long(), self.sample_pseudo_labels))
 
     @torch.no_grad()
     def _weights(self, indices: Tensor, labels: Tensor, usable: Tensor, num_classes: int) -> Tensor:
