@@ -167,19 +167,27 @@ def plot_diagnostics(result: dict[str, object], path: Path, correlation: float) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw={"width_ratios": [1.6, 1]})
     diagnostics.plot_probes(
         result["probes"],  # type: ignore[arg-type]
         chance=0.1,
         ax=axes[0],
         title="linear probe per layer (validation, random colours)",
     )
+    # probes are not methods: kept out of the methods' colours (what is probed: slate for the colour, sand for the
+    # digit; the colour network's bars hatched)
+    for container, name in zip(axes[0].containers, result["probes"], strict=True):  # type: ignore[call-overload]
+        for bar in container:
+            bar.set_facecolor("#50616f" if name.endswith("colour") else "#e0c35a")
+            bar.set_hatch("//" if name.startswith("colour network") else None)
+            bar.set_edgecolor("white")
     axes[0].set_ylim(0.0, 1.3)
+    axes[0].set_ylabel("held-out probe accuracy (0 to 1)")
     axes[0].legend(fontsize=7, ncol=3, loc="upper center")
     diagnostics.plot_similarity(
         result["cka"],  # type: ignore[arg-type]
         ax=axes[1],
-        title="minibatch CKA: student × colour network",
+        title="minibatch CKA between the two networks",
         labels=("plain student", "colour network"),
     )
     fig.suptitle(f"Biased digits at {correlation:.0%}: where the colour lives (mean over seeds)")
@@ -189,36 +197,57 @@ def plot_diagnostics(result: dict[str, object], path: Path, correlation: float) 
 
 
 def plot_layers(rows: list[dict[str, float | int | str]], path: Path, correlation: float) -> None:
+    """A pair of bars per layer, the paper's Gram / cos² and the CKA distance, in their site-wide looks
+    (studies/plot_style.py), against plain training (grey, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from plot_style import CHANCE, bar_style, style, tidy
 
+    looks = {"gram_cos2": ("at_gram", "Gram / cos² (paper)"), "cka": ("at_cka", "CKA distance")}
     plain = next(r for r in rows if r["layer"] == "plain")
     layers = list(dict.fromkeys(str(r["layer"]) for r in rows if r["layer"] != "plain"))
     distances = list(dict.fromkeys(str(r["distance"]) for r in rows if r["layer"] != "plain"))
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / len(distances)
     for i, distance in enumerate(distances):
         rs = [next(r for r in rows if r["layer"] == layer and r["distance"] == distance) for layer in layers]
         positions = [j + (i - (len(distances) - 1) / 2) * width for j in range(len(layers))]
-        ax.bar(
+        method, label = looks[distance]
+        bars = ax.bar(
             positions,
             [float(r["accuracy_mean"]) for r in rs],
             width,
             yerr=[float(r["accuracy_std"]) for r in rs],
             capsize=3,
-            label={"gram_cos2": "Gram / cos² (paper)", "cka": "CKA distance"}.get(distance, distance),
+            **bar_style(method, label=f"{label} [weight chosen on validation]"),
         )
-    ax.axhline(float(plain["accuracy_mean"]), color="k", linestyle="--", label="plain")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    line = style("plain", label=f"plain training ({float(plain['accuracy_mean']):.1f})")
+    ax.axhline(float(plain["accuracy_mean"]), color=line["color"], linestyle=line["linestyle"], label=line["label"])
+    ax.axhline(10, **CHANCE, label="chance (10 %)")
     ax.set_xticks(range(len(layers)), layers)
-    ax.set_xlabel("anti-transfer on this layer only")
-    ax.set_ylabel("test accuracy, random colours (%)")
-    ax.set_title(f"Anti-transfer per layer at {correlation:.0%} (weight chosen on validation)")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("the student's layer that anti-transfer compares with the colour network's")
+    ax.set_ylabel("test accuracy, random colours (%; mean ± std)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Biased digits at {correlation:.0%}: anti-transfer on one layer at a time", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    tidy(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Both figures again from `out/anti_transfer_layers.json` alone (nothing trained)."""
+    record = json.loads((out / "anti_transfer_layers.json").read_text())
+    correlation = float(record["options"]["correlation"])
+    found = record["diagnostics"]
+    layers = list(found["layers"])
+    cka = diagnostics.LayerSimilarity(torch.tensor(found["cka_student_by_colour_network"]), layers, layers)
+    plot_layers(record["summary"], out / "anti_transfer_layers.png", correlation)
+    plot_diagnostics({"probes": found["probes"], "cka": cka}, out / "anti_transfer_diagnostics.png", correlation)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
@@ -229,7 +258,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
     parser.add_argument("--layers", nargs="+", default=LAYERS, choices=LAYERS)
     parser.add_argument("--distances", nargs="+", default=list(DISTANCES), choices=list(DISTANCES))
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--replot", action="store_true", help="train nothing: redraw both PNGs from --out's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return list(json.loads((args.out / "anti_transfer_layers.json").read_text())["summary"])
     torch.set_num_threads(1)
     grid = {d: GRID[d] for d in args.distances}
     records, nets = run(args.seeds, args.correlation, args.epochs, args.layers, grid)

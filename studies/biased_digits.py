@@ -291,27 +291,37 @@ def print_table(table: dict[str, dict[str, float]], weights: dict[str, float]) -
 
 
 def plot(table: dict[str, dict[str, float]], path: Path, correlation: float) -> None:
+    """`make demo`'s one point: a bar per method (its site-wide look, studies/plot_style.py) for the unbiased test
+    accuracy and for the colour probe."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from plot_style import CHANCE, bar_style, tidy
 
     methods = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in (
-        (axes[0], "accuracy", "test accuracy (random colours)"),
-        (axes[1], "colour_probe", "colour linear-probe accuracy"),
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, key, measured, title in (
+        (axes[0], "accuracy", "test accuracy, random colours (%)", "what the model gets right"),
+        (axes[1], "colour_probe", "colour-probe accuracy (%)", "colour a linear probe reads from the features"),
     ):
-        means = [table[m][f"{key}_mean"] for m in methods]
-        stds = [table[m][f"{key}_std"] for m in methods]
-        ax.bar(methods, means, yerr=stds, capsize=4, color=["#999999"] + ["#3b75af"] * (len(methods) - 1))
-        ax.set_title(title)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("%")
-        ax.tick_params(axis="x", rotation=30)
-    axes[1].axhline(10, color="k", linestyle=":", linewidth=1, label="chance")
-    axes[1].legend(loc="lower right")
-    fig.suptitle(f"Biased digits, colour–digit correlation {correlation:.0%} in training")
+        ax.set_title(title, fontsize=10)
+        for x, method in enumerate(methods):
+            mean, std = table[method][f"{key}_mean"], table[method][f"{key}_std"]
+            ax.bar(x, mean, yerr=std, capsize=3, **bar_style(method, label="_nolegend_"))
+            ax.text(x, min(mean + std, 100) + 1.5, f"{mean:.0f}", ha="center", fontsize=7)
+        ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 108)
+        ax.set_ylabel(measured)
+        ax.axhline(10, **CHANCE, label="chance (10 %)")
+        tidy(ax)
+    axes[0].axhline(table[methods[0]]["accuracy_mean"], color="#1a1a1a", linestyle="--", linewidth=1, label=methods[0])
+    axes[0].legend(loc="upper left", fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Biased digits, colour–digit correlation {correlation:.0%} in training: every method at its default\n"
+        "mean ± std over seeds; baselines grey and hatched",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -443,40 +453,43 @@ def sweep_markdown(rows: list[Record]) -> str:
 
 
 def plot_sweep(rows: list[Record], path: Path) -> None:
+    """Unbiased test accuracy against the correlation, a panel per setting (the library's default weight, the
+    weight chosen on validation), each method in its site-wide look (studies/plot_style.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from plot_style import CHANCE, style, tidy
 
-    correlations = list(dict.fromkeys(float(r["correlation"]) for r in rows))
+    correlations = sorted(dict.fromkeys(float(r["correlation"]) for r in rows))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(14, 4.8), sharey=True)
+    seeds = max(int(r["seeds"]) for r in rows)
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(13, 5.6), sharey=True)
     for ax, (setting, says) in zip(axes, SETTINGS.items(), strict=True):
         for i, method in enumerate(methods):
-            rs = [
-                next((r for r in rows if (r["setting"], r["method"], r["correlation"]) == (setting, method, c)), None)
-                for c in correlations
-            ]
-            xs = [j + (i - (len(methods) - 1) / 2) * 0.04 for j, r in enumerate(rs) if r is not None]
-            present = [r for r in rs if r is not None]
+            found = {float(r["correlation"]): r for r in rows if (r["setting"], r["method"]) == (setting, method)}
+            xs = [j for j, c in enumerate(correlations) if c in found]
+            offset = (i - (len(methods) - 1) / 2) * 0.012
             ax.errorbar(
-                xs,
-                [float(r["accuracy_mean"]) for r in present],
-                yerr=[float(r["accuracy_std"]) for r in present],
-                marker="o",
-                capsize=3,
-                label=method,
-                color="k" if method == "plain" else None,
-                linestyle="--" if method.endswith("_conditional") else "-",
-                linewidth=2 if method == "plain" else 1.2,
+                [x + offset for x in xs],
+                [float(found[correlations[x]]["accuracy_mean"]) for x in xs],
+                yerr=[float(found[correlations[x]]["accuracy_std"]) for x in xs],
+                capsize=2,
+                elinewidth=0.8,
+                **style(method),
             )
         ax.set_xticks(range(len(correlations)), [f"{c:.0%}" for c in correlations])
         ax.set_xlabel("colour–digit correlation in training")
+        ax.set_ylim(0, 100)
+        ax.axhline(10, **CHANCE)
         ax.set_title(says)
-    axes[0].set_ylabel("test accuracy, random colours (%)")
-    axes[-1].legend(fontsize=8, ncol=2)
-    fig.suptitle("Biased digits: unbiased accuracy vs correlation (mean ± std over seeds)")
-    fig.tight_layout()
+        tidy(ax)
+    axes[0].set_ylabel(f"test accuracy, random colours (%; mean ± std, {seeds} seeds)")
+    handles = [Line2D([], [], **{k: v for k, v in style(m).items() if k != "markersize"}) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.suptitle("Biased digits: unbiased accuracy against the correlation; baselines grey and dashed; chance dotted")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -507,8 +520,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--sweep", action="store_true", help="the correlation study (see above)")
     parser.add_argument("--correlations", type=float, nargs="+", default=CORRELATIONS, help="with --sweep")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="train nothing: redraw the PNG from --out's JSON (with --sweep: the sweep's)",
+    )
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.replot:
+        if args.sweep:
+            plot_sweep(
+                json.loads((args.out / "biased_sweep.json").read_text())["summary"], args.out / "biased_sweep.png"
+            )
+            return {}
+        committed = json.loads((args.out / "biased_digits.json").read_text())
+        plot(committed["results"], args.out / "biased_digits.png", committed["correlation"])
+        return dict(committed["results"])
     torch.set_num_threads(1 if args.sweep else min(2, torch.get_num_threads()))
     np.random.seed(0)
     if args.sweep:

@@ -654,48 +654,89 @@ def markdown(rows: list[Record]) -> str:
 
 
 def plot(rows: list[Record], path: Path, test: str = "unbiased") -> None:
+    """One panel per (factor, sampler): test accuracy against ρ where several ρ were run, a bar per method where
+    one was. Each method at the library's default (EnD at the α = β chosen on validation), in its site-wide look
+    (studies/plot_style.py); one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from plot_style import CHANCE, bar_style, style, tidy
 
-    panels = list(dict.fromkeys((r["factor"], r["sampler"]) for r in rows))
+    def setting(method: str) -> str:
+        return "default" if method in DEFAULTS and method != "end" else "tuned"
+
+    def label(method: str) -> str:
+        return "end (α = β chosen on validation)" if method == "end" else method
+
+    panels = sorted(
+        dict.fromkeys((r["factor"], r["sampler"]) for r in rows),
+        key=lambda p: (FACTORS.index(p[0]), SAMPLERS.index(p[1])),
+    )
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=METHODS.index)
+    seeds = max(int(r["seeds"]) for r in rows)
+    measured = f"{test} test accuracy % (mean ± std, {seeds} seeds)"
     cols = min(2, len(panels))
     rows_ = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.6 * rows_), squeeze=False)
+    legend_height = 0.17 * -(-len(methods) // (2 * cols)) + 0.15  # inches, below the panels
+    height = 4.9 * rows_ + legend_height + 0.5
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(6.8 * cols, 8.0), height), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (factor, sampler) in zip(axes.flat, panels, strict=False):
-        here = [r for r in rows if (r["factor"], r["sampler"]) == (factor, sampler)]
-        for method in sorted(dict.fromkeys(r["method"] for r in here), key=METHODS.index):
-            pts = sorted(
-                (float(r["rho"]), r["accuracy_mean"], r["accuracy_std"])
-                for r in here
-                if r["method"] == method
-                and r["setting"] == ("default" if method in DEFAULTS and method != "end" else "tuned")
-            )
-            if not pts:
-                continue
-            xs = [RHOS.index(p[0]) if p[0] in RHOS else p[0] for p in pts]
+        here = {
+            (r["method"], float(r["rho"])): r
+            for r in rows
+            if (r["factor"], r["sampler"]) == (factor, sampler) and r["setting"] == setting(r["method"])
+        }
+        rhos = sorted({rho for _, rho in here})
+        drawn = [m for m in methods if any((m, rho) in here for rho in rhos)]
+        batches = "group-balanced batches" if sampler == "balanced" else "shuffled batches"
+        if len(rhos) == 1:  # one ρ: a bar per method
+            rho = rhos[0]
+            found = [here[(m, rho)] for m in drawn if (m, rho) in here]
+            ys = range(len(found))
+            for y, r in zip(ys, found, strict=True):
+                ax.barh(y, r["accuracy_mean"], xerr=r["accuracy_std"], capsize=3, **bar_style(r["method"]))
+                ax.text(r["accuracy_mean"] + r["accuracy_std"] + 1, y, f"{r['accuracy_mean']:.1f}", va="center")
+            ax.set_yticks(list(ys), [str(r["method"]) for r in found], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 100)
+            ax.axvline(10, **CHANCE)
+            ax.set_xlabel(measured)
+            ax.set_title(f"{factor} colour, {batches}, ρ {rho:g}")
+            ax.spines[["top", "right"]].set_visible(False)
+            continue
+        for i, method in enumerate(drawn):
+            pts = [(j, here[(method, rho)]) for j, rho in enumerate(rhos) if (method, rho) in here]
+            offset = (i - (len(drawn) - 1) / 2) * 0.012
             ax.errorbar(
-                xs,
-                [p[1] for p in pts],
-                yerr=[p[2] for p in pts],
-                marker="o",
-                capsize=3,
-                label=method,
-                color="k" if method == "vanilla" else None,
-                linestyle="--" if method in BASELINES else ":" if method in WARMUP else "-",
+                [j + offset for j, _ in pts],
+                [r["accuracy_mean"] for _, r in pts],
+                yerr=[r["accuracy_std"] for _, r in pts],
+                capsize=2,
+                elinewidth=0.8,
+                **style(method, label=label(method)),
             )
-        ax.set_xticks(range(len(RHOS)), [f"{r:g}" for r in RHOS])
-        ax.set_xlabel("ρ (share of each class with its colour, training)")
-        ax.set_title(f"{factor} factor, {sampler} batches")
+        ax.set_xticks(range(len(rhos)), [f"{rho:g}" for rho in rhos])
+        ax.set_xlabel("ρ: share of each digit's training images drawn in its own colour")
+        ax.set_ylabel(measured)
         ax.set_ylim(0, 100)
-        ax.axhline(10, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylabel(f"{test} test accuracy % (mean ± std)")
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Biased MNIST (5,000 real digits): library defaults (dotted: adversary with a warm-up), EnD tuned")
-    fig.tight_layout()
+        ax.axhline(10, **CHANCE)
+        ax.set_title(f"{factor} colour, {batches}")
+        tidy(ax)
+    handles = [
+        Line2D([], [], **{k: v for k, v in style(m, label=label(m)).items() if k != "markersize"}) for m in methods
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2 * cols, fontsize=8, frameon=False)
+    colours = "test colours never seen in training" if test == "held-out-colour" else "random test colours"
+    fig.suptitle(
+        f"Biased MNIST (5,000 real digits), {colours}\n"
+        "library methods at their defaults, EnD tuned; baselines grey and dashed; chance (10 %) dotted",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1 - 0.1 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -793,6 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: Student's t (99.5 %) · √2 · the std over the seeds of the committed runs (check_tolerance)",
     )
     parser.add_argument("--summarize", action="store_true", help="train nothing: tables and plot of --out's runs")
+    parser.add_argument(
+        "--replot", action="store_true", help="train and summarize nothing: redraw the PNG from --out's summary JSON"
+    )
     return parser
 
 
@@ -814,6 +858,14 @@ def main(argv: list[str] | None = None) -> list[Record]:
         return []
     if args.quick:
         args.seeds, args.rhos, args.epochs = 1, [0.99], 1
+    stem = "biased_mnist" if args.size == 14 else f"biased_mnist_{args.size}"
+    stem += "_heldout" if args.split == "heldout" else ""
+    test = "held-out-colour" if args.split == "heldout" else "unbiased"
+    if args.replot:
+        rows = json.loads((args.out / f"{stem}.json").read_text())["summary"]
+        plot(rows, args.out / f"{stem}.png", test)
+        print(f"wrote {args.out / stem}.png")
+        return list(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "biased_mnist_runs.json"
     if not args.summarize:
@@ -836,9 +888,6 @@ def main(argv: list[str] | None = None) -> list[Record]:
         )
     title = f"Biased MNIST: {args.epochs} epochs, {args.size}×{args.size}; test accuracy % mean ± std over seeds"
     record = study_record("biased_mnist.py", args.argv, args, defaults=DEFAULTS, grid=GRID, summary=rows)
-    stem = "biased_mnist" if args.size == 14 else f"biased_mnist_{args.size}"
-    stem += "_heldout" if args.split == "heldout" else ""
-    test = "held-out-colour" if args.split == "heldout" else "unbiased"
     write_study(args.out, stem, title, table, record, lambda path: plot(rows, path, test))
     return rows
 

@@ -9,19 +9,21 @@ docs/case-studies.md); `tests/test_headline.py` checks that README.md and docs/i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
 
-# One colour per method across the site's plots; baselines grey and hatched, the library's recipe in colour.
+# Each method in its look of every plot of the site (studies/plot_style.py): baselines grey and hatched, the
+# library's recipe in colour.
 HEADLINE_METHODS = {
-    # label: (JSON sampler, method, setting, colour, hatch)
-    "plain training": ("shuffle", "vanilla", "default", "#9e9e9e", "//"),
-    "loss reweighting (bias labels)": ("shuffle", "reweight", "default", "#616161", ".."),
-    "EnD (published; tuned on validation)": ("shuffle", "end", "tuned", "#424242", "xx"),
-    "library: balanced batches + adversary with warm-up": ("balanced", "adversarial_warmup", "default", "#d95f02", ""),
+    # label: (JSON sampler, method, setting)
+    "plain training": ("shuffle", "vanilla", "default"),
+    "loss reweighting (bias labels)": ("shuffle", "reweight", "default"),
+    "EnD (published; tuned on validation)": ("shuffle", "end", "tuned"),
+    "library: balanced batches + adversary with warm-up": ("balanced", "adversarial_warmup", "default"),
 }
 RHOS = (0.98, 0.99)
 
@@ -51,7 +53,7 @@ def headline() -> dict[str, dict[float, float]]:
             )
             for rho in RHOS
         }
-        for label, (sampler, method, setting, _, _) in HEADLINE_METHODS.items()
+        for label, (sampler, method, setting) in HEADLINE_METHODS.items()
     }
 
 
@@ -89,13 +91,16 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plot_style import bar_style
+
     numbers = headline()
     figure, axis = plt.subplots(figsize=(7.5, 4.4))
     width = 0.8 / len(HEADLINE_METHODS)
-    for i, (label, (_, _, _, colour, hatch)) in enumerate(HEADLINE_METHODS.items()):
+    for i, (label, (_, method, _)) in enumerate(HEADLINE_METHODS.items()):
         xs = [j + (i - (len(HEADLINE_METHODS) - 1) / 2) * width for j in range(len(RHOS))]
         values = [numbers[label][rho] for rho in RHOS]
-        bars = axis.bar(xs, values, width, label=label, color=colour, hatch=hatch, edgecolor="white")
+        bars = axis.bar(xs, values, width, **bar_style(method, label=label))
         axis.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     axis.set_xticks(range(len(RHOS)), [f"ρ = {rho}" for rho in RHOS])
     axis.set_ylabel("test accuracy on unbiased colours (%)")
