@@ -101,12 +101,40 @@ def train_purify(rank: int, conditional: bool) -> dict[str, Tensor]:
     return {**purify.state_dict(), "projection": purify.projection.clone()}
 
 
+NUM_SAMPLES = 30  # the twin's data set: the ranks' batches of 12 share some indices at every step
+
+
+def twin_network() -> nn.Module:
+    torch.manual_seed(2)  # the same initial twin on every rank; BatchNorm's statistics differ per rank unless synced
+    return nn.Sequential(nn.Linear(5, DIM), nn.BatchNorm1d(DIM), nn.Tanh(), nn.Linear(DIM, CLASSES))
+
+
+def train_bias_twin(rank: int) -> dict[str, Tensor]:
+    """The model in DDP, the twin beside it: LfF's weights on the model's loss, the twin's own steps."""
+    model = DistributedDataParallel(nn.Sequential(encoder(), nn.Linear(DIM, CLASSES)))
+    twin = ntl.BiasTwin(twin_network, NUM_SAMPLES, layers=["2"], lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y, u = data(rank, step)
+        y = torch.where(u == -100, -100, y)  # unknown task labels too; none on rank 1 at step 3
+        indices = torch.randperm(NUM_SAMPLES, generator=torch.Generator().manual_seed(100 * rank + step))[:BATCH]
+        logits = model(x)
+        out = twin(x, y, indices, logits)
+        assert out.weights is not None
+        loss = (out.weights * nn.functional.cross_entropy(logits, y, reduction="none")).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return dict(twin.state_dict())
+
+
 CASES: dict[str, Callable[[int], dict[str, Tensor]]] = {
     "adversarial beside DDP": lambda rank: train_adversary_beside(rank, False),
     "adversarial conditional beside DDP": lambda rank: train_adversary_beside(rank, True),
     "adversarial inside DDP": train_adversary_inside,
     "purify": lambda rank: train_purify(rank, False),
     "purify conditional": lambda rank: train_purify(rank, True),
+    "bias twin beside DDP": train_bias_twin,
 }
 
 
@@ -119,11 +147,12 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # the control: the same training with the library blind to the process group drifts apart
         blind = [
             mock.patch(f"negtransfer_losses.{where}.is_distributed", return_value=False)
-            for where in ("distributed", "losses.adversarial", "losses.purify")
+            for where in ("distributed", "losses.adversarial", "losses.purify", "losses.bias_twin")
         ]
-        with blind[0], blind[1], blind[2]:
+        with blind[0], blind[1], blind[2], blind[3]:
             results["adversarial unsynchronized"] = train_adversary_beside(rank, False)
             results["purify unsynchronized"] = train_purify(rank, False)
+            results["bias twin unsynchronized"] = train_bias_twin(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -104,3 +104,23 @@ def test_a_forgotten_state_is_caught() -> None:
     resumed_optimizer.load_state_dict(saved["optimizer"])
     got = train(resumed, resumed_optimizer, 3)
     assert not all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+@pytest.mark.parametrize("forgotten", ["twin_loss_ema", "twin_optimizer.exp_avg_0", "twin.0.weight"])
+def test_a_bias_twin_that_forgets_part_of_its_state_is_caught(forgotten: str) -> None:
+    """The harness can fail for BiasTwin too: a resumed twin without its averages, its Adam state or its weights
+    does not continue as the uninterrupted one."""
+    name = "BiasTwin"
+    uninterrupted = CASES[name]()
+    optimizer = optimizer_for(uninterrupted)
+    train(uninterrupted, optimizer, SAVE_AT)
+    saved = checkpoint(uninterrupted, optimizer)
+    expected = train(uninterrupted, optimizer, 3)
+    resumed = CASES[name]()
+    resumed_optimizer = optimizer_for(resumed)
+    resumed.network.load_state_dict(saved["network"])
+    state = resumed.module.state_dict()
+    resumed.module.load_state_dict({**saved["module"], forgotten: state[forgotten]})  # that entry as built afresh
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    got = train(resumed, resumed_optimizer, 3)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))

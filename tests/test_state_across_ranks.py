@@ -1,4 +1,5 @@
-"""Under DDP every rank keeps the same state: the adversary's head and its own optimizer, Purify's statistics.
+"""Under DDP every rank keeps the same state: the adversary's head and its own optimizer, Purify's statistics, the
+bias twin's weights, BatchNorm statistics, own optimizer and per-sample averages.
 
 Two gloo processes on the CPU train for 20 steps on different data each (tests/state_sync_worker.py); the
 modules' states must agree across ranks to 1e-6, and a control run with the library blind to the process
@@ -33,15 +34,20 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 def test_every_rank_keeps_the_same_state(ranks: list[dict[str, dict[str, torch.Tensor]]], name: str) -> None:
     first, second = ranks[0][name], ranks[1][name]
     assert largest_difference(first, second) <= 1e-6
-    trained = [k for k in first if k.startswith(("head.", "class_means", "cross_covariance_sum"))]
+    moving = ("head.", "class_means", "cross_covariance_sum", "twin.", "twin_loss_ema", "main_loss_ema")
+    trained = [k for k in first if k.startswith(moving) and first[k].is_floating_point()]
     assert trained and all(first[k].abs().max() > 0 for k in trained)  # the state moved
     if "head_optimizer.step" in first:
         # 20 calls of 10 own steps each, the step where rank 1 knew no label included (the other rank's did)
         assert int(first["head_optimizer.step"]) == int(second["head_optimizer.step"]) == 200
+    if "twin_optimizer.step" in first:
+        # one own step per call, the step where rank 1 knew no label included; every index seen by some rank
+        assert int(first["twin_optimizer.step"]) == int(second["twin_optimizer.step"]) == 20
+        assert first["twin_seen"].all() and first["main_seen"].all()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adversarial unsynchronized", "purify unsynchronized"])
+@pytest.mark.parametrize("name", ["adversarial unsynchronized", "purify unsynchronized", "bias twin unsynchronized"])
 def test_without_the_synchronization_the_ranks_drift_apart(
     ranks: list[dict[str, dict[str, torch.Tensor]]], name: str
 ) -> None:
