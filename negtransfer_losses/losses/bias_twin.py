@@ -40,13 +40,14 @@ Grads = dict[str, Tensor]
 class TwinOutput(NamedTuple):
     """What a `BiasTwin` call gives, all detached (from the twin as it was before this call's step).
 
-    - `features`: `{layer: tensor}`, the twin's features at `layers` (the reference of `AntiTransferLoss` or
-      `CKASuppression`); `{}` without `layers`.
-    - `pseudo_labels`: `(B,)` int64, the twin's predicted class: labels of the bias for `HSICSuppression`,
-      `AdversarialSuppression`, `Purify` or `GroupBalancedBatchSampler`.
-    - `weights`: `(B,)` float32, LfF's per-sample weights for your model's cross-entropy (None unless `logits`
-      was given; 0 where the label is unknown or the batch was skipped).
-    - `twin_loss`: the twin's mean GCE on the batch's known labels (0-d float32), for logging.
+    Attributes:
+        features: `{layer: tensor}`, the twin's features at `layers` (the reference of `AntiTransferLoss` or
+            `CKASuppression`); `{}` without `layers`.
+        pseudo_labels: `(B,)` int64, the twin's predicted class: labels of the bias for `HSICSuppression`,
+            `AdversarialSuppression` or `Purify`.
+        weights: `(B,)` float32, LfF's per-sample weights for your model's cross-entropy (None unless `logits` was
+            given; 0 where the label is unknown or the batch was skipped).
+        twin_loss: the twin's mean GCE on the batch's known labels (0-d float32), for logging.
     """
 
     features: dict[str, Tensor]
