@@ -69,3 +69,8 @@ def test_lightning_example_runs_when_lightning_is_installed() -> None:
     pytest.importorskip("lightning", reason="optional: pip install lightning")
     out = run_example("examples/lightning_module.py", "--steps", "3")
     assert "trained 3 steps" in out
+
+
+def test_bias_twin_example_runs() -> None:
+    out = run_example("examples/bias_twin.py", "--steps", "5")
+    assert "step 5: loss" in out and "twin GCE" in out and "agree with the colour" in out
