@@ -50,6 +50,7 @@ from .anti_transfer import (
 )
 from .anti_transfer import _check_anti_transfer_inputs as check_anti_transfer_inputs
 from .distribution_matching import EPS
+from .distribution_matching import _check_b_to_a_gate as check_b_to_a_gate
 from .distribution_matching import _check_heads as check_heads
 from .distribution_matching import _check_matching_tensors as check_matching_tensors
 from .distribution_matching import _check_parts as check_parts
@@ -83,6 +84,7 @@ __all__ = [
     "adversarial_loss",
     "aggregated_row_cosines_unchecked",
     "check_anti_transfer_inputs",
+    "check_b_to_a_gate",
     "check_gram_pair",
     "check_heads",
     "check_irrelevant_labels",

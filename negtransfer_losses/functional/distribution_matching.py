@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,14 @@ from .._labels import IGNORE_INDEX, check_labels, multilabel_targets
 from .._validation import check_choice, check_tensor, compute_dtype, full_precision
 
 __all__ = [
+    "B_TO_A_GATES",
     "DIRECTIONS",
     "DIVERGENCES",
     "EPS",
     "INVERSIONS",
     "MULTI_TASK_PARTS",
     "TASK_KINDS",
+    "BToAGate",
     "Direction",
     "Divergence",
     "Inversion",
@@ -43,6 +45,7 @@ __all__ = [
     "distribution_matching",
     "infer_a_from_b",
     "infer_b_from_a",
+    "label_advantage",
     "masked_binary_cross_entropy",
     "masked_cross_entropy",
     "multi_task_terms",
@@ -53,11 +56,13 @@ TaskKind: TypeAlias = Literal["multilabel", "multiclass"]
 Inversion: TypeAlias = Literal["bayes", "product"]
 Divergence: TypeAlias = Literal["kl", "ce"]
 Direction: TypeAlias = Literal["a_to_b", "b_to_a"]
+BToAGate: TypeAlias = Literal["label_advantage"]
 
 TASK_KINDS: tuple[TaskKind, ...] = ("multilabel", "multiclass")
 INVERSIONS: tuple[Inversion, ...] = ("bayes", "product")
 DIVERGENCES: tuple[Divergence, ...] = ("kl", "ce")
 DIRECTIONS: tuple[Direction, ...] = ("a_to_b", "b_to_a")
+B_TO_A_GATES: tuple[BToAGate, ...] = ("label_advantage",)
 
 EPS = 1e-6
 """The default `eps`: probabilities are clamped to `[eps, 1 - eps]` inside logarithms (and `R` in the Bayes
@@ -628,6 +633,7 @@ def multi_task_terms(
     detach_target: bool = False,
     eps: float = EPS,
     ignore_index: int = IGNORE_INDEX,
+    b_to_a_gate: BToAGate | None = None,
 ) -> dict[str, Tensor]:
     """The multi-task loss's unweighted parts, each differentiable, by name (Methods §3).
 
@@ -639,7 +645,8 @@ def multi_task_terms(
 
     `L = λ_A L_A + λ_B L_B + λ_DM (L_AB + L_BA) + λ_CA (L_CA_A + L_CA_B)`; `MultiTaskLoss` adds them so.
     Handed to a multi-objective optimizer as separate losses (e.g. Jacobian descent), they keep their
-    gradients. Each tensor is checked once per call.
+    gradients. Each tensor is checked once per call. With `b_to_a_gate="label_advantage"` the B→A term is
+    `g · L_BA`, `g = label_advantage(...)` of the batch's labels (the library's own; docs: Methods).
 
     Args:
         logits_a: `(N, K)` task A's logits.
@@ -656,14 +663,16 @@ def multi_task_terms(
         detach_target: treat the matching terms' inferred distributions as constants.
         eps: the clamp of probabilities inside logarithms.
         ignore_index: the label of samples whose class is unknown.
+        b_to_a_gate: None (`L_BA` at full weight), or `"label_advantage"`: `L_BA` scaled by how many more
+            labelled samples task B has than task A in the batch (`label_advantage`).
 
     Returns:
         `{name: scalar}` as listed above, for the parts asked for; float32 (float64 for float64 logits).
 
     Raises:
         TypeError: an input has the wrong type.
-        ValueError: an option is not one of its choices, a part is unknown, a shape does not match, or a label
-            is out of range.
+        ValueError: an option is not one of its choices, a part is unknown, a shape does not match, a label
+            is out of range, or `b_to_a_gate` is set without the B→A matching term.
     """
     options = _MatchingOptions.resolve(
         kind=kind,
@@ -674,6 +683,7 @@ def multi_task_terms(
         eps=eps,
     )
     wanted = _check_parts(parts)
+    gate = _check_b_to_a_gate(b_to_a_gate, options, wanted)
     checked_prior = _check_matching_tensors(logits_a, logits_b, relatedness, prior)
     labels = _task_labels(labels_a, labels_b, logits_a, relatedness, options.kind, ignore_index)
     with full_precision(logits_a, logits_b):
@@ -682,7 +692,63 @@ def multi_task_terms(
             if "matching" in wanted
             else {}
         )
-        return _multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, wanted, matching)
+        return _multi_task_unchecked(
+            logits_a, logits_b, labels, relatedness, checked_prior, options, wanted, matching, gate
+        )
+
+
+def _check_b_to_a_gate(gate: object, options: _MatchingOptions, parts: Sequence[str]) -> BToAGate | None:
+    """`gate` checked: None or one of `B_TO_A_GATES`, and only where the B→A matching term is computed."""
+    if gate is None:
+        return None
+    check_choice(gate, "b_to_a_gate", B_TO_A_GATES)
+    if "matching" not in parts or "b_to_a" not in options.directions:
+        raise ValueError(
+            f"b_to_a_gate={gate!r} scales the B→A matching term, which is not computed here "
+            f"(parts={tuple(parts)}, directions={options.directions}): leave b_to_a_gate=None"
+        )
+    return cast(BToAGate, gate)
+
+
+def label_advantage(known_a: Tensor, known_b: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`g = max(0, n_B − n_A) / (n_A + n_B)`: how many more of the batch's samples carry a label of task B than
+    of task A, as a share of all the labels; 0 for a batch with no label.
+
+    The weight of the B→A matching term under `b_to_a_gate="label_advantage"`: B's head teaches A (through the
+    naive-Bayes inversion of `R`, which multiplies the evidence of every attribute as if independent) only in
+    proportion to the labels it has learned from beyond A's own.
+
+    Args:
+        known_a: `(N,)` bool, the samples whose A label is known.
+        known_b: `(N,)` bool, the samples with at least one known B label.
+        dtype: the result's floating-point dtype.
+
+    Returns:
+        a scalar in `[0, 1)`, no gradient.
+
+    Raises:
+        TypeError: a mask is not a bool tensor, or `dtype` is not floating-point.
+        ValueError: a mask is not 1-D, or the two differ in length.
+    """
+    for name, mask in (("known_a", known_a), ("known_b", known_b)):
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"'{name}' must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.dim() != 1:
+            raise ValueError(f"'{name}' must be 1-D (one flag per sample), got shape {tuple(mask.shape)}")
+    if known_a.shape != known_b.shape:
+        raise ValueError(
+            f"'known_a' and 'known_b' must have one flag per sample of the same batch: got shapes "
+            f"{tuple(known_a.shape)} and {tuple(known_b.shape)}"
+        )
+    if not dtype.is_floating_point:
+        raise TypeError(f"'dtype' must be a floating-point dtype, got {dtype}")
+    return _label_advantage(known_a, known_b, dtype)
+
+
+def _label_advantage(known_a: Tensor, known_b: Tensor, dtype: torch.dtype) -> Tensor:
+    n_a = known_a.sum(dtype=dtype)
+    n_b = known_b.sum(dtype=dtype)
+    return (n_b - n_a).clamp_min(0) / (n_a + n_b).clamp_min(1)
 
 
 def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
@@ -703,10 +769,14 @@ def _multi_task_unchecked(
     options: _MatchingOptions,
     parts: tuple[str, ...],
     matching: dict[Direction, Tensor],
+    b_to_a_gate: BToAGate | None = None,
 ) -> dict[str, Tensor]:
     """`multi_task_terms` for checked inputs, decoded labels and the matching terms already computed (by the
     functional path or a kernel), with autocast off (switched by the entry point of the call)."""
     terms: dict[str, Tensor] = {}
+    if b_to_a_gate is not None and "b_to_a" in matching:
+        gate = _label_advantage(labels.known_a, labels.known_b.any(dim=1), matching["b_to_a"].dtype)
+        matching = {**matching, "b_to_a": gate * matching["b_to_a"]}
     dtype = compute_dtype(logits_a, logits_b)
     z_a, z_b = logits_a.to(dtype), logits_b.to(dtype)
     if "supervised_a" in parts:

@@ -21,8 +21,15 @@ from .._validation import (
     guard_finite,
     zero_unless,
 )
-from ..functional import DIRECTIONS, Direction, Divergence, Inversion, TaskKind
-from ..functional._core import EPS, MatchingOptions, check_heads, co_annotation_unchecked, task_labels
+from ..functional import DIRECTIONS, BToAGate, Direction, Divergence, Inversion, TaskKind
+from ..functional._core import (
+    EPS,
+    MatchingOptions,
+    check_b_to_a_gate,
+    check_heads,
+    co_annotation_unchecked,
+    task_labels,
+)
 from ..ops import Backend
 from ..ops._core import check_backend, matching_terms, multi_task_parts
 from ..relatedness import TaskRelatedness
@@ -293,13 +300,19 @@ class MultiTaskLoss(_Matching):
         detach_target: treat the inferred distributions of the matching terms as constants.
         eps: the clamp of probabilities inside logarithms.
         ignore_index: the label of samples whose class is unknown.
+        b_to_a_gate: None (`L_BA` at full weight), or `"label_advantage"`: `L_BA` scaled, on each batch, by
+            `max(0, n_B − n_A) / (n_A + n_B)` with `n_A`, `n_B` the samples carrying a label of each task
+            (`negtransfer_losses.functional.label_advantage`). The setting the docs lead with: it kept either
+            task from falling below its single-task model in every label regime measured (docs: Distribution
+            matching).
         nan_policy: non-finite logits `"raise"`, `"skip"` the batch, or `"propagate"`.
         backend: `"auto"`, `"torch"` or `"triton"` for the matching terms; see `negtransfer_losses.ops`.
 
     Raises:
         TypeError: `relatedness` is not a `TaskRelatedness`.
-        ValueError: an option is not one of its choices, `directions` is empty, or `inversion="product"`
-            with no non-zero row in `R`.
+        ValueError: an option is not one of its choices, `directions` is empty, `inversion="product"` with no
+            non-zero row in `R`, or `b_to_a_gate` is set without the B→A matching term (`matching_weight=0` or
+            `directions` without `"b_to_a"`).
     """
 
     def __init__(
@@ -317,6 +330,7 @@ class MultiTaskLoss(_Matching):
         detach_target: bool = False,
         eps: float = EPS,
         ignore_index: int = IGNORE_INDEX,
+        b_to_a_gate: BToAGate | None = None,
         nan_policy: NanPolicy = "raise",
         backend: Backend = "auto",
     ) -> None:
@@ -339,6 +353,11 @@ class MultiTaskLoss(_Matching):
             "co_annotation": float(co_annotation_weight),
         }
         self.ignore_index = ignore_index
+        self.b_to_a_gate: BToAGate | None = check_b_to_a_gate(b_to_a_gate, options, self._wanted_parts())
+
+    def _wanted_parts(self) -> tuple[str, ...]:
+        """The supervised parts and the couplings whose weight is not 0."""
+        return ("supervised_a", "supervised_b", *(name for name in _COUPLINGS if self.term_weights[name]))
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, labels_a: Tensor, labels_b: Tensor) -> Tensor:
         """The weighted multi-task loss.
@@ -401,7 +420,6 @@ class MultiTaskLoss(_Matching):
         """The parts' unweighted values (a coupling: the sum of its terms) and the couplings' own terms; zero
         with a zero gradient for a batch skipped as non-finite."""
         logits_a, logits_b, finite = self._guard(logits_a, logits_b)
-        wanted = ("supervised_a", "supervised_b", *(name for name in _COUPLINGS if self.term_weights[name]))
         flat = multi_task_parts(
             logits_a,
             logits_b,
@@ -410,9 +428,10 @@ class MultiTaskLoss(_Matching):
             self.matrix,
             self.prior,
             self._options,
-            parts=wanted,
+            parts=self._wanted_parts(),
             ignore_index=self.ignore_index,
             backend=self.backend,
+            b_to_a_gate=self.b_to_a_gate,
         )
         parts: dict[str, Tensor] = {}
         nested: dict[str, dict[str, Tensor]] = {}
@@ -432,5 +451,5 @@ class MultiTaskLoss(_Matching):
         return (
             f"K={self.matrix.shape[0]}, M={self.matrix.shape[1]}, kind={o.kind!r}, weight={self.weight}, {weights}, "
             f"directions={o.directions}, inversion={o.inversion!r}, divergence={o.divergence!r}, "
-            f"detach_target={o.detach_target}"
+            f"detach_target={o.detach_target}, b_to_a_gate={self.b_to_a_gate!r}"
         )

@@ -9,10 +9,11 @@ from torch import Tensor
 
 from .._labels import IGNORE_INDEX
 from .._validation import full_precision
-from ..functional import DIRECTIONS, MULTI_TASK_PARTS, Direction, Divergence, Inversion, TaskKind
+from ..functional import DIRECTIONS, MULTI_TASK_PARTS, BToAGate, Direction, Divergence, Inversion, TaskKind
 from ..functional._core import (
     EPS,
     MatchingOptions,
+    check_b_to_a_gate,
     check_matching_tensors,
     check_parts,
     matching_terms_unchecked,
@@ -153,6 +154,7 @@ def multi_task_terms(
     detach_target: bool = False,
     eps: float = EPS,
     ignore_index: int = IGNORE_INDEX,
+    b_to_a_gate: BToAGate | None = None,
     backend: Backend = "auto",
 ) -> dict[str, Tensor]:
     """`negtransfer_losses.functional.multi_task_terms` with a choice of backend for the matching terms.
@@ -172,6 +174,7 @@ def multi_task_terms(
         detach_target: treat the matching terms' inferred distributions as constants.
         eps: the clamp of probabilities inside logarithms.
         ignore_index: the label of samples whose class is unknown.
+        b_to_a_gate: None, or `"label_advantage"` (the B→A term scaled by `functional.label_advantage`).
         backend: `"auto"`, `"torch"` or `"triton"` (see `negtransfer_losses.ops`).
 
     Returns:
@@ -191,6 +194,7 @@ def multi_task_terms(
         detach_target=detach_target,
         eps=eps,
     )
+    checked_parts = check_parts(parts)
     return multi_task_parts(
         logits_a,
         logits_b,
@@ -199,9 +203,10 @@ def multi_task_terms(
         relatedness,
         prior,
         options,
-        parts=check_parts(parts),
+        parts=checked_parts,
         ignore_index=ignore_index,
         backend=check_backend(backend),
+        b_to_a_gate=check_b_to_a_gate(b_to_a_gate, options, checked_parts),
     )
 
 
@@ -217,6 +222,7 @@ def multi_task_parts(
     parts: tuple[str, ...],
     ignore_index: int,
     backend: Backend,
+    b_to_a_gate: BToAGate | None = None,
 ) -> dict[str, Tensor]:
     """`multi_task_terms` for options resolved once: what `MultiTaskLoss` calls on every step.
 
@@ -234,6 +240,7 @@ def multi_task_parts(
         parts: checked part names.
         ignore_index: the label of samples whose class is unknown.
         backend: a checked backend.
+        b_to_a_gate: a checked gate of the B→A term, or None.
 
     Returns:
         the parts, as `multi_task_terms` gives them.
@@ -246,4 +253,6 @@ def multi_task_parts(
             if "matching" in parts
             else {}
         )
-        return multi_task_unchecked(logits_a, logits_b, labels, relatedness, checked_prior, options, parts, matching)
+        return multi_task_unchecked(
+            logits_a, logits_b, labels, relatedness, checked_prior, options, parts, matching, b_to_a_gate
+        )
