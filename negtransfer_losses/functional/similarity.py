@@ -17,6 +17,14 @@ pairwise ones (`Σ p_a·p_b ≤ n·(p + q + #products)`: always for features no 
 e.g. every suppression loss at its defaults from a batch of 10 up), the pairwise form otherwise (RBF
 kernels, and linear kernels of features much wider than the batch, where the `n × n` matrices are the smaller
 ones). Both forms are exact; they differ only in rounding.
+
+**RBF kernels** keep the pairwise form, formed a tile of rows at a time (`tiled_hsic_sums`): tiles of
+`tile_rows(n) = min(n, 2²² // n)` rows, each recomputed in the backward pass when there are several, so the forward
+and the backward pass hold `O(tile_rows(n)·n)` numbers (at most about `2²²`, 16 MiB in float32, plus `O(n·d)`),
+not `O(n²)`; time stays `O(n²·d)` (plus one recomputation of each tile in the backward pass). The median-heuristic
+bandwidth (`sigma=None`) reads every distinct pair's distance: `n(n-1)/2` numbers, detached, sorted once per
+call (`median_distance`); with a `sigma` given, the bound above is the whole memory. The conditional forms with
+an RBF kernel (`functional.suppression`) still form their masked `n × n` matrices.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Literal, NamedTuple, TypeAlias
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .._validation import (
     check_choice,
@@ -419,7 +428,9 @@ def hsic(
 
     With linear kernels on both sides it is computed in feature space (`linear_hsic`: `O(n·p·q)` time, no
     `n × n` matrix) unless the features are so much wider than the batch that the kernel matrices are cheaper
-    (`feature_space_cheaper`); other kernels form the `(n, n)` kernel matrices.
+    (`feature_space_cheaper`); an RBF kernel forms the kernel matrices a tile of rows at a time
+    (`tiled_hsic_sums`: `O(tile_rows(n)·n)` memory in the forward and backward pass, plus the median
+    heuristic's `n(n-1)/2` detached distances when its `sigma` is None).
 
     Args:
         x: `(n, ...)`, flattened to `(n, p)`.
@@ -453,7 +464,13 @@ def hsic(
         x, y = _paired_batch(x, y, gather, minimum, what)
         if kernel == "linear" and kernel_y == "linear":
             return _linear_kernel_hsic(x, y, unbiased)
-        return _hsic_from_kernels(_kernel_matrix(x, kernel, sigma), _kernel_matrix(y, kernel_y, sigma_y), unbiased)
+        x2, y2 = _flat(x), _flat(y)
+        sides = [
+            rbf_side(v, s) if k == "rbf" else KernelSide(v, "linear")
+            for v, k, s in ((x2, kernel, sigma), (y2, kernel_y, sigma_y))
+        ]
+        count = torch.tensor(float(x2.shape[0]), dtype=x2.dtype, device=x2.device)
+        return tiled_hsic_sums(sides[0], sides[1], count, unbiased=unbiased)[0]
 
 
 def _linear_kernel_hsic(x: Tensor, y: Tensor, unbiased: bool) -> Tensor:
@@ -481,7 +498,9 @@ def cka(
     `x` and `y` may differ in width. Constant features (a zero denominator) give 0, not NaN. With
     `unbiased=True` the value can fall slightly outside [0, 1]; a non-positive denominator gives 0. Linear
     kernels are computed in feature space (`linear_alignment`, no `n × n` matrix) unless the features are so
-    much wider than the batch that the kernel matrices are cheaper (`feature_space_cheaper`).
+    much wider than the batch that the kernel matrices are cheaper (`feature_space_cheaper`); RBF kernels are
+    formed a tile of rows at a time (`tiled_hsic_sums`: `O(tile_rows(n)·n)` memory, plus the median heuristic's
+    `n(n-1)/2` detached distances per side when `sigma` is None).
 
     Args:
         x: `(n, ...)`, flattened to `(n, p)`.
@@ -520,7 +539,22 @@ def _cka(x: Tensor, y: Tensor, kernel: Kernel, unbiased: bool, sigma: float | No
         if feature_space_cheaper(n, x2.shape[1], y2.shape[1], self_terms=True):
             count = torch.tensor(float(n), dtype=x2.dtype, device=x2.device)
             return linear_alignment(x2, y2, count, unbiased=unbiased)
-    return _kernel_alignment(_kernel_matrix(x2, kernel, sigma), _kernel_matrix(y2, kernel, sigma), unbiased)
+        return _kernel_alignment(x2 @ x2.T, y2 @ y2.T, unbiased)
+    count = torch.tensor(float(x2.shape[0]), dtype=x2.dtype, device=x2.device)
+    sums = tiled_hsic_sums(rbf_side(x2, sigma), rbf_side(y2, sigma), count, unbiased=unbiased)
+    return tiled_alignment(*sums, count)
+
+
+def tiled_alignment(
+    cross: Tensor, self_k: Tensor, self_l: Tensor, square_k: Tensor, square_l: Tensor, n: Tensor
+) -> Tensor:
+    """`kernel_alignment` from `tiled_hsic_sums`' five sums over `n` samples: a self-HSIC at the rounding level of
+    its kernel's entries (`≤ 64 eps · mean(K²)`, `mean(K²) = Σ K² / n²`) counts as zero."""
+    eps = 64 * torch.finfo(self_k.dtype).eps
+    entries = n.detach().square()
+    varies = (self_k > eps * square_k / entries) & (self_l > eps * square_l / entries)
+    zero = torch.zeros_like(self_k)
+    return safe_ratio(cross, torch.where(varies, self_k, zero), torch.where(varies, self_l, zero))
 
 
 def kernel_alignment(k: Tensor, l: Tensor, *, unbiased: bool) -> Tensor:
@@ -668,6 +702,222 @@ def safe_ratio(num: Tensor, den_x: Tensor, den_y: Tensor) -> Tensor:
     den = den_x * den_y
     positive = den > torch.finfo(den.dtype).tiny
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)).sqrt(), 0.0)
+
+
+# --- kernel matrices in row tiles: RBF kernels with bounded memory ----------------------------------------
+
+TILE_NUMBERS = 1 << 22
+"""The most entries of one `(rows, n)` kernel tile: 4 Mi numbers (16 MiB in float32)."""
+
+
+def tile_rows(n: int) -> int:
+    """Rows of one kernel tile for a batch of `n`: all of them up to `n = 2048`, then `TILE_NUMBERS // n`."""
+    return max(1, min(n, TILE_NUMBERS // max(n, 1)))
+
+
+class KernelSide(NamedTuple):
+    """One side of a tiled HSIC: its rows and how its kernel is formed from them, a tile at a time.
+
+    `"linear"`: `K = XXᵀ` of `rows`; `"rbf"`: `exp(-‖x_i - x_j‖² / (2 σ²))` of the centred `rows`, squared
+    distances at or below `threshold` set to zero (`squared_distances`' rounding rule), bandwidth `σ`.
+    """
+
+    rows: Tensor
+    kernel: Kernel
+    bandwidth: Tensor | None = None
+    threshold: Tensor | None = None
+
+    def tile(self, start: int, stop: int) -> Tensor:
+        """Rows `start:stop` of the `(n, n)` kernel matrix, with the diagonal's entries as in `kernel_matrix`."""
+        part = self.rows[start:stop]
+        if self.kernel == "linear":
+            return part @ self.rows.T
+        assert self.bandwidth is not None and self.threshold is not None
+        sq_norms = (self.rows * self.rows).sum(dim=1)
+        sq_dist = (sq_norms[start:stop, None] + sq_norms[None, :] - 2.0 * part @ self.rows.T).clamp_min(0.0)
+        index = torch.arange(self.rows.shape[0], device=part.device)
+        diagonal = index[start:stop, None] == index[None, :]
+        sq_dist = torch.where(sq_dist > self.threshold, sq_dist, torch.zeros_like(sq_dist))
+        sq_dist = torch.where(diagonal, torch.zeros_like(sq_dist), sq_dist)
+        return gaussian(sq_dist, self.bandwidth)
+
+
+def rbf_side(x: Tensor, sigma: float | None, members: Tensor | None = None) -> KernelSide:
+    """The RBF `KernelSide` of `(n, d)` rows, as `kernel_matrix(kernel="rbf")` forms it: rows centred (over
+    `members`, the others zero), the rounding threshold from their largest magnitude, and `σ` = `sigma` or the
+    median distance between distinct rows (of `members`), without gradient, floored at 1e-12 (1 for fewer than
+    two rows). The median reads every pairwise distance: `n(n-1)/2` numbers, detached, computed a tile at a
+    time (`median_distance`)."""
+    if members is None:
+        centred, largest = x - x.mean(dim=0, keepdim=True), x.detach().abs().amax()
+    else:
+        weights = members.to(x.dtype)
+        rows = torch.where(members[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        mean = weights @ rows / weights.sum().clamp_min(1.0)
+        centred = torch.where(members[:, None], rows - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+        largest = rows.detach().abs().amax()
+    rounding = 8 * torch.finfo(x.dtype).eps * largest
+    side = KernelSide(centred, "rbf", x.new_ones(()), rounding * rounding * x.shape[1])
+    if sigma is not None:
+        return side._replace(bandwidth=x.new_tensor(float(sigma)))
+    return side._replace(bandwidth=median_distance(side, members))
+
+
+def median_distance(side: KernelSide, members: Tensor | None = None) -> Tensor:
+    """The median distance between distinct rows of an RBF `KernelSide` (between `members`), as
+    `torch.quantile(·, 0.5)` of the `n(n-1)/2` distances: sorted, the two middle values interpolated linearly;
+    floored at 1e-12, 1 without a pair. No gradient, no host read."""
+    rows = side.rows.detach()
+    n, dtype = rows.shape[0], rows.dtype
+    if n < 2:
+        return torch.ones((), dtype=dtype, device=rows.device)
+    detached = side._replace(rows=rows, bandwidth=None)
+    step, parts = tile_rows(n), []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sq_norms = (rows * rows).sum(dim=1)
+        sq_dist = (sq_norms[start:stop, None] + sq_norms[None, :] - 2.0 * rows[start:stop] @ rows.T).clamp_min(0.0)
+        assert detached.threshold is not None
+        sq_dist = torch.where(sq_dist > detached.threshold, sq_dist, torch.zeros_like(sq_dist))
+        if members is not None:
+            pair = members[start:stop, None] & members[None, :]
+            sq_dist = torch.where(pair, sq_dist, torch.full_like(sq_dist, float("inf")))
+        first, second = torch.triu_indices(stop - start, n, offset=start + 1, device=rows.device)
+        parts.append(sq_dist[first, second].sqrt())
+    distances = torch.sort(torch.cat(parts)).values
+    count = torch.tensor(n * (n - 1) // 2, device=rows.device)
+    if members is not None:
+        m = members.sum()
+        count = m * (m - 1) // 2
+    rank = 0.5 * (count - 1).to(dtype)
+    below = rank.floor()
+    last = distances.shape[0] - 1
+    middle = torch.stack([below, rank.ceil()]).to(torch.int64).clamp(0, last)
+    low, high = distances.index_select(0, middle).unbind()  # a tensor index: no host read
+    median = torch.lerp(low, high, rank - below)
+    return torch.where(count >= 1, median.clamp_min(1e-12), torch.ones_like(median))
+
+
+class _TileSums(NamedTuple):
+    """Sums over the `n × n` entries of two kernels `K`, `L` (or their double-centred forms, `biased`)."""
+
+    cross: Tensor  # Σ K̃ ⊙ L̃
+    self_k: Tensor  # Σ K̃ ⊙ K̃
+    self_l: Tensor  # Σ L̃ ⊙ L̃
+    rows_k: Tensor  # (n,) row sums of K̃ (unbiased) / of K (biased, first pass)
+    rows_l: Tensor  # (n,)
+    square_k: Tensor  # Σ K ⊙ K, every entry (the rounding test of a ratio), no gradient
+    square_l: Tensor
+
+
+def _tile_sums(
+    k_side: KernelSide, l_side: KernelSide, start: int, stop: int, mask: Tensor | None, centre: Tensor | None
+) -> Tensor:
+    """Rows `start:stop`: `[Σ_j K̃L̃, Σ_j K̃², Σ_j L̃², Σ_j K̃, Σ_j L̃, Σ_j K², Σ_j L²]` per row, `(rows, 7)`.
+
+    Without `centre`, `K̃` is `K` with a zero diagonal (the unbiased estimator's); with `centre` (`(n, 2)`: the
+    row means of `K` and `L` over the `n` samples, and `(2,)` their means in its last row appended), the
+    double-centred `K̂ = K - r 1ᵀ - 1 rᵀ + s` (the biased one's). `mask` `(n,)`: entries outside the samples are
+    zero."""
+    k, l = k_side.tile(start, stop), l_side.tile(start, stop)
+    if mask is not None:
+        inside = mask[start:stop, None] & mask[None, :]
+        k = torch.where(inside, k, torch.zeros_like(k))
+        l = torch.where(inside, l, torch.zeros_like(l))
+    square_k, square_l = k.detach().square().sum(dim=1), l.detach().square().sum(dim=1)
+    if centre is None:
+        index = torch.arange(k.shape[1], device=k.device)
+        off = index[start:stop, None] != index[None, :]
+        k, l = torch.where(off, k, torch.zeros_like(k)), torch.where(off, l, torch.zeros_like(l))
+    else:
+        means, grand = centre[:-1], centre[-1]
+        k = k - means[start:stop, 0:1] - means[None, :, 0] + grand[0]
+        l = l - means[start:stop, 1:2] - means[None, :, 1] + grand[1]
+        if mask is not None:
+            inside = mask[start:stop, None] & mask[None, :]
+            k = torch.where(inside, k, torch.zeros_like(k))
+            l = torch.where(inside, l, torch.zeros_like(l))
+    return torch.stack(
+        [
+            (k * l).sum(dim=1),
+            k.square().sum(dim=1),
+            l.square().sum(dim=1),
+            k.sum(dim=1),
+            l.sum(dim=1),
+            square_k,
+            square_l,
+        ],
+        dim=1,
+    )
+
+
+def _tiled(k_side: KernelSide, l_side: KernelSide, mask: Tensor | None, centre: Tensor | None) -> Tensor:
+    """`_tile_sums` of every row, a tile at a time; each tile recomputed in the backward pass when there are
+    several (activation checkpointing), so neither pass holds more than a tile's `(rows, n)` entries."""
+    n = k_side.rows.shape[0]
+    step = tile_rows(n)
+    if step >= n:
+        return _tile_sums(k_side, l_side, 0, n, mask, centre)
+    parts = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        parts.append(
+            checkpoint(_tile_sums, k_side, l_side, start, stop, mask, centre, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _tile_sums(k_side, l_side, start, stop, mask, centre)
+        )
+    return torch.cat(parts)
+
+
+def tiled_hsic_sums(
+    k_side: KernelSide, l_side: KernelSide, n: Tensor, *, unbiased: bool, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`(HSIC(K, L), HSIC(K, K), HSIC(L, L), Σ K², Σ L²)` of the kernels of two `KernelSide`s, formed a tile of
+    rows at a time (`tile_rows`): memory `O(tile_rows(n) · n)` in the forward and the backward pass. The sums
+    of `Σ K²` and `Σ L²` (every entry, no gradient) are the ratio's rounding test. `mask` `(n,)` keeps the
+    entries between its samples (`n` of them) and zeroes the others; None: every row.
+
+    - unbiased: from `tr(K̃L̃)`, `1ᵀK̃1`, `1ᵀL̃1`, `1ᵀK̃L̃1` (rows sums of the zero-diagonal kernels), as
+      `hsic_from_kernels`;
+    - biased: a first pass for the row means `r` of `K` and `L`, a second for `Σ K̂ ⊙ L̂` of the double-centred
+      `K̂ = K - r 1ᵀ - 1 rᵀ + mean(K)` (`H K H`), over `(n - 1)²`.
+    """
+    if unbiased:
+        rows = _tiled(k_side, l_side, mask, None)
+        cross, self_k, self_l, rows_k, rows_l, square_k, square_l = rows.unbind(dim=1)
+        sum_k, sum_l = rows_k.sum(), rows_l.sum()
+
+        def combine(trace: Tensor, a: Tensor, b: Tensor, rows_a: Tensor, rows_b: Tensor) -> Tensor:
+            return (trace + a * b / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows_a * rows_b).sum()) / (n * (n - 3))
+
+        return (
+            combine(cross.sum(), sum_k, sum_l, rows_k, rows_l),
+            combine(self_k.sum(), sum_k, sum_k, rows_k, rows_k),
+            combine(self_l.sum(), sum_l, sum_l, rows_l, rows_l),
+            square_k.sum(),
+            square_l.sum(),
+        )
+    first = _tiled(k_side, l_side, mask, None)
+    diagonal = _diagonals(k_side, l_side, mask)
+    means = (first[:, 3:5] + diagonal) / n  # row sums of K with its diagonal
+    if mask is not None:
+        means = torch.where(mask[:, None], means, torch.zeros_like(means))
+    centre = torch.cat([means, (means.sum(dim=0) / n)[None, :]])
+    rows = _tiled(k_side, l_side, mask, centre)
+    cross, self_k, self_l = rows[:, 0].sum(), rows[:, 1].sum(), rows[:, 2].sum()
+    scale = (n - 1) ** 2
+    return cross / scale, self_k / scale, self_l / scale, rows[:, 5].sum(), rows[:, 6].sum()
+
+
+def _diagonals(k_side: KernelSide, l_side: KernelSide, mask: Tensor | None) -> Tensor:
+    """`(n, 2)`: the diagonals of `K` and `L` (`‖x_i‖²` for a linear kernel, 1 for an RBF one), zero outside
+    `mask`."""
+    columns = []
+    for side in (k_side, l_side):
+        rows = side.rows
+        columns.append((rows * rows).sum(dim=1) if side.kernel == "linear" else torch.ones_like(rows[:, 0]))
+    diagonal = torch.stack(columns, dim=1)
+    return diagonal if mask is None else torch.where(mask[:, None], diagonal, torch.zeros_like(diagonal))
 
 
 # --- linear kernels in feature space (docs: Methods §4) -------------------------------------------------

@@ -21,7 +21,10 @@ Two forms, one rule (`similarity.feature_space_cheaper`; docs: Methods §4):
   per class, in `B // n_min + 1` slots (`_conditional_hsic_in_slots`; the rule then also bounds their
   `(B // n_min + 1)·D²` numbers by `4·B²`).
 - **pairwise**: the `(B, B)` kernel matrices, masked by the `(B, B)` boolean matrix `groups[i, j]` ("`j` is
-  in the group of `i`"): RBF kernels, and features much wider than the batch.
+  in the group of `i`"): RBF kernels, and features much wider than the batch. Without task labels an RBF
+  kernel's matrices are formed a tile of rows at a time (`similarity.tiled_hsic_sums`: `O(tile_rows(B)·B)`
+  memory in both passes, plus the median heuristic's `B(B-1)/2` detached distances); the conditional forms
+  with an RBF kernel still hold their masked `(B, B)` matrices.
 
 Under `gather="global"` the feature-space forms all-reduce their sums (`similarity.linear_across_ranks`; per
 task class `_conditional_hsic_in_slots` and `_conditional_cka_across_ranks`, whose task labels travel, one
@@ -60,6 +63,7 @@ from ._groups import (
 from .similarity import (
     GlobalMeasure,
     Kernel,
+    KernelSide,
     _check_kernel,
     _cka,
     _flat,
@@ -69,8 +73,11 @@ from .similarity import (
     linear_across_ranks,
     linear_alignment,
     linear_hsic,
+    rbf_side,
     safe_ratio,
     squared_distances,
+    tiled_alignment,
+    tiled_hsic_sums,
     unit_frobenius,
     unit_scale,
 )
@@ -112,7 +119,8 @@ def irrelevant_hsic(
     `B × B` tensor (`similarity.linear_hsic`, per task class as sums into slots; the normalized conditional
     form holds a `D × D` Gram matrix per class slot, `(B // n_min + 1)·D²` numbers), unless the features are
     much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels and that case form the masked
-    `(B, B)` kernel matrices.
+    `(B, B)` kernel matrices, without task labels a tile of rows at a time (`similarity.tiled_hsic_sums`:
+    `O(tile_rows(B)·B)` memory, plus the median heuristic's `B(B-1)/2` detached distances when `sigma` is None).
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -176,6 +184,8 @@ def irrelevant_hsic(
                     x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased, True, "local"
                 )
             return _conditional_linear_hsic(x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased)
+        if task_labels is None and kernel == "rbf":
+            return _tiled_rbf_hsic(x, labels, num_irrelevant, ignore_index, minimum, sigma, unbiased, normalized)
         return _pairwise_hsic(
             x, labels, task_labels, num_irrelevant, ignore_index, minimum, kernel, sigma, unbiased, normalized
         )
@@ -208,7 +218,7 @@ def irrelevant_cka(
     Linear kernels are computed in feature space (`similarity.linear_alignment`: `O(B·(D+D')²)` time,
     `O(B·(D+D') + (D+D')²)` memory, no `B × B` tensor; the within-class means as sums into slots) unless the
     features are much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels form the
-    `(B, B)` kernel matrices.
+    `(B, B)` kernel matrices, without task labels a tile of rows at a time (as `similarity.cka`).
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -622,6 +632,30 @@ def _pairwise_hsic(
     l = onehot @ onehot.T
     value = _group_alignment(k, l, groups, unbiased=unbiased) if normalized else _group_hsic(k, l, groups, unbiased)
     return _member_weighted_mean(value, members)
+
+
+def _tiled_rbf_hsic(
+    x: Tensor,
+    labels: Tensor,
+    num_irrelevant: int,
+    ignore_index: int,
+    minimum: int,
+    sigma: float | None,
+    unbiased: bool,
+    normalized: bool,
+) -> Tensor:
+    """`irrelevant_hsic` without task labels, RBF kernel: the kernel matrices a tile of rows at a time
+    (`similarity.tiled_hsic_sums`, `O(tile_rows(B)·B)` memory in both passes, the same value as `_pairwise_hsic`
+    up to rounding), over the samples whose label is known (all of them or none, `_at_least`)."""
+    dtype = x.dtype
+    members = _at_least(labels != ignore_index, minimum)
+    count = members.to(dtype).sum()
+    enough = count >= minimum
+    n = torch.where(enough, count, float(minimum))  # denominators stay positive; the value is then dropped
+    onehot = KernelSide(one_hot_known(labels, num_irrelevant, members, dtype), "linear")
+    sums = tiled_hsic_sums(rbf_side(x, sigma, members), onehot, n, unbiased=unbiased, mask=members)
+    value = tiled_alignment(*sums, n) if normalized else sums[0]
+    return torch.where(enough, value, torch.zeros_like(value))
 
 
 def _at_least(known: Tensor, minimum: int) -> Tensor:

@@ -374,3 +374,118 @@ def test_float32_feature_space_error_stays_at_float32_rounding(shift: float) -> 
     with forced("features"):
         single = ntf.irrelevant_hsic(z.float(), u, num_irrelevant=10)
     assert abs(single.double().item() - exact.item()) <= 1e-4 * abs(exact.item())
+
+
+# --- RBF kernels: the kernel matrices a tile of rows at a time ------------------------------------------------
+
+
+@contextmanager
+def small_tiles(numbers: int) -> Iterator[None]:
+    """Kernel tiles of at most `numbers` entries (many tiles, each recomputed in the backward pass)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(similarity, "TILE_NUMBERS", numbers)
+        yield
+
+
+def full_rbf_hsic(x: Tensor, y: Tensor, kernel_y: str, unbiased: bool, sigma: float | None) -> Tensor:
+    k = similarity.kernel_matrix(x, kernel="rbf", sigma=sigma)
+    return similarity.hsic_from_kernels(k, similarity.kernel_matrix(y, kernel=kernel_y, sigma=sigma), unbiased=unbiased)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("sigma", [None, 0.7], ids=["median", "sigma"])
+def test_tiled_rbf_hsic_and_cka_are_the_kernel_matrices(scale: float, unbiased: bool, sigma: float | None) -> None:
+    # at 1e-30 the median bandwidth is its floor, 1e-12: K is constant, its HSIC 0 up to rounding (atol)
+    x, y = randn(23, 5, seed=1, scale=scale, shift=2.0), randn(23, 3, seed=2) + 0.5 * randn(23, 3, seed=1)[:, :1]
+    bandwidth = None if sigma is None else sigma * scale
+    for tiles in (similarity.TILE_NUMBERS, 23 * 4):  # one tile; six tiles of 4 rows
+        with small_tiles(tiles):
+            for kernel_y in ("rbf", "linear"):
+                (value, grads), (expected, expected_grads) = (
+                    value_and_grads(
+                        lambda a, b, k=kernel_y: ntf.hsic(
+                            a, b, kernel="rbf", kernel_y=k, sigma=bandwidth, sigma_y=sigma, unbiased=unbiased
+                        ),
+                        x,
+                        y,
+                    ),
+                    value_and_grads(
+                        lambda a, b, k=kernel_y: similarity.hsic_from_kernels(
+                            similarity.kernel_matrix(a, kernel="rbf", sigma=bandwidth),
+                            similarity.kernel_matrix(b, kernel=k, sigma=sigma),  # type: ignore[arg-type]
+                            unbiased=unbiased,
+                        ),
+                        x,
+                        y,
+                    ),
+                )
+                torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-13)
+                for g, e in zip(grads, expected_grads, strict=True):
+                    torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
+            (value, grads), (expected, expected_grads) = (
+                value_and_grads(lambda a, b: ntf.cka(a, b, kernel="rbf", unbiased=unbiased, sigma=sigma), x / scale, y),
+                value_and_grads(
+                    lambda a, b: similarity.kernel_alignment(
+                        similarity.kernel_matrix(a, kernel="rbf", sigma=sigma),
+                        similarity.kernel_matrix(b, kernel="rbf", sigma=sigma),
+                        unbiased=unbiased,
+                    ),
+                    x / scale,
+                    y,
+                ),
+            )
+            torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-13)
+            for g, e in zip(grads, expected_grads, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("unknown", UNKNOWN, ids=["all-known", "3-unknown", "2-unknown", "too-few-known"])
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_tiled_rbf_irrelevant_hsic_is_the_masked_kernel_matrices(
+    unknown: list[int], normalized: bool, unbiased: bool, scale: float
+) -> None:
+    z = randn(12, 4, seed=0, scale=scale, shift=1.5)
+    u = torch.arange(12) % 3
+    u[unknown] = -100
+    minimum = 4 if unbiased else 2
+    with small_tiles(12 * 5):  # three tiles
+        value, (grad,) = value_and_grads(
+            lambda f: ntf.irrelevant_hsic(
+                f, u, num_irrelevant=3, kernel="rbf", normalized=normalized, unbiased=unbiased
+            ),
+            z,
+        )
+    expected, (expected_grad,) = value_and_grads(
+        lambda f: suppression._pairwise_hsic(f, u, None, 3, -100, minimum, "rbf", None, unbiased, normalized), z
+    )
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10 * float(expected_grad.abs().max()))
+    if unknown:
+        assert torch.equal(grad[unknown], torch.zeros_like(grad[unknown]))
+
+
+def test_rbf_kernels_hold_one_tile_at_a_time() -> None:
+    """With a bandwidth given, forward and backward hold no tensor larger than a tile (`TILE_NUMBERS` entries) or
+    the `(n, d)` rows: the memory bound of the docstring. (The median heuristic adds its `n(n-1)/2` distances.)"""
+    n, d, tile = 600, 16, 600 * 40
+    g = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 10, (n,), generator=g)
+    r = torch.randn(n, 12, generator=g)
+    cases: dict[str, Callable[[Tensor], Tensor]] = {
+        "hsic": lambda f: ntf.hsic(f, r, kernel="rbf", sigma=1.5),
+        "cka-biased": lambda f: ntf.cka(f, r, kernel="rbf", sigma=1.5),
+        "irrelevant-hsic": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, kernel="rbf", sigma=1.5),
+        "irrelevant-cka": lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", sigma=1.5, unbiased=True),
+    }
+    for name, fn in cases.items():
+        z = torch.randn(n, d, generator=g).requires_grad_(True)
+        with small_tiles(tile), LargestTensor() as mode:
+            fn(z).backward()
+        assert mode.largest <= tile, f"{name}: a tensor of {mode.largest} elements (a tile: {tile}, n² = {n * n})"
+    z = torch.randn(n, d, generator=g).requires_grad_(True)
+    with small_tiles(tile), LargestTensor() as mode:
+        ntf.hsic(z, r, kernel="rbf").backward()
+    assert mode.largest == n * (n - 1) // 2  # the median's distances, detached: no n × n tensor
