@@ -207,8 +207,8 @@ class BiasTwin(nn.Module):
             if self.training:
                 self._twin_step(grads, saved, known, finite)
                 main_ce = None if logits is None else _cross_entropy(logits.detach(), labels, known)
-                self._update_averages(indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
-            weights = None if logits is None else self._weights(indices, labels, known & finite, z.shape[1])
+                _update_averages(self, indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
+            weights = None if logits is None else _lff_weights(self, indices, labels, known & finite, z.shape[1])
         return TwinOutput(features, pseudo_labels, weights, twin_loss)
 
     def _twin_gradient(
@@ -258,66 +258,74 @@ class BiasTwin(nn.Module):
         params = {name: self.twin.get_parameter(name) for name in names}
         proposal = self.twin_optimizer.propose({n: p.detach() for n, p in params.items()}, lambda _: grads, 1)
         self.twin_optimizer.commit(proposal, params, active)
-        with torch.no_grad():
-            buffers = [b for b in self.twin.buffers() if b.is_floating_point()]
-            for buffer, before in zip(buffers, saved, strict=True):  # a skipped batch leaves BatchNorm's statistics
-                buffer.copy_(torch.where(finite, buffer, before))
-            if is_distributed() and buffers:
-                flat = sum_across_ranks_detached(torch.cat([b.reshape(-1).float() for b in buffers]))
-                parts = torch.split(flat / dist.get_world_size(), [b.numel() for b in buffers])
-                for buffer, part in zip(buffers, parts, strict=True):
-                    buffer.copy_(part.reshape(buffer.shape))
-
-    @torch.no_grad()
-    def _update_averages(
-        self,
-        indices: Tensor,
-        labels: Tensor,
-        update: Tensor,
-        twin_ce: Tensor,
-        main_ce: Tensor | None,
-        pseudo_labels: Tensor,
-    ) -> None:
-        """LfF's moving averages at the batch's indices (summed over ranks first), each index's label and prediction."""
-        weight = update.to(torch.float64)
-        main = torch.zeros_like(weight) if main_ce is None else main_ce.double() * weight
-        values = [twin_ce.double() * weight, main, weight, labels.double() * weight, pseudo_labels.double() * weight]
-        stats = weight.new_zeros(self.num_samples, 5).index_add_(
-            0, indices.clamp(0, self.num_samples - 1), torch.stack(values, 1)
-        )
-        if is_distributed():
-            stats = sum_across_ranks_detached(stats)
-        count = stats[:, 2]
-        hit = count > 0
-        means = stats / count.clamp_min(1.0)[:, None]
-        averages = [(self.twin_loss_ema, self.twin_seen, means[:, 0])]
-        averages += [] if main_ce is None else [(self.main_loss_ema, self.main_seen, means[:, 1])]
-        for average, seen, new in averages:
-            new = new.to(average.dtype)
-            average.copy_(torch.where(hit, torch.where(seen, torch.lerp(average, new, self.momentum), new), average))
-            seen.copy_(seen | hit)
-        self.sample_labels.copy_(torch.where(hit, means[:, 3].round().long(), self.sample_labels))
-        self.sample_pseudo_labels.copy_(torch.where(hit, means[:, 4].round().long(), self.sample_pseudo_labels))
-
-    @torch.no_grad()
-    def _weights(self, indices: Tensor, labels: Tensor, usable: Tensor, num_classes: int) -> Tensor:
-        """`w = ℓ̂_twin / (ℓ̂_twin + ℓ̂_main + 1e-8)` at the batch's indices, each average over its class's maximum."""
-        slots = torch.where(self.sample_labels >= 0, self.sample_labels, num_classes).clamp(max=num_classes)
-        classes = torch.where(usable, labels, num_classes).clamp(0, num_classes)
-        rows = indices.clamp(0, self.num_samples - 1)
-
-        def normalised(average: Tensor) -> Tensor:
-            largest = average.new_zeros(num_classes + 1).scatter_reduce(0, slots, average, "amax")
-            return average[rows] / largest[classes].clamp_min(torch.finfo(average.dtype).tiny)
-
-        twin, main = normalised(self.twin_loss_ema), normalised(self.main_loss_ema)
-        return torch.where(usable, twin / (twin + main + WEIGHT_EPS), torch.zeros_like(twin))
+        _keep_buffers(self.twin, saved, finite)
 
     def extra_repr(self) -> str:
         shown = [f"num_samples={self.num_samples}", f"layers={list(self.layers)}", f"q={self.q}"]
         shown += [f"momentum={self.momentum}", f"lr={self.lr}"]
         shown += [] if self.ignore_index == IGNORE_INDEX else [f"ignore_index={self.ignore_index}"]
         return ", ".join(shown + ([] if self.nan_policy == "raise" else [f"nan_policy={self.nan_policy!r}"]))
+
+
+@torch.no_grad()
+def _update_averages(
+    module: BiasTwin,
+    indices: Tensor,
+    labels: Tensor,
+    update: Tensor,
+    twin_ce: Tensor,
+    main_ce: Tensor | None,
+    pseudo_labels: Tensor,
+) -> None:
+    """LfF's moving averages of `module` at the batch's indices (summed over ranks first), each index's label and
+    prediction, in place."""
+    weight = update.to(torch.float64)
+    main = torch.zeros_like(weight) if main_ce is None else main_ce.double() * weight
+    values = [twin_ce.double() * weight, main, weight, labels.double() * weight, pseudo_labels.double() * weight]
+    stats = weight.new_zeros(module.num_samples, 5).index_add_(
+        0, indices.clamp(0, module.num_samples - 1), torch.stack(values, 1)
+    )
+    if is_distributed():
+        stats = sum_across_ranks_detached(stats)
+    count = stats[:, 2]
+    hit = count > 0
+    means = stats / count.clamp_min(1.0)[:, None]
+    averages = [(module.twin_loss_ema, module.twin_seen, means[:, 0])]
+    averages += [] if main_ce is None else [(module.main_loss_ema, module.main_seen, means[:, 1])]
+    for average, seen, new in averages:
+        new = new.to(average.dtype)
+        average.copy_(torch.where(hit, torch.where(seen, torch.lerp(average, new, module.momentum), new), average))
+        seen.copy_(seen | hit)
+    module.sample_labels.copy_(torch.where(hit, means[:, 3].round().long(), module.sample_labels))
+    module.sample_pseudo_labels.copy_(torch.where(hit, means[:, 4].round().long(), module.sample_pseudo_labels))
+
+
+@torch.no_grad()
+def _lff_weights(module: BiasTwin, indices: Tensor, labels: Tensor, usable: Tensor, num_classes: int) -> Tensor:
+    """`w = ℓ̂_twin / (ℓ̂_twin + ℓ̂_main + 1e-8)` at the batch's indices, each average over its class's maximum."""
+    slots = torch.where(module.sample_labels >= 0, module.sample_labels, num_classes).clamp(max=num_classes)
+    classes = torch.where(usable, labels, num_classes).clamp(0, num_classes)
+    rows = indices.clamp(0, module.num_samples - 1)
+
+    def normalised(average: Tensor) -> Tensor:
+        largest = average.new_zeros(num_classes + 1).scatter_reduce(0, slots, average, "amax")
+        return average[rows] / largest[classes].clamp_min(torch.finfo(average.dtype).tiny)
+
+    twin, main = normalised(module.twin_loss_ema), normalised(module.main_loss_ema)
+    return torch.where(usable, twin / (twin + main + WEIGHT_EPS), torch.zeros_like(twin))
+
+
+@torch.no_grad()
+def _keep_buffers(twin: nn.Module, saved: list[Tensor], finite: Tensor) -> None:
+    """The twin's floating-point buffers as saved where the batch was skipped, then averaged over ranks."""
+    buffers = [b for b in twin.buffers() if b.is_floating_point()]
+    for buffer, before in zip(buffers, saved, strict=True):
+        buffer.copy_(torch.where(finite, buffer, before))
+    if is_distributed() and buffers:
+        flat = sum_across_ranks_detached(torch.cat([b.reshape(-1).float() for b in buffers]))
+        parts = torch.split(flat / dist.get_world_size(), [b.numel() for b in buffers])
+        for buffer, part in zip(buffers, parts, strict=True):
+            buffer.copy_(part.reshape(buffer.shape))
 
 
 def _check_fraction(value: object, name: str, meaning: str) -> float:
