@@ -74,9 +74,9 @@ class BiasTwin(nn.Module):
             w_i = ℓ̂_twin,i / (ℓ̂_twin,i + ℓ̂_main,i + 1e-8),    ℓ̂_i = ℓ_i / max_{j : y_j = y_i} ℓ_j
 
         from moving averages `ℓ` of both models' per-sample cross-entropies, kept per dataset index (buffers of
-        `num_samples`), each normalised by the largest of its class (LfF's `EMA` and `max_loss`; LfF's
-        α = 0.7 is `1 − momentum`). Train your model on `(weights * cross_entropy(logits, y, reduction="none"))
-        .mean()`;
+        `num_samples`; an index held twice in one step enters with the mean of its losses), each normalised by
+        the largest of its class (LfF's `EMA` and `max_loss`; LfF's α = 0.7 is `1 − momentum`). Train your
+        model on `(weights * cross_entropy(logits, y, reduction="none")).mean()`;
     (c) `pseudo_labels`, the twin's argmax: labels of the bias for the suppression methods. The buffers
         `sample_labels` and `sample_pseudo_labels` keep each dataset index's label and the twin's latest
         prediction of it (-1 until the index is seen): after an epoch, `GroupBalancedBatchSampler(

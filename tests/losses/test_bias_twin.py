@@ -265,3 +265,46 @@ def test_an_index_out_of_range_is_reported_later_on_a_gpu_and_the_step_never_wai
             event.done = True
         with pytest.raises(ValueError, match=rf"'indices' holds {N}, outside"):
             ntl.raise_pending_errors()
+
+
+class CountingNet(nn.Module):
+    """An MLP that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out: Tensor = self.body(x)
+        return out
+
+
+def test_one_forward_of_the_twin_per_call_and_a_copy_starts_from_your_weights() -> None:
+    source = CountingNet()
+    twin = ntl.BiasTwin(source, N, layers=["body.1"])
+    assert twin.layers == ("body.1",) and "num_samples=20, layers=['body.1'], q=0.7, momentum=0.3" in repr(twin)
+    copied = twin.twin
+    assert isinstance(copied, CountingNet) and copied is not source
+    for (name, p), q in zip(copied.named_parameters(), source.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    for calls, (x, y, indices) in enumerate(batches(3), start=1):
+        twin(x, y, indices, torch.randn(B, K, dtype=torch.float64))
+        assert copied.calls == calls and source.calls == 0
+
+
+def test_an_index_twice_in_a_batch_enters_with_the_mean_of_its_losses() -> None:
+    twin = ntl.BiasTwin(mlp(), N)
+    x, y, _ = batches(1)[0]
+    y[0] = 1
+    indices = torch.tensor([5, 5, 6, 7, 8, 9, 10, 11])
+    y[1] = y[0]
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(twin.twin(x), y, reduction="none")
+    main = torch.randn(B, K, dtype=torch.float64)
+    twin(x, y, indices, main)
+    main_ce = torch.nn.functional.cross_entropy(main, y, reduction="none")
+    torch.testing.assert_close(twin.twin_loss_ema[5].double(), ce[:2].mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(twin.main_loss_ema[5].double(), main_ce[:2].mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(twin.twin_loss_ema[6].double(), ce[2], rtol=1e-6, atol=1e-7)
