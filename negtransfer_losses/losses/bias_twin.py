@@ -197,10 +197,15 @@ class BiasTwin(nn.Module):
                     self._tap.clear()
                 twin_logits = _twin_logits(self.twin(inputs), batch, logits)
                 features = {} if self._tap is None else self._features(self._tap.pop())
-        check_labels(labels, twin_logits.shape[1], batch, name="labels", ignore_index=self.ignore_index)
+        try:
+            check_labels(labels, twin_logits.shape[1], batch, name="labels", ignore_index=self.ignore_index)
+            finite = self._finite(twin_logits, logits)
+        except ValueError:
+            if self.training:  # an error at once (on the CPU): BatchNorm's statistics as they were before the batch
+                _keep_buffers(self.twin, saved, torch.zeros((), dtype=torch.bool, device=twin_logits.device))
+            raise
         pseudo_labels = twin_logits.argmax(dim=1)
         with full_precision(twin_logits):
-            finite = self._finite(twin_logits, logits)
             twin_ce = _cross_entropy(twin_logits, labels, known)
             z = twin_logits.to(torch.promote_types(twin_logits.dtype, torch.float32))
             twin_loss = generalized_cross_entropy_unchecked(z, labels, known, q=self.q).sum() / _count(known, z.dtype)

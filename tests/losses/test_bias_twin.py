@@ -160,8 +160,9 @@ def test_batchnorm_statistics_move_as_in_a_training_forward_and_a_skipped_batch_
 
 
 def test_non_finite_logits_raise_naming_them() -> None:
-    twin = ntl.BiasTwin(mlp(), N)
+    twin = ntl.BiasTwin(lambda: nn.Sequential(nn.Linear(D, 6), nn.BatchNorm1d(6), nn.Linear(6, K)).double(), N)
     x, y, indices = batches(1)[0]
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
     logits = torch.randn(B, K, dtype=torch.float64)
     logits[3, 0] = math.inf
     with pytest.raises(ValueError, match=r"'logits' contain NaN or inf"):
@@ -170,7 +171,11 @@ def test_non_finite_logits_raise_naming_them() -> None:
     bad[0, 0] = math.nan
     with pytest.raises(ValueError, match=r"'twin logits' contain NaN or inf"):
         twin(bad, y, indices)
-    assert int(twin.twin_optimizer.step) == 0 and not twin.twin_seen.any()  # nothing taken in
+    with pytest.raises(ValueError, match=rf"'labels' holds {K}"):
+        twin(x, torch.full((B,), K), indices)
+    for key, value in state.items():  # nothing taken in, BatchNorm's statistics included
+        if key != "twin.1.num_batches_tracked":
+            assert torch.equal(value, twin.state_dict()[key]), key
 
 
 def test_under_autocast_the_weights_are_float32() -> None:
