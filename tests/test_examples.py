@@ -39,6 +39,13 @@ def test_suppression_methods_example_swaps_every_method_in_one_loop() -> None:
 def test_multitask_matching_example_runs() -> None:
     out = run_example("examples/multitask_matching.py", "--steps", "5")
     assert "plain multi-task" in out and "+ distribution matching" in out and "mtl/matching/loss" in out
+    assert "+ matching, B→A gated:" in out
+
+
+def test_multitask_matching_example_trains_with_torchjd() -> None:
+    pytest.importorskip("torchjd")
+    out = run_example("examples/multitask_matching.py", "--steps", "5", "--upgrad")
+    assert "+ matching, B→A gated, UPGrad:" in out
 
 
 def test_suppression_synthetic_study_runs() -> None:
