@@ -335,7 +335,7 @@ def _linear_hsic(
     if normalized:  # a ratio: rows centred and scaled to unit norm, a spread at the rounding level is none
         value = linear_alignment(_members_centred_unit_frobenius(z, members), uc, n, unbiased=unbiased)
     else:
-        value = linear_hsic(member_rows(z - z.sum(dim=0) / n, members), uc, n, unbiased=unbiased)
+        value = linear_hsic(member_rows(z - z.sum(dim=0) / n, members), uc, n, unbiased=unbiased, centred=True)
     return torch.where(enough, value, torch.zeros_like(value))
 
 
