@@ -2,9 +2,10 @@
 
 Each (loss, batch) runs in a fresh subprocess. Features are `(B, 128)` float32 random, 10 irrelevant classes
 (`u`), 10 task classes (`y`), and for CKA a frozen network's `(B, 128)` features (random); the losses are
-`HSICSuppression(10)`, `HSICSuppression(10, conditional=True)`, `CKASuppression()` and
-`CKASuppression(conditional=True)` at their defaults (linear kernels). The time is the median of the repeats
-after one warm-up call; the peak memory is the growth of the peak resident set (`ru_maxrss`) over the resident
+`HSICSuppression(10)`, `HSICSuppression(10, conditional=True)`, `HSICSuppression(10, conditional=True,
+normalized=True)`, `CKASuppression()` and `CKASuppression(conditional=True)` at their defaults (linear kernels),
+and `HSICSuppression(10, kernel="rbf")` (the RBF kernel matrices a tile of rows at a time; the median
+bandwidth). The time is the median of the repeats after one warm-up call; the peak memory is the growth of the peak resident set (`ru_maxrss`) over the resident
 set just before the first call (inputs not counted), on CUDA `torch.cuda.max_memory_allocated` over the
 allocation before it. A batch is skipped when the previous one, scaled by `(B / B_prev)²`, would take more than
 `--max-seconds` per call or more than `--max-gib` of memory (the pairwise form grows with `B²`).
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-CASES = ("hsic", "hsic-conditional", "cka", "cka-conditional")
+CASES = ("hsic", "hsic-conditional", "hsic-normalized-conditional", "cka", "cka-conditional", "hsic-rbf")
 BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 WIDTH = 128
 CLASSES = 10
@@ -59,6 +60,10 @@ def measure(case: str, batch: int, device: str, repeats: int, threads: int) -> d
     losses: dict[str, Callable[[], torch.Tensor]] = {
         "hsic": lambda: ntl.HSICSuppression(CLASSES)(z, u),
         "hsic-conditional": lambda: ntl.HSICSuppression(CLASSES, conditional=True)(z, u, task_labels=y),
+        "hsic-normalized-conditional": lambda: ntl.HSICSuppression(CLASSES, conditional=True, normalized=True)(
+            z, u, task_labels=y
+        ),
+        "hsic-rbf": lambda: ntl.HSICSuppression(CLASSES, kernel="rbf")(z, u),
         "cka": lambda: ntl.CKASuppression()(z, r),
         "cka-conditional": lambda: ntl.CKASuppression(conditional=True)(z, r, task_labels=y),
     }
@@ -204,6 +209,9 @@ def precision() -> None:
         "HSIC (biased)": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, unbiased=False),
         "HSIC normalized": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, normalized=True),
         "conditional HSIC": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=CLASSES, task_labels=y),
+        "conditional HSIC normalized": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=CLASSES, normalized=True, task_labels=y
+        ),
         "CKA": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype)),
         "CKA (unbiased)": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype), unbiased=True),
         "conditional CKA": lambda f: ntf.irrelevant_cka(f, r.to(f.dtype), task_labels=y),
