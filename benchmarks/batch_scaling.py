@@ -5,10 +5,11 @@ Each (loss, batch) runs in a fresh subprocess. Features are `(B, 128)` float32 r
 `HSICSuppression(10)`, `HSICSuppression(10, conditional=True)`, `HSICSuppression(10, conditional=True,
 normalized=True)`, `CKASuppression()` and `CKASuppression(conditional=True)` at their defaults (linear kernels),
 and `HSICSuppression(10, kernel="rbf")` (the RBF kernel matrices a tile of rows at a time; the median
-bandwidth). The time is the median of the repeats after one warm-up call; the peak memory is the growth of the peak resident set (`ru_maxrss`) over the resident
-set just before the first call (inputs not counted), on CUDA `torch.cuda.max_memory_allocated` over the
-allocation before it. A batch is skipped when the previous one, scaled by `(B / B_prev)²`, would take more than
-`--max-seconds` per call or more than `--max-gib` of memory (the pairwise form grows with `B²`).
+bandwidth). The time is the median of the repeats after one warm-up call; the peak memory is the growth of the
+peak resident set (`ru_maxrss`) over the resident set just before the first call (inputs not counted), on CUDA
+`torch.cuda.max_memory_allocated` over the allocation before it. A batch is skipped when the previous one, scaled
+by `(B / B_prev)²`, would take more than `--max-seconds` per call or more than `--max-gib` of memory (the pairwise
+form grows with `B²`).
 
     python benchmarks/batch_scaling.py [--label after] [--batches 256 1024 ...] [--cases hsic cka ...]
                                        [--device cpu] [--csv benchmarks/results/batch_scaling.csv]
