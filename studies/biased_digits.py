@@ -465,7 +465,7 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     correlations = sorted(dict.fromkeys(float(r["correlation"]) for r in rows))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
     seeds = max(int(r["seeds"]) for r in rows)
-    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(13, 5.6), sharey=True)
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(11, 5.4), sharey=True)
     for ax, (setting, says) in zip(axes, SETTINGS.items(), strict=True):
         for i, method in enumerate(methods):
             found = {float(r["correlation"]): r for r in rows if (r["setting"], r["method"]) == (setting, method)}

@@ -680,8 +680,8 @@ def plot(rows: list[Record], path: Path, test: str = "unbiased") -> None:
     cols = min(2, len(panels))
     rows_ = -(-len(panels) // cols)
     legend_height = 0.17 * -(-len(methods) // (2 * cols)) + 0.15  # inches, below the panels
-    height = 4.9 * rows_ + legend_height + 0.5
-    fig, axes = plt.subplots(rows_, cols, figsize=(max(6.8 * cols, 8.0), height), squeeze=False)
+    height = 4.4 * rows_ + legend_height + 0.5
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(5.6 * cols, 7.5), height), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (factor, sampler) in zip(axes.flat, panels, strict=False):
@@ -705,7 +705,7 @@ def plot(rows: list[Record], path: Path, test: str = "unbiased") -> None:
             ax.set_xlim(0, 100)
             ax.axvline(10, **CHANCE)
             ax.set_xlabel(measured)
-            ax.set_title(f"{factor} colour, {batches}, ρ {rho:g}")
+            ax.set_title(f"{factor} colour, {batches}, ρ {rho:g}", fontsize=10)
             ax.spines[["top", "right"]].set_visible(False)
             continue
         for i, method in enumerate(drawn):
@@ -720,11 +720,11 @@ def plot(rows: list[Record], path: Path, test: str = "unbiased") -> None:
                 **style(method, label=label(method)),
             )
         ax.set_xticks(range(len(rhos)), [f"{rho:g}" for rho in rhos])
-        ax.set_xlabel("ρ: share of each digit's training images drawn in its own colour")
+        ax.set_xlabel("ρ: share of a digit's training images in its colour")
         ax.set_ylabel(measured)
         ax.set_ylim(0, 100)
         ax.axhline(10, **CHANCE)
-        ax.set_title(f"{factor} colour, {batches}")
+        ax.set_title(f"{factor} colour, {batches}", fontsize=10)
         tidy(ax)
     handles = [
         Line2D([], [], **{k: v for k, v in style(m, label=label(m)).items() if k != "markersize"}) for m in methods
@@ -737,7 +737,7 @@ def plot(rows: list[Record], path: Path, test: str = "unbiased") -> None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, legend_height / height, 1, 1 - 0.1 / height))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
