@@ -9,6 +9,7 @@ per method (studies/plot_style.py) is checked here too: no two methods alike.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from html.parser import HTMLParser
@@ -186,3 +187,31 @@ def test_a_list_glued_to_its_paragraph_is_caught() -> None:
     finally:
         _RENDERED.pop(page, None)
     assert glued == ["What it shows:\n- one\n- two"] and apart == ["What it shows:"]
+
+
+REPLOTS = {  # each committed plot of docs/img that a study draws from its committed JSON: (study, --replot flags)
+    "biased_mnist.png": ("biased_mnist", []),
+    "biased_mnist_28.png": ("biased_mnist", ["--size", "28"]),
+    "biased_mnist_heldout.png": ("biased_mnist", ["--split", "heldout"]),
+    "biased_digits.png": ("biased_digits", []),
+    "biased_sweep.png": ("biased_digits", ["--sweep"]),
+    "anti_transfer_layers.png": ("anti_transfer_layers", []),
+    "anti_transfer_diagnostics.png": ("anti_transfer_layers", []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLOTS))
+def test_every_plot_is_drawn_again_from_the_committed_json_alone(tmp_path: Path, name: str) -> None:
+    import sys
+
+    if str(ROOT / "studies") not in sys.path:
+        sys.path.insert(0, str(ROOT / "studies"))
+    study = importlib.import_module(REPLOTS[name][0])
+    committed = {p.name: p.read_bytes() for p in (DOCS / "img").glob("*.json")}  # the JSON, no PNG: nothing else
+    for file, content in committed.items():
+        (tmp_path / file).write_bytes(content)
+    study.main(["--replot", *REPLOTS[name][1], "--out", str(tmp_path)])
+    assert (tmp_path / name).stat().st_size > 20_000
+    # nothing trained or summarized again: every JSON as committed, and no other file but the plots
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == committed
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".png"}
