@@ -23,8 +23,9 @@ Two forms, one rule (`similarity.feature_space_cheaper`; docs: Methods §4):
 - **pairwise**: the `(B, B)` kernel matrices, masked by the `(B, B)` boolean matrix `groups[i, j]` ("`j` is
   in the group of `i`"): RBF kernels, and features much wider than the batch. Without task labels an RBF
   kernel's matrices are formed a tile of rows at a time (`similarity.tiled_hsic_sums`: `O(tile_rows(B)·B)`
-  memory in both passes, plus the median heuristic's `B(B-1)/2` detached distances); the conditional forms
-  with an RBF kernel still hold their masked `(B, B)` matrices.
+  memory in both passes, plus the median heuristic's `B(B-1)/2` detached distances), and so are the
+  conditional CKA's (one group, the members, after the within-class centring); the conditional HSIC with an RBF
+  kernel still holds its masked `(B, B)` matrices (a group and a bandwidth per task class).
 
 Under `gather="global"` the feature-space forms all-reduce their sums (`similarity.linear_across_ranks`; per
 task class `_conditional_hsic_in_slots` and `_conditional_cka_across_ranks`, whose task labels travel, one
@@ -218,7 +219,8 @@ def irrelevant_cka(
     Linear kernels are computed in feature space (`similarity.linear_alignment`: `O(B·(D+D')²)` time,
     `O(B·(D+D') + (D+D')²)` memory, no `B × B` tensor; the within-class means as sums into slots) unless the
     features are much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels form the
-    `(B, B)` kernel matrices, without task labels a tile of rows at a time (as `similarity.cka`).
+    `(B, B)` kernel matrices a tile of rows at a time (as `similarity.cka`; the within-class means as sums into
+    slots).
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -298,6 +300,17 @@ def _conditional_cka(
         count = members.to(dtype).sum()
         enough = count >= minimum  # no member at all when fewer than `minimum` (`_at_least`)
         value = linear_alignment(z, r, torch.where(enough, count, float(minimum)), unbiased=unbiased)
+        return torch.where(enough, value, torch.zeros_like(value))
+    if kernel == "rbf":  # one group, the members, after the within-class centring: the tiled kernel matrices
+        slots = dense_ranks(task_labels)
+        z, r = centre_within_slots(x, slots, members), centre_within_slots(x_ref, slots, members)
+        count = members.to(dtype).sum()
+        enough = count >= minimum
+        n = torch.where(enough, count, float(minimum))
+        sums = tiled_hsic_sums(
+            rbf_side(z, sigma, members), rbf_side(r, sigma, members), n, unbiased=unbiased, mask=members
+        )
+        value = tiled_alignment(*sums, n)
         return torch.where(enough, value, torch.zeros_like(value))
     classmates = classmates_of(task_labels, members)
     z = centre_within_groups(x, classmates, members)

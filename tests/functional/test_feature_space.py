@@ -489,3 +489,35 @@ def test_rbf_kernels_hold_one_tile_at_a_time() -> None:
     with small_tiles(tile), LargestTensor() as mode:
         ntf.hsic(z, r, kernel="rbf").backward()
     assert mode.largest == n * (n - 1) // 2  # the median's distances, detached: no n × n tensor
+
+
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("sigma", [None, 1.3], ids=["median", "sigma"])
+def test_tiled_rbf_conditional_cka_matches_the_oracle(unbiased: bool, sigma: float | None) -> None:
+    """Conditional CKA with RBF kernels: the within-class centring as slot sums, then one group (the samples whose
+    task label is known) whose kernel matrices are formed three rows at a time."""
+    z, _, y = conditional_data()
+    r = randn(24, 6, seed=5) + z[:, :1]
+    with small_tiles(24 * 3):
+        value, (grad,) = value_and_grads(
+            lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", sigma=sigma, unbiased=unbiased, task_labels=y), z
+        )
+    if sigma is None:
+        expected, (expected_grad,) = value_and_grads(
+            lambda f: oracles.conditional_cka(f, r, y, unbiased, -100, "rbf"), z
+        )
+    else:  # the oracle takes the median bandwidth: compare with the kernel matrices of the centred rows instead
+        known = y != -100
+        slots = dense_ranks(y)
+        centre = suppression.centre_within_slots
+
+        def expected_fn(f: Tensor) -> Tensor:
+            a, b = centre(f, slots, known)[known], centre(r, slots, known)[known]
+            ka = similarity.kernel_matrix(a, kernel="rbf", sigma=sigma)
+            kb = similarity.kernel_matrix(b, kernel="rbf", sigma=sigma)
+            return similarity.kernel_alignment(ka, kb, unbiased=unbiased)
+
+        expected, (expected_grad,) = value_and_grads(expected_fn, z)
+    assert expected.item() != 0.0
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10 * float(expected_grad.abs().max()))
