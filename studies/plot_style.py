@@ -65,6 +65,18 @@ LOOKS: dict[str, Look] = {
     "+ co-annotation": _method("#bcbd22", "s"),
     "+ both": _method("#393b79", "D"),
     "+ both (estimated R)": _method("#6b6ecf", "D"),
+    # no bias labels (no_bias_labels.py): LfF and JTT are published peers (baselines); the library's BiasTwin in
+    # earthy and blue tones, one per use of the twin
+    "lff": _baseline("#2e2e2e", "o", ":", "||"),
+    "jtt": _baseline("#7f7f7f", "^", "--", "oo"),
+    "twin_lff": _method("#843c39", "o"),
+    "twin_at": _method("#8c6d31", "p"),
+    "twin_cka": _method("#637939", "H"),
+    "twin_hsic": _method("#3182bd", "v"),
+    "twin_adv": _method("#e6550d", "^"),
+    "twin_balanced": _method("#ce6dbd", "s"),
+    "twin_lff_at": _method("#bd9e39", "p"),
+    "twin_lff_hsic": _method("#6baed6", "v"),
 }
 
 ALIASES = {
