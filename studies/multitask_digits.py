@@ -38,6 +38,7 @@ from tqdm import tqdm
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
+from plot_style import bar_style, style, tidy
 from study_results import SETTINGS, Record, runs_at, study_record, write_study
 
 ATTRIBUTES = {
@@ -339,16 +340,15 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
         configs = [c for c in table if c != skip]
         means = [float(table[c][f"{key}_mean"]) for c in configs]
         stds = [float(table[c][f"{key}_std"]) for c in configs]
-        colours = [
-            "#999999" if c.startswith("single") else "#c0504d" if c == "multi-task" else "#3b75af" for c in configs
-        ]
-        ax.bar(configs, means, yerr=stds, capsize=4, color=colours)
-        ax.axhline(means[0], color="k", linestyle=":", linewidth=1)
+        for i, (config, mean, std) in enumerate(zip(configs, means, stds, strict=True)):
+            ax.bar(i, mean, yerr=std, capsize=3, **bar_style(config))
+        ax.axhline(means[0], color="k", linestyle=":", linewidth=1)  # the task's single-task model
+        ax.set_xticks(range(len(configs)), configs, rotation=40, ha="right", fontsize=8)
         ax.set_title(title)
         ax.set_ylim(min(means) - 10, 100)
-        ax.set_ylabel("% (test)")
-        ax.tick_params(axis="x", rotation=35)
-    fig.suptitle("Multi-task digits: 100 digit-only + 100 attribute-only training images")
+        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        tidy(ax)
+    fig.suptitle("Multi-task digits: 100 digit-only + 100 attribute-only training images (dotted: single-task model)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -480,9 +480,8 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (task, _, single) in zip(axes, TASKS, strict=True):
         for i, config in enumerate(configs):
-            for setting, shift, style in (("default", -0.02, "-"), ("tuned", 0.02, ":"))[
-                : 2 if SPECS[config].swept else 1
-            ]:
+            settings = (("default", -0.02, "-"), ("tuned", 0.02, ":"))[: 2 if SPECS[config].swept else 1]
+            for setting, shift, linestyle in settings:
                 rs = [
                     next(
                         r
@@ -492,16 +491,15 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
                     for ratio in ratios
                 ]
                 xs = [j + (i - (len(configs) - 1) / 2) * 0.1 + shift for j in range(len(ratios))]
+                look = style(config, label=config if setting == "default" else f"{config}, λ tuned")
+                if setting == "tuned":
+                    look |= {"linestyle": linestyle, "fillstyle": "none"}
                 ax.errorbar(
                     xs,
                     [float(r[f"{task}_gain_mean"]) for r in rs],
                     yerr=[float(r[f"{task}_gain_std"]) for r in rs],
-                    marker="o" if setting == "default" else "s",
-                    fillstyle="full" if setting == "default" else "none",
                     capsize=3,
-                    color=f"C{i}",
-                    label=config if setting == "default" else f"{config}, λ tuned",
-                    linestyle=style,
+                    **look,
                 )
         ax.axhline(0, color="k", linewidth=1)
         ax.set_xticks(range(len(ratios)), labels)
@@ -533,6 +531,16 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
     return rows
 
 
+def replot(args: argparse.Namespace) -> None:
+    """Redraw the study's PNG from its JSON in `args.out`, as committed: no training."""
+    if args.sweep:
+        name = "multitask_sweep" if args.dataset == "digits" else f"multitask_{args.dataset}_sweep"
+        plot_sweep(json.loads((args.out / f"{name}.json").read_text())["summary"], args.out / f"{name}.png")
+    else:
+        plot(json.loads((args.out / "multitask_digits.json").read_text())["results"], args.out / "multitask_digits.png")
+    print(f"redrew the plot in {args.out}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
@@ -551,8 +559,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | bool]]:
         help="with --sweep: digit/attribute label counts, e.g. 30/1000",
     )
     parser.add_argument("--grid", type=float, nargs="+", default=SWEEP_GRID, help="with --sweep: coupling weights")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the plot from the JSON in --out (as committed): no training"
+    )
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.replot:
+        replot(args)
+        return {}
     torch.set_num_threads(1 if args.sweep else min(2, torch.get_num_threads()))
     if args.sweep:
         main_sweep(args)

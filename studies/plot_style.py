@@ -61,7 +61,8 @@ LOOKS: dict[str, Look] = {
     # the multi-task couplings (MultiTaskLoss)
     "+ matching": _method("#17becf", "o"),
     "+ matching A→B": _method("#9edae5", "o"),
-    "UPGrad [A, B, matching A→B]": _method("#7b4173", "8"),
+    "+ matching, B→A gated": _method("#006d77", "*"),
+    "UPGrad [A, B, matching gated]": _method("#7b4173", "8"),
     "+ co-annotation": _method("#bcbd22", "s"),
     "+ both": _method("#393b79", "D"),
     "+ both (estimated R)": _method("#6b6ecf", "D"),

@@ -197,6 +197,9 @@ REPLOTS = {  # each committed plot of docs/img that a study draws from its commi
     "biased_sweep.png": ("biased_digits", ["--sweep"]),
     "anti_transfer_layers.png": ("anti_transfer_layers", []),
     "anti_transfer_diagnostics.png": ("anti_transfer_layers", []),
+    "multitask_digits.png": ("multitask_digits", []),
+    "multitask_sweep.png": ("multitask_digits", ["--sweep"]),
+    "multitask_mnist_sweep.png": ("multitask_digits", ["--sweep", "--dataset", "mnist"]),
 }
 
 
