@@ -23,8 +23,8 @@ ones). Both forms are exact; they differ only in rounding.
 and the backward pass hold `O(tile_rows(n)·n)` numbers (at most about `2²²`, 16 MiB in float32, plus `O(n·d)`),
 not `O(n²)`; time stays `O(n²·d)` (plus one recomputation of each tile in the backward pass). The median-heuristic
 bandwidth (`sigma=None`) reads every distinct pair's distance: `n(n-1)/2` numbers, detached, sorted once per
-call (`median_distance`); with a `sigma` given, the bound above is the whole memory. The conditional forms with
-an RBF kernel (`functional.suppression`) still form their masked `n × n` matrices.
+call (`median_distance`); with a `sigma` given, the bound above is the whole memory. The same tiles serve the
+suppression losses' RBF forms, conditional ones included (a group per task class: `tiled_hsic_sums(slots=...)`).
 """
 
 from __future__ import annotations
@@ -719,7 +719,8 @@ class KernelSide(NamedTuple):
     """One side of a tiled HSIC: its rows and how its kernel is formed from them, a tile at a time.
 
     `"linear"`: `K = XXᵀ` of `rows`; `"rbf"`: `exp(-‖x_i - x_j‖² / (2 σ²))` of the centred `rows`, squared
-    distances at or below `threshold` set to zero (`squared_distances`' rounding rule), bandwidth `σ`.
+    distances at or below `threshold` set to zero (`squared_distances`' rounding rule), bandwidth `σ`; the
+    bandwidth and the threshold are 0-d, or `(n,)` one per row (each row's group's).
     """
 
     rows: Tensor
@@ -733,180 +734,209 @@ class KernelSide(NamedTuple):
         if self.kernel == "linear":
             return part @ self.rows.T
         assert self.bandwidth is not None and self.threshold is not None
-        sq_norms = (self.rows * self.rows).sum(dim=1)
-        sq_dist = (sq_norms[start:stop, None] + sq_norms[None, :] - 2.0 * part @ self.rows.T).clamp_min(0.0)
+        sq_dist = _tile_distances(self.rows, start, stop, _rows_of(self.threshold, start, stop))
         index = torch.arange(self.rows.shape[0], device=part.device)
         diagonal = index[start:stop, None] == index[None, :]
-        sq_dist = torch.where(sq_dist > self.threshold, sq_dist, torch.zeros_like(sq_dist))
         sq_dist = torch.where(diagonal, torch.zeros_like(sq_dist), sq_dist)
-        return gaussian(sq_dist, self.bandwidth)
+        return gaussian(sq_dist, _rows_of(self.bandwidth, start, stop))
 
 
-def rbf_side(x: Tensor, sigma: float | None, members: Tensor | None = None) -> KernelSide:
-    """The RBF `KernelSide` of `(n, d)` rows, as `kernel_matrix(kernel="rbf")` forms it: rows centred (over
-    `members`, the others zero), the rounding threshold from their largest magnitude, and `σ` = `sigma` or the
-    median distance between distinct rows (of `members`), without gradient, floored at 1e-12 (1 for fewer than
-    two rows). The median reads every pairwise distance: `n(n-1)/2` numbers, detached, computed a tile at a
-    time (`median_distance`)."""
-    if members is None:
+def _rows_of(value: Tensor, start: int, stop: int) -> Tensor:
+    """A 0-d value itself, or rows `start:stop` of an `(n,)` one as a column."""
+    return value if value.dim() == 0 else value[start:stop, None]
+
+
+def _tile_distances(rows: Tensor, start: int, stop: int, threshold: Tensor) -> Tensor:
+    """Squared distances of rows `start:stop` to every row, those at or below `threshold` zero (`squared_distances`)."""
+    sq_norms = (rows * rows).sum(dim=1)
+    sq_dist = (sq_norms[start:stop, None] + sq_norms[None, :] - 2.0 * rows[start:stop] @ rows.T).clamp_min(0.0)
+    return torch.where(sq_dist > threshold, sq_dist, torch.zeros_like(sq_dist))
+
+
+def rbf_side(x: Tensor, sigma: float | None, members: Tensor | None = None, slots: Tensor | None = None) -> KernelSide:
+    """The RBF `KernelSide` of `(n, d)` rows, as `kernel_matrix(kernel="rbf")` forms it on each group's rows: rows
+    centred (over `members`, within each slot of `slots` when given; other rows zero), the rounding threshold from
+    the largest magnitude of the group's rows, and `σ` = `sigma` or the median distance between distinct rows of
+    the group, without gradient, floored at 1e-12 (1 for fewer than two rows). The median reads every pairwise
+    distance within the groups: `n(n-1)/2` numbers, detached, a tile at a time (`median_distance`)."""
+    dtype, device = x.dtype, x.device
+    if members is None and slots is None:
         centred, largest = x - x.mean(dim=0, keepdim=True), x.detach().abs().amax()
     else:
-        weights = members.to(x.dtype)
-        rows = torch.where(members[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        mean = weights @ rows / weights.sum().clamp_min(1.0)
-        centred = torch.where(members[:, None], rows - mean, torch.zeros((), dtype=x.dtype, device=x.device))
-        largest = rows.detach().abs().amax()
-    rounding = 8 * torch.finfo(x.dtype).eps * largest
+        members = torch.ones(x.shape[0], dtype=torch.bool, device=device) if members is None else members
+        slots = torch.zeros(x.shape[0], dtype=torch.int64, device=device) if slots is None else slots
+        rows = torch.where(members[:, None], x, torch.zeros((), dtype=dtype, device=device))
+        sums = torch.zeros_like(rows).index_add(0, slots, rows)
+        counts = torch.zeros(x.shape[0], dtype=dtype, device=device).index_add(0, slots, members.to(dtype))
+        means = (sums / counts.clamp_min(1.0)[:, None]).index_select(0, slots)
+        centred = torch.where(members[:, None], rows - means, torch.zeros((), dtype=dtype, device=device))
+        magnitudes = rows.detach().abs().amax(dim=1)
+        largest = torch.zeros_like(magnitudes).scatter_reduce(0, slots, magnitudes, "amax").index_select(0, slots)
+    rounding = 8 * torch.finfo(dtype).eps * largest
     side = KernelSide(centred, "rbf", x.new_ones(()), rounding * rounding * x.shape[1])
     if sigma is not None:
         return side._replace(bandwidth=x.new_tensor(float(sigma)))
-    return side._replace(bandwidth=median_distance(side, members))
+    return side._replace(bandwidth=median_distance(side, members, slots))
 
 
-def median_distance(side: KernelSide, members: Tensor | None = None) -> Tensor:
-    """The median distance between distinct rows of an RBF `KernelSide` (between `members`), as
-    `torch.quantile(·, 0.5)` of the `n(n-1)/2` distances: sorted, the two middle values interpolated linearly;
-    floored at 1e-12, 1 without a pair. No gradient, no host read."""
+def median_distance(side: KernelSide, members: Tensor | None = None, slots: Tensor | None = None) -> Tensor:
+    """The median distance between distinct rows of an RBF `KernelSide`, as `torch.quantile(·, 0.5)` of the
+    distances (sorted, the two middle values interpolated linearly), floored at 1e-12, 1 without a pair: 0-d over
+    every pair of rows, or with `members` (and `slots`) `(n,)`, each row's over the pairs of members of its slot.
+
+    The `n(n-1)/2` distances are computed a tile at a time and sorted once (by distance, then stably by group), so
+    each group's are one sorted run; no gradient, no host read."""
     rows = side.rows.detach()
-    n, dtype = rows.shape[0], rows.dtype
+    n, dtype, device = rows.shape[0], rows.dtype, rows.device
+    assert side.threshold is not None
+    grouped = members is not None or slots is not None
     if n < 2:
-        return torch.ones((), dtype=dtype, device=rows.device)
-    detached = side._replace(rows=rows, bandwidth=None)
-    step, parts = tile_rows(n), []
+        ones = torch.ones(n, dtype=dtype, device=device)
+        return ones if grouped else ones.new_ones(())
+    members = torch.ones(n, dtype=torch.bool, device=device) if members is None else members
+    slots = torch.zeros(n, dtype=torch.int64, device=device) if slots is None else slots
+    step, distances, keys = tile_rows(n), [], []
     for start in range(0, n, step):
         stop = min(n, start + step)
-        sq_norms = (rows * rows).sum(dim=1)
-        sq_dist = (sq_norms[start:stop, None] + sq_norms[None, :] - 2.0 * rows[start:stop] @ rows.T).clamp_min(0.0)
-        assert detached.threshold is not None
-        sq_dist = torch.where(sq_dist > detached.threshold, sq_dist, torch.zeros_like(sq_dist))
-        if members is not None:
-            pair = members[start:stop, None] & members[None, :]
-            sq_dist = torch.where(pair, sq_dist, torch.full_like(sq_dist, float("inf")))
-        first, second = torch.triu_indices(stop - start, n, offset=start + 1, device=rows.device)
-        parts.append(sq_dist[first, second].sqrt())
-    distances = torch.sort(torch.cat(parts)).values
-    count = torch.tensor(n * (n - 1) // 2, device=rows.device)
-    if members is not None:
-        m = members.sum()
-        count = m * (m - 1) // 2
-    rank = 0.5 * (count - 1).to(dtype)
+        sq_dist = _tile_distances(rows, start, stop, _rows_of(side.threshold.detach(), start, stop))
+        pair = members[start:stop, None] & members[None, :] & (slots[start:stop, None] == slots[None, :])
+        first, second = torch.triu_indices(stop - start, n, offset=start + 1, device=device)
+        in_group = pair[first, second]
+        distances.append(torch.where(in_group, sq_dist[first, second].sqrt(), float("inf")))
+        keys.append(torch.where(in_group, slots[start + first], n))
+    distance, key = torch.cat(distances), torch.cat(keys)
+    by_distance = torch.sort(distance, stable=True).indices
+    order = by_distance[torch.sort(key[by_distance], stable=True).indices]
+    sorted_distance, sorted_key = distance[order], key[order]
+    start_of = torch.searchsorted(sorted_key.contiguous(), slots.contiguous())
+    size = torch.zeros(n, dtype=torch.int64, device=device).index_add(0, slots, members.to(torch.int64))
+    size = size.index_select(0, slots)
+    pairs = size * (size - 1) // 2
+    rank = 0.5 * (pairs - 1).to(dtype)
     below = rank.floor()
-    last = distances.shape[0] - 1
-    middle = torch.stack([below, rank.ceil()]).to(torch.int64).clamp(0, last)
-    low, high = distances.index_select(0, middle).unbind()  # a tensor index: no host read
-    median = torch.lerp(low, high, rank - below)
-    return torch.where(count >= 1, median.clamp_min(1e-12), torch.ones_like(median))
-
-
-class _TileSums(NamedTuple):
-    """Sums over the `n × n` entries of two kernels `K`, `L` (or their double-centred forms, `biased`)."""
-
-    cross: Tensor  # Σ K̃ ⊙ L̃
-    self_k: Tensor  # Σ K̃ ⊙ K̃
-    self_l: Tensor  # Σ L̃ ⊙ L̃
-    rows_k: Tensor  # (n,) row sums of K̃ (unbiased) / of K (biased, first pass)
-    rows_l: Tensor  # (n,)
-    square_k: Tensor  # Σ K ⊙ K, every entry (the rounding test of a ratio), no gradient
-    square_l: Tensor
+    last = sorted_distance.shape[0] - 1
+    low = sorted_distance[(start_of + below.to(start_of.dtype)).clamp(0, last)]
+    high = sorted_distance[(start_of + rank.ceil().to(start_of.dtype)).clamp(0, last)]
+    median = torch.where(pairs >= 1, torch.lerp(low, high, rank - below).clamp_min(1e-12), torch.ones_like(low))
+    return median if grouped else median[0]
 
 
 def _tile_sums(
-    k_side: KernelSide, l_side: KernelSide, start: int, stop: int, mask: Tensor | None, centre: Tensor | None
+    k_side: KernelSide,
+    l_side: KernelSide,
+    start: int,
+    stop: int,
+    members: Tensor | None,
+    slots: Tensor | None,
+    centre: Tensor | None,
 ) -> Tensor:
-    """Rows `start:stop`: `[Σ_j K̃L̃, Σ_j K̃², Σ_j L̃², Σ_j K̃, Σ_j L̃, Σ_j K², Σ_j L²]` per row, `(rows, 7)`.
+    """Rows `start:stop`: `[Σ_j K̃L̃, Σ_j K̃², Σ_j L̃², Σ_j K̃, Σ_j L̃, Σ_j K², Σ_j L²]` per row, `(rows, 7)`, the
+    sums over the columns `j` of the row's group (`members` of its slot; None: every row).
 
-    Without `centre`, `K̃` is `K` with a zero diagonal (the unbiased estimator's); with `centre` (`(n, 2)`: the
-    row means of `K` and `L` over the `n` samples, and `(2,)` their means in its last row appended), the
-    double-centred `K̂ = K - r 1ᵀ - 1 rᵀ + s` (the biased one's). `mask` `(n,)`: entries outside the samples are
-    zero."""
+    Without `centre`, `K̃` is `K` with a zero diagonal (the unbiased estimator's); with `centre` (`(n, 4)`: per row
+    the mean of its row of `K` and `L` over its group, and the mean of those over the group), the double-centred
+    `K̂ = K - r 1ᵀ - 1 rᵀ + s` (the biased one's). `Σ_j K²`, `Σ_j L²` are of the kernels themselves, detached."""
     k, l = k_side.tile(start, stop), l_side.tile(start, stop)
-    if mask is not None:
-        inside = mask[start:stop, None] & mask[None, :]
-        k = torch.where(inside, k, torch.zeros_like(k))
-        l = torch.where(inside, l, torch.zeros_like(l))
+    inside = None
+    if members is not None:
+        inside = members[start:stop, None] & members[None, :]
+        if slots is not None:
+            inside = inside & (slots[start:stop, None] == slots[None, :])
+        k, l = torch.where(inside, k, torch.zeros_like(k)), torch.where(inside, l, torch.zeros_like(l))
     square_k, square_l = k.detach().square().sum(dim=1), l.detach().square().sum(dim=1)
     if centre is None:
         index = torch.arange(k.shape[1], device=k.device)
         off = index[start:stop, None] != index[None, :]
         k, l = torch.where(off, k, torch.zeros_like(k)), torch.where(off, l, torch.zeros_like(l))
     else:
-        means, grand = centre[:-1], centre[-1]
-        k = k - means[start:stop, 0:1] - means[None, :, 0] + grand[0]
-        l = l - means[start:stop, 1:2] - means[None, :, 1] + grand[1]
-        if mask is not None:
-            inside = mask[start:stop, None] & mask[None, :]
-            k = torch.where(inside, k, torch.zeros_like(k))
-            l = torch.where(inside, l, torch.zeros_like(l))
-    return torch.stack(
-        [
-            (k * l).sum(dim=1),
-            k.square().sum(dim=1),
-            l.square().sum(dim=1),
-            k.sum(dim=1),
-            l.sum(dim=1),
-            square_k,
-            square_l,
-        ],
-        dim=1,
-    )
+        part = centre[start:stop]
+        k = k - part[:, 0:1] - centre[None, :, 0] + part[:, 2:3]
+        l = l - part[:, 1:2] - centre[None, :, 1] + part[:, 3:4]
+        if inside is not None:
+            k, l = torch.where(inside, k, torch.zeros_like(k)), torch.where(inside, l, torch.zeros_like(l))
+    sums = [k * l, k.square(), l.square(), k, l]
+    return torch.stack([*(s.sum(dim=1) for s in sums), square_k, square_l], dim=1)
 
 
-def _tiled(k_side: KernelSide, l_side: KernelSide, mask: Tensor | None, centre: Tensor | None) -> Tensor:
+def _tiled(
+    k_side: KernelSide, l_side: KernelSide, members: Tensor | None, slots: Tensor | None, centre: Tensor | None
+) -> Tensor:
     """`_tile_sums` of every row, a tile at a time; each tile recomputed in the backward pass when there are
     several (activation checkpointing), so neither pass holds more than a tile's `(rows, n)` entries."""
     n = k_side.rows.shape[0]
     step = tile_rows(n)
     if step >= n:
-        return _tile_sums(k_side, l_side, 0, n, mask, centre)
+        return _tile_sums(k_side, l_side, 0, n, members, slots, centre)
     parts = []
     for start in range(0, n, step):
         stop = min(n, start + step)
-        parts.append(
-            checkpoint(_tile_sums, k_side, l_side, start, stop, mask, centre, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else _tile_sums(k_side, l_side, start, stop, mask, centre)
-        )
+        if torch.is_grad_enabled():
+            parts.append(
+                checkpoint(_tile_sums, k_side, l_side, start, stop, members, slots, centre, use_reentrant=False)
+            )
+        else:
+            parts.append(_tile_sums(k_side, l_side, start, stop, members, slots, centre))
     return torch.cat(parts)
 
 
 def tiled_hsic_sums(
-    k_side: KernelSide, l_side: KernelSide, n: Tensor, *, unbiased: bool, mask: Tensor | None = None
+    k_side: KernelSide,
+    l_side: KernelSide,
+    n: Tensor,
+    *,
+    unbiased: bool,
+    mask: Tensor | None = None,
+    slots: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(HSIC(K, L), HSIC(K, K), HSIC(L, L), Σ K², Σ L²)` of the kernels of two `KernelSide`s, formed a tile of
-    rows at a time (`tile_rows`): memory `O(tile_rows(n) · n)` in the forward and the backward pass. The sums
-    of `Σ K²` and `Σ L²` (every entry, no gradient) are the ratio's rounding test. `mask` `(n,)` keeps the
-    entries between its samples (`n` of them) and zeroes the others; None: every row.
+    rows at a time (`tile_rows`): memory `O(tile_rows(n) · n)` in the forward and the backward pass. `Σ K²` and
+    `Σ L²` (every entry of the group, no gradient) are the ratio's rounding test.
 
-    - unbiased: from `tr(K̃L̃)`, `1ᵀK̃1`, `1ᵀL̃1`, `1ᵀK̃L̃1` (rows sums of the zero-diagonal kernels), as
+    `mask` `(n,)` keeps the entries between its samples and zeroes the others (None: every row); with `slots`
+    `(n,)` only those between members of one slot (a group per slot, e.g. per task class), and each result is
+    then `(n,)`: per row, its group's, with `n` `(n,)` each row's group size (else `n` 0-d, the sample count).
+
+    - unbiased: from `tr(K̃L̃)`, `1ᵀK̃1`, `1ᵀL̃1`, `1ᵀK̃L̃1` (row sums of the zero-diagonal kernels), as
       `hsic_from_kernels`;
     - biased: a first pass for the row means `r` of `K` and `L`, a second for `Σ K̂ ⊙ L̂` of the double-centred
       `K̂ = K - r 1ᵀ - 1 rᵀ + mean(K)` (`H K H`), over `(n - 1)²`.
     """
+
+    def total(per_row: Tensor) -> Tensor:
+        if slots is None:
+            return per_row.sum(dim=0)
+        return torch.zeros_like(per_row).index_add(0, slots, per_row).index_select(0, slots)
+
+    first = _tiled(k_side, l_side, mask, slots, None)
     if unbiased:
-        rows = _tiled(k_side, l_side, mask, None)
-        cross, self_k, self_l, rows_k, rows_l, square_k, square_l = rows.unbind(dim=1)
-        sum_k, sum_l = rows_k.sum(), rows_l.sum()
+        cross, self_k, self_l, rows_k, rows_l, square_k, square_l = first.unbind(dim=1)
+        sum_k, sum_l = total(rows_k), total(rows_l)
 
         def combine(trace: Tensor, a: Tensor, b: Tensor, rows_a: Tensor, rows_b: Tensor) -> Tensor:
-            return (trace + a * b / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows_a * rows_b).sum()) / (n * (n - 3))
+            return (trace + a * b / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * total(rows_a * rows_b)) / (n * (n - 3))
 
         return (
-            combine(cross.sum(), sum_k, sum_l, rows_k, rows_l),
-            combine(self_k.sum(), sum_k, sum_k, rows_k, rows_k),
-            combine(self_l.sum(), sum_l, sum_l, rows_l, rows_l),
-            square_k.sum(),
-            square_l.sum(),
+            combine(total(cross), sum_k, sum_l, rows_k, rows_l),
+            combine(total(self_k), sum_k, sum_k, rows_k, rows_k),
+            combine(total(self_l), sum_l, sum_l, rows_l, rows_l),
+            total(square_k),
+            total(square_l),
         )
-    first = _tiled(k_side, l_side, mask, None)
-    diagonal = _diagonals(k_side, l_side, mask)
-    means = (first[:, 3:5] + diagonal) / n  # row sums of K with its diagonal
+    count = n if n.dim() == 0 else n[:, None]
+    means = (first[:, 3:5] + _diagonals(k_side, l_side, mask)) / count  # row sums of K with its diagonal
     if mask is not None:
         means = torch.where(mask[:, None], means, torch.zeros_like(means))
-    centre = torch.cat([means, (means.sum(dim=0) / n)[None, :]])
-    rows = _tiled(k_side, l_side, mask, centre)
-    cross, self_k, self_l = rows[:, 0].sum(), rows[:, 1].sum(), rows[:, 2].sum()
+    group_means = total(means) / count
+    centre = torch.cat([means, group_means.expand_as(means)], dim=1)
+    rows = _tiled(k_side, l_side, mask, slots, centre)
     scale = (n - 1) ** 2
-    return cross / scale, self_k / scale, self_l / scale, rows[:, 5].sum(), rows[:, 6].sum()
+    return (
+        total(rows[:, 0]) / scale,
+        total(rows[:, 1]) / scale,
+        total(rows[:, 2]) / scale,
+        total(rows[:, 5]),
+        total(rows[:, 6]),
+    )
 
 
 def _diagonals(k_side: KernelSide, l_side: KernelSide, mask: Tensor | None) -> Tensor:

@@ -21,11 +21,10 @@ Two forms, one rule (`similarity.feature_space_cheaper`; docs: Methods §4):
   per class, in `B // n_min + 1` slots (`_conditional_hsic_in_slots`; the rule then also bounds their
   `(B // n_min + 1)·D²` numbers by `4·B²`).
 - **pairwise**: the `(B, B)` kernel matrices, masked by the `(B, B)` boolean matrix `groups[i, j]` ("`j` is
-  in the group of `i`"): RBF kernels, and features much wider than the batch. Without task labels an RBF
-  kernel's matrices are formed a tile of rows at a time (`similarity.tiled_hsic_sums`: `O(tile_rows(B)·B)`
-  memory in both passes, plus the median heuristic's `B(B-1)/2` detached distances), and so are the
-  conditional CKA's (one group, the members, after the within-class centring); the conditional HSIC with an RBF
-  kernel still holds its masked `(B, B)` matrices (a group and a bandwidth per task class).
+  in the group of `i`"): features much wider than the batch. RBF kernels are formed a tile of rows at a time
+  instead (`similarity.tiled_hsic_sums`: `O(tile_rows(B)·B)` memory in both passes, plus the median heuristic's
+  `B(B-1)/2` detached distances; the conditional HSIC as a group per task class, the conditional CKA as one group
+  after the within-class centring). `_pairwise_hsic` still takes any kernel: the reference form.
 
 Under `gather="global"` the feature-space forms all-reduce their sums (`similarity.linear_across_ranks`; per
 task class `_conditional_hsic_in_slots` and `_conditional_cka_across_ranks`, whose task labels travel, one
@@ -119,9 +118,9 @@ def irrelevant_hsic(
     A linear kernel is computed in feature space, `O(B·D·(D+K))` time and `O(B·D + D²)` memory with no
     `B × B` tensor (`similarity.linear_hsic`, per task class as sums into slots; the normalized conditional
     form holds a `D × D` Gram matrix per class slot, `(B // n_min + 1)·D²` numbers), unless the features are
-    much wider than the batch (`similarity.feature_space_cheaper`); RBF kernels and that case form the masked
-    `(B, B)` kernel matrices, without task labels a tile of rows at a time (`similarity.tiled_hsic_sums`:
-    `O(tile_rows(B)·B)` memory, plus the median heuristic's `B(B-1)/2` detached distances when `sigma` is None).
+    much wider than the batch (`similarity.feature_space_cheaper`), which forms the masked `(B, B)` kernel
+    matrices; RBF kernels form them a tile of rows at a time (`similarity.tiled_hsic_sums`: `O(tile_rows(B)·B)`
+    memory, plus the median heuristic's `B(B-1)/2` detached distances when `sigma` is None).
 
     Args:
         features: `(B, ...)`, flattened to `(B, D)`.
@@ -185,8 +184,10 @@ def irrelevant_hsic(
                     x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased, True, "local"
                 )
             return _conditional_linear_hsic(x, labels, task_labels, num_irrelevant, ignore_index, minimum, unbiased)
-        if task_labels is None and kernel == "rbf":
-            return _tiled_rbf_hsic(x, labels, num_irrelevant, ignore_index, minimum, sigma, unbiased, normalized)
+        if kernel == "rbf":
+            return _tiled_rbf_hsic(
+                x, labels, task_labels, num_irrelevant, ignore_index, minimum, sigma, unbiased, normalized
+            )
         return _pairwise_hsic(
             x, labels, task_labels, num_irrelevant, ignore_index, minimum, kernel, sigma, unbiased, normalized
         )
@@ -650,6 +651,7 @@ def _pairwise_hsic(
 def _tiled_rbf_hsic(
     x: Tensor,
     labels: Tensor,
+    task_labels: Tensor | None,
     num_irrelevant: int,
     ignore_index: int,
     minimum: int,
@@ -657,18 +659,27 @@ def _tiled_rbf_hsic(
     unbiased: bool,
     normalized: bool,
 ) -> Tensor:
-    """`irrelevant_hsic` without task labels, RBF kernel: the kernel matrices a tile of rows at a time
-    (`similarity.tiled_hsic_sums`, `O(tile_rows(B)·B)` memory in both passes, the same value as `_pairwise_hsic`
-    up to rounding), over the samples whose label is known (all of them or none, `_at_least`)."""
+    """`irrelevant_hsic` with an RBF kernel: the kernel matrices a tile of rows at a time
+    (`similarity.tiled_hsic_sums`, `O(tile_rows(B)·B)` memory in both passes; the same value as `_pairwise_hsic`
+    up to rounding). Without task labels one group, the samples whose label is known (all of them or none,
+    `_at_least`); with them a group per task class (`within_class_slots`: its eligible samples), each with its
+    own centring, rounding threshold and median bandwidth, and the class-size weighted mean of the groups'
+    values."""
     dtype = x.dtype
-    members = _at_least(labels != ignore_index, minimum)
-    count = members.to(dtype).sum()
-    enough = count >= minimum
-    n = torch.where(enough, count, float(minimum))  # denominators stay positive; the value is then dropped
+    if task_labels is None:
+        members, slots = _at_least(labels != ignore_index, minimum), None
+        size = members.to(dtype).sum()
+    else:
+        members, slots = within_class_slots(labels, task_labels, num_irrelevant, ignore_index, min_size=minimum)
+        size = slot_sums(members.to(dtype), slots).index_select(0, slots)  # each row's class size
+    enough = size >= minimum
+    n = torch.where(enough, size, float(minimum))  # denominators stay positive; the value is then dropped
     onehot = KernelSide(one_hot_known(labels, num_irrelevant, members, dtype), "linear")
-    sums = tiled_hsic_sums(rbf_side(x, sigma, members), onehot, n, unbiased=unbiased, mask=members)
+    k_side = rbf_side(x, sigma, members, slots)
+    sums = tiled_hsic_sums(k_side, onehot, n, unbiased=unbiased, mask=members, slots=slots)
     value = tiled_alignment(*sums, n) if normalized else sums[0]
-    return torch.where(enough, value, torch.zeros_like(value))
+    value = torch.where(enough, value, torch.zeros_like(value))
+    return value if task_labels is None else _member_weighted_mean(value, members)
 
 
 def _at_least(known: Tensor, minimum: int) -> Tensor:

@@ -467,28 +467,67 @@ def test_tiled_rbf_irrelevant_hsic_is_the_masked_kernel_matrices(
         assert torch.equal(grad[unknown], torch.zeros_like(grad[unknown]))
 
 
+@pytest.mark.parametrize("case", list(conditional_cases()))
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_tiled_rbf_conditional_hsic_is_the_masked_kernel_matrices(
+    case: str, normalized: bool, unbiased: bool, scale: float
+) -> None:
+    """A group per task class, each with its own centring, threshold and median bandwidth, in tiles of 5 rows."""
+    z, u, y = conditional_cases()[case]
+    z = scale * (z + 1.0)
+    minimum = 4 if unbiased else 2
+    with small_tiles(24 * 5):
+        value, (grad,) = value_and_grads(
+            lambda f: ntf.irrelevant_hsic(
+                f, u, num_irrelevant=3, kernel="rbf", normalized=normalized, unbiased=unbiased, task_labels=y
+            ),
+            z,
+        )
+    expected, (expected_grad,) = value_and_grads(
+        lambda f: suppression._pairwise_hsic(f, u, y, 3, -100, minimum, "rbf", None, unbiased, normalized), z
+    )
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10 * float(expected_grad.abs().max()))
+
+
 def test_rbf_kernels_hold_one_tile_at_a_time() -> None:
     """With a bandwidth given, forward and backward hold no tensor larger than a tile (`TILE_NUMBERS` entries) or
-    the `(n, d)` rows: the memory bound of the docstring. (The median heuristic adds its `n(n-1)/2` distances.)"""
+    the `(n, d)` rows: the memory bound of the docstring, conditional forms included. (The median heuristic adds
+    its `n(n-1)/2` distances, and their sort keys.)"""
     n, d, tile = 600, 16, 600 * 40
     g = torch.Generator().manual_seed(0)
-    u = torch.randint(0, 10, (n,), generator=g)
+    u, y = torch.randint(0, 10, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)
+    u[::7] = -100
+    y[::11] = -100
     r = torch.randn(n, 12, generator=g)
     cases: dict[str, Callable[[Tensor], Tensor]] = {
         "hsic": lambda f: ntf.hsic(f, r, kernel="rbf", sigma=1.5),
         "cka-biased": lambda f: ntf.cka(f, r, kernel="rbf", sigma=1.5),
         "irrelevant-hsic": lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, kernel="rbf", sigma=1.5),
         "irrelevant-cka": lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", sigma=1.5, unbiased=True),
+        "conditional-hsic": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=10, kernel="rbf", sigma=1.5, task_labels=y
+        ),
+        "conditional-hsic-normalized-biased": lambda f: ntf.irrelevant_hsic(
+            f, u, num_irrelevant=10, kernel="rbf", sigma=1.5, task_labels=y, normalized=True, unbiased=False
+        ),
+        "conditional-cka": lambda f: ntf.irrelevant_cka(f, r, kernel="rbf", sigma=1.5, task_labels=y),
     }
     for name, fn in cases.items():
         z = torch.randn(n, d, generator=g).requires_grad_(True)
         with small_tiles(tile), LargestTensor() as mode:
             fn(z).backward()
         assert mode.largest <= tile, f"{name}: a tensor of {mode.largest} elements (a tile: {tile}, n² = {n * n})"
-    z = torch.randn(n, d, generator=g).requires_grad_(True)
-    with small_tiles(tile), LargestTensor() as mode:
-        ntf.hsic(z, r, kernel="rbf").backward()
-    assert mode.largest == n * (n - 1) // 2  # the median's distances, detached: no n × n tensor
+    for fn in (
+        lambda f: ntf.hsic(f, r, kernel="rbf"),
+        lambda f: ntf.irrelevant_hsic(f, u, num_irrelevant=10, kernel="rbf", task_labels=y),
+    ):
+        z = torch.randn(n, d, generator=g).requires_grad_(True)
+        with small_tiles(tile), LargestTensor() as mode:
+            fn(z).backward()
+        assert mode.largest == n * (n - 1) // 2  # the median's distances, detached: no n × n tensor
 
 
 @pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
