@@ -78,6 +78,7 @@ LOOKS: dict[str, Look] = {
     "twin_balanced": _method("#ce6dbd", "s"),
     "twin_lff_at": _method("#bd9e39", "p"),
     "twin_lff_hsic": _method("#6baed6", "v"),
+    "twin_balanced_hsic": _method("#a55194", "v"),
 }
 
 ALIASES = {
