@@ -29,7 +29,8 @@ Methods (none sees the colour):
   three hidden layers), `twin_cka` (conditional `CKASuppression` against the twin's last hidden layer),
   `twin_hsic` / `twin_adv` (conditional `HSICSuppression` / `AdversarialSuppression` with the twin's
   pseudo-labels as the factor's labels), `twin_balanced` (after one shuffled epoch, `GroupBalancedBatchSampler`
-  over (label, the twin's latest prediction) groups), and the combinations `twin_lff_at`, `twin_lff_hsic`. The
+  over (label, the twin's latest prediction) groups), and the combinations `twin_lff_at`, `twin_lff_hsic` (LfF's
+  weights with anti-transfer or HSIC) and `twin_balanced_hsic` (the sampler with conditional HSIC). The
   suppression terms are on the last hidden layer `z`; their weight is the library's default, 1. The conditional
   forms are used because the pseudo-label is a predicted digit: unconditionally, "independent of the twin's
   guess" is nearly "independent of the digit".
@@ -73,7 +74,8 @@ from study_results import Record, study_record, write_study
 
 SHARES = [0.005, 0.01, 0.02, 0.05]
 BASELINES = ["vanilla", "lff", "jtt"]
-TWIN = ["twin_lff", "twin_at", "twin_cka", "twin_hsic", "twin_adv", "twin_balanced", "twin_lff_at", "twin_lff_hsic"]
+TWIN = ["twin_lff", "twin_at", "twin_cka", "twin_hsic", "twin_adv", "twin_balanced"]
+TWIN += ["twin_lff_at", "twin_lff_hsic", "twin_balanced_hsic"]  # combinations
 METHODS = BASELINES + TWIN
 # each method's knob: its default first, then the values tried on validation
 KNOBS = {
@@ -82,14 +84,14 @@ KNOBS = {
     "twin_lff": "q",
     "jtt": "T, λ_up",
     "twin_balanced": "shuffled epochs first",
-} | {m: "weight" for m in ("twin_at", "twin_cka", "twin_hsic", "twin_adv", "twin_lff_at", "twin_lff_hsic")}
+} | {m: "weight" for m in TWIN if m not in ("twin_lff", "twin_balanced")}
 GRID: dict[str, list[Any]] = {
     "vanilla": [0],
     "lff": [0.7, 0.9],
     "twin_lff": [0.7, 0.9],
     "jtt": [[5, 50], [2, 100]],
     "twin_balanced": [1, 5],
-} | {m: [1.0, 3.0] for m in ("twin_at", "twin_cka", "twin_hsic", "twin_adv", "twin_lff_at", "twin_lff_hsic")}
+} | {m: [1.0, 3.0] for m in TWIN if m not in ("twin_lff", "twin_balanced")}
 TRAIN, VAL, TEST = 3000, 1000, 1000
 BATCH, LR, EPOCHS = 256, 1e-3, 20
 LAYERS = ["2", "4", "6"]  # the MLP's three hidden ReLU outputs; "6" is z, the features before the head
@@ -268,7 +270,8 @@ def train_twin(data: Data, epochs: int, seed: int, method: str, knob: Any) -> nn
     groups = [{"params": list(model.parameters())}, *(adversary.parameter_groups(LR) if adversary else [])]
     optimizer = torch.optim.Adam(groups, lr=LR)
     g = torch.Generator().manual_seed(seed)
-    shuffled_epochs = int(knob) if method == "twin_balanced" else epochs
+    balanced = method.startswith("twin_balanced")
+    shuffled_epochs = (int(knob) if method == "twin_balanced" else 1) if balanced else epochs
     for epoch in range(epochs):
         if epoch < shuffled_epochs:
             batches = shuffled(len(data.y), g)
