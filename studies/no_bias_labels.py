@@ -35,6 +35,12 @@ Methods (none sees the colour):
   forms are used because the pseudo-label is a predicted digit: unconditionally, "independent of the twin's
   guess" is nearly "independent of the digit".
 
+Biased MNIST (`--datasets background`, the defaults of `BACKGROUND_METHODS` only, for lack of time): the
+background-colour data set of biased_mnist.py (white digits on one of ten background colours, ReBias'
+assignment at ρ = 0.99 / 0.98, i.e. 1 / 2 % conflicting, 14×14, its three-conv network `Net`), with the colour
+hidden from every method, validation biased like training, the same optimizer, batches and epochs as above; the
+twin taps `conv1`, `conv2` and `fc` (z).
+
 Tuning without bias labels: each method's knob (`GRID`) is chosen per share by a validation score that needs no
 bias label, JTT's and LfF's practice: the accuracy on the validation images that a separate GCE network (a
 "selection twin", trained per seed and share like LfF's bias network, without colour labels) gets wrong. The
@@ -57,7 +63,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,6 +75,7 @@ from torch import Tensor, nn
 import negtransfer_losses as ntl
 
 sys.path.insert(0, str(Path(__file__).parent))
+import biased_mnist as bm
 from biased_mnist import PALETTE, library_commit, load_mnist
 from study_results import Record, study_record, write_study
 
@@ -95,6 +102,11 @@ GRID: dict[str, list[Any]] = {
 TRAIN, VAL, TEST = 3000, 1000, 1000
 BATCH, LR, EPOCHS = 256, 1e-3, 20
 LAYERS = ["2", "4", "6"]  # the MLP's three hidden ReLU outputs; "6" is z, the features before the head
+CONV_LAYERS = ["conv1", "conv2", "fc"]  # Biased MNIST's network: the first two convs and z ("fc", before its ReLU)
+DATASETS = ("cmnist", "background")
+BACKGROUND_SIZE = 14  # Biased MNIST's default image size (biased_mnist.py)
+BACKGROUND_METHODS = ["vanilla", "lff", "twin_hsic", "twin_lff_hsic"]  # the defaults only, for lack of time
+BACKGROUND_SHARES = [0.01, 0.02]  # ρ 0.99 and 0.98
 STEM = "no_bias_labels"
 
 
@@ -119,8 +131,11 @@ def biased_colours(digits: Tensor, share: float, g: torch.Generator) -> Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def make_splits(seed: int, share: float) -> tuple[Data, Data, Data]:
-    """Training and validation biased at `share`, test with colours independent of the digit."""
+def make_splits(seed: int, share: float, dataset: str = "cmnist") -> tuple[Data, Data, Data]:
+    """Training and validation biased at `share`, test with colours independent of the digit.
+
+    `dataset="background"`: Biased MNIST as biased_mnist.py draws it (white digits on one of ten background
+    colours, ReBias' assignment at ρ = 1 − share, 14×14), but with validation biased like training."""
     gray, digits = load_mnist()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(digits), generator=g)
@@ -128,9 +143,20 @@ def make_splits(seed: int, share: float) -> tuple[Data, Data, Data]:
     out = []
     for k, idx in enumerate(parts):
         y = digits[idx]
+        if dataset == "background":
+            colours = bm.balanced_colours(y, g) if k == 2 else bm.biased_colours(y, 1.0 - share, g)
+            out.append(Data(bm.render(gray[idx], colours, "background", g, BACKGROUND_SIZE), y, colours))
+            continue
         colours = torch.randint(0, 10, (len(y),), generator=g) if k == 2 else biased_colours(y, share, g)
         out.append(Data(colour_digits(gray[idx], colours), y, colours))
     return out[0], out[1], out[2]
+
+
+def model_for(data: Data) -> tuple[Callable[[], nn.Module], list[str], int]:
+    """The network of the data set (a factory), its tapped layers (z last) and z's width."""
+    if data.x.dim() == 2:
+        return make_mlp, LAYERS, 100
+    return functools.partial(bm.Net, size=BACKGROUND_SIZE), CONV_LAYERS, 64
 
 
 def make_mlp() -> nn.Sequential:
@@ -189,7 +215,7 @@ def train_vanilla(
     """Plain cross-entropy; `order` (an index list, e.g. JTT's upsampled one) is drawn from in shuffled batches for
     `steps` steps instead of epochs over the data."""
     torch.manual_seed(seed)
-    model = make_mlp()
+    model = model_for(data)[0]()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     g = torch.Generator().manual_seed(seed)
     for idx in batches_of(len(data.y), epochs, g, order, steps):
@@ -220,7 +246,8 @@ def batches_of(
 def train_lff(data: Data, epochs: int, seed: int, q: float) -> nn.Module:
     """LfF from the authors' algorithm (see the module docstring)."""
     torch.manual_seed(seed)
-    model, bias = make_mlp(), make_mlp()
+    make_model = model_for(data)[0]
+    model, bias = make_model(), make_model()
     opt_d = torch.optim.Adam(model.parameters(), lr=LR)
     opt_b = torch.optim.Adam(bias.parameters(), lr=LR)
     ema_b, ema_d = LfFAverages(data.y), LfFAverages(data.y)
@@ -255,17 +282,19 @@ def train_jtt(data: Data, epochs: int, seed: int, first_epochs: int, upweight: i
 def train_twin(data: Data, epochs: int, seed: int, method: str, knob: Any) -> nn.Module:
     """The library's `BiasTwin` used as `method` (see the module docstring)."""
     torch.manual_seed(seed)
-    model = make_mlp()
+    make_model, layers, dim = model_for(data)
+    z_layer = layers[-1]
+    model = make_model()
     q = float(knob) if method == "twin_lff" else 0.7
-    twin = ntl.BiasTwin(make_mlp, num_samples=len(data.y), layers=LAYERS, q=q)
-    tap = ntl.FeatureTap(model, LAYERS)
+    twin = ntl.BiasTwin(make_model, num_samples=len(data.y), layers=layers, q=q)
+    tap = ntl.FeatureTap(model, layers)
     weight = float(knob) if KNOBS[method] == "weight" else 1.0
     uses_weights = method.startswith("twin_lff")
     anti_transfer = ntl.AntiTransferLoss(weight=weight) if method.endswith("_at") else None
     cka = ntl.CKASuppression(weight=weight, conditional=True) if method == "twin_cka" else None
     hsic = ntl.HSICSuppression(10, weight=weight, conditional=True) if method.endswith("_hsic") else None
     adversary = (
-        ntl.AdversarialSuppression(10, dim=100, weight=weight, conditional=True) if method == "twin_adv" else None
+        ntl.AdversarialSuppression(10, dim=dim, weight=weight, conditional=True) if method == "twin_adv" else None
     )
     groups = [{"params": list(model.parameters())}, *(adversary.parameter_groups(LR) if adversary else [])]
     optimizer = torch.optim.Adam(groups, lr=LR)
@@ -289,11 +318,11 @@ def train_twin(data: Data, epochs: int, seed: int, method: str, knob: Any) -> nn
             if anti_transfer is not None:
                 loss = loss + anti_transfer(features, out.features)
             if cka is not None:
-                loss = loss + cka(features["6"], out.features["6"], task_labels=y)
+                loss = loss + cka(features[z_layer], out.features[z_layer], task_labels=y)
             if hsic is not None:
-                loss = loss + hsic(features["6"], out.pseudo_labels, task_labels=y)
+                loss = loss + hsic(features[z_layer], out.pseudo_labels, task_labels=y)
             if adversary is not None:
-                loss = loss + adversary(features["6"], out.pseudo_labels, task_labels=y)
+                loss = loss + adversary(features[z_layer], out.pseudo_labels, task_labels=y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -312,12 +341,12 @@ def train_method(data: Data, epochs: int, seed: int, method: str, knob: Any) -> 
 
 
 @functools.lru_cache(maxsize=4)
-def selection_wrong(seed: int, share: float, epochs: int) -> Tensor:
+def selection_wrong(seed: int, share: float, epochs: int, dataset: str = "cmnist") -> Tensor:
     """The validation images that a selection twin (a GCE network, LfF's bias network trained alone on the
     training set, no colour labels) gets wrong: the score of the tuning is the accuracy on these."""
-    train_set, val, _ = make_splits(seed, share)
+    train_set, val, _ = make_splits(seed, share, dataset)
     torch.manual_seed(20_000 + seed)
-    bias = make_mlp()
+    bias = model_for(train_set)[0]()
     optimizer = torch.optim.Adam(bias.parameters(), lr=LR)
     g = torch.Generator().manual_seed(20_000 + seed)
     for idx in batches_of(len(train_set.y), epochs, g):
@@ -334,10 +363,11 @@ class Job(NamedTuple):
     knob: Any
     seed: int
     epochs: int
+    dataset: str = "cmnist"
 
 
 def job_key(job: Job) -> str:
-    return json.dumps([job.share, job.method, job.knob, job.seed, job.epochs])
+    return json.dumps([job.share, job.method, job.knob, job.seed, job.epochs, job.dataset])
 
 
 def accuracy_on(pred: Tensor, y: Tensor, mask: Tensor) -> float | None:
@@ -347,11 +377,11 @@ def accuracy_on(pred: Tensor, y: Tensor, mask: Tensor) -> float | None:
 def run_one(job: Job) -> Record:
     """Train one method on one seed's data; its test accuracies and the label-free validation scores."""
     torch.set_num_threads(1)
-    train_set, val, test = make_splits(job.seed, job.share)
+    train_set, val, test = make_splits(job.seed, job.share, job.dataset)
     start = time.perf_counter()
     model = train_method(train_set, job.epochs, job.seed, job.method, job.knob)
     seconds = time.perf_counter() - start
-    wrong = selection_wrong(job.seed, job.share, job.epochs)
+    wrong = selection_wrong(job.seed, job.share, job.epochs, job.dataset)
     pv, pt = predictions(model, val), predictions(model, test)
     per_class = [float((pv[val.y == c] == c).float().mean()) for c in range(10)]
     conflicting_val = val.colour != val.y
@@ -385,11 +415,13 @@ def summarize(runs: list[Record], seeds: int) -> list[Record]:
     """Per share and method: the default's test accuracy (mean ± std over seeds), and the knob chosen by the
     label-free validation score with its test accuracy."""
     rows: list[Record] = []
-    for share in sorted({r["share"] for r in runs}):
+    for dataset, share in sorted(
+        {(r["dataset"], r["share"]) for r in runs}, key=lambda d: (DATASETS.index(d[0]), d[1])
+    ):
         for method in METHODS:
             by_knob: dict[str, list[Record]] = {}
             for r in runs:
-                if r["share"] == share and r["method"] == method and r["seed"] < seeds:
+                if (r["dataset"], r["share"], r["method"]) == (dataset, share, method) and r["seed"] < seeds:
                     by_knob.setdefault(json.dumps(r["knob"]), []).append(r)
             complete = {k: v for k, v in by_knob.items() if len(v) == seeds}
             default = json.dumps(GRID[method][0])
@@ -398,7 +430,7 @@ def summarize(runs: list[Record], seeds: int) -> list[Record]:
 
             scores = {k: val_score(v) for k, v in complete.items()}
             chosen = max(complete, key=lambda k: scores[k])  # ties: the first found (the default is run first)
-            row: Record = {"share": share, "method": method, "knob": KNOBS[method]}
+            row: Record = {"dataset": dataset, "share": share, "method": method, "knob": KNOBS[method]}
             for setting, k in (("default", default), ("tuned", chosen)):
                 rs = sorted(complete[k], key=lambda r: r["seed"])
                 m, s = mean_std([r["test_accuracy"] for r in rs])
@@ -419,7 +451,8 @@ def summarize(runs: list[Record], seeds: int) -> list[Record]:
 
 def targets(rows: list[Record]) -> Record:
     """The issue's targets at the defaults: a library variant at least LfF at every share, and at least vanilla + 10
-    points at 1 %. Per variant: its margin over LfF at each share and over vanilla at 1 % (points)."""
+    points at 1 %. Per variant: its margin over LfF at each share and over vanilla at 1 % (points); Colored MNIST."""
+    rows = [r for r in rows if r["dataset"] == "cmnist"]
     shares = sorted({r["share"] for r in rows})
 
     def default(method: str, share: float) -> float | None:
@@ -441,27 +474,42 @@ def targets(rows: list[Record]) -> Record:
     return out
 
 
+TITLES = {
+    "cmnist": "Colored MNIST (foreground colour), bias-conflicting share of training",
+    "background": "Biased MNIST (background colour, 14×14), bias-conflicting share of training (1 − ρ)",
+}
+
+
 def markdown(rows: list[Record]) -> str:
-    shares = sorted({r["share"] for r in rows})
     lines = []
-    for setting, what in (("default", "at its default"), ("tuned", "knob chosen on the label-free validation score")):
-        lines.append(f"Test accuracy (%, colours independent of the digit), mean ± std over seeds, {what}:")
-        lines.append("")
-        lines.append("| method | " + " | ".join(f"{100 * s:g} %" for s in shares) + " |")
-        lines.append("|---|" + "---|" * len(shares))
-        for method in METHODS:
-            cells = []
-            for share in shares:
-                row = next((r for r in rows if r["share"] == share and r["method"] == method), None)
-                if row is None:
-                    cells.append("—")
-                    continue
-                cell = row[setting]
-                knob = "" if setting == "default" or method == "vanilla" else f" ({fmt_knob(cell['knob_value'])})"
-                cells.append(f"{cell['test_accuracy']:.1f} ± {cell['test_std']:.1f}{knob}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
+    for dataset in DATASETS:
+        mine = [r for r in rows if r["dataset"] == dataset]
+        settings = [("default", "at its default"), ("tuned", "knob chosen on the label-free validation score")]
+        if mine and all(r["knobs_tried"] == 1 for r in mine if r["method"] != "vanilla"):
+            settings = settings[:1]
+        for setting, what in settings if mine else []:
+            lines += table(mine, setting, f"{TITLES[dataset]}: test accuracy (%), mean ± std over seeds, {what}:")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def table(rows: list[Record], setting: str, title: str) -> list[str]:
+    shares = sorted({r["share"] for r in rows})
+    lines = [title, ""]
+    lines.append("| method | " + " | ".join(f"{100 * s:g} %" for s in shares) + " |")
+    lines.append("|---|" + "---|" * len(shares))
+    for method in METHODS:
+        cells = []
+        for share in shares:
+            row = next((r for r in rows if r["share"] == share and r["method"] == method), None)
+            if row is None:
+                cells.append("—")
+                continue
+            cell = row[setting]
+            knob = "" if setting == "default" or method == "vanilla" else f" ({fmt_knob(cell['knob_value'])})"
+            cells.append(f"{cell['test_accuracy']:.1f} ± {cell['test_std']:.1f}{knob}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def fmt_knob(value: Any) -> str:
@@ -475,12 +523,19 @@ def plot(rows: list[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
     from plot_style import CHANCE, style, tidy
 
-    shares = sorted({r["share"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, setting in zip(axes, ("default", "tuned"), strict=True):
+    panels = [
+        ("cmnist", "default", "Colored MNIST, defaults"),
+        ("cmnist", "tuned", "Colored MNIST, tuned (no bias labels)"),
+    ]
+    if any(r["dataset"] == "background" for r in rows):
+        panels.append(("background", "default", "Biased MNIST (background), defaults"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.4), sharey=True)
+    for ax, (dataset, setting, title) in zip(axes, panels, strict=True):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        shares = sorted({r["share"] for r in mine})
         for method in METHODS:
-            found = [next((r for r in rows if r["share"] == s and r["method"] == method), None) for s in shares]
-            if any(f is None for f in found):
+            found = [next((r for r in mine if r["share"] == s and r["method"] == method), None) for s in shares]
+            if not found or any(f is None for f in found):
                 continue
             means = [f[setting]["test_accuracy"] for f in found if f is not None]
             stds = [f[setting]["test_std"] for f in found if f is not None]
@@ -488,28 +543,34 @@ def plot(rows: list[Record], path: Path) -> None:
         ax.axhline(10, **CHANCE)
         ax.set_xscale("log")
         ax.set_xticks([100 * s for s in shares], [f"{100 * s:g}" for s in shares])
+        ax.minorticks_off()
         ax.set_xlabel("bias-conflicting share of training (%)")
-        ax.set_title("defaults" if setting == "default" else "tuned on validation (no bias labels)")
+        ax.set_title(title, fontsize=10)
         tidy(ax)
     axes[0].set_ylabel("test accuracy, colours independent of the digit (%)")
-    axes[1].legend(fontsize=7, ncol=2, loc="upper left", frameon=False)
-    fig.suptitle("Colored MNIST (foreground), bias labels hidden: LfF, JTT and BiasTwin, MLP 3×100")
+    axes[0].legend(fontsize=7, ncol=2, loc="upper left", frameon=False)
+    fig.suptitle("No bias labels: LfF, JTT and the library's BiasTwin (3 seeds, mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
+    """Every default first (Colored MNIST, then the background), then the tuning grid (Colored MNIST only)."""
     jobs = []
-    for setting_values in ("default", "grid"):
+    for seed in range(args.seeds):
+        for share in args.shares:
+            jobs += [Job(share, m, GRID[m][0], seed, args.epochs) for m in args.methods]
+    if "background" in args.datasets:
+        for seed in range(args.seeds):
+            for share in args.background_shares:
+                methods = [m for m in args.methods if m in BACKGROUND_METHODS]
+                jobs += [Job(share, m, GRID[m][0], seed, args.epochs, "background") for m in methods]
+    if args.tune:
         for seed in range(args.seeds):
             for share in args.shares:
-                for method in args.methods:
-                    values = GRID[method][:1] if setting_values == "default" else GRID[method][1:]
-                    if setting_values == "grid" and not args.tune:
-                        continue
-                    jobs += [Job(share, method, v, seed, args.epochs) for v in values]
-    return jobs
+                jobs += [Job(share, m, v, seed, args.epochs) for m in args.methods for v in GRID[m][1:]]
+    return [j for j in jobs if j.dataset in args.datasets]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--background-shares", type=float, nargs="+", default=BACKGROUND_SHARES)
     parser.add_argument("--no-tune", dest="tune", action="store_false", help="run the defaults only")
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (one CPU thread each)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 share, 1 epoch, defaults")
@@ -529,11 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[Record]:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.seeds, args.shares, args.epochs, args.tune = 1, [0.01], 1, False
+        args.seeds, args.shares, args.epochs, args.tune, args.datasets = 1, [0.01], 1, False, ["cmnist"]
     torch.set_num_threads(1)
     path = args.out / f"{STEM}.json"
     cached = json.loads(path.read_text()).get("runs", []) if path.exists() else []
-    done = {job_key(Job(r["share"], r["method"], r["knob"], r["seed"], r["epochs"])): r for r in cached}
+    for r in cached:
+        r.setdefault("dataset", "cmnist")  # runs cached before the background data set was added
+    done = {job_key(Job(**{k: r[k] for k in Job._fields})): r for r in cached}
     todo = [] if args.summarize else [j for j in plan(args) if job_key(j) not in done]
     print(f"{len(todo)} runs to train ({len(done)} cached)", flush=True)
 

@@ -46,6 +46,19 @@ def test_the_digits_foreground_carries_the_colour_at_the_protocols_shares() -> N
     assert int((colours != digits).sum()) == 15
 
 
+def test_the_background_data_set_is_biased_mnists_with_a_biased_validation_split() -> None:
+    nb = study()
+    train, val, test = nb.make_splits(0, 0.01, "background")
+    assert train.x.shape == (3000, 3, 14, 14) and val.x.shape == (1000, 3, 14, 14)
+    for split in (train, val):  # ReBias' int(ρ·n) per class at ρ 0.99
+        per_class = torch.bincount(split.y, minlength=10)
+        expected = sum(int(n) - int(int(n) * 0.99) for n in per_class)
+        assert int((split.colour != split.y).sum()) == expected
+    assert float((test.colour == test.y).float().mean()) == pytest.approx(0.1, abs=0.02)
+    factory, layers, dim = nb.model_for(train)
+    assert layers[-1] == "fc" and dim == 64 and factory()(train.x[:2]).shape == (2, 10)
+
+
 def test_lff_written_from_the_authors_algorithm_trains_like_the_library_twin_with_its_weights() -> None:
     """Same seed, batches and initialisations: LfF's GCE form (q times the gradient) only differs under Adam
     through its eps, so the two main models end up nearly equal; a vanilla model does not."""
