@@ -37,14 +37,15 @@ Methods (none sees the colour):
 
 Biased MNIST (`--datasets background`, the defaults of `BACKGROUND_METHODS` only, for lack of time): the
 background-colour data set of biased_mnist.py (white digits on one of ten background colours, ReBias'
-assignment at ρ = 0.99 / 0.98, i.e. 1 / 2 % conflicting, 14×14, its three-conv network `Net`), with the colour
+assignment at ρ = 0.99, i.e. 1 % conflicting, 14×14, its three-conv network `Net`), with the colour
 hidden from every method, validation biased like training, the same optimizer, batches and epochs as above; the
 twin taps `conv1`, `conv2` and `fc` (z).
 
-Tuning without bias labels: each method's knob (`GRID`) is chosen per share by a validation score that needs no
-bias label, JTT's and LfF's practice: the accuracy on the validation images that a separate GCE network (a
-"selection twin", trained per seed and share like LfF's bias network, without colour labels) gets wrong. The
-colour labels are used only to build the data and to report accuracies on the test set.
+Tuning without bias labels (for the methods in `TUNED`; the others at their defaults, for lack of time): each
+knob (`GRID`) is chosen per share by a validation score that needs no bias label, JTT's and LfF's practice: the
+accuracy on the validation images that a separate GCE network (a "selection twin", trained per seed and share like
+LfF's bias network, without colour labels) gets wrong. The colour labels are used only to build the data and to
+report accuracies on the test set.
 
     python studies/no_bias_labels.py --out docs/img             # the study (cached per run)
     python studies/no_bias_labels.py --quick --out /tmp/nbl      # a smoke run of seconds
@@ -106,7 +107,9 @@ CONV_LAYERS = ["conv1", "conv2", "fc"]  # Biased MNIST's network: the first two 
 DATASETS = ("cmnist", "background")
 BACKGROUND_SIZE = 14  # Biased MNIST's default image size (biased_mnist.py)
 BACKGROUND_METHODS = ["vanilla", "lff", "twin_hsic", "twin_lff_hsic"]  # the defaults only, for lack of time
-BACKGROUND_SHARES = [0.01, 0.02]  # ρ 0.99 and 0.98
+BACKGROUND_SHARES = [0.01]  # ρ 0.99
+# the knobs tried on validation for these only (the CPU time of this study; the others at their defaults)
+TUNED = ["lff", "jtt", "twin_lff", "twin_hsic", "twin_balanced", "twin_lff_hsic", "twin_balanced_hsic"]
 STEM = "no_bias_labels"
 
 
@@ -505,6 +508,9 @@ def table(rows: list[Record], setting: str, title: str) -> list[str]:
                 cells.append("—")
                 continue
             cell = row[setting]
+            if setting == "tuned" and row["knobs_tried"] == 1 and method != "vanilla":
+                cells.append("— (not tuned)")
+                continue
             knob = "" if setting == "default" or method == "vanilla" else f" ({fmt_knob(cell['knob_value'])})"
             cells.append(f"{cell['test_accuracy']:.1f} ± {cell['test_std']:.1f}{knob}")
         if any(c != "—" for c in cells):
@@ -569,7 +575,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     if args.tune:
         for seed in range(args.seeds):
             for share in args.shares:
-                jobs += [Job(share, m, v, seed, args.epochs) for m in args.methods for v in GRID[m][1:]]
+                jobs += [Job(share, m, v, seed, args.epochs) for m in args.methods if m in TUNED for v in GRID[m][1:]]
     return [j for j in jobs if j.dataset in args.datasets]
 
 
@@ -617,7 +623,7 @@ def main(argv: list[str] | None = None) -> list[Record]:
                     f"{result['seed']}: test {100 * result['test_accuracy']:.1f} % ({result['seconds']} s)",
                     flush=True,
                 )
-                if n % 10 == 0:
+                if n % 5 == 0:
                     save([])
     runs = [r for r in done.values() if r["epochs"] == args.epochs]
     rows = summarize(runs, args.seeds)
