@@ -793,6 +793,7 @@ def median_distance(side: KernelSide, members: Tensor | None = None, slots: Tens
     if n < 2:
         ones = torch.ones(n, dtype=dtype, device=device)
         return ones if grouped else ones.new_ones(())
+    one_group = slots is None  # then pairs outside it (distance inf) sort last by distance alone: no group keys
     members = torch.ones(n, dtype=torch.bool, device=device) if members is None else members
     slots = torch.zeros(n, dtype=torch.int64, device=device) if slots is None else slots
     step, distances, keys = tile_rows(n), [], []
@@ -803,12 +804,21 @@ def median_distance(side: KernelSide, members: Tensor | None = None, slots: Tens
         first, second = torch.triu_indices(stop - start, n, offset=start + 1, device=device)
         in_group = pair[first, second]
         distances.append(torch.where(in_group, sq_dist[first, second].sqrt(), float("inf")))
-        keys.append(torch.where(in_group, slots[start + first], n))
-    distance, key = torch.cat(distances), torch.cat(keys)
-    by_distance = torch.sort(distance, stable=True).indices
-    order = by_distance[torch.sort(key[by_distance], stable=True).indices]
-    sorted_distance, sorted_key = distance[order], key[order]
-    start_of = torch.searchsorted(sorted_key.contiguous(), slots.contiguous())
+        if not one_group:
+            keys.append(torch.where(in_group, slots[start + first], n).to(torch.int32))
+    distance = torch.cat(distances)
+    del distances
+    if one_group:
+        sorted_distance = torch.sort(distance).values
+        start_of = torch.zeros(n, dtype=torch.int64, device=device)
+    else:
+        key = torch.cat(keys)
+        del keys
+        by_distance = torch.sort(distance, stable=True).indices
+        order = by_distance[torch.sort(key[by_distance], stable=True).indices]
+        del by_distance
+        sorted_distance, sorted_key = distance[order], key[order]
+        start_of = torch.searchsorted(sorted_key.contiguous(), slots.to(torch.int32).contiguous())
     size = torch.zeros(n, dtype=torch.int64, device=device).index_add(0, slots, members.to(torch.int64))
     size = size.index_select(0, slots)
     pairs = size * (size - 1) // 2
