@@ -5,11 +5,14 @@ Each (loss, batch) runs in a fresh subprocess. Features are `(B, 128)` float32 r
 `HSICSuppression(10)`, `HSICSuppression(10, conditional=True)`, `HSICSuppression(10, conditional=True,
 normalized=True)`, `CKASuppression()` and `CKASuppression(conditional=True)` at their defaults (linear kernels),
 and `HSICSuppression(10, kernel="rbf")` (the RBF kernel matrices a tile of rows at a time; the median
-bandwidth). The time is the median of the repeats after one warm-up call; the peak memory is the growth of the
-peak resident set (`ru_maxrss`) over the resident set just before the first call (inputs not counted), on CUDA
-`torch.cuda.max_memory_allocated` over the allocation before it. A batch is skipped when the previous one, scaled
-by `(B / B_prev)²`, would take more than `--max-seconds` per call or more than `--max-gib` of memory (the pairwise
-form grows with `B²`).
+bandwidth), also with `sigma=16.0` given (about the median distance of these features: no median to compute).
+The time is the median of the repeats after one warm-up call; the peak memory is the growth of the peak
+resident set (`ru_maxrss`) over the resident set just before the first call (inputs not counted), on CUDA
+`torch.cuda.max_memory_allocated` over the allocation before it. glibc's allocator keeps freed blocks of up to
+32 MiB in the process, so the resident set of a loop over tiles can exceed what is ever live at once; with
+`MALLOC_MMAP_THRESHOLD_=65536` in the environment large blocks go back to the system when freed and the peak is
+close to the live peak. A batch is skipped when the previous one, scaled by `(B / B_prev)²`, would take more than
+`--max-seconds` per call or more than `--max-gib` of memory (the pairwise form grows with `B²`).
 
     python benchmarks/batch_scaling.py [--label after] [--batches 256 1024 ...] [--cases hsic cka ...]
                                        [--device cpu] [--csv benchmarks/results/batch_scaling.csv]
@@ -40,7 +43,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-CASES = ("hsic", "hsic-conditional", "hsic-normalized-conditional", "cka", "cka-conditional", "hsic-rbf")
+CASES = (
+    "hsic",
+    "hsic-conditional",
+    "hsic-normalized-conditional",
+    "cka",
+    "cka-conditional",
+    "hsic-rbf",
+    "hsic-rbf-sigma",
+)
 BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 WIDTH = 128
 CLASSES = 10
@@ -65,6 +76,7 @@ def measure(case: str, batch: int, device: str, repeats: int, threads: int) -> d
             z, u, task_labels=y
         ),
         "hsic-rbf": lambda: ntl.HSICSuppression(CLASSES, kernel="rbf")(z, u),
+        "hsic-rbf-sigma": lambda: ntl.HSICSuppression(CLASSES, kernel="rbf", sigma=16.0)(z, u),
         "cka": lambda: ntl.CKASuppression()(z, r),
         "cka-conditional": lambda: ntl.CKASuppression(conditional=True)(z, r, task_labels=y),
     }
