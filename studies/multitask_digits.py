@@ -468,7 +468,12 @@ def sweep_markdown(rows: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[Record], path: Path) -> None:
+DATASET_TITLES = {"digits": "8×8 digits", "mnist": "28×28 MNIST digits, held out"}
+
+
+def plot_sweep(rows: list[Record], path: Path, dataset: str = "digits") -> None:
+    """Each task's paired gain over its single-task model, per label ratio, every model at its default λ (the
+    tuned λ are in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,41 +482,30 @@ def plot_sweep(rows: list[Record], path: Path) -> None:
     ratios = list(dict.fromkeys((int(r["num_a"]), int(r["num_b"])) for r in rows))
     labels = [f"{a} / {b}" for a, b in ratios]
     configs = [c for c in dict.fromkeys(str(r["config"]) for r in rows) if not c.startswith("single")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     for ax, (task, _, single) in zip(axes, TASKS, strict=True):
         for i, config in enumerate(configs):
-            settings = (("default", -0.02, "-"), ("tuned", 0.02, ":"))[: 2 if SPECS[config].swept else 1]
-            for setting, shift, linestyle in settings:
-                rs = [
-                    next(
-                        r
-                        for r in rows
-                        if (r["setting"], r["num_a"], r["num_b"], r["config"]) == (setting, *ratio, config)
-                    )
-                    for ratio in ratios
-                ]
-                xs = [j + (i - (len(configs) - 1) / 2) * 0.1 + shift for j in range(len(ratios))]
-                look = style(config, label=config if setting == "default" else f"{config}, λ tuned")
-                if setting == "tuned":
-                    look |= {"linestyle": linestyle, "fillstyle": "none"}
-                ax.errorbar(
-                    xs,
-                    [float(r[f"{task}_gain_mean"]) for r in rs],
-                    yerr=[float(r[f"{task}_gain_std"]) for r in rs],
-                    capsize=3,
-                    **look,
+            rs = [
+                next(
+                    r
+                    for r in rows
+                    if (r["setting"], r["num_a"], r["num_b"], r["config"]) == ("default", *ratio, config)
                 )
+                for ratio in ratios
+            ]
+            xs = [j + (i - (len(configs) - 1) / 2) * 0.07 for j in range(len(ratios))]
+            means = [float(r[f"{task}_gain_mean"]) for r in rs]
+            ax.errorbar(xs, means, yerr=[float(r[f"{task}_gain_std"]) for r in rs], capsize=2, **style(config))
         ax.axhline(0, color="k", linewidth=1)
         ax.set_xticks(range(len(ratios)), labels)
         ax.set_xlabel("training labels: digit / attribute")
-        ax.set_title(f"{task}: test gain over {single} (points)")
-    axes[0].set_ylabel("accuracy gain, percentage points")
-    axes[1].legend(loc="best", fontsize=8)
-    fig.suptitle(
-        "Multi-task digits: gain over each task's single-task model vs label ratio (mean ± std over seeds; "
-        "solid: λ = 1, dotted: λ tuned)"
-    )
-    fig.tight_layout()
+        ax.set_title(f"{task}: test accuracy gain over {single}")
+        tidy(ax)
+    axes[0].set_ylabel("paired gain, percentage points (mean ± std)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"Multi-task {DATASET_TITLES[dataset]}: every model at its default λ; below 0 is negative transfer")
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -527,7 +521,7 @@ def main_sweep(args: argparse.Namespace) -> list[Record]:
     )
     record = study_record("multitask_digits.py", args.argv, args, label_noise=NOISE, summary=rows, runs=records)
     name = "multitask_sweep" if args.dataset == "digits" else f"multitask_{args.dataset}_sweep"
-    write_study(args.out, name, title, table, record, lambda path: plot_sweep(rows, path))
+    write_study(args.out, name, title, table, record, lambda path: plot_sweep(rows, path, args.dataset))
     return rows
 
 
@@ -535,7 +529,8 @@ def replot(args: argparse.Namespace) -> None:
     """Redraw the study's PNG from its JSON in `args.out`, as committed: no training."""
     if args.sweep:
         name = "multitask_sweep" if args.dataset == "digits" else f"multitask_{args.dataset}_sweep"
-        plot_sweep(json.loads((args.out / f"{name}.json").read_text())["summary"], args.out / f"{name}.png")
+        rows = json.loads((args.out / f"{name}.json").read_text())["summary"]
+        plot_sweep(rows, args.out / f"{name}.png", args.dataset)
     else:
         plot(json.loads((args.out / "multitask_digits.json").read_text())["results"], args.out / "multitask_digits.png")
     print(f"redrew the plot in {args.out}")
