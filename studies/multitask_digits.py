@@ -468,6 +468,36 @@ def sweep_markdown(rows: list[Record]) -> str:
     return "\n".join(lines)
 
 
+LEAD_CONFIGS = {  # the models the distribution-matching page leads with: the setting, the papers' default, the peers
+    "+ matching, B→A gated": "gated matching (the setting)",
+    "+ matching": "matching, both directions (papers' default)",
+    "multi-task": "equal weights",
+    "UPGrad [A, B]": "UPGrad [A, B]",
+    "UPGrad [A, B, matching gated]": "UPGrad [A, B, gated matching]",
+}
+
+
+def lead_table(sweeps: dict[str, list[Record]]) -> str:
+    """Per data set, label ratio and lead model, the paired gains over each task's single-task model at the
+    default λ, as `digit / attribute` points (mean over seeds); a negative gain, negative transfer, in bold."""
+
+    def gain(value: float) -> str:
+        text = f"{value:+.1f}"
+        return f"**{text}**" if value < 0 else text
+
+    names = list(LEAD_CONFIGS.values())
+    lines = ["| data set | digit / attribute labels | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for dataset, rows in sweeps.items():
+        default = [r for r in rows if r["setting"] == "default"]
+        for num_a, num_b in dict.fromkeys((int(r["num_a"]), int(r["num_b"])) for r in default):
+            cells = [DATASET_TITLES[dataset], f"{num_a} / {num_b}"]
+            for config in LEAD_CONFIGS:
+                row = next(r for r in default if (r["num_a"], r["num_b"], r["config"]) == (num_a, num_b, config))
+                cells.append(f"{gain(float(row['digit_gain_mean']))} / {gain(float(row['attributes_gain_mean']))}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 DATASET_TITLES = {"digits": "8×8 digits", "mnist": "28×28 MNIST digits, held out"}
 
 

@@ -289,3 +289,21 @@ def test_the_demo_trains_bit_for_bit_alike_twice_in_one_process(method: str) -> 
         torch.set_num_threads(threads)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_distribution_matching_page_leads_with_the_committed_multitask_results() -> None:
+    mt = study("multitask_digits")
+    img = STUDIES.parent / "docs" / "img"
+    sweeps = {
+        dataset: json.loads((img / f"{name}.json").read_text())["summary"]
+        for dataset, name in (("digits", "multitask_sweep"), ("mnist", "multitask_mnist_sweep"))
+    }
+    page = (STUDIES.parent / "docs" / "distribution-matching.md").read_text()
+    assert mt.lead_table(sweeps) in page
+    for dataset, rows in sweeps.items():
+        default = {(r["num_a"], r["num_b"], r["config"]): r for r in rows if r["setting"] == "default"}
+        for (num_a, _, config), row in default.items():
+            if config in ("+ matching, B→A gated", "+ matching A→B"):  # the page: neither ever costs a task here
+                assert row["digit_gain_mean"] >= 0 and row["attributes_gain_mean"] >= 0, (dataset, num_a, config)
+        only_a_to_b = default[(30, 1000, "+ matching A→B")]["digit_gain_mean"]
+        assert f"{only_a_to_b:+.1f} with A→B alone" in page or f"A→B alone gains {only_a_to_b:+.1f}" in page
