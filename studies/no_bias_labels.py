@@ -50,6 +50,7 @@ report accuracies on the test set.
     python studies/no_bias_labels.py --out docs/img             # the study (cached per run)
     python studies/no_bias_labels.py --quick --out /tmp/nbl      # a smoke run of seconds
     python studies/no_bias_labels.py --summarize --out docs/img  # tables and plot of the cached runs
+    python studies/no_bias_labels.py --replot --out docs/img     # the plot alone, from the committed JSON
 
 Every run is cached in `--out`/no_bias_labels.json under "runs", keyed by its settings, so an interrupted study
 resumes and an extended one trains only what is missing.
@@ -591,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (one CPU thread each)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 share, 1 epoch, defaults")
     parser.add_argument("--summarize", action="store_true", help="tables and plot of the cached runs only")
+    parser.add_argument("--replot", action="store_true", help="only the plot, from the JSON's rows (writes no JSON)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     return parser
 
@@ -601,6 +603,10 @@ def main(argv: list[str] | None = None) -> list[Record]:
         args.seeds, args.shares, args.epochs, args.tune, args.datasets = 1, [0.01], 1, False, ["cmnist"]
     torch.set_num_threads(1)
     path = args.out / f"{STEM}.json"
+    if args.replot:
+        rows = json.loads(path.read_text())["rows"]
+        plot(rows, args.out / f"{STEM}.png")
+        return rows  # type: ignore[no-any-return]
     cached = json.loads(path.read_text()).get("runs", []) if path.exists() else []
     for r in cached:
         r.setdefault("dataset", "cmnist")  # runs cached before the background data set was added
@@ -629,7 +635,13 @@ def main(argv: list[str] | None = None) -> list[Record]:
     rows = summarize(runs, args.seeds)
     table = markdown(rows)
     record = study_record(
-        "no_bias_labels.py", argv, args, library_commit=library_commit(), rows=rows, targets=targets(rows)
+        "no_bias_labels.py",
+        argv,
+        args,
+        library_commit=library_commit(),
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        rows=rows,
+        targets=targets(rows),
     )
     record["runs"] = sorted(done.values(), key=lambda r: job_key(Job(**{k: r[k] for k in Job._fields})))
     write_study(args.out, STEM, "No bias labels: Colored MNIST (foreground)", table, record, lambda p: plot(rows, p))

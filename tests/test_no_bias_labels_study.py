@@ -115,6 +115,16 @@ def test_the_committed_tables_are_the_jsons() -> None:
     assert table in PAGE.read_text(), "docs/no-bias-labels.md must hold the study's table as written"
 
 
+def test_the_plot_is_drawn_again_from_the_committed_json_alone(tmp_path: Path) -> None:
+    nb = study()
+    committed()
+    (tmp_path / RESULTS.name).write_bytes(RESULTS.read_bytes())
+    nb.main(["--replot", "--out", str(tmp_path)])
+    assert (tmp_path / "no_bias_labels.png").stat().st_size > 20_000
+    assert (tmp_path / RESULTS.name).read_bytes() == RESULTS.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_bias_labels.json", "no_bias_labels.png"]
+
+
 def json_numbers(value: object) -> set[str]:
     """Every number of the JSON's summary rows, as the page prints them (one decimal)."""
     found: set[str] = set()
@@ -132,8 +142,11 @@ def json_numbers(value: object) -> set[str]:
 def test_every_measured_number_on_the_page_is_the_jsons() -> None:
     record = committed()
     text = PAGE.read_text()
-    results = text[text.index("## Measured") :]
-    allowed = json_numbers(record["rows"]) | json_numbers(record["targets"])
+    results = text[text.index("## Measured") : text.index("## How these numbers were made")]
+    rows = record["rows"]
+    assert isinstance(rows, list)
+    shares = {f"{100 * r['share']:.1f}" for r in rows}  # the shares, quoted as "0.5 %"
+    allowed = json_numbers(rows) | json_numbers(record["targets"]) | shares
     quoted = re.findall(r"(?<![\w.])(\d+\.\d)(?= ?(?:%|points| ±))", results)
     assert quoted, "the page quotes no measured number"
     missing = sorted({n for n in quoted if n not in allowed})
