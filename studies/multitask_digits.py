@@ -332,7 +332,7 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, key, title, skip in (
         (axes[0], "digit_accuracy", "task A: digit accuracy", "single B"),
         (axes[1], "attribute_accuracy", "task B: attribute accuracy", "single A"),
@@ -346,9 +346,12 @@ def plot(table: dict[str, dict[str, float | bool]], path: Path) -> None:
         ax.set_xticks(range(len(configs)), configs, rotation=40, ha="right", fontsize=8)
         ax.set_title(title)
         ax.set_ylim(min(means) - 10, 100)
-        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_ylabel("test accuracy (%), mean ± std")
         tidy(ax)
-    fig.suptitle("Multi-task digits: 100 digit-only + 100 attribute-only training images (dotted: single-task model)")
+    fig.suptitle(
+        "Multi-task digits: 100 digit-only + 100 attribute-only training images (dotted: single-task model)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
