@@ -307,3 +307,13 @@ def test_distribution_matching_page_leads_with_the_committed_multitask_results()
                 assert row["digit_gain_mean"] >= 0 and row["attributes_gain_mean"] >= 0, (dataset, num_a, config)
         only_a_to_b = default[(30, 1000, "+ matching A→B")]["digit_gain_mean"]
         assert f"{only_a_to_b:+.1f} with A→B alone" in page or f"A→B alone gains {only_a_to_b:+.1f}" in page
+
+
+def test_case_studies_page_prints_the_committed_multitask_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    mt = study("multitask_digits")
+    docs = STUDIES.parent / "docs"
+    mt.print_table(json.loads((docs / "img" / "multitask_digits.json").read_text())["results"])
+    page = (docs / "case-studies.md").read_text()
+    assert capsys.readouterr().out.strip() in page  # 2a: make demo's table
+    for name in ("multitask_sweep", "multitask_mnist_sweep"):  # 2b, 2d: the sweeps' tables as written
+        assert (docs / "img" / f"{name}.md").read_text().strip() in page
