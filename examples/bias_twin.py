@@ -2,7 +2,7 @@
 
 A toy data set where a strong "colour" cue agrees with the label on 95 % of the samples and a weak "shape" cue
 always does. Nobody labelled the colour. The twin (GCE) picks the colour up; the model is trained with LfF's
-weights, anti-transfer from the twin's features and HSIC against the twin's pseudo-labels.
+weights, anti-transfer from the twin's features and conditional HSIC against the twin's pseudo-labels (within each class).
 
     python examples/bias_twin.py --steps 300
 """
@@ -46,7 +46,7 @@ def main() -> None:
     twin = ntl.BiasTwin(make_model, num_samples=N, layers=["1"])  # a fresh network, trained by the module itself
     tap = ntl.FeatureTap(model, ["1"])
     anti_transfer = ntl.AntiTransferLoss(aggregation="gram", distance="cos_squared", weight=0.1)
-    hsic = ntl.HSICSuppression(K, weight=0.1)
+    hsic = ntl.HSICSuppression(K, weight=0.1, conditional=True)  # the guess is a class: within each class only
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # your model only: the twin has its own steps
 
     step = 0
@@ -59,7 +59,7 @@ def main() -> None:
             assert out.weights is not None
             ce = F.cross_entropy(logits, labels, reduction="none")
             loss = (out.weights * ce).mean() + anti_transfer(features, out.features["1"])
-            loss = loss + hsic(features, out.pseudo_labels)
+            loss = loss + hsic(features, out.pseudo_labels, task_labels=labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
