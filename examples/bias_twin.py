@@ -2,7 +2,8 @@
 
 A toy data set where a strong "colour" cue agrees with the label on 95 % of the samples and a weak "shape" cue
 always does. Nobody labelled the colour. The twin (GCE) picks the colour up; the model is trained with LfF's
-weights, anti-transfer from the twin's features and conditional HSIC against the twin's pseudo-labels (within each class).
+weights, anti-transfer from the twin's features and conditional HSIC against the twin's pseudo-labels (within
+each class).
 
     python examples/bias_twin.py --steps 300
 """
