@@ -456,6 +456,8 @@ def _class_sums(z: Tensor, labels: Tensor, slots: Tensor, classes: int, num_irre
 
 def _summed_class_sums(sums: _ClassSums, gather: Gather) -> _ClassSums:
     """The `_ClassSums` of every rank added up, in one all-reduce (`distributed.sum_across_ranks`)."""
+    if gather == "local" or not is_distributed():
+        return sums
     parts = [t for t in sums if t is not None]
     total = sum_across_ranks(torch.cat([t.reshape(-1) for t in parts]), gather)
     pieces = iter(torch.split(total, [t.numel() for t in parts]))
@@ -504,7 +506,7 @@ def _class_hsic(sums: _ClassSums, counts: Tensor, minimum: int, unbiased: bool, 
         assert sums.grams is not None and sums.norm_rows is not None and sums.norm_squares is not None
         grams = sums.grams
         if unbiased:
-            rows = torch.einsum("cd,cde,ce->c", class_sums, grams, class_sums)
+            rows = ((grams @ class_sums[:, :, None]).squeeze(2) * class_sums).sum(dim=1)  # s_cᵀ G_c s_c
             rows = rows - 2.0 * (class_sums * sums.norm_rows).sum(dim=1) + sums.norm_squares
             trace = grams.square().sum(dim=(1, 2)) - sums.norm_squares
             self_k = _unbiased_of_sums(trace, sum_k, sum_k, rows, n)
