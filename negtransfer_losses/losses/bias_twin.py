@@ -188,9 +188,9 @@ class BiasTwin(nn.Module):
         """
         batch = _check_batch(inputs, labels, indices, logits, self.num_samples)
         known = labels != self.ignore_index
-        if self.training:
+        if self.training:  # autocast is switched off once, inside the twin's step (`_twin_gradient`)
             saved = [b.detach().clone() for b in self.twin.buffers() if b.is_floating_point()]
-            twin_logits, features, grads = self._twin_gradient(inputs, labels, known, logits)
+            twin_logits, features, grads, losses = self._twin_gradient(inputs, labels, known, logits)
         else:
             with torch.no_grad():
                 if self._tap is not None:
@@ -205,38 +205,42 @@ class BiasTwin(nn.Module):
                 _keep_buffers(self.twin, saved, torch.zeros((), dtype=torch.bool, device=twin_logits.device))
             raise
         pseudo_labels = twin_logits.argmax(dim=1)
-        with full_precision(twin_logits):
-            twin_ce = _cross_entropy(twin_logits, labels, known)
-            z = twin_logits.to(torch.promote_types(twin_logits.dtype, torch.float32))
-            twin_loss = generalized_cross_entropy_unchecked(z, labels, known, q=self.q).sum() / _count(known, z.dtype)
-            if self.training:
-                self._twin_step(grads, saved, known, finite)
-                main_ce = None if logits is None else _cross_entropy(logits.detach(), labels, known)
-                _update_averages(self, indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
-            weights = None if logits is None else _lff_weights(self, indices, labels, known & finite, z.shape[1])
+        if self.training:
+            twin_loss, twin_ce, main_ce = losses
+            self._twin_step(grads, saved, known, finite)
+            _update_averages(self, indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
+        else:
+            with full_precision(twin_logits):
+                twin_loss = _twin_loss(twin_logits, labels, known, self.q)
+        num_classes = twin_logits.shape[1]
+        weights = None if logits is None else _lff_weights(self, indices, labels, known & finite, num_classes)
         return TwinOutput(features, pseudo_labels, weights, twin_loss)
 
     def _twin_gradient(
         self, inputs: Tensor, labels: Tensor, known: Tensor, logits: Tensor | None
-    ) -> tuple[Tensor, dict[str, Tensor], Grads]:
-        """The twin's logits and features (detached) and its GCE gradient, from one forward (`torch.func.grad`)."""
+    ) -> tuple[Tensor, dict[str, Tensor], Grads, tuple[Tensor, Tensor, Tensor | None]]:
+        """The twin's logits and features (detached) and its GCE gradient, from one forward (`torch.func.grad`),
+        with the losses the call reports and averages (the twin's GCE, both models' per-sample cross-entropies),
+        all under the call's one switch of autocast."""
         params = {name: self.twin.get_parameter(name).detach() for name in self.twin_optimizer.names}
 
-        def objective(trained: Grads, buffers: Grads) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        def objective(trained: Grads, buffers: Grads) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Grads]]:
             if self._tap is not None:
                 self._tap.clear()
             out = torch.func.functional_call(self.twin, (trained, buffers), (inputs,))
             features = {} if self._tap is None else self._features(self._tap.pop())
             z = _twin_logits(out, labels.shape[0], logits)
             with full_precision(z):
-                z = z.to(torch.promote_types(z.dtype, torch.float32))
-                value = generalized_cross_entropy_unchecked(z, labels, known, q=self.q).sum() / _count(known, z.dtype)
-            return value, (out.detach(), features)
+                value = _twin_loss(z, labels, known, self.q)
+                losses = {"twin_loss": value.detach(), "twin_ce": _cross_entropy(z.detach(), labels, known)}
+                if logits is not None:
+                    losses["main_ce"] = _cross_entropy(logits.detach(), labels, known)
+            return value, (out.detach(), features, losses)
 
-        grads, (twin_logits, features) = torch.func.grad(objective, has_aux=True)(
+        grads, (twin_logits, features, losses) = torch.func.grad(objective, has_aux=True)(
             params, dict(self.twin.named_buffers())
         )
-        return twin_logits, features, grads
+        return twin_logits, features, grads, (losses["twin_loss"], losses["twin_ce"], losses.get("main_ce"))
 
     def _features(self, popped: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name.removeprefix("twin."): value.detach() for name, value in popped.items()}
@@ -433,6 +437,12 @@ def _index_message(num_samples: int, batch: int, values: list[int]) -> str | Non
         f"'indices' holds {value}, outside [0, {num_samples}) for num_samples={num_samples} (indices of shape "
         f"({batch},)): give BiasTwin the size of the training set, and the data set's indices of the samples"
     )
+
+
+def _twin_loss(twin_logits: Tensor, labels: Tensor, known: Tensor, q: float) -> Tensor:
+    """The twin's mean GCE over the known samples, in float32 at least."""
+    z = twin_logits.to(torch.promote_types(twin_logits.dtype, torch.float32))
+    return generalized_cross_entropy_unchecked(z, labels, known, q=q).sum() / _count(known, z.dtype)
 
 
 def _count(known: Tensor, dtype: torch.dtype) -> Tensor:
