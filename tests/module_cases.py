@@ -210,6 +210,16 @@ def _multi_task() -> Case:
     )
 
 
+@case("MultiTaskLoss, B→A gated")
+def _multi_task_gated() -> Case:
+    labels_a, labels_b = labels(3, seed=20, unknown=6), multilabel(4, seed=21)  # task B labels more samples
+    return Case(
+        ntl.MultiTaskLoss(ntl.TaskRelatedness(RELATEDNESS), co_annotation_weight=0.0, b_to_a_gate="label_advantage"),
+        _two_heads(),
+        lambda loss, net: loss(net["logits_a"](), net["logits_b"](), labels_a, labels_b),
+    )
+
+
 @case("MultiTaskLoss, multiclass task B")
 def _multi_task_multiclass() -> Case:
     relatedness = ntl.TaskRelatedness(
