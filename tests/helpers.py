@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -12,6 +16,16 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from negtransfer_losses import _validation
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def study_module(name: str) -> ModuleType:
+    """`studies/{name}.py` imported as the studies import each other (their folder on `sys.path`)."""
+    if str(STUDIES) not in sys.path:
+        sys.path.insert(0, str(STUDIES))
+    return importlib.import_module(name)
+
 
 # Every loss is multiplied by this before backward(): a backward pass that forgets to multiply by
 # grad_output goes unnoticed when grad_output is 1.

