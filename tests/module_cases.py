@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -370,3 +370,17 @@ def _bias_twin() -> Case:
         return (out.weights * ce).mean() + 0.1 * out.features["1"].square().mean() + 0.01 * out.twin_loss
 
     return Case(ntl.BiasTwin(_twin_network, 2 * B, layers=["1"]), Network(logits=(B, 3)), forward)
+
+
+@case("BiasTwin, frozen")
+def _bias_twin_frozen() -> Case:
+    """The read-only path a frozen twin takes in training mode (the sampler's recipe), after two training calls
+    (so that its weights are not all 0)."""
+    case = _bias_twin()
+    twin = case.module
+    assert isinstance(twin, ntl.BiasTwin)
+    inputs, y = frozen(B, 8, seed=62), labels(3, seed=61)
+    for seed in (64, 65):
+        indices = torch.randperm(2 * B, generator=torch.Generator().manual_seed(seed))[:B]
+        twin(inputs, y, indices, frozen(B, 3, seed=seed))
+    return replace(case, module=twin.freeze())

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from .._labels import IGNORE_INDEX, check_labels
 from .._validation import (
@@ -90,6 +91,13 @@ class BiasTwin(nn.Module):
     buffers (BatchNorm statistics) are averaged: the state stays identical on every rank, which must all call it
     on every training step. In eval mode it only reads (the twin in eval mode, no step, no update).
 
+    `freeze()` makes every later call read only, in training mode too (the twin in eval mode whatever
+    `train()` says, no step, no update: `pseudo_labels`, `sample_pseudo_labels`, `features` and `weights` stay
+    those of the twin as it was), until `freeze(False)`; whether it is frozen is in `state_dict` (under
+    `torch.distributed`, freeze every rank at the same step: a frozen call joins no collective). Freeze the twin
+    before you balance batches on its guesses: trained on those batches, where the samples it fails on are
+    frequent, it learns them, and its guesses no longer tell them apart (docs/no-bias-labels.md measures it).
+
     Example::
 
         twin = ntl.BiasTwin(make_model, num_samples=len(train_set), layers=["layer2"])
@@ -128,6 +136,7 @@ class BiasTwin(nn.Module):
     main_seen: Tensor
     sample_labels: Tensor
     sample_pseudo_labels: Tensor
+    frozen_flag: Tensor
 
     def __init__(
         self,
@@ -155,6 +164,9 @@ class BiasTwin(nn.Module):
             raise ValueError("the twin has no parameter with requires_grad=True: BiasTwin would have nothing to train")
         self.twin.requires_grad_(False)
         self.twin_optimizer = HeadAdam(trained, lr=self.lr)
+        self._frozen = False  # what a call reads; `frozen_flag` is its copy in state_dict
+        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(_restore_frozen)  # type: ignore[no-untyped-call]
         self._tap = None if layers is None else _tap_of(self.twin, layers)
         self.register_buffer("twin_loss_ema", torch.zeros(self.num_samples))
         self.register_buffer("main_loss_ema", torch.zeros(self.num_samples))
@@ -168,8 +180,33 @@ class BiasTwin(nn.Module):
         """The twin's layers whose outputs are `features`, in order."""
         return () if self._tap is None else tuple(name.removeprefix("twin.") for name in self._tap.layers)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether every call only reads (`freeze`)."""
+        return self._frozen
+
+    def freeze(self, frozen: bool = True) -> Self:
+        """Stop (`frozen=True`) or resume training the twin; saved in `state_dict`. Returns the module.
+
+        Raises:
+            TypeError: `frozen` is not a bool.
+        """
+        if not isinstance(frozen, bool):
+            raise TypeError(f"'frozen' must be a bool, got {type(frozen).__name__}")
+        self._frozen = frozen
+        self.frozen_flag.fill_(frozen)
+        self.twin.train(self.training and not frozen)
+        return self
+
+    def train(self, mode: bool = True) -> Self:
+        """Set training mode; a frozen twin's network stays in eval mode."""
+        super().train(mode)
+        if self._frozen:
+            self.twin.eval()
+        return self
+
     def forward(self, inputs: Tensor, labels: Tensor, indices: Tensor, logits: Tensor | None = None) -> TwinOutput:
-        """Run the twin once on `inputs`; in training, take its step and update the per-sample averages.
+        """Run the twin once on `inputs`; in training (unless frozen), take its step and update the averages.
 
         Args:
             inputs: the batch, as your model takes it (one tensor, batch first).
@@ -188,7 +225,8 @@ class BiasTwin(nn.Module):
         """
         batch = _check_batch(inputs, labels, indices, logits, self.num_samples)
         known = labels != self.ignore_index
-        if self.training:  # autocast is switched off once, inside the twin's step (`_twin_gradient`)
+        stepping = self.training and not self._frozen
+        if stepping:  # autocast is switched off once, inside the twin's step (`_twin_gradient`)
             saved = [b.detach().clone() for b in self.twin.buffers() if b.is_floating_point()]
             twin_logits, features, grads, losses = self._twin_gradient(inputs, labels, known, logits)
         else:
@@ -201,11 +239,11 @@ class BiasTwin(nn.Module):
             check_labels(labels, twin_logits.shape[1], batch, name="labels", ignore_index=self.ignore_index)
             finite = self._finite(twin_logits, logits)
         except ValueError:
-            if self.training:  # an error at once (on the CPU): BatchNorm's statistics as they were before the batch
+            if stepping:  # an error at once (on the CPU): BatchNorm's statistics as they were before the batch
                 _keep_buffers(self.twin, saved, torch.zeros((), dtype=torch.bool, device=twin_logits.device))
             raise
         pseudo_labels = twin_logits.argmax(dim=1)
-        if self.training:
+        if stepping:
             twin_loss, twin_ce, main_ce = losses
             self._twin_step(grads, saved, known, finite)
             _update_averages(self, indices, labels, known & finite, twin_ce, main_ce, pseudo_labels)
@@ -271,9 +309,15 @@ class BiasTwin(nn.Module):
 
     def extra_repr(self) -> str:
         shown = [f"num_samples={self.num_samples}", f"layers={list(self.layers)}", f"q={self.q}"]
-        shown += [f"momentum={self.momentum}", f"lr={self.lr}"]
+        shown += [f"momentum={self.momentum}", f"lr={self.lr}"] + (["frozen=True"] if self._frozen else [])
         shown += [] if self.ignore_index == IGNORE_INDEX else [f"ignore_index={self.ignore_index}"]
         return ", ".join(shown + ([] if self.nan_policy == "raise" else [f"nan_policy={self.nan_policy!r}"]))
+
+
+def _restore_frozen(module: nn.Module, _: object) -> None:
+    """After `load_state_dict`: freeze or unfreeze as the loaded `frozen_flag` says (one host read, at load)."""
+    if isinstance(module, BiasTwin):
+        module.freeze(bool(module.frozen_flag))
 
 
 @torch.no_grad()

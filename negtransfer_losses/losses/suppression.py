@@ -52,7 +52,11 @@ class HSICSuppression(SuppressionLoss):
         normalized: the CKA-style ratio instead of HSIC.
         unbiased: the unbiased estimator (True) or the biased one. The default differs from `CKASuppression`'s
             on purpose: the biased HSIC of independent features and labels is positive, of order `1/n`, so a
-            penalty on it pushes towards a floor it cannot reach; the unbiased one is 0 there on average.
+            penalty on it pushes towards a floor it cannot reach; the unbiased one is 0 there on average. But the
+            unbiased estimate can be negative, and with the linear kernel it has no lower bound (it scales with
+            the square of the features): on batches that repeat a few samples (a group-balanced sampler over
+            small groups) a penalty on it can grow the features without limit (docs/no-bias-labels.md measured
+            it); take `unbiased=False` there.
         gather: `"global"` computes it on every rank's batch concatenated (DDP); `"local"` on this rank's.
         ignore_index: the label of samples whose class is unknown (`u` and `y`).
         nan_policy: non-finite features raise a `ValueError` (`"raise"`), give a zero loss (`"skip"`), or

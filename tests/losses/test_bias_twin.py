@@ -128,6 +128,49 @@ def test_eval_mode_only_reads() -> None:
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_frozen_twin_only_reads_in_training_mode_until_unfrozen() -> None:
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, K)).double()
+
+    twin, reader = ntl.BiasTwin(net, N, layers=["2"]), ntl.BiasTwin(net, N, layers=["2"])
+    for x, y, indices in batches(2):
+        logits = torch.randn(B, K, dtype=torch.float64)
+        twin(x, y, indices, logits)
+        reader(x, y, indices, logits)
+    assert twin.freeze() is twin and twin.frozen and twin.training and not twin.twin.training
+    twin.train()  # a parent's train() does not unfreeze it: its network stays in eval mode (BatchNorm too)
+    assert twin.frozen and not twin.twin.training
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    reader.eval()
+    x, y, indices = batches(3)[2]
+    logits = torch.randn(B, K, dtype=torch.float64)
+    out, read = twin(x, y, indices, logits), reader(x, y, indices, logits)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in before.items() if k != "frozen_flag")
+    assert torch.equal(out.pseudo_labels, read.pseudo_labels) and torch.equal(out.features["2"], read.features["2"])
+    assert out.weights is not None and read.weights is not None and torch.equal(out.weights, read.weights)
+    assert "frozen=True" in repr(twin)
+    twin.freeze(False)
+    twin(x, y, indices, logits)
+    assert twin.twin.training and int(twin.twin_optimizer.step) == 3
+
+
+def test_frozen_or_not_is_in_the_state_dict() -> None:
+    twin = ntl.BiasTwin(mlp, N)
+    twin(*batches(1)[0])
+    state = twin.freeze().state_dict()
+    assert bool(state["frozen_flag"])
+    resumed = ntl.BiasTwin(mlp, N)
+    resumed.load_state_dict(state)
+    assert resumed.frozen and not resumed.twin.training
+    resumed(*batches(2)[1])
+    assert int(resumed.twin_optimizer.step) == 1  # read only: the step count is the saved one
+    resumed.load_state_dict(ntl.BiasTwin(mlp, N).state_dict())
+    assert not resumed.frozen and resumed.twin.training
+    with pytest.raises(TypeError, match=r"'frozen' must be a bool, got int"):
+        twin.freeze(1)  # type: ignore[arg-type]
+
+
 def test_the_twin_is_out_of_your_optimizers_reach() -> None:
     source = mlp()
     twin = ntl.BiasTwin(source, N, layers="2")
