@@ -79,5 +79,6 @@ def test_lightning_example_runs_when_lightning_is_installed() -> None:
 
 
 def test_bias_twin_example_runs() -> None:
-    out = run_example("examples/bias_twin.py", "--steps", "5")
-    assert "step 5: loss" in out and "twin GCE" in out and "agree with the colour" in out
+    out = run_example("examples/bias_twin.py", "--epochs", "2", "--warmup-epochs", "1")
+    assert "epoch 1: loss" in out and "(training)" in out and "epoch 2: loss" in out and "(frozen)" in out
+    assert "agree with the colour" in out and "with the twin's groups" in out and "plain" in out

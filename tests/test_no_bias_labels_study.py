@@ -62,8 +62,8 @@ def test_lff_written_from_the_authors_algorithm_trains_like_the_library_twin_wit
     nb = study()
     torch.set_num_threads(1)
     train, _, test = nb.make_splits(0, 0.01)
-    lff = nb.train_lff(train, 2, 0, 0.7)
-    twin = nb.train_twin(train, 2, 0, "twin_lff", 0.7)
+    lff, _ = nb.train_lff(train, 2, 0, 0.7)
+    twin, _ = nb.train_twin(train, 2, 0, "twin_lff", 0.7)
     vanilla = nb.train_vanilla(train, 2, 0)
     agree = float((nb.predictions(lff, test) == nb.predictions(twin, test)).float().mean())
     gap = max(float((a - b).detach().abs().max()) for a, b in zip(lff.parameters(), twin.parameters(), strict=True))
@@ -72,6 +72,21 @@ def test_lff_written_from_the_authors_algorithm_trains_like_the_library_twin_wit
     )
     assert agree > 0.97
     assert gap < 0.2 * gap_vanilla
+
+
+def test_the_sampler_freezes_the_twin_after_its_warm_up_unless_told_not_to() -> None:
+    """`twin_balanced` with one warm-up epoch: its twin is the twin of one shuffled epoch (same seed, batches and
+    initialisation as `twin_lff`'s first epoch), not trained further on the balanced batches; the unfrozen
+    control's twin moves on."""
+    nb = study()
+    torch.set_num_threads(1)
+    train, _, _ = nb.make_splits(0, 0.01)
+    _, one_epoch = nb.train_twin(train, 1, 0, "twin_lff", 0.7)
+    _, frozen = nb.train_twin(train, 3, 0, "twin_balanced", 1)
+    _, unfrozen = nb.train_twin(train, 3, 0, "twin_balanced_unfrozen", 1)
+    for a, b, c in zip(one_epoch.parameters(), frozen.parameters(), unfrozen.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
 
 
 def test_jtt_draws_its_upsampled_list_for_the_given_steps() -> None:
