@@ -109,12 +109,18 @@ def twin_network() -> nn.Module:
     return nn.Sequential(nn.Linear(5, DIM), nn.BatchNorm1d(DIM), nn.Tanh(), nn.Linear(DIM, CLASSES))
 
 
-def train_bias_twin(rank: int) -> dict[str, Tensor]:
-    """The model in DDP, the twin beside it: LfF's weights on the model's loss, the twin's own steps."""
+FROZEN_AT = 10  # "bias twin frozen midway": every rank freezes the twin before this step (the sampler's recipe)
+
+
+def train_bias_twin(rank: int, freeze_at: int | None = None) -> dict[str, Tensor]:
+    """The model in DDP, the twin beside it: LfF's weights on the model's loss, the twin's own steps (until
+    `freeze_at`, on every rank, if given)."""
     model = DistributedDataParallel(nn.Sequential(encoder(), nn.Linear(DIM, CLASSES)))
     twin = ntl.BiasTwin(twin_network, NUM_SAMPLES, layers=["2"], lr=1e-2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(STEPS):
+        if step == freeze_at:
+            twin.freeze()
         x, y, u = data(rank, step)
         y = torch.where(u == -100, -100, y)  # unknown task labels too; none on rank 1 at step 3
         indices = torch.randperm(NUM_SAMPLES, generator=torch.Generator().manual_seed(100 * rank + step))[:BATCH]
@@ -135,6 +141,7 @@ CASES: dict[str, Callable[[int], dict[str, Tensor]]] = {
     "purify": lambda rank: train_purify(rank, False),
     "purify conditional": lambda rank: train_purify(rank, True),
     "bias twin beside DDP": train_bias_twin,
+    "bias twin frozen midway": lambda rank: train_bias_twin(rank, FROZEN_AT),
 }
 
 

@@ -41,9 +41,11 @@ def test_every_rank_keeps_the_same_state(ranks: list[dict[str, dict[str, torch.T
         # 20 calls of 10 own steps each, the step where rank 1 knew no label included (the other rank's did)
         assert int(first["head_optimizer.step"]) == int(second["head_optimizer.step"]) == 200
     if "twin_optimizer.step" in first:
-        # one own step per call, the step where rank 1 knew no label included; every index seen by some rank
-        assert int(first["twin_optimizer.step"]) == int(second["twin_optimizer.step"]) == 20
-        assert first["twin_seen"].all() and first["main_seen"].all()
+        # one own step per call until frozen, the step where rank 1 knew no label included
+        steps = state_sync_worker.FROZEN_AT if "frozen" in name else 20
+        assert int(first["twin_optimizer.step"]) == int(second["twin_optimizer.step"]) == steps
+        assert bool(first["frozen_flag"]) == ("frozen" in name)
+        assert first["twin_seen"].all() and first["main_seen"].all()  # every index seen by some rank
 
 
 @pytest.mark.slow
