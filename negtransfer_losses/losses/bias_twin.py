@@ -94,7 +94,8 @@ class BiasTwin(nn.Module):
     `freeze()` makes every later call read only, in training mode too (the twin in eval mode whatever
     `train()` says, no step, no update: `pseudo_labels`, `sample_pseudo_labels`, `features` and `weights` stay
     those of the twin as it was), until `freeze(False)`; whether it is frozen is in `state_dict` (under
-    `torch.distributed`, freeze every rank at the same step: a frozen call joins no collective). Freeze the twin
+    `torch.distributed`, freeze every rank at the same step: a frozen call joins no collective). Freeze it after
+    it has seen every index (an epoch at least): an index never seen keeps label and guess -1. Freeze the twin
     before you balance batches on its guesses: trained on those batches, where the samples it fails on are
     frequent, it learns them, and its guesses no longer tell them apart (docs/no-bias-labels.md measures it).
 
@@ -225,6 +226,8 @@ class BiasTwin(nn.Module):
         """
         batch = _check_batch(inputs, labels, indices, logits, self.num_samples)
         known = labels != self.ignore_index
+        if self._frozen and any(m.training for m in self.twin.modules()):
+            self.twin.eval()  # a frozen twin reads in eval mode, whatever set its layers' modes since
         stepping = self.training and not self._frozen
         if stepping:  # autocast is switched off once, inside the twin's step (`_twin_gradient`)
             saved = [b.detach().clone() for b in self.twin.buffers() if b.is_floating_point()]
@@ -315,8 +318,9 @@ class BiasTwin(nn.Module):
 
 
 def _restore_frozen(module: nn.Module, _: object) -> None:
-    """After `load_state_dict`: freeze or unfreeze as the loaded `frozen_flag` says (one host read, at load)."""
-    if isinstance(module, BiasTwin):
+    """After `load_state_dict`: freeze or unfreeze as the loaded `frozen_flag` says (one host read, at load); the
+    twin's modes are left as they are unless that changes."""
+    if isinstance(module, BiasTwin) and bool(module.frozen_flag) != module.frozen:
         module.freeze(bool(module.frozen_flag))
 
 

@@ -155,6 +155,34 @@ def test_a_frozen_twin_only_reads_in_training_mode_until_unfrozen() -> None:
     assert twin.twin.training and int(twin.twin_optimizer.step) == 3
 
 
+def test_a_frozen_twin_reads_in_eval_mode_whatever_set_its_layers_modes() -> None:
+    """A parent-first `modules()` loop sets the twin's layers back to training after `BiasTwin.train()` ran: the
+    frozen call still reads in eval mode (BatchNorm's running statistics, not the batch's, and left as they are)."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, K)).double()
+
+    twin = ntl.BiasTwin(net, N)
+    for x, y, indices in batches(2):
+        twin(x, y, indices)
+    twin.freeze()
+    reference = twin.twin[1].running_mean.clone(), int(twin.twin[1].num_batches_tracked)
+    x, y, indices = batches(3)[2]
+    expected = twin(x, y, indices).pseudo_labels
+    parent = nn.ModuleDict({"twin": twin})
+    for module in parent.modules():
+        module.train()
+    assert twin.twin[1].training
+    twin(x * 3.0 + 1.0, y, indices)  # in training mode, this batch's statistics would move the running ones
+    assert torch.equal(twin.twin[1].running_mean, reference[0])
+    assert int(twin.twin[1].num_batches_tracked) == reference[1] and not twin.twin[1].training
+    assert torch.equal(twin(x, y, indices).pseudo_labels, expected)
+    twin.twin[1].train()  # a load that leaves the frozen state as it is leaves the layers' modes too
+    twin.load_state_dict(twin.state_dict())
+    assert twin.twin[1].training
+
+
 def test_frozen_or_not_is_in_the_state_dict() -> None:
     twin = ntl.BiasTwin(mlp, N)
     twin(*batches(1)[0])
