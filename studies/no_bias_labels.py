@@ -32,7 +32,7 @@ Methods (none sees the colour):
   and `GroupBalancedBatchSampler` over (label, the twin's guess) groups; `twin_balanced_unfrozen`: the same with
   the twin still trained, on the balanced batches), and the combinations `twin_lff_at`, `twin_lff_hsic` (LfF's
   weights with anti-transfer or HSIC) and `twin_balanced_hsic` (the frozen twin's sampler with conditional HSIC;
-  `twin_balanced_hsic_biased` with its biased estimator, `unbiased=False`). The
+  `twin_balanced_hsic0` with its biased estimator, `unbiased=False`). The
   suppression terms are on the last hidden layer `z`; their weight is the library's default, 1. The conditional
   forms are used because the pseudo-label is a predicted digit: unconditionally, "independent of the twin's
   guess" is nearly "independent of the digit".
@@ -91,7 +91,7 @@ SHARES = [0.005, 0.01, 0.02, 0.05]
 BASELINES = ["vanilla", "lff", "jtt"]
 TWIN = ["twin_lff", "twin_at", "twin_cka", "twin_hsic", "twin_adv", "twin_balanced"]
 TWIN += ["twin_lff_at", "twin_lff_hsic", "twin_balanced_hsic"]  # combinations
-TWIN += ["twin_balanced_hsic_biased"]  # the same with the biased HSIC estimator (bounded below by 0)
+TWIN += ["twin_balanced_hsic0"]  # the same with the biased estimator HSIC_0 (never negative)
 TWIN += ["twin_balanced_unfrozen"]  # the sampler's control: the twin keeps training on the balanced batches
 WITH_COLOUR = ["colour_balanced", "colour_hsic"]  # references: the same pieces given the colour labels
 METHODS = BASELINES + TWIN + WITH_COLOUR
@@ -126,7 +126,7 @@ BACKGROUND_SIZE = 14  # Biased MNIST's default image size (biased_mnist.py)
 # the defaults only, for lack of time; the sampler's rows were added (and run once, as a held-out check) after its
 # warm-up and freeze and the biased HSIC beside it were chosen on Colored MNIST
 BACKGROUND_METHODS = ["vanilla", "lff", "twin_lff", "twin_hsic", "twin_lff_hsic", "twin_balanced"]
-BACKGROUND_METHODS += ["twin_balanced_hsic_biased", "colour_balanced"]
+BACKGROUND_METHODS += ["twin_balanced_hsic0", "colour_balanced"]
 BACKGROUND_SHARES = [0.01]  # ρ 0.99
 # the knobs tried on validation for these only (the CPU time of this study; the others at their defaults)
 TUNED = ["lff", "jtt", "twin_lff", "twin_hsic", "twin_balanced", "twin_lff_hsic", "twin_balanced_hsic"]
@@ -225,7 +225,7 @@ def feature_norm(model: nn.Module, data: Data) -> float:
     """The mean L2 norm of z (the features before the head, where the suppression terms act) over `data`."""
     z_layer = model_for(data)[1][-1]
     model.eval()
-    with ntl.FeatureTap(model, [z_layer]) as tap:
+    with ntl.FeatureTap(model, [z_layer], detach=True) as tap:
         model(data.x)
     model.train()
     return float(tap.pop()[z_layer].flatten(1).norm(dim=1).mean())
@@ -330,7 +330,7 @@ def train_twin(data: Data, epochs: int, seed: int, method: str, knob: Any) -> tu
     uses_weights = method.startswith("twin_lff")
     anti_transfer = ntl.AntiTransferLoss(weight=weight) if method.endswith("_at") else None
     cka = ntl.CKASuppression(weight=weight, conditional=True) if method == "twin_cka" else None
-    unbiased = not method.endswith("_biased")
+    unbiased = not method.endswith("_hsic0")  # HSIC_0, the biased estimator (METHODS.md section 4)
     hsic = ntl.HSICSuppression(10, weight=weight, conditional=True, unbiased=unbiased) if "_hsic" in method else None
     adversary = (
         ntl.AdversarialSuppression(10, dim=dim, weight=weight, conditional=True) if method == "twin_adv" else None
@@ -540,13 +540,14 @@ def summarize(runs: list[Record], seeds: int) -> list[Record]:
 
 def targets(rows: list[Record]) -> Record:
     """The issue's targets at the defaults: a library variant at least LfF at every share, and at least vanilla + 10
-    points at 1 %. Per variant: its margin over LfF at each share and over vanilla at 1 % (points); Colored MNIST."""
+    points at 1 %. Per variant: its margin over LfF at each share and over vanilla at 1 % (points, from the means of
+    the seeds' accuracies as measured, not of the rounded table cells; two decimals); Colored MNIST."""
     rows = [r for r in rows if r["dataset"] == "cmnist"]
     shares = sorted({r["share"] for r in rows})
 
     def default(method: str, share: float) -> float | None:
         row = next((r for r in rows if r["share"] == share and r["method"] == method), None)
-        return None if row is None else float(row["default"]["test_accuracy"])
+        return None if row is None else statistics.fmean(row["default"]["seeds"])  # each seed: k / 10 exactly
 
     out: Record = {}
     for method in TWIN:
@@ -554,11 +555,11 @@ def targets(rows: list[Record]) -> Record:
         lff = [default("lff", s) for s in shares]
         if any(v is None for v in mine + lff):
             continue
-        over_lff = [round(a - b, 1) for a, b in zip(mine, lff, strict=True) if a is not None and b is not None]
-        entry: Record = {"over_lff": over_lff, "at_least_lff_everywhere": min(over_lff) >= 0}
+        margins = [a - b for a, b in zip(mine, lff, strict=True) if a is not None and b is not None]
+        entry: Record = {"over_lff": [round(m, 2) for m in margins], "at_least_lff_everywhere": min(margins) > -1e-9}
         if 0.01 in shares and (v := default("vanilla", 0.01)) is not None and (m := default(method, 0.01)) is not None:
-            entry["over_vanilla_at_1"] = round(m - v, 1)
-            entry["vanilla_plus_10_at_1"] = m - v >= 10
+            entry["over_vanilla_at_1"] = round(m - v, 2)
+            entry["vanilla_plus_10_at_1"] = m - v > 10 - 1e-9
         out[method] = entry
     return out
 

@@ -79,7 +79,7 @@ LOOKS: dict[str, Look] = {
     "twin_lff_at": _method("#bd9e39", "p"),
     "twin_lff_hsic": _method("#6baed6", "v"),
     "twin_balanced_hsic": _method("#a55194", "v"),
-    "twin_balanced_hsic_biased": _method("#dd3497", "D"),
+    "twin_balanced_hsic0": _method("#dd3497", "D"),
     "twin_balanced_unfrozen": _method("#de9ed6", "s"),
     # the same library pieces given the colour labels: the reference the twin's pseudo-labels stand in for
     "colour_balanced": _method("#49006a", "s"),

@@ -140,7 +140,8 @@ def test_the_plot_is_drawn_again_from_the_committed_json_alone(tmp_path: Path) -
 
 
 def json_numbers(value: object) -> set[str]:
-    """Every number of the JSON's summary rows, as the page prints them (one decimal)."""
+    """Every number of the JSON's summary rows, as the page prints them (one decimal, or two for the targets'
+    margins)."""
     found: set[str] = set()
     if isinstance(value, dict):
         for v in value.values():
@@ -149,19 +150,22 @@ def json_numbers(value: object) -> set[str]:
         for v in value:
             found |= json_numbers(v)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        found |= {f"{value:.1f}", f"{abs(value):.1f}"}  # a margin below zero is quoted as "... points below"
+        for number in (value, abs(value)):  # a margin below zero is quoted as "... points below"
+            found |= {f"{number:.1f}", f"{number:.2f}"}
     return found
 
 
 def test_every_measured_number_on_the_page_is_the_jsons() -> None:
+    """Every decimal number of the measured section and of the summary and recipe at the top of the page."""
     record = committed()
     text = PAGE.read_text()
-    results = text[text.index("## Measured") : text.index("## How these numbers were made")]
+    checked = text[text.index("**What was measured**") : text.index("## What it computes")]
+    checked += text[text.index("## Measured") : text.index("## How these numbers were made")]
     rows = record["rows"]
     assert isinstance(rows, list)
-    shares = {f"{100 * r['share']:.1f}" for r in rows}  # the shares, quoted as "0.5 %"
+    shares = {f"{100 * r['share']:.1f}" for r in rows} | {f"{1 - r['share']:.2f}" for r in rows}  # "0.5 %", ρ 0.99
     allowed = json_numbers(rows) | json_numbers(record["targets"]) | shares
-    quoted = re.findall(r"(?<![\w.])(\d+\.\d)(?= ?(?:%|points| ±))", results)
-    assert quoted, "the page quotes no measured number"
-    missing = sorted({n for n in quoted if n not in allowed})
+    quoted = re.findall(r"(?<![\w.])(\d+\.\d+)(?![\w.])", checked)
+    assert len(quoted) > 100, "the page quotes fewer measured numbers than it should"
+    missing = sorted({n for n in quoted if n not in allowed}, key=float)
     assert not missing, f"numbers on docs/no-bias-labels.md that are not in docs/img/no_bias_labels.json: {missing}"
