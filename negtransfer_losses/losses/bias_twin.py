@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -309,6 +309,22 @@ class BiasTwin(nn.Module):
         proposal = self.twin_optimizer.propose({n: p.detach() for n, p in params.items()}, lambda _: grads, 1)
         self.twin_optimizer.commit(proposal, params, active)
         _keep_buffers(self.twin, saved, finite)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A checkpoint written before `freeze` existed holds no `frozen_flag`: its twin was never frozen."""
+        state_dict.setdefault(prefix + "frozen_flag", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         shown = [f"num_samples={self.num_samples}", f"layers={list(self.layers)}", f"q={self.q}"]

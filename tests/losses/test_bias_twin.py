@@ -197,6 +197,9 @@ def test_frozen_or_not_is_in_the_state_dict() -> None:
     assert not resumed.frozen and resumed.twin.training
     with pytest.raises(TypeError, match=r"'frozen' must be a bool, got int"):
         twin.freeze(1)  # type: ignore[arg-type]
+    older = {k: v for k, v in ntl.BiasTwin(mlp, N).state_dict().items() if k != "frozen_flag"}
+    resumed.freeze().load_state_dict(older)  # a checkpoint from before freeze() existed: never frozen
+    assert not resumed.frozen
 
 
 def test_the_twin_is_out_of_your_optimizers_reach() -> None:
