@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._validation import NanPolicy
 from ..distributed import Gather
@@ -14,10 +14,11 @@ from ..functional import AntiTransferAggregation, Distance, GramScope
 from ..functional._core import AntiTransferOptions
 from ..ops import Backend
 from ..ops._core import anti_transfer_terms_for, check_backend
+from ._checkpoints import LoadsOlderCheckpoints
 from ._features import Features, pair_features
 
 
-class AntiTransferLoss(nn.Module):
+class AntiTransferLoss(LoadsOlderCheckpoints):
     """`weight · Σ_l w_l · L_AT(S_l, R_l)`: penalize the student's similarity to a frozen irrelevant network.
 
     ```python
@@ -121,21 +122,9 @@ class AntiTransferLoss(nn.Module):
         if self.generator is not None and isinstance(state, dict) and "generator_state" in state:
             self.generator.set_state(state["generator_state"])
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _older_checkpoint_defaults(self) -> dict[str, Any]:
         # a checkpoint written before the generator's state was saved has no extra state: it loads as it did
-        state_dict.setdefault(prefix + "_extra_state", {})
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        return {"_extra_state": {}}
 
     def extra_repr(self) -> str:
         options = self.options

@@ -33,6 +33,7 @@ from ..functional._core import DEFAULT_Q, check_q, generalized_cross_entropy_unc
 from ..taps import FeatureTap, unwrap_model
 from ._adversary_head import HeadAdam
 from ._base import check_count
+from ._checkpoints import LoadsOlderCheckpoints
 
 WEIGHT_EPS = 1e-8  # LfF's: w = b / (b + d + 1e-8)
 Grads = dict[str, Tensor]
@@ -57,7 +58,7 @@ class TwinOutput(NamedTuple):
     twin_loss: Tensor
 
 
-class BiasTwin(nn.Module):
+class BiasTwin(LoadsOlderCheckpoints):
     """A twin of your model, trained by this module with the GCE on the task labels: it learns the easy cue first.
 
     Learning from Failure (LfF; Nam et al., NeurIPS 2020) trains a second network with the generalized
@@ -310,21 +311,9 @@ class BiasTwin(nn.Module):
         self.twin_optimizer.commit(proposal, params, active)
         _keep_buffers(self.twin, saved, finite)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """A checkpoint written before `freeze` existed holds no `frozen_flag`: its twin was never frozen."""
-        state_dict.setdefault(prefix + "frozen_flag", torch.zeros((), dtype=torch.bool))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _older_checkpoint_defaults(self) -> dict[str, Any]:
+        # a checkpoint written before `freeze` existed holds no `frozen_flag`: its twin was never frozen
+        return {"frozen_flag": torch.zeros((), dtype=torch.bool)}
 
     def extra_repr(self) -> str:
         shown = [f"num_samples={self.num_samples}", f"layers={list(self.layers)}", f"q={self.q}"]
